@@ -1,0 +1,138 @@
+"""The one place where run-config defaults live.
+
+Every file in `configs/` starts from `default_config()`, sets what its run
+needs, and ends with `parse_arg(config, arg)`, so that the command-line string
+after the colon (`--config=configs/x.py:runlocal,seed=3`) picks variants the
+same way for every run.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+
+def model_config(name: str, **kwargs: Any) -> ml_collections.ConfigDict:
+  """A model spec: `name` picks the module in `kd_jax.models`, the rest are its kwargs."""
+  return ml_collections.ConfigDict(dict(name=name, **kwargs))
+
+
+def teacher_config(model: ml_collections.ConfigDict, workdir: str,
+                   weight: float = 1.0) -> ml_collections.ConfigDict:
+  """A frozen teacher: its model spec and the workdir of the run that trained it."""
+  return ml_collections.ConfigDict(dict(model=model, workdir=workdir,
+                                        weight=weight))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All fields a run may set, with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data (kd_jax.input_pipeline).
+  c.dataset = 'mnist5k'          # a TFDS name, or 'image_folder'.
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.image_folder = ''            # root of root/{train,val,test}/<class>/*.png
+  c.train_split = 'train'
+  c.eval_splits = ('test',)
+  c.label_key = 'label'          # e.g. 'coarse_label' for cifar100.
+  c.image_size = ml_collections.FieldReference(None, field_type=tuple)
+  c.channels = ml_collections.FieldReference(None, field_type=int)  # 1 or 3
+  c.augment = 'none'             # none | mnist_jitter | cifar | imagenet
+  c.mixup_alpha = 0.0
+  c.shuffle_buffer = 10_000
+  c.cache = True
+  c.transfer = ml_collections.ConfigDict(dict(
+      keep_classes=ml_collections.FieldReference(None, field_type=tuple),
+      omit_classes=(),
+      fraction=1.0,
+  ))
+  c.batch_size = 128             # global, over all devices and processes.
+  c.eval_batch_size = 500
+
+  # Student (the model being trained).
+  c.model = model_config('mlp', hidden=(800, 800), dropout=0.0)
+
+  # Distillation. teacher_source: none | online | cache | ensemble.
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher_source='none',
+      temperature=1.0,
+      alpha=0.0,                 # weight of the soft (teacher) term.
+      soft='kl',                 # kl | soft_ce | logit_mse
+      hard='ce',                 # ce | mse
+      label_smoothing=0.0,
+      ensemble_method='mean_probs',  # mean_probs | mean_log_probs | sum_losses
+      cache_dir='',              # a logits cache written by export_logits.
+      allow_augmented_single_view=False,
+  ))
+  c.teachers = []                # list of teacher_config(...)
+
+  # Optimisation.
+  c.optimizer = 'sgd'            # sgd | adam | adamw
+  c.learning_rate = 0.1
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 0.0
+  c.schedule = 'cosine'          # constant | cosine | step
+  c.warmup_steps = 0
+  c.step_boundaries = ()         # fractions of training, for 'step'.
+  c.step_decay = 0.1
+  c.grad_clip_norm = 0.0
+  c.dtype = 'float32'            # float32 | bfloat16 compute.
+  c.num_epochs = 10.0
+  c.num_train_steps = -1         # > 0 overrides num_epochs.
+
+  # Loop.
+  c.log_every_steps = 50
+  c.eval_every_steps = -1        # <= 0: once per epoch.
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.allow_config_change = False
+  return c
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_arg(config: ml_collections.ConfigDict, arg: str | None,
+              runlocal=None) -> ml_collections.ConfigDict:
+  """Applies `arg` ('runlocal,seed=3,distill.temperature=4') to `config`.
+
+  `runlocal` (alias `tiny`) calls the given function on the config to shrink
+  it to a seconds-long smoke run; `key=value` pairs set dotted fields, with
+  values parsed as Python literals.
+  """
+  for part in filter(None, (arg or '').split(',')):
+    if part in ('runlocal', 'tiny'):
+      (runlocal or shrink_for_runlocal)(config)
+      continue
+    if '=' not in part:
+      raise ValueError(
+          f'config arg {part!r} is neither runlocal/tiny nor key=value; '
+          f'example: --config=configs/x.py:runlocal,seed=1')
+    key, value = part.split('=', 1)
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f'config arg sets unknown field {key!r}')
+    node[leaf] = _parse_value(value)
+  return config
+
+
+def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
+  """Seconds-long smoke run: few steps, small batches."""
+  config.num_train_steps = 6
+  config.batch_size = 16
+  config.eval_batch_size = 64
+  config.log_every_steps = 2
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 3
+  config.shuffle_buffer = 256

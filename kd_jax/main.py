@@ -1,0 +1,50 @@
+"""Trains or distils as a config file says.
+
+  python -m kd_jax.main --config=configs/mnist5k_teacher.py --workdir=/tmp/t
+
+Multi-host: give every process the same --coordinator_address and
+--num_processes, and its own --process_id (or leave all three unset where
+`jax.distributed.initialize()` detects them, e.g. on Cloud TPU).
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from kd_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'A config file in configs/, with :args after it.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics '
+                               'and the summary go; a rerun resumes there.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, multi-host only.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Process count, multi-host only.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   "This process's index, multi-host only.")
+_CPU_COLLECTIVES = flags.DEFINE_string(
+    'cpu_collectives', None, "'gloo' for multi-process runs on CPUs.")
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CPU_COLLECTIVES.value:
+    jax.config.update('jax_cpu_collectives_implementation',
+                      _CPU_COLLECTIVES.value)
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  logging.info('JAX process %d of %d, %d local / %d global devices.',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,271 @@
+"""Residual networks: ImageNet ResNets, CIFAR ResNets and Wide ResNets.
+
+Layouts follow the reference PyTorch code so that parameter counts match it
+exactly: convs without bias, BatchNorm with scale and bias, a biased final
+dense layer, and torch's symmetric padding (3 for 7x7, 1 for 3x3 convs).
+
+* ImageNet ResNets (He et al. 2016; torchvision, stride in the 3x3 conv of
+  the bottleneck): 7x7/2 stem and 3x3/2 max-pool, four stages.
+* CIFAR ResNets of the CRD distillation benchmark (Tian et al. 2020,
+  RepDistiller `resnet.py`): 3x3 stem, three stages of basic blocks,
+  n = (depth - 2) / 6 blocks per stage, 1x1-conv + BN projection shortcuts.
+* Wide ResNets (Zagoruyko & Komodakis 2016; RepDistiller `wrn.py`):
+  pre-activation basic blocks, widths 16k/32k/64k, n = (depth - 4) / 6 blocks
+  per stage, optional dropout between the two convs of a block.
+"""
+
+from collections.abc import Callable, Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Callable[..., nn.Module]
+
+# He init over fan-out, as torchvision and RepDistiller initialise convs.
+_CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def check_image_batch(x: jax.Array, model_name: str) -> None:
+  """Raises ValueError unless `x` is a batch of images [B, H, W, C]."""
+  if x.ndim != 4:
+    raise ValueError(f'{model_name} expects images of shape [batch, height, '
+                     f'width, channels]; got shape {tuple(x.shape)}.')
+
+
+def _conv_and_norm(dtype: Any, train: bool) -> tuple[ModuleDef, ModuleDef]:
+  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
+                           kernel_init=_CONV_INIT)
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                           momentum=0.9, epsilon=1e-5, dtype=dtype)
+  return conv, norm
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs with BN; ReLU after the residual sum (post-activation)."""
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv(self.features, (3, 3), self.strides, padding=1)(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.features, (3, 3), padding=1)(y)
+    y = self.norm()(y)
+    if x.shape != y.shape:
+      x = self.conv(self.features, (1, 1), self.strides, name='proj_conv')(x)
+      x = self.norm(name='proj_bn')(x)
+    return nn.relu(x + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with BN; ReLU after the sum."""
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv(self.features, (1, 1))(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.features, (3, 3), self.strides, padding=1)(y)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.features * 4, (1, 1))(y)
+    y = self.norm()(y)
+    if x.shape != y.shape:
+      x = self.conv(self.features * 4, (1, 1), self.strides,
+                    name='proj_conv')(x)
+      x = self.norm(name='proj_bn')(x)
+    return nn.relu(x + y)
+
+
+_BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
+
+
+class ResNet(nn.Module):
+  """Post-activation ResNet; the first block of every stage after the first strides by 2.
+
+  Attributes:
+    num_classes: number of logits.
+    stage_sizes: number of blocks per stage.
+    stage_widths: block width per stage (bottleneck outputs are 4x wider).
+    stem_width: output channels of the stem conv.
+    block: 'basic' or 'bottleneck'.
+    stem: 'imagenet' (7x7/2 conv and 3x3/2 max-pool) or 'cifar' (3x3/1 conv).
+    dtype: computation dtype; params stay float32, logits are float32.
+  """
+  num_classes: int
+  stage_sizes: Sequence[int]
+  stage_widths: Sequence[int] = (64, 128, 256, 512)
+  stem_width: int = 64
+  block: str = 'basic'
+  stem: str = 'imagenet'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    check_image_batch(x, 'ResNet')
+    if self.block not in _BLOCKS:
+      raise ValueError(f'ResNet block must be one of {sorted(_BLOCKS)}; '
+                       f'got {self.block!r}.')
+    if len(self.stage_sizes) != len(self.stage_widths):
+      raise ValueError(f'ResNet stage_sizes {tuple(self.stage_sizes)} and '
+                       f'stage_widths {tuple(self.stage_widths)} must have the '
+                       'same length.')
+    conv, norm = _conv_and_norm(self.dtype, train)
+    x = jnp.asarray(x, self.dtype)
+    if self.stem == 'imagenet':
+      x = conv(self.stem_width, (7, 7), 2, padding=3, name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    elif self.stem == 'cifar':
+      x = conv(self.stem_width, (3, 3), padding=1, name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+    else:
+      raise ValueError("ResNet stem must be 'imagenet' or 'cifar'; "
+                       f'got {self.stem!r}.')
+    block_cls = _BLOCKS[self.block]
+    for stage, (size, width) in enumerate(
+        zip(self.stage_sizes, self.stage_widths)):
+      for index in range(size):
+        strides = 2 if stage > 0 and index == 0 else 1
+        x = block_cls(width, strides, conv, norm,
+                      name=f'stage{stage + 1}_block{index + 1}')(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return x.astype(jnp.float32)
+
+
+class WideBasicBlock(nn.Module):
+  """Pre-activation block: BN-ReLU-conv3x3, BN-ReLU-dropout-conv3x3, plus shortcut.
+
+  As in RepDistiller `wrn.py`, a projection shortcut (1x1 conv) reads the
+  pre-activated input, an identity shortcut the raw input.
+  """
+  features: int
+  strides: int
+  dropout: float
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    preact = nn.relu(self.norm()(x))
+    y = self.conv(self.features, (3, 3), self.strides, padding=1)(preact)
+    y = nn.relu(self.norm()(y))
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = self.conv(self.features, (3, 3), padding=1)(y)
+    if x.shape[-1] != self.features or self.strides != 1:
+      x = self.conv(self.features, (1, 1), self.strides,
+                    name='proj_conv')(preact)
+    return x + y
+
+
+class WideResNet(nn.Module):
+  """Wide ResNet WRN-depth-k (Zagoruyko & Komodakis 2016) for 32x32 images.
+
+  Attributes:
+    num_classes: number of logits.
+    depth: total depth, 6n + 4 (16, 22, 28, 40, ...).
+    widen_factor: k; stage widths are 16k, 32k, 64k.
+    dropout: dropout rate between the two convs of each block.
+    dtype: computation dtype; params stay float32, logits are float32.
+  """
+  num_classes: int
+  depth: int = 16
+  widen_factor: int = 2
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    check_image_batch(x, 'WideResNet')
+    if self.depth < 10 or (self.depth - 4) % 6:
+      raise ValueError('WideResNet depth must be 6n + 4 with n >= 1 (10, 16, '
+                       f'22, 28, 40, ...); got depth={self.depth}.')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(
+          f'WideResNet dropout must be in [0, 1); got {self.dropout}.')
+    conv, norm = _conv_and_norm(self.dtype, train)
+    blocks_per_stage = (self.depth - 4) // 6
+    x = jnp.asarray(x, self.dtype)
+    x = conv(16, (3, 3), padding=1, name='stem_conv')(x)
+    for stage, width in enumerate((16, 32, 64)):
+      for index in range(blocks_per_stage):
+        strides = 2 if stage > 0 and index == 0 else 1
+        x = WideBasicBlock(width * self.widen_factor, strides, self.dropout,
+                           conv, norm,
+                           name=f'stage{stage + 1}_block{index + 1}')(x, train)
+    x = nn.relu(norm(name='final_bn')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return x.astype(jnp.float32)
+
+
+def _imagenet_resnet(stage_sizes: Sequence[int], block: str, num_classes: int,
+                     dtype: Any) -> ResNet:
+  return ResNet(num_classes=num_classes, stage_sizes=tuple(stage_sizes),
+                block=block, stem='imagenet', dtype=dtype)
+
+
+def _cifar_resnet(depth: int, widths: Sequence[int], num_classes: int,
+                  dtype: Any) -> ResNet:
+  """RepDistiller `resnet(depth, num_filters=widths)`: stem widths[0], stages widths[1:]."""
+  blocks_per_stage = (depth - 2) // 6
+  return ResNet(num_classes=num_classes, stage_sizes=(blocks_per_stage,) * 3,
+                stage_widths=tuple(widths[1:]), stem_width=widths[0],
+                block='basic', stem='cifar', dtype=dtype)
+
+
+def resnet18(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """ImageNet ResNet-18: 11,689,512 params at 1000 classes (as torchvision)."""
+  return _imagenet_resnet((2, 2, 2, 2), 'basic', num_classes, dtype)
+
+
+def resnet34(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """ImageNet ResNet-34: 21,797,672 params at 1000 classes (as torchvision)."""
+  return _imagenet_resnet((3, 4, 6, 3), 'basic', num_classes, dtype)
+
+
+def resnet50(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """ImageNet ResNet-50 (v1.5): 25,557,032 params at 1000 classes (as torchvision)."""
+  return _imagenet_resnet((3, 4, 6, 3), 'bottleneck', num_classes, dtype)
+
+
+def resnet20(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """CIFAR ResNet-20, widths 16/16/32/64: 278,324 params at 100 classes."""
+  return _cifar_resnet(20, (16, 16, 32, 64), num_classes, dtype)
+
+
+def resnet56(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """CIFAR ResNet-56, widths 16/16/32/64: 861,620 params at 100 classes."""
+  return _cifar_resnet(56, (16, 16, 32, 64), num_classes, dtype)
+
+
+def resnet8x4(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """CIFAR ResNet-8x4, widths 32/64/128/256: 1,233,540 params at 100 classes."""
+  return _cifar_resnet(8, (32, 64, 128, 256), num_classes, dtype)
+
+
+def resnet32x4(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """CIFAR ResNet-32x4, widths 32/64/128/256: 7,433,860 params at 100 classes."""
+  return _cifar_resnet(32, (32, 64, 128, 256), num_classes, dtype)
+
+
+def wrn_16_2(num_classes: int, dtype: Any = jnp.float32,
+             dropout: float = 0.0) -> WideResNet:
+  """WRN-16-2: 703,284 params at 100 classes."""
+  return WideResNet(num_classes=num_classes, depth=16, widen_factor=2,
+                    dropout=dropout, dtype=dtype)
+
+
+def wrn_40_2(num_classes: int, dtype: Any = jnp.float32,
+             dropout: float = 0.0) -> WideResNet:
+  """WRN-40-2: 2,255,156 params at 100 classes."""
+  return WideResNet(num_classes=num_classes, depth=40, widen_factor=2,
+                    dropout=dropout, dtype=dtype)

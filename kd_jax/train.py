@@ -1,0 +1,422 @@
+"""State, the one jitted train step, evaluation, and the training loop.
+
+The same step trains a teacher or a student from scratch (no teacher), and a
+student distilled from teacher logits, whatever their source (an online
+teacher, a stacked ensemble, a logits cache): a `teachers.Teacher` gives the
+logits, `losses.distillation_loss` mixes the soft and the hard terms.
+Data parallelism: a 1-D `jax.make_mesh` over every device with axis 'data';
+batches are sharded over it, the state and the teachers are replicated, and
+XLA inserts the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kd_jax import checkpointing
+from kd_jax import input_pipeline
+from kd_jax import losses
+from kd_jax import models
+from kd_jax import teachers
+
+State = dict[str, Any]
+
+TEACHER_SOURCES = ('none', 'online', 'ensemble', 'cache')
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+SCHEDULES = ('constant', 'cosine', 'step')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field and how to fix it."""
+  d = config.distill
+  if d.teacher_source not in TEACHER_SOURCES:
+    raise ValueError(f'config.distill.teacher_source={d.teacher_source!r}; '
+                     f'choose one of {TEACHER_SOURCES}.')
+  if d.teacher_source == 'none' and d.alpha != 0:
+    raise ValueError(
+        f'config.distill.alpha={d.alpha} weights a teacher term, but '
+        f'config.distill.teacher_source is "none": set alpha=0 for '
+        f'supervised training, or name a teacher source.')
+  losses.validate_distillation_args(d.temperature, d.alpha, d.soft, d.hard)
+  if d.ensemble_method not in ('mean_probs', 'mean_log_probs', 'sum_losses'):
+    raise ValueError(
+        f'config.distill.ensemble_method={d.ensemble_method!r}; choose '
+        f'mean_probs, mean_log_probs or sum_losses.')
+  if config.optimizer not in OPTIMIZERS:
+    raise ValueError(f'config.optimizer={config.optimizer!r}; choose one of '
+                     f'{OPTIMIZERS}.')
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f'config.schedule={config.schedule!r}; choose one of '
+                     f'{SCHEDULES}.')
+  if config.dtype not in DTYPES:
+    raise ValueError(f'config.dtype={config.dtype!r}; choose one of '
+                     f'{tuple(DTYPES)}.')
+  if not config.learning_rate > 0:
+    raise ValueError(f'config.learning_rate={config.learning_rate} must be '
+                     f'> 0.')
+  if config.batch_size <= 0 or config.eval_batch_size <= 0:
+    raise ValueError(f'config.batch_size={config.batch_size} and '
+                     f'config.eval_batch_size={config.eval_batch_size} must be '
+                     f'positive.')
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  warmup = config.warmup_steps
+  if config.schedule == 'constant':
+    decay = optax.constant_schedule(config.learning_rate)
+  elif config.schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(config.learning_rate,
+                                        max(total_steps - warmup, 1))
+  else:
+    boundaries = {int(f * total_steps) - warmup: config.step_decay
+                  for f in config.step_boundaries}
+    decay = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+  schedule = decay
+  if warmup > 0:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, config.learning_rate, warmup), decay],
+        [warmup])
+
+  parts = []
+  if config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.optimizer == 'sgd':
+    if config.weight_decay > 0:
+      parts.append(optax.add_decayed_weights(config.weight_decay))
+    parts.append(optax.sgd(schedule, momentum=config.momentum or None,
+                           nesterov=config.nesterov))
+  elif config.optimizer == 'adam':
+    if config.weight_decay > 0:
+      parts.append(optax.add_decayed_weights(config.weight_decay))
+    parts.append(optax.adam(schedule))
+  else:
+    parts.append(optax.adamw(schedule, weight_decay=config.weight_decay))
+  return optax.chain(*parts), schedule
+
+
+def init_state(model, tx, rng: jax.Array, image_shape) -> State:
+  init_rng, state_rng = jax.random.split(rng)
+  variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32))
+  params = variables['params']
+  return dict(step=jnp.zeros((), jnp.int32), params=params,
+              batch_stats=variables.get('batch_stats', {}),
+              opt_state=tx.init(params), rng=state_rng)
+
+
+def _teacher_soft_targets(teacher_logits, distill, weights):
+  """[K, B, C] teacher logits -> what the soft loss compares against."""
+  if teacher_logits.shape[0] == 1:
+    return teacher_logits[0]
+  if distill.ensemble_method == 'sum_losses':
+    return teacher_logits
+  return losses.combine_teachers(teacher_logits, distill.ensemble_method,
+                                 weights=jnp.asarray(weights))
+
+
+def _loss(student_logits, soft_targets, batch, distill, weights):
+  labels = batch.get('label_probs', batch['label'])
+  kwargs = dict(temperature=distill.temperature, soft=distill.soft,
+                hard=distill.hard, label_smoothing=distill.label_smoothing,
+                where=batch['mask'])
+  if soft_targets is None:
+    return losses.distillation_loss(student_logits, None, labels, alpha=0.0,
+                                    **kwargs)
+  if soft_targets.ndim == 2:
+    return losses.distillation_loss(student_logits, soft_targets, labels,
+                                    alpha=distill.alpha, **kwargs)
+  # sum_losses: the soft term is the weighted sum of per-teacher soft terms.
+  per_teacher = jax.vmap(lambda t: losses.distillation_loss(
+      student_logits, t, None, alpha=1.0, **kwargs)[1]['soft'])(soft_targets)
+  soft = jnp.sum(jnp.asarray(weights) * per_teacher)
+  _, hard_terms = losses.distillation_loss(student_logits, None, labels,
+                                           alpha=0.0, **kwargs)
+  hard = hard_terms['hard']
+  total = distill.alpha * soft + (1 - distill.alpha) * hard
+  return total, dict(soft=soft, hard=hard, total=total)
+
+
+def _masked_mean(x, mask):
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
+               *, model, tx, schedule, teacher: teachers.Teacher | None,
+               distill) -> tuple[State, dict[str, jax.Array]]:
+  """One SGD step of the student on one global batch; pure and jittable."""
+  rng = jax.random.fold_in(state['rng'], state['step'])
+  teacher_logits = (None if teacher is None
+                    else teacher.forward(teacher_variables, batch))
+  weights = None if teacher is None else teacher.weights
+  soft_targets = (None if teacher_logits is None
+                  else _teacher_soft_targets(teacher_logits, distill, weights))
+
+  def loss_fn(params):
+    logits, new_model_state = model.apply(
+        {'params': params, 'batch_stats': state['batch_stats']},
+        batch['image'], train=True, rngs={'dropout': rng},
+        mutable=['batch_stats'])
+    loss, terms = _loss(logits, soft_targets, batch, distill, weights)
+    return loss, (logits, new_model_state, terms)
+
+  grads, (logits, new_model_state, terms) = jax.grad(
+      loss_fn, has_aux=True)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  new_state = dict(state, step=state['step'] + 1, params=params,
+                   opt_state=opt_state,
+                   batch_stats=new_model_state.get('batch_stats', {}))
+
+  mask = batch['mask']
+  prediction = jnp.argmax(logits, -1)
+  measurements = {f'loss_{k}': v for k, v in terms.items()}
+  measurements['accuracy'] = _masked_mean(prediction == batch['label'], mask)
+  if teacher_logits is not None:
+    teacher_prediction = jnp.argmax(
+        losses.combine_teachers(teacher_logits, 'mean_probs'), -1)
+    measurements['teacher_accuracy'] = _masked_mean(
+        teacher_prediction == batch['label'], mask)
+    measurements['agreement'] = _masked_mean(prediction == teacher_prediction,
+                                             mask)
+  measurements['grad_norm'] = optax.global_norm(grads)
+  measurements['param_norm'] = optax.global_norm(params)
+  measurements['update_norm'] = optax.global_norm(updates)
+  measurements['learning_rate'] = schedule(state['step'])
+  return new_state, measurements
+
+
+def eval_step(state: State, batch, teacher_variables, *, model,
+              teacher: teachers.Teacher | None) -> dict[str, jax.Array]:
+  """Sums over the valid examples of one eval batch (padding masked out)."""
+  logits = model.apply({'params': state['params'],
+                        'batch_stats': state['batch_stats']},
+                       batch['image'], train=False)
+  mask = batch['mask'].astype(jnp.float32)
+  prediction = jnp.argmax(logits, -1)
+  sums = dict(
+      count=jnp.sum(mask),
+      correct=jnp.sum((prediction == batch['label']) * mask),
+      loss=jnp.sum(losses.cross_entropy(logits, batch['label']) * mask))
+  if teacher is not None:
+    teacher_logits = teacher.forward(teacher_variables, batch)
+    combined = losses.combine_teachers(teacher_logits, 'mean_probs')
+    teacher_prediction = jnp.argmax(combined, -1)
+    sums['teacher_correct'] = jnp.sum(
+        (teacher_prediction == batch['label']) * mask)
+    sums['agreement'] = jnp.sum((prediction == teacher_prediction) * mask)
+    if teacher_logits.shape[0] > 1:
+      for k in range(teacher_logits.shape[0]):
+        sums[f'teacher{k}_correct'] = jnp.sum(
+            (jnp.argmax(teacher_logits[k], -1) == batch['label']) * mask)
+  return sums
+
+
+def evaluate(eval_fn, state, eval_iter, teacher_variables, prefetch
+             ) -> dict[str, float]:
+  totals: dict[str, float] = {}
+  for batch in prefetch(eval_iter):
+    sums = jax.device_get(eval_fn(state, batch, teacher_variables))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = max(totals.pop('count', 0.0), 1.0)
+  out = {'num_examples': count}
+  for k, v in totals.items():
+    if k == 'correct':
+      out['accuracy'] = v / count
+      out['errors'] = count - v
+    elif k.endswith('_correct'):
+      out[k.replace('_correct', '_accuracy')] = v / count
+    else:
+      out[k] = v / count
+  return out
+
+
+def _resolved_config_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def _check_workdir_config(workdir: str, config_json: str, allow_change: bool):
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path) or allow_change:
+    return
+  with open(path) as f:
+    previous = f.read()
+  if previous != config_json:
+    prev, now = json.loads(previous), json.loads(config_json)
+    diff = sorted(k for k in set(prev) | set(now) if prev.get(k) != now.get(k))
+    raise ValueError(
+        f'workdir {workdir!r} holds a run of a different config (fields that '
+        f'differ: {diff}). Use a fresh --workdir, or set '
+        f'config.allow_config_change=True to resume it anyway.')
+
+
+def _build_teacher(config, info, dtype) -> teachers.Teacher | None:
+  source = config.distill.teacher_source
+  if source == 'none':
+    return None
+  if source in ('online', 'ensemble'):
+    return teachers.load_online(config.teachers, info.num_classes,
+                                info.image_shape, dtype=dtype)
+  return teachers.load_cache(config, info)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices=None) -> dict[str, Any]:
+  """Trains (and distils) as `config` says; returns the final summary.
+
+  Resumes from the latest checkpoint in `workdir`. `devices` (default: all)
+  sets the data-parallel mesh.
+  """
+  validate_config(config)
+  devices = list(devices or jax.devices())
+  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices)
+  replicated = NamedSharding(mesh, P())
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  config_json = _resolved_config_json(config)
+  _check_workdir_config(workdir, config_json, config.allow_config_change)
+
+  dtype = DTYPES[config.dtype]
+  # Checkpoints are written at the step the data stream has reached.
+  start_step = checkpointing.latest_step(workdir) or 0
+  data = input_pipeline.get_datasets(config, start_step=start_step,
+                                     num_devices=len(devices))
+  info = data.info
+  steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0 else
+                 int(math.ceil(config.num_epochs * steps_per_epoch)))
+  eval_every = (config.eval_every_steps if config.eval_every_steps > 0
+                else steps_per_epoch)
+
+  model = models.get_model(config.model, info.num_classes, dtype=dtype)
+  tx, schedule = make_optimizer(config, total_steps)
+  teacher = _build_teacher(config, info, dtype)
+  teacher_variables = (None if teacher is None else
+                       jax.device_put(teacher.variables, replicated))
+
+  init_fn = jax.jit(functools.partial(init_state, model, tx,
+                                      image_shape=info.image_shape),
+                    out_shardings=replicated)
+  rng = jax.random.key(config.seed)
+  abstract = jax.eval_shape(init_fn, rng)
+  mngr = checkpointing.manager(workdir, config.keep_checkpoints)
+  restored = checkpointing.restore(
+      mngr, jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+          a.shape, a.dtype, sharding=replicated), abstract))
+  if restored is None:
+    state = init_fn(rng)
+  else:
+    state, _ = restored
+  if int(jax.device_get(state['step'])) != start_step:
+    raise RuntimeError(f'checkpoint step {int(state["step"])} != latest step '
+                       f'{start_step} in {workdir}')
+  if is_chief:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config_json)
+    teachers.write_run_info(
+        workdir, model_spec=config.model, num_classes=info.num_classes,
+        class_names=info.class_names, image_shape=info.image_shape,
+        dataset=config.dataset, final_step=total_steps)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                        teacher=teacher, distill=config.distill),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, teacher=teacher),
+                    out_shardings=replicated)
+  add_teacher_logits = None if teacher is None else teacher.host_lookup
+
+  def prefetch(it):
+    if add_teacher_logits is not None:
+      it = map(add_teacher_logits, it)
+    return input_pipeline.prefetch_to_mesh(it, mesh)
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=not is_chief)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items()
+                          if isinstance(v, (int, float, str, bool))})
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                           writer=writer)
+  train_iter = prefetch(data.train)
+  fingerprint = checkpointing.config_fingerprint(config_json)
+
+  def run_eval(step):
+    results = {}
+    for split, make_iter in data.eval.items():
+      r = evaluate(eval_fn, state, make_iter(), teacher_variables, prefetch)
+      results[split] = r
+      writer.write_scalars(step, {f'{split}/{k}': v for k, v in r.items()})
+    return results
+
+  logging.info('Training %s for %d steps (from step %d) on %d devices.',
+               config.model.name, total_steps, start_step, len(devices))
+  pending: list[dict[str, jax.Array]] = []
+  eval_results: dict[str, Any] = {}
+  train_start = time.time()
+  for step in range(start_step + 1, total_steps + 1):
+    batch = next(train_iter)
+    state, measurements = step_fn(state, batch, teacher_variables)
+    pending.append(measurements)
+    report(step)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      host = jax.device_get(pending)
+      pending = []
+      for i, m in enumerate(host):
+        if not np.isfinite(m['loss_total']):
+          raise FloatingPointError(
+              f'loss is {m["loss_total"]} at step {step - len(host) + i + 1}; '
+              f'the last good checkpoint (step {mngr.latest_step()}) is kept. '
+              f'Lower config.learning_rate or set config.grad_clip_norm.')
+      writer.write_scalars(step, {f'train/{k}': float(np.mean(
+          [m[k] for m in host])) for k in host[0]})
+    if step % eval_every == 0 or step == total_steps:
+      eval_results = run_eval(step)
+    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      if pending:
+        host = jax.device_get(pending)
+        bad = [m for m in host if not np.isfinite(m['loss_total'])]
+        if bad:
+          raise FloatingPointError(
+              f'non-finite loss before step {step}; the last good checkpoint '
+              f'(step {mngr.latest_step()}) is kept. Lower '
+              f'config.learning_rate or set config.grad_clip_norm.')
+      checkpointing.save(mngr, state, dict(
+          config_fingerprint=fingerprint,
+          examples_seen=step * config.batch_size))
+  mngr.wait_until_finished()
+  if not eval_results:
+    eval_results = run_eval(total_steps)
+  writer.flush()
+
+  params = jax.device_get(state['params'])
+  summary = dict(
+      step=total_steps, model=config.model.name,
+      teacher_source=config.distill.teacher_source,
+      num_params=models.param_count(params),
+      param_bytes=models.param_bytes(params),
+      train_seconds=time.time() - train_start,
+      eval=eval_results)
+  if is_chief:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+  mngr.close()
+  return summary
