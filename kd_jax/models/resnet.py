@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 ModuleDef = Callable[..., nn.Module]
 
-# He init over fan-out, as torchvision and RepDistiller initialise convs.
+# He normal init over fan-out, as torchvision and RepDistiller use for convs.
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
@@ -88,7 +88,7 @@ _BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
 
 
 class ResNet(nn.Module):
-  """Post-activation ResNet; the first block of every stage after the first strides by 2.
+  """Post-activation ResNet; stages after the first open with a stride-2 block.
 
   Attributes:
     num_classes: number of logits.
@@ -142,7 +142,7 @@ class ResNet(nn.Module):
 
 
 class WideBasicBlock(nn.Module):
-  """Pre-activation block: BN-ReLU-conv3x3, BN-ReLU-dropout-conv3x3, plus shortcut.
+  """Pre-activation block: BN-ReLU-conv, BN-ReLU-dropout-conv, plus shortcut.
 
   As in RepDistiller `wrn.py`, a projection shortcut (1x1 conv) reads the
   pre-activated input, an identity shortcut the raw input.
@@ -215,7 +215,7 @@ def _imagenet_resnet(stage_sizes: Sequence[int], block: str, num_classes: int,
 
 def _cifar_resnet(depth: int, widths: Sequence[int], num_classes: int,
                   dtype: Any) -> ResNet:
-  """RepDistiller `resnet(depth, num_filters=widths)`: stem widths[0], stages widths[1:]."""
+  """RepDistiller `resnet(depth, widths)`: stem widths[0], stages widths[1:]."""
   blocks_per_stage = (depth - 2) // 6
   return ResNet(num_classes=num_classes, stage_sizes=(blocks_per_stage,) * 3,
                 stage_widths=tuple(widths[1:]), stem_width=widths[0],
@@ -233,7 +233,7 @@ def resnet34(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
 
 
 def resnet50(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
-  """ImageNet ResNet-50 (v1.5): 25,557,032 params at 1000 classes (as torchvision)."""
+  """ImageNet ResNet-50 (v1.5): 25,557,032 params at 1000 classes."""
   return _imagenet_resnet((3, 4, 6, 3), 'bottleneck', num_classes, dtype)
 
 
@@ -253,7 +253,7 @@ def resnet8x4(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
 
 
 def resnet32x4(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
-  """CIFAR ResNet-32x4, widths 32/64/128/256: 7,433,860 params at 100 classes."""
+  """CIFAR ResNet-32x4, widths 32/64/128/256: 7,433,860 params, 100 classes."""
   return _cifar_resnet(32, (32, 64, 128, 256), num_classes, dtype)
 
 

@@ -1,0 +1,845 @@
+r"""Knowledge-distillation losses.
+
+Pure functions in the style of ``optax.losses``: the class axis is the last
+axis, every per-example function returns one value per example (shape
+``logits.shape[:-1]``) and the caller reduces; :func:`distillation_loss` does
+the masked reduction for a training step. All functions are safe under
+``jit``, ``vmap``, ``grad`` and inside ``shard_map``.
+
+Numerics: inputs of lower precision (``bfloat16``, ``float16``) are cast up
+and everything is computed in ``float32`` (or ``float64`` when given it), with
+log-softmax throughout, so values and gradients stay finite for logits up to
+:math:`\pm 10^4` and temperatures from 0.05 to 100, and a teacher probability
+that underflows to 0 contributes exactly 0 instead of NaN.
+
+Checks: bad arguments raise ``ValueError`` naming the argument, its value and
+the fix. Value checks (temperature, alpha, label range, teacher weights) run
+only on concrete values; under tracing (``jit``, ``vmap``, ``shard_map``) they
+are skipped and shape/dtype checks still run.
+
+Notation (Hinton et al., 2015): student logits :math:`z`, teacher logits
+:math:`v`, temperature :math:`T`, :math:`N` classes, tempered probabilities
+:math:`q = \mathrm{softmax}(z / T)` and :math:`p = \mathrm{softmax}(v / T)`.
+
+Reference:
+  Hinton, Vinyals and Dean, `Distilling the Knowledge in a Neural Network
+  <https://arxiv.org/abs/1503.02531>`_, arXiv:1503.02531, 2015.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    'COMBINE_METHODS',
+    'HARD_LOSSES',
+    'SOFT_LOSSES',
+    'combine_teachers',
+    'cross_entropy',
+    'distillation_loss',
+    'kl_divergence',
+    'logit_mse',
+    'mse_to_labels',
+    'soft_cross_entropy',
+    'tempered_log_softmax',
+    'tempered_softmax',
+    'validate_distillation_args',
+]
+
+SOFT_LOSSES = ('kl', 'soft_ce', 'logit_mse')
+HARD_LOSSES = ('ce', 'mse')
+COMBINE_METHODS = ('mean_probs', 'mean_log_probs')
+
+ArrayLike = jax.typing.ArrayLike
+
+
+# ----------------------------------------------------------------------------
+# Argument checks.
+# ----------------------------------------------------------------------------
+
+
+def _concrete_value(x: Any) -> Any:
+  """Returns the value of `x`, or None when it is only known at run time."""
+  if isinstance(x, jax.core.Tracer):
+    # Same logic as jax's internal `is_concrete`: eager `grad` tracers still
+    # carry their primal value; `jit`/`vmap`/`shard_map` tracers do not.
+    to_concrete = getattr(x, 'to_concrete_value', None)
+    return None if to_concrete is None else to_concrete()
+  return x
+
+
+def _as_float_logits(logits: ArrayLike, name: str) -> jax.Array:
+  """Checks that `logits` is a float array with a class axis; casts it up."""
+  logits = jnp.asarray(logits)
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(
+        f'{name} must be a floating-point array of logits, got dtype '
+        f'{logits.dtype}; cast it with {name}.astype(jnp.float32).')
+  if logits.ndim < 1:
+    raise ValueError(
+        f'{name} must have a class axis (the last axis), got a scalar of '
+        f'shape {logits.shape}; pass logits of shape [..., num_classes].')
+  # bfloat16/float16 logits are computed in float32: softmax tails underflow.
+  return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
+def _check_same_shape(student: jax.Array, teacher: jax.Array,
+                      teacher_name: str = 'teacher_logits') -> None:
+  if student.shape != teacher.shape:
+    raise ValueError(
+        f'{teacher_name} shape {teacher.shape} does not match student_logits '
+        f'shape {student.shape} (class axis: {teacher.shape[-1]} vs '
+        f'{student.shape[-1]} classes); build teacher and student for the '
+        f'same num_classes and feed them the same batch.')
+
+
+def _check_temperature(temperature: Any) -> None:
+  if jnp.ndim(temperature) != 0:
+    raise ValueError(
+        f'temperature must be a scalar, got shape {jnp.shape(temperature)}; '
+        f'pass one positive number (vmap over a sweep of temperatures).')
+  value = _concrete_value(temperature)
+  if value is None:
+    return
+  value = float(np.asarray(value))
+  if not (np.isfinite(value) and value > 0):
+    raise ValueError(
+        f'temperature={value!r} is invalid: it must be a positive finite '
+        f'number; pass temperature > 0 (1 gives the plain softmax, Hinton et '
+        f'al. 2015 use 1 to 20).')
+
+
+def _check_alpha(alpha: Any) -> None:
+  if jnp.ndim(alpha) != 0:
+    raise ValueError(
+        f'alpha must be a scalar, got shape {jnp.shape(alpha)}; pass one '
+        f'number in [0, 1].')
+  value = _concrete_value(alpha)
+  if value is None:
+    return
+  value = float(np.asarray(value))
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(
+        f'alpha={value!r} is invalid: it weights the soft (teacher) term and '
+        f'must lie in [0, 1]; pass alpha in [0, 1] (a weight w on the hard '
+        f'term, as in Hinton et al. 2015, is alpha = 1 - w).')
+
+
+def _check_label_smoothing(label_smoothing: Any) -> None:
+  if jnp.ndim(label_smoothing) != 0:
+    raise ValueError(
+        f'label_smoothing must be a scalar, got shape '
+        f'{jnp.shape(label_smoothing)}; pass one number in [0, 1].')
+  value = _concrete_value(label_smoothing)
+  if value is None:
+    return
+  value = float(np.asarray(value))
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(
+        f'label_smoothing={value!r} is invalid: it must lie in [0, 1]; pass '
+        f'0 for one-hot targets or a small value such as 0.1.')
+
+
+def _check_name(name: Any, allowed: tuple[str, ...], arg: str) -> None:
+  if not isinstance(name, str) or name not in allowed:
+    raise ValueError(
+        f'{arg}={name!r} is not a known option; pass one of {allowed}.')
+
+
+def validate_distillation_args(temperature: Any, alpha: Any, soft: str,
+                               hard: str) -> None:
+  """Checks the arguments that configure :func:`distillation_loss`.
+
+  Meant to run once at config time; :func:`distillation_loss` also calls it.
+  Values that are traced (under ``jit`` or ``vmap``, e.g. a temperature sweep)
+  are not checked; their shapes are.
+
+  Args:
+    temperature: softmax temperature :math:`T`, a positive finite scalar.
+    alpha: weight of the soft (teacher) term, a scalar in [0, 1].
+    soft: one of :data:`SOFT_LOSSES`.
+    hard: one of :data:`HARD_LOSSES`.
+
+  Raises:
+    ValueError: naming the offending argument, its value and the fix.
+
+  Example:
+    >>> from kd_jax import losses
+    >>> losses.validate_distillation_args(4.0, 0.9, 'kl', 'ce')
+    >>> losses.validate_distillation_args(0.0, 0.9, 'kl', 'ce')
+    Traceback (most recent call last):
+      ...
+    ValueError: temperature=0.0 is invalid: ...
+  """
+  _check_name(soft, SOFT_LOSSES, 'soft')
+  _check_name(hard, HARD_LOSSES, 'hard')
+  _check_temperature(temperature)
+  _check_alpha(alpha)
+
+
+def _check_label_range(labels: Any, num_classes: int, where: Any = None,
+                       name: str = 'labels') -> None:
+  """Raises if concrete integer labels fall outside [0, num_classes)."""
+  labels = _concrete_value(labels)
+  where = _concrete_value(where) if where is not None else True
+  if labels is None or where is None:
+    return
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    return
+  valid = np.broadcast_to(np.asarray(where, dtype=bool), labels.shape)
+  bad = labels[valid & ((labels < 0) | (labels >= num_classes))]
+  if bad.size:
+    raise ValueError(
+        f'{name} contains class indices outside [0, {num_classes}): '
+        f'{sorted(set(bad.tolist()))[:10]}; remap the labels, or build the '
+        f'model with num_classes > {int(bad.max())}.')
+
+
+def _label_info(labels: ArrayLike, logits: jax.Array,
+                name: str = 'labels') -> tuple[jax.Array, bool]:
+  """Returns (labels, is_index): integer class indices or per-class targets."""
+  labels = jnp.asarray(labels)
+  if labels.shape == logits.shape[:-1]:
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+      raise ValueError(
+          f'{name} of shape {labels.shape} (one per example) must hold '
+          f'integer class indices, got dtype {labels.dtype}; pass int labels '
+          f'of shape {logits.shape[:-1]} or probabilities of shape '
+          f'{logits.shape}.')
+    return labels, True
+  if labels.shape == logits.shape:
+    return labels.astype(logits.dtype), False
+  raise ValueError(
+      f'{name} shape {labels.shape} does not fit logits shape {logits.shape}; '
+      f'pass integer class indices of shape {logits.shape[:-1]} or one-hot / '
+      f'probability targets of shape {logits.shape}.')
+
+
+# ----------------------------------------------------------------------------
+# Per-example losses.
+# ----------------------------------------------------------------------------
+
+
+def _cross_entropy_with_probs(targets: jax.Array,
+                              log_probs: jax.Array) -> jax.Array:
+  """-sum_c t_c log q_c, with 0 * log 0 = 0 (no NaN where a target is 0)."""
+  positive = targets > 0
+  safe_log_probs = jnp.where(positive, log_probs, 0.0)
+  return -jnp.sum(jnp.where(positive, targets * safe_log_probs, 0.0), axis=-1)
+
+
+def tempered_softmax(logits: ArrayLike, temperature: ArrayLike) -> jax.Array:
+  r"""Softmax of logits divided by a temperature, over the last axis.
+
+  .. math::
+    q_i = \frac{\exp(z_i / T)}{\sum_j \exp(z_j / T)}
+
+  Higher :math:`T` gives a softer distribution over classes (Hinton et al.,
+  2015, Eq. 1).
+
+  Args:
+    logits: float array ``[..., num_classes]``.
+    temperature: positive scalar :math:`T`.
+
+  Returns:
+    Probabilities, same shape as ``logits``, in float32 (or wider).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> probs = losses.tempered_softmax(jnp.array([0.0, 2.0]), temperature=2.0)
+    >>> [round(p, 3) for p in probs.tolist()]
+    [0.269, 0.731]
+
+  References:
+    Hinton et al., `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015.
+  """
+  return jnp.exp(tempered_log_softmax(logits, temperature))
+
+
+def tempered_log_softmax(logits: ArrayLike,
+                         temperature: ArrayLike) -> jax.Array:
+  r"""Log-softmax of logits divided by a temperature, over the last axis.
+
+  .. math::
+    \log q_i = z_i / T - \log \sum_j \exp(z_j / T)
+
+  Args:
+    logits: float array ``[..., num_classes]``.
+    temperature: positive scalar :math:`T`.
+
+  Returns:
+    Log-probabilities, same shape as ``logits``, in float32 (or wider).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> log_probs = losses.tempered_log_softmax(jnp.array([0.0, 2.0]), 2.0)
+    >>> [round(p, 3) for p in log_probs.tolist()]
+    [-1.313, -0.313]
+
+  References:
+    Hinton et al., `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015.
+  """
+  logits = _as_float_logits(logits, 'logits')
+  _check_temperature(temperature)
+  return _tempered_log_softmax(logits, temperature)
+
+
+def _tempered_log_softmax(logits: jax.Array, temperature: Any) -> jax.Array:
+  return jax.nn.log_softmax(logits / jnp.asarray(temperature, logits.dtype),
+                            axis=-1)
+
+
+def kl_divergence(student_logits: ArrayLike, teacher_logits: ArrayLike,
+                  temperature: ArrayLike = 1.0,
+                  scale_by_temperature_squared: bool = True) -> jax.Array:
+  r"""KL divergence from the student's to the teacher's tempered softmax.
+
+  .. math::
+    \ell = T^2 \, \mathrm{KL}(p \,\|\, q)
+         = T^2 \sum_i p_i \left(\log p_i - \log q_i\right),
+    \quad p = \mathrm{softmax}(v / T),\; q = \mathrm{softmax}(z / T)
+
+  The :math:`T^2` factor keeps the gradient magnitude of the soft term roughly
+  independent of :math:`T`, since the gradient of the tempered loss scales as
+  :math:`1/T^2` (Hinton et al., 2015, Sec. 2); switch it off with
+  ``scale_by_temperature_squared=False``. The gradient w.r.t. the student is
+  that of :func:`soft_cross_entropy` (they differ by the teacher's entropy).
+  Terms with :math:`p_i = 0` contribute exactly 0.
+
+  Args:
+    student_logits: float array ``[..., num_classes]``, :math:`z`.
+    teacher_logits: float array of the same shape, :math:`v`.
+    temperature: positive scalar :math:`T`.
+    scale_by_temperature_squared: multiply by :math:`T^2`.
+
+  Returns:
+    Per-example divergence, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    >>> teacher = jnp.array([[3.0, 2.0, 1.0], [0.0, 0.0, 0.0]])
+    >>> kl = losses.kl_divergence(student, teacher, temperature=2.0)
+    >>> [round(x, 3) for x in kl.tolist()]
+    [1.281, 0.0]
+
+  References:
+    Hinton et al., `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015.
+  """
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+  _check_same_shape(student, teacher)
+  _check_temperature(temperature)
+  return _kl_divergence(student, teacher, temperature,
+                        scale_by_temperature_squared)
+
+
+def _kl_divergence(student: jax.Array, teacher: jax.Array, temperature: Any,
+                   scale_by_temperature_squared: bool) -> jax.Array:
+  dtype = jnp.promote_types(student.dtype, teacher.dtype)
+  log_q = _tempered_log_softmax(student.astype(dtype), temperature)
+  log_p = _tempered_log_softmax(teacher.astype(dtype), temperature)
+  p = jnp.exp(log_p)
+  positive = p > 0
+  # Double `where`: p = 0 terms are 0 in value and in gradient (no 0 * inf).
+  log_ratio = jnp.where(positive, log_p, 0.0) - jnp.where(positive, log_q, 0.0)
+  kl = jnp.sum(jnp.where(positive, p * log_ratio, 0.0), axis=-1)
+  return _scale(kl, temperature, scale_by_temperature_squared)
+
+
+def _scale(loss: jax.Array, temperature: Any,
+           scale_by_temperature_squared: bool) -> jax.Array:
+  if not scale_by_temperature_squared:
+    return loss
+  return loss * jnp.square(jnp.asarray(temperature, loss.dtype))
+
+
+def soft_cross_entropy(student_logits: ArrayLike, teacher_logits: ArrayLike,
+                       temperature: ArrayLike = 1.0,
+                       scale_by_temperature_squared: bool = True) -> jax.Array:
+  r"""Cross-entropy of the student's tempered softmax with soft targets.
+
+  .. math::
+    \ell = -T^2 \sum_i p_i \log q_i
+         = T^2 \left(\mathrm{KL}(p \,\|\, q) + H(p)\right)
+
+  with :math:`p = \mathrm{softmax}(v / T)`, :math:`q = \mathrm{softmax}(z / T)`
+  (Hinton et al., 2015, Sec. 2). Same gradient w.r.t. the student as
+  :func:`kl_divergence`; the value includes the teacher's entropy, so it is
+  not 0 at the optimum.
+
+  Args:
+    student_logits: float array ``[..., num_classes]``, :math:`z`.
+    teacher_logits: float array of the same shape, :math:`v`.
+    temperature: positive scalar :math:`T`.
+    scale_by_temperature_squared: multiply by :math:`T^2`.
+
+  Returns:
+    Per-example loss, shape ``student_logits.shape[:-1]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0]])
+    >>> teacher = jnp.array([[3.0, 2.0, 1.0]])
+    >>> loss = losses.soft_cross_entropy(student, teacher, temperature=2.0)
+    >>> [round(x, 3) for x in loss.tolist()]
+    [5.361]
+
+  References:
+    Hinton et al., `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015.
+  """
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+  _check_same_shape(student, teacher)
+  _check_temperature(temperature)
+  return _soft_cross_entropy(student, teacher, temperature,
+                             scale_by_temperature_squared)
+
+
+def _soft_cross_entropy(student: jax.Array, teacher: jax.Array,
+                        temperature: Any,
+                        scale_by_temperature_squared: bool) -> jax.Array:
+  dtype = jnp.promote_types(student.dtype, teacher.dtype)
+  log_q = _tempered_log_softmax(student.astype(dtype), temperature)
+  p = jnp.exp(_tempered_log_softmax(teacher.astype(dtype), temperature))
+  loss = _cross_entropy_with_probs(p, log_q)
+  return _scale(loss, temperature, scale_by_temperature_squared)
+
+
+def cross_entropy(logits: ArrayLike, labels: ArrayLike,
+                  label_smoothing: ArrayLike = 0.0) -> jax.Array:
+  r"""Softmax cross-entropy with hard (or probability) labels.
+
+  .. math::
+    \ell = -\sum_i y_i \log \mathrm{softmax}(z)_i, \quad
+    y = (1 - \epsilon)\, \mathrm{onehot}(\text{label}) + \epsilon / N
+
+  with label smoothing :math:`\epsilon` (Szegedy et al., 2016); probability
+  labels :math:`y` are smoothed the same way.
+
+  Args:
+    logits: float array ``[..., num_classes]``.
+    labels: integer class indices ``[...]``, or one-hot / probability targets
+      ``[..., num_classes]``. Concrete integer labels outside
+      ``[0, num_classes)`` raise; traced ones give NaN.
+    label_smoothing: :math:`\epsilon` in [0, 1].
+
+  Returns:
+    Per-example loss, shape ``logits.shape[:-1]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> loss = losses.cross_entropy(logits, jnp.array([0, 2]))
+    >>> [round(x, 3) for x in loss.tolist()]
+    [0.24, 1.099]
+
+  References:
+    Szegedy et al., `Rethinking the Inception Architecture for Computer Vision
+    <https://arxiv.org/abs/1512.00567>`_, 2016 (label smoothing).
+  """
+  logits = _as_float_logits(logits, 'logits')
+  _check_label_smoothing(label_smoothing)
+  labels, is_index = _label_info(labels, logits)
+  if is_index:
+    _check_label_range(labels, logits.shape[-1])
+  return _cross_entropy(logits, labels, is_index, label_smoothing)
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array, is_index: bool,
+                   label_smoothing: Any) -> jax.Array:
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  smoothing = jnp.asarray(label_smoothing, logits.dtype)
+  num_classes = logits.shape[-1]
+  if not is_index:
+    targets = (1.0 - smoothing) * labels + smoothing / num_classes
+    return _cross_entropy_with_probs(targets, log_probs)
+  in_range = (labels >= 0) & (labels < num_classes)
+  index = jnp.clip(labels, 0, num_classes - 1)[..., None]
+  label_log_prob = jnp.take_along_axis(log_probs, index, axis=-1)[..., 0]
+  # The smoothing term is skipped when eps = 0 (it would be 0 * -inf for
+  # -inf logits).
+  mean_log_prob = jnp.where(smoothing > 0, jnp.mean(log_probs, axis=-1), 0.0)
+  loss = -((1.0 - smoothing) * label_log_prob + smoothing * mean_log_prob)
+  # Out-of-range labels can only be traced here: make them loud, not 0.
+  return jnp.where(in_range, loss, jnp.nan)
+
+
+def logit_mse(student_logits: ArrayLike,
+              teacher_logits: ArrayLike) -> jax.Array:
+  r"""Logit matching: half the mean squared difference of centred logits.
+
+  .. math::
+    \ell = \frac{1}{2N} \sum_{i=1}^{N}
+      \left((z_i - \bar z) - (v_i - \bar v)\right)^2,
+    \qquad \frac{\partial \ell}{\partial z_i}
+      = \frac{1}{N}\left((z_i - \bar z) - (v_i - \bar v)\right)
+
+  where :math:`\bar z, \bar v` are the means over the :math:`N` classes.
+  This is the high-temperature limit of distillation (Hinton et al., 2015,
+  Sec. 2.1): as :math:`T \to \infty`, :math:`T^2 \mathrm{KL}(p \| q) \to \ell`
+  and the gradient of :math:`T^2` times the soft cross-entropy tends to
+  :math:`(z_i - v_i)/N` for zero-mean logits, which is exactly
+  :math:`\partial \ell / \partial z_i`. Centring makes it invariant, like the
+  softmax, to adding a constant to all logits of an example. It ignores the
+  temperature.
+
+  Args:
+    student_logits: float array ``[..., num_classes]``, :math:`z`.
+    teacher_logits: float array of the same shape, :math:`v`.
+
+  Returns:
+    Per-example loss, shape ``student_logits.shape[:-1]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0]])
+    >>> teacher = jnp.array([[3.0, 2.0, 1.0]])
+    >>> [round(x, 3) for x in losses.logit_mse(student, teacher).tolist()]
+    [1.333]
+    >>> [round(x, 3) for x in losses.logit_mse(student + 5.0, student).tolist()]
+    [0.0]
+
+  References:
+    Hinton et al., `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015; Ba and Caruana, `Do Deep Nets
+    Really Need to be Deep? <https://arxiv.org/abs/1312.6184>`_, 2014.
+  """
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+  _check_same_shape(student, teacher)
+  return _logit_mse(student, teacher)
+
+
+def _logit_mse(student: jax.Array, teacher: jax.Array) -> jax.Array:
+  diff = student - teacher
+  diff = diff - jnp.mean(diff, axis=-1, keepdims=True)
+  return 0.5 * jnp.mean(jnp.square(diff), axis=-1)
+
+
+def mse_to_labels(logits: ArrayLike, labels: ArrayLike,
+                  label_smoothing: ArrayLike = 0.0) -> jax.Array:
+  r"""Squared error between the softmax output and the label distribution.
+
+  .. math::
+    \ell = \sum_{i=1}^{N} \left(\mathrm{softmax}(z)_i - y_i\right)^2
+
+  (the Brier score), with :math:`y` the one-hot label, smoothed as in
+  :func:`cross_entropy`, or given probability targets.
+
+  Args:
+    logits: float array ``[..., num_classes]``.
+    labels: integer class indices ``[...]``, or one-hot / probability targets
+      ``[..., num_classes]``. Concrete integer labels outside
+      ``[0, num_classes)`` raise; traced ones give NaN.
+    label_smoothing: :math:`\epsilon` in [0, 1].
+
+  Returns:
+    Per-example loss in [0, 2], shape ``logits.shape[:-1]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> logits = jnp.array([[0.0, 0.0], [10.0, -10.0]])
+    >>> loss = losses.mse_to_labels(logits, jnp.array([0, 0]))
+    >>> [round(x, 3) for x in loss.tolist()]
+    [0.5, 0.0]
+
+  References:
+    Brier, Verification of Forecasts Expressed in Terms of Probability,
+    Monthly Weather Review, 1950.
+  """
+  logits = _as_float_logits(logits, 'logits')
+  _check_label_smoothing(label_smoothing)
+  labels, is_index = _label_info(labels, logits)
+  if is_index:
+    _check_label_range(labels, logits.shape[-1])
+  return _mse_to_labels(logits, labels, is_index, label_smoothing)
+
+
+def _mse_to_labels(logits: jax.Array, labels: jax.Array, is_index: bool,
+                   label_smoothing: Any) -> jax.Array:
+  num_classes = logits.shape[-1]
+  smoothing = jnp.asarray(label_smoothing, logits.dtype)
+  if is_index:
+    targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+  else:
+    targets = labels
+  targets = (1.0 - smoothing) * targets + smoothing / num_classes
+  probs = jax.nn.softmax(logits, axis=-1)
+  loss = jnp.sum(jnp.square(probs - targets), axis=-1)
+  if is_index:
+    loss = jnp.where((labels >= 0) & (labels < num_classes), loss, jnp.nan)
+  return loss
+
+
+# ----------------------------------------------------------------------------
+# Ensembles of teachers.
+# ----------------------------------------------------------------------------
+
+
+def combine_teachers(teacher_logits: ArrayLike, method: str = 'mean_probs',
+                     weights: ArrayLike | None = None, *,
+                     temperature: ArrayLike = 1.0) -> jax.Array:
+  r"""Combines K teachers' logits, stacked on axis 0, into one set.
+
+  With normalised weights :math:`w_k` (uniform by default) and
+  :math:`p_k = \mathrm{softmax}(v_k / T)`:
+
+  - ``'mean_probs'``, the arithmetic mean of probabilities:
+
+    .. math::
+      \log \bar p = \mathrm{logsumexp}_k\left(\log p_k + \log w_k\right)
+
+  - ``'mean_log_probs'``, the geometric mean, renormalised:
+
+    .. math::
+      \log \bar p = \mathrm{log\_softmax}\Big(\sum_k w_k \log p_k\Big)
+
+  The result is returned as logits :math:`T \log \bar p`, so that
+  ``tempered_softmax(result, temperature)`` is :math:`\bar p`; at the default
+  ``temperature=1`` it is the combined log-probabilities. Pass the
+  distillation temperature here to average the teachers' *tempered*
+  distributions (the soft targets of Hinton et al., 2015); with
+  ``temperature=1`` followed by tempering, ``'mean_probs'`` instead averages
+  at :math:`T=1` and then softens, while ``'mean_log_probs'`` gives the same
+  targets either way.
+
+  Args:
+    teacher_logits: float array ``[K, ..., num_classes]``.
+    method: one of :data:`COMBINE_METHODS`.
+    weights: optional non-negative per-teacher weights ``[K]`` with a positive
+      sum; normalised to sum to 1.
+    temperature: positive scalar :math:`T` at which to combine.
+
+  Returns:
+    Combined logits ``[..., num_classes]`` (log-probabilities when
+    ``temperature=1``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> teachers = jnp.log(jnp.array([[[0.9, 0.1]], [[0.5, 0.5]]]))  # K=2, B=1
+    >>> def probs(log_probs):
+    ...   return [round(p, 3) for p in jnp.exp(log_probs[0]).tolist()]
+    >>> probs(losses.combine_teachers(teachers))
+    [0.7, 0.3]
+    >>> probs(losses.combine_teachers(teachers, weights=jnp.array([3.0, 1.0])))
+    [0.8, 0.2]
+    >>> probs(losses.combine_teachers(teachers, method='mean_log_probs'))
+    [0.75, 0.25]
+
+  References:
+    Hinton et al., `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015, Sec. 5.
+  """
+  _check_name(method, COMBINE_METHODS, 'method')
+  teachers = _as_float_logits(teacher_logits, 'teacher_logits')
+  if teachers.ndim < 2:
+    raise ValueError(
+        f'teacher_logits must stack teachers on axis 0, shape '
+        f'[K, ..., num_classes], got shape {teachers.shape}; add a leading '
+        f'axis for a single teacher.')
+  _check_temperature(temperature)
+  num_teachers = teachers.shape[0]
+  if weights is None:
+    weights = jnp.full((num_teachers,), 1.0 / num_teachers, teachers.dtype)
+  else:
+    weights = _normalised_weights(weights, num_teachers, teachers.dtype)
+  log_probs = _tempered_log_softmax(teachers, temperature)
+  weights = weights.reshape((num_teachers,) + (1,) * (teachers.ndim - 1))
+  if method == 'mean_probs':
+    # Stable log of the weighted mean: logsumexp with scale factors b = w.
+    combined = jax.nn.logsumexp(log_probs, axis=0, b=weights)
+  else:
+    # Zero-weight teachers drop out exactly, even with -inf log-probs.
+    weighted = jnp.where(weights > 0, weights * log_probs, 0.0)
+    combined = jax.nn.log_softmax(jnp.sum(weighted, axis=0), axis=-1)
+  return combined * jnp.asarray(temperature, combined.dtype)
+
+
+def _normalised_weights(weights: ArrayLike, num_teachers: int,
+                        dtype: Any) -> jax.Array:
+  weights = jnp.asarray(weights)
+  if weights.shape != (num_teachers,):
+    raise ValueError(
+        f'weights shape {weights.shape} does not match the {num_teachers} '
+        f'teachers stacked on axis 0 of teacher_logits; pass one weight per '
+        f'teacher, shape ({num_teachers},).')
+  value = _concrete_value(weights)
+  if value is not None:
+    value = np.asarray(value, dtype=np.float64)
+    if not (np.all(np.isfinite(value)) and np.all(value >= 0)
+            and value.sum() > 0):
+      raise ValueError(
+          f'weights={value.tolist()} is invalid: teacher weights must be '
+          f'finite, non-negative and have a positive sum; pass e.g. '
+          f'[1.0] * {num_teachers} for a uniform ensemble.')
+  weights = weights.astype(dtype)
+  return weights / jnp.sum(weights)
+
+
+# ----------------------------------------------------------------------------
+# The training objective.
+# ----------------------------------------------------------------------------
+
+
+def _masked_mean(values: jax.Array, valid: jax.Array,
+                 axis_name: Any) -> jax.Array:
+  """Mean over valid entries; 0 (not NaN) when there are none."""
+  total = jnp.sum(jnp.where(valid, values, 0.0))
+  count = jnp.sum(valid, dtype=values.dtype)
+  if axis_name is not None:
+    total, count = jax.lax.psum((total, count), axis_name)
+  return total / jnp.maximum(count, 1.0)
+
+
+def distillation_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike | None,
+    labels: ArrayLike | None,
+    *,
+    temperature: ArrayLike,
+    alpha: ArrayLike,
+    soft: str = 'kl',
+    hard: str = 'ce',
+    label_smoothing: ArrayLike = 0.0,
+    where: ArrayLike | None = None,
+    axis_name: Any = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  r"""The knowledge-distillation objective, averaged over valid examples.
+
+  .. math::
+    L = \alpha \, \overline{\ell_\text{soft}}
+      + (1 - \alpha) \, \overline{\ell_\text{hard}}
+
+  where the bar is the mean over examples with ``where=True``, the soft term
+  is one of :data:`SOFT_LOSSES` (``'kl'``: :func:`kl_divergence`,
+  ``'soft_ce'``: :func:`soft_cross_entropy`, both at temperature :math:`T`
+  and scaled by :math:`T^2`; ``'logit_mse'``: :func:`logit_mse`, which ignores
+  :math:`T`) and the hard term one of :data:`HARD_LOSSES` (``'ce'``:
+  :func:`cross_entropy`, ``'mse'``: :func:`mse_to_labels`, both at
+  :math:`T = 1` with ``label_smoothing``).
+
+  Convention: **alpha weights the soft (teacher) term**. Hinton et al. (2015)
+  and the Keras distillation example put their weight on the hard (label)
+  term instead: their weight is ``1 - alpha``.
+
+  ``alpha = 1`` needs no labels (``labels=None``) and ``alpha = 0`` no teacher
+  (``teacher_logits=None``); a missing term is reported as 0. A term whose
+  inputs are given is always reported, even when its weight is 0, and a term
+  with weight exactly 0 (concrete ``alpha``) is left out of the total and its
+  gradient. A mask with no valid example gives 0.
+
+  Args:
+    student_logits: float array ``[..., num_classes]``.
+    teacher_logits: float array of the same shape, or None when ``alpha=0``.
+      Use :func:`combine_teachers` for an ensemble.
+    labels: integer class indices ``[...]`` or one-hot / probability targets
+      ``[..., num_classes]``, or None when ``alpha=1``.
+    temperature: positive scalar :math:`T` (may be traced).
+    alpha: weight of the soft term, in [0, 1] (may be traced).
+    soft: one of :data:`SOFT_LOSSES`.
+    hard: one of :data:`HARD_LOSSES`.
+    label_smoothing: smoothing :math:`\epsilon` of the hard targets.
+    where: optional bool mask ``[...]``, False for padding examples.
+    axis_name: optional mapped axis name (inside ``shard_map``) over which the
+      mean runs, so that it averages over the valid examples of all shards.
+
+  Returns:
+    ``(loss, terms)``: the scalar :math:`L` and a dict with the scalars
+    ``'soft'``, ``'hard'`` and ``'total'`` (``'total'`` is ``loss``).
+
+  Raises:
+    ValueError: for an unknown ``soft`` / ``hard``, a temperature <= 0, an
+      alpha outside [0, 1], mismatched shapes, non-float logits, out-of-range
+      labels (concrete labels only) or a missing teacher / labels.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+    >>> teacher = jnp.array([[3.0, 2.0, 1.0], [0.0, 4.0, 0.0]])
+    >>> labels = jnp.array([0, 1])
+    >>> loss, terms = losses.distillation_loss(
+    ...     student, teacher, labels, temperature=2.0, alpha=0.9)
+    >>> print({k: round(float(v), 3) for k, v in terms.items()})
+    {'soft': 1.111, 'hard': 1.48, 'total': 1.148}
+
+  References:
+    Hinton et al., `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015.
+  """
+  validate_distillation_args(temperature, alpha, soft, hard)
+  _check_label_smoothing(label_smoothing)
+  student = _as_float_logits(student_logits, 'student_logits')
+  batch_shape = student.shape[:-1]
+
+  alpha_value = _concrete_value(alpha)
+  if alpha_value is not None:
+    alpha_value = float(np.asarray(alpha_value))
+  use_soft = alpha_value is None or alpha_value > 0
+  use_hard = alpha_value is None or alpha_value < 1
+  if teacher_logits is None and use_soft:
+    raise ValueError(
+        f'teacher_logits is None but alpha={alpha_value!r} gives the soft '
+        f'term weight; pass teacher_logits, or alpha=0 to train on labels '
+        f'only.')
+  if labels is None and use_hard:
+    raise ValueError(
+        f'labels is None but alpha={alpha_value!r} gives the hard term weight '
+        f'{"1 - alpha" if alpha_value is None else 1 - alpha_value}; pass '
+        f'labels, or alpha=1 to train on the teacher only.')
+
+  if where is None:
+    valid = jnp.ones(batch_shape, bool)
+  else:
+    valid = jnp.asarray(where)
+    if valid.shape != batch_shape:
+      raise ValueError(
+          f'where shape {valid.shape} does not match the examples of '
+          f'student_logits, shape {batch_shape}; pass one bool per example.')
+    valid = valid.astype(bool)
+
+  zero = jnp.zeros((), student.dtype)
+  soft_mean = hard_mean = zero
+  if teacher_logits is not None:
+    teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+    _check_same_shape(student, teacher)
+    if soft == 'kl':
+      soft_loss = _kl_divergence(student, teacher, temperature, True)
+    elif soft == 'soft_ce':
+      soft_loss = _soft_cross_entropy(student, teacher, temperature, True)
+    else:
+      soft_loss = _logit_mse(student, teacher)
+    soft_mean = _masked_mean(soft_loss, valid, axis_name)
+  if labels is not None:
+    labels, is_index = _label_info(labels, student)
+    if is_index:
+      _check_label_range(labels, student.shape[-1], where=where)
+    if hard == 'ce':
+      hard_loss = _cross_entropy(student, labels, is_index, label_smoothing)
+    else:
+      hard_loss = _mse_to_labels(student, labels, is_index, label_smoothing)
+    hard_mean = _masked_mean(hard_loss, valid, axis_name)
+
+  alpha = jnp.asarray(alpha, soft_mean.dtype)
+  total = zero
+  if use_soft:
+    total = total + alpha * soft_mean
+  if use_hard:
+    total = total + (1.0 - alpha) * hard_mean
+  return total, {'soft': soft_mean, 'hard': hard_mean, 'total': total}
