@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
       fraction=1.0,
   ))
   c.batch_size = 128             # global, over all devices and processes.
-  c.eval_batch_size = 500
+  c.eval_batch_size = 512
 
   # Student (the model being trained).
   c.model = model_config('mlp', hidden=(800, 800), dropout=0.0)
@@ -136,3 +136,30 @@ def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
   config.eval_every_steps = 3
   config.checkpoint_every_steps = 3
   config.shuffle_buffer = 256
+
+
+ROLES = ('teacher', 'student', 'distill')
+
+
+def apply_role(config: ml_collections.ConfigDict, teacher_model,
+               student_model) -> ml_collections.ConfigDict:
+  """For configs of a teacher/student pair, selected by `config.role`.
+
+  teacher: trains `teacher_model`; student: trains `student_model` from
+  scratch; distill: trains `student_model` from the online teacher in
+  `config.teacher_workdir`, with the config's distill settings.
+  """
+  if config.role not in ROLES:
+    raise ValueError(f'config.role={config.role!r}; choose one of {ROLES} '
+                     f'(e.g. --config=configs/x.py:role=teacher).')
+  if config.role == 'teacher':
+    config.model = teacher_model
+  else:
+    config.model = student_model
+  if config.role == 'distill':
+    config.distill.teacher_source = 'online'
+    config.teachers = [teacher_config(teacher_model, config.teacher_workdir)]
+  else:
+    config.distill.teacher_source = 'none'
+    config.distill.alpha = 0.0
+  return config

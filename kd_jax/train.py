@@ -287,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   validate_config(config)
   devices = list(devices or jax.devices())
-  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices)
+  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -347,6 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def prefetch(it):
     if add_teacher_logits is not None:
       it = map(add_teacher_logits, it)
+    # Ids are host-side strings: they key logits caches, never reach devices.
+    it = ({k: v for k, v in b.items() if k != 'id'} for b in it)
     return input_pipeline.prefetch_to_mesh(it, mesh)
 
   writer = metric_writers.create_default_writer(

@@ -1,0 +1,46 @@
+r"""Your own images in class folders: a ResNet-18 teacher -> a 3-layer CNN.
+
+The layout is root/{train,val,test}/<class>/*.png|jpg, e.g. chest X-rays in
+NORMAL/ and PNEUMONIA/. Images are resized to 224x224 and kept RGB; the class
+names come from the folder names.
+
+  python -m kd_jax.main --config=configs/image_folder.py:role=teacher,image_folder=DIR \
+      --workdir=workdirs/xray_resnet18
+  python -m kd_jax.main \
+      --config=configs/image_folder.py:role=distill,image_folder=DIR,teacher_workdir=workdirs/xray_resnet18 \
+      --workdir=workdirs/xray_cnn_kd
+
+The CNN has about 277k parameters at 224x224 and 2 classes (ResNet-18:
+11.2M); experiments/README.md measures their size and CPU latency.
+"""
+
+from kd_jax import config_lib
+
+TEACHER = config_lib.model_config('resnet18')
+STUDENT = config_lib.model_config('cnn')
+
+
+def get_config(arg=None):
+  c = config_lib.default_config()
+  c.role = 'distill'
+  c.teacher_workdir = 'workdirs/image_folder_resnet18'
+  c.dataset = 'image_folder'
+  c.eval_splits = ('val', 'test')
+  c.image_size = (224, 224)
+  c.channels = 3
+  c.augment = 'imagenet'
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.optimizer = 'adam'
+  c.learning_rate = 1e-3
+  c.schedule = 'cosine'
+  c.num_epochs = 20
+  c.distill.temperature = 4.0
+  c.distill.alpha = 0.7
+  config_lib.parse_arg(c, arg, runlocal=_runlocal)
+  return config_lib.apply_role(c, TEACHER, STUDENT)
+
+
+def _runlocal(c):
+  config_lib.shrink_for_runlocal(c)
+  c.image_size = (32, 32)

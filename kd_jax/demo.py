@@ -1,0 +1,72 @@
+"""The one-command demo: teacher, student from scratch, distilled student.
+
+  python -m kd_jax.demo --workdir=workdirs/demo
+
+Trains the three mnist5k runs of configs/ (mnist5k_teacher, mnist5k_student,
+mnist5k_distill) one after the other, each resuming if its workdir already
+holds a finished or interrupted run, and prints one table of test accuracy,
+test errors, parameters and agreement with the teacher.
+"""
+
+import importlib.util
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from kd_jax import train
+
+_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/demo', 'Root of the runs.')
+_ARG = flags.DEFINE_string('config_arg', '', 'Appended to every config arg, '
+                           'e.g. "runlocal" or "seed=1".')
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'configs')
+
+
+def load_config(name: str, arg: str):
+  path = os.path.join(CONFIG_DIR, f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs.{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def format_table(rows: list[dict]) -> str:
+  header = ('run', 'test acc', 'test errors', 'params', 'agreement w/ teacher')
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for r in rows:
+    test = r['eval']['test']
+    agreement = test.get('agreement')
+    lines.append('| ' + ' | '.join([
+        r['run'], f'{100 * test["accuracy"]:.2f}%',
+        f'{int(round(test["errors"]))} / {int(test["num_examples"])}',
+        f'{r["num_params"]:,}',
+        '-' if agreement is None else f'{100 * agreement:.2f}%']) + ' |')
+  return '\n'.join(lines)
+
+
+def run_demo(root: str, arg: str = '') -> list[dict]:
+  teacher_dir = os.path.join(root, 'teacher')
+  runs = [('teacher', 'mnist5k_teacher', ''),
+          ('student (scratch)', 'mnist5k_student', ''),
+          ('student (distilled)', 'mnist5k_distill',
+           f'teacher_workdir={teacher_dir}')]
+  rows = []
+  for (label, name, extra), sub in zip(runs, ('teacher', 'student',
+                                              'distill')):
+    config = load_config(name, ','.join(filter(None, [arg, extra])))
+    logging.info('demo: %s (%s)', label, name)
+    summary = train.train_and_evaluate(config, os.path.join(root, sub))
+    rows.append(dict(summary, run=label))
+  return rows
+
+
+def main(argv):
+  del argv
+  rows = run_demo(_WORKDIR.value, _ARG.value)
+  print(format_table(rows))
+
+
+if __name__ == '__main__':
+  app.run(main)
