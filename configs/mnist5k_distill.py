@@ -21,7 +21,7 @@ def get_config(arg=None):
   c.model = config_lib.model_config('mlp', hidden=(800, 800), dropout=0.0)
   c.batch_size = 128
   c.optimizer = 'sgd'
-  c.learning_rate = 0.1
+  c.learning_rate = 0.03
   c.momentum = 0.9
   c.schedule = 'cosine'
   c.num_epochs = 60
