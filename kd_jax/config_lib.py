@@ -9,6 +9,8 @@ same way for every run.
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -163,3 +165,19 @@ def apply_role(config: ml_collections.ConfigDict, teacher_model,
     config.distill.teacher_source = 'none'
     config.distill.alpha = 0.0
   return config
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'configs')
+
+
+def load_config(name: str, arg: str = '') -> ml_collections.ConfigDict:
+  """`configs/<name>.py`'s `get_config(arg)`, as `--config=configs/<name>.py:arg` gives it."""
+  path = os.path.join(CONFIG_DIR, f'{name}.py')
+  if not os.path.exists(path):
+    known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith('.py'))
+    raise FileNotFoundError(f'No config {path}; known configs: {known}.')
+  spec = importlib.util.spec_from_file_location(f'configs.{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

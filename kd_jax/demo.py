@@ -8,7 +8,6 @@ holds a finished or interrupted run, and prints one table of test accuracy,
 test errors, parameters and agreement with the teacher.
 """
 
-import importlib.util
 import os
 
 from absl import app
@@ -16,20 +15,8 @@ from absl import flags
 from absl import logging
 
 from kd_jax import train
+from kd_jax.config_lib import load_config
 
-_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/demo', 'Root of the runs.')
-_ARG = flags.DEFINE_string('config_arg', '', 'Appended to every config arg, '
-                           'e.g. "runlocal" or "seed=1".')
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'configs')
-
-
-def load_config(name: str, arg: str):
-  path = os.path.join(CONFIG_DIR, f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'configs.{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -64,9 +51,14 @@ def run_demo(root: str, arg: str = '') -> list[dict]:
 
 def main(argv):
   del argv
-  rows = run_demo(_WORKDIR.value, _ARG.value)
+  rows = run_demo(flags.FLAGS.workdir, flags.FLAGS.config_arg)
   print(format_table(rows))
 
 
 if __name__ == '__main__':
+  # Flags are defined only when run as a program, so that importing this
+  # module (tests, doctests) never clashes with another CLI's flags.
+  flags.DEFINE_string('workdir', 'workdirs/demo', 'Root of the runs.')
+  flags.DEFINE_string('config_arg', '', 'Appended to every config arg, '
+                      'e.g. "runlocal" or "seed=1".')
   app.run(main)

@@ -15,36 +15,42 @@ from ml_collections import config_flags
 
 from kd_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'A config file in configs/, with :args after it.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics '
-                               'and the summary go; a rerun resumes there.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, multi-host only.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Process count, multi-host only.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   "This process's index, multi-host only.")
-_CPU_COLLECTIVES = flags.DEFINE_string(
-    'cpu_collectives', None, "'gloo' for multi-process runs on CPUs.")
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags() -> None:
+  """The CLI's flags; defined only when run as a program, so that importing
+  the module (tests, doctests, other CLIs) never defines them twice."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'A config file in configs/, with :args after it.',
+      lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and the '
+                      'summary go; a rerun resumes there.')
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, multi-host only.')
+  flags.DEFINE_integer('num_processes', None,
+                       'Process count, multi-host only.')
+  flags.DEFINE_integer('process_id', None,
+                       "This process's index, multi-host only.")
+  flags.DEFINE_string('cpu_collectives', None,
+                      "'gloo' for multi-process runs on CPUs.")
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CPU_COLLECTIVES.value:
-    jax.config.update('jax_cpu_collectives_implementation',
-                      _CPU_COLLECTIVES.value)
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                               _PROCESS_ID.value)
+  f = flags.FLAGS
+  if f.cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', f.cpu_collectives)
+  if f.coordinator_address or f.num_processes:
+    jax.distributed.initialize(f.coordinator_address, f.num_processes,
+                               f.process_id)
   logging.info('JAX process %d of %d, %d local / %d global devices.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(f.config, f.workdir)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

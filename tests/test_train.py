@@ -14,7 +14,7 @@ import pytest
 
 from kd_jax import config_lib
 from kd_jax import train
-from kd_jax.demo import load_config
+from kd_jax.config_lib import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
