@@ -85,6 +85,16 @@ def restore_model(workdir: str, abstract_model: dict[str, Any],
     step = m.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {path}')
+    # Restored replicated over this run's devices, whatever the device layout
+    # of the run that saved it (a teacher trained on another mesh).
+    replicated = jax.sharding.NamedSharding(
+        jax.make_mesh((jax.device_count(),), ('data',),
+                      axis_types=(jax.sharding.AxisType.Auto,)),
+        jax.sharding.PartitionSpec())
+    abstract_model = jax.tree.map(
+        lambda a: a if getattr(a, 'sharding', None) is not None
+        else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        abstract_model)
     out = m.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(abstract_model)))
   return out['model'], step

@@ -57,7 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Student (the model being trained).
   c.model = model_config('mlp', hidden=(800, 800), dropout=0.0)
 
-  # Distillation. teacher_source: none | online | cache | ensemble.
+  # Distillation. teacher_source: none | online | cache | ensemble |
+  # specialists.
   c.distill = ml_collections.ConfigDict(dict(
       teacher_source='none',
       temperature=1.0,
@@ -70,6 +71,24 @@ def default_config() -> ml_collections.ConfigDict:
       allow_augmented_single_view=False,
   ))
   c.teachers = []                # list of teacher_config(...)
+
+  # Specialists (Hinton et al. 2015, sec. 5): the groups of confusable
+  # classes, the one specialist a run trains, and how a generalist and its
+  # specialists combine (teacher_source='specialists': config.teachers holds
+  # the generalist, then the specialists in group order).
+  c.specialist = ml_collections.ConfigDict(dict(
+      groups_file='',            # written by kd_jax.cluster_classes.
+      groups=ml_collections.FieldReference(None, field_type=tuple),  # by hand
+      num_groups=0,              # clusters that kd_jax.cluster_classes forms.
+      cluster_temperature=1.0,   # softens the generalist before clustering.
+      index=-1,                  # >= 0: train specialist `index` (+ dustbin).
+      in_group_fraction=0.5,     # share of its train draws from its group.
+      allow_overlap=False,
+      require_coverage=True,
+      top_n=1,                   # generalist's top classes pick the active.
+      num_steps=20,              # SQUAREM steps of specialists.combine.
+  ))
+  c.init_from = ''               # workdir of a finished run to warm-start from.
 
   # Optimisation.
   c.optimizer = 'sgd'            # sgd | adam | adamw
@@ -102,6 +121,20 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def _split_top_level(arg: str) -> list[str]:
+  """Splits at commas outside brackets: 'a=1,b=(2,3)' -> ['a=1', 'b=(2,3)']."""
+  parts, depth, current = [], 0, ''
+  for ch in arg:
+    depth += ch in '([{'
+    depth -= ch in ')]}'
+    if ch == ',' and depth == 0:
+      parts.append(current)
+      current = ''
+    else:
+      current += ch
+  return parts + [current]
+
+
 def parse_arg(config: ml_collections.ConfigDict, arg: str | None,
               runlocal=None) -> ml_collections.ConfigDict:
   """Applies `arg` ('runlocal,seed=3,distill.temperature=4') to `config`.
@@ -110,7 +143,7 @@ def parse_arg(config: ml_collections.ConfigDict, arg: str | None,
   it to a seconds-long smoke run; `key=value` pairs set dotted fields, with
   values parsed as Python literals.
   """
-  for part in filter(None, (arg or '').split(',')):
+  for part in filter(None, _split_top_level(arg or '')):
     if part in ('runlocal', 'tiny'):
       (runlocal or shrink_for_runlocal)(config)
       continue
@@ -122,8 +155,10 @@ def parse_arg(config: ml_collections.ConfigDict, arg: str | None,
     node = config
     *parents, leaf = key.split('.')
     for p in parents:
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        raise ValueError(f'config arg sets unknown field {key!r}')
       node = node[p]
-    if leaf not in node:
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
       raise ValueError(f'config arg sets unknown field {key!r}')
     node[leaf] = _parse_value(value)
   return config

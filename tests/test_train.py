@@ -180,3 +180,12 @@ def test_teacher_with_other_class_count_is_refused(tmp_path, teacher_dir):
   config = tiny('mnist5k_distill', f'teacher_workdir={tmp_path}')
   with pytest.raises(ValueError, match='3 classes.*has 10'):
     train.train_and_evaluate(config, str(tmp_path / 'student'))
+
+
+def test_config_arg_splits_at_commas_outside_brackets():
+  config = load_config('mnist5k_student',
+                       'model.hidden=(30,30),seed=2,distill.temperature=4.0')
+  assert tuple(config.model.hidden) == (30, 30)
+  assert config.seed == 2 and config.distill.temperature == 4.0
+  with pytest.raises(ValueError, match='unknown field'):
+    load_config('mnist5k_student', 'modle.hidden=(30,30)')

@@ -1,0 +1,284 @@
+r"""Hinton, Vinyals & Dean (2015), Sec. 3: distilling an MNIST net, on mnist5k.
+
+  python experiments/hinton_mnist/run.py --workdir=workdirs/hinton_mnist
+
+Trains, with `kd_jax.train.train_and_evaluate` and the repository's configs,
+for every seed in --seeds:
+
+* the teacher: 2x1200 ReLU MLP, dropout 0.5 (0.2 on the input), +-2 px
+  jitter (configs/mnist5k_teacher.py, lr 0.1);
+* the 2x800 student from scratch, unregularised (configs/mnist5k_student.py)
+  and distilled at T = 20 from the teacher of the same seed
+  (configs/mnist5k_distill.py, alpha = 0.9 on the soft term); both at lr
+  0.03, since at lr 0.1 the T = 20 distilled 2x800 diverged;
+* the tiny 2x30 student from scratch and distilled at each of
+  --tiny_temperatures (2.5, 3, 4).
+
+It reports the mean and spread over seeds of the test errors and the share
+of the teacher-student gap that distillation recovers,
+(scratch errors - distilled errors) / (scratch errors - teacher errors),
+next to the paper's 146 -> 74 errors with a teacher at 67 on the 10,000 MNIST
+test digits (90%). Runs whose workdir holds a summary.json are read, not
+rerun; an unfinished one resumes from its checkpoint. Writes results.json,
+results.md and errors.png to --out_dir (default: this folder; with --tiny,
+--workdir).
+
+`--dataset=mnist` runs the same study on full TFDS MNIST (60k / 10k), which
+needs a prepared copy in --data_dir (or TFDS's default). `--tiny` shrinks
+every run to a few steps (one seed, one tiny-net temperature) for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from kd_jax import config_lib
+from kd_jax import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PAPER = dict(teacher=67, scratch=146, distilled=74, test_digits=10_000)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', default='workdirs/hinton_mnist',
+                      help='One sub-folder per run goes here.')
+  parser.add_argument('--out_dir', default=None,
+                      help='Where results.{json,md} and errors.png go '
+                      '(default: this folder; with --tiny, --workdir).')
+  parser.add_argument('--seeds', default='0,1,2',
+                      help='Comma-separated seeds; every model runs once each.')
+  parser.add_argument('--tiny_temperatures', default='2.5,3,4',
+                      help='Temperatures at which the 2x30 net is distilled.')
+  parser.add_argument('--num_epochs', type=float, default=None,
+                      help='Overrides the configs\' 60 epochs for the '
+                      'students (the teachers keep theirs).')
+  parser.add_argument('--dataset', default='mnist5k',
+                      choices=('mnist5k', 'mnist'),
+                      help='mnist: full TFDS MNIST (must be prepared).')
+  parser.add_argument('--data_dir', default=None,
+                      help='TFDS data_dir holding the prepared dataset.')
+  parser.add_argument('--tiny', action='store_true',
+                      help='Seconds-long runlocal runs, one seed (for tests).')
+  args = parser.parse_args(argv)
+  args.seeds = [int(s) for s in args.seeds.split(',') if s]
+  args.tiny_temperatures = [float(t) for t in
+                            args.tiny_temperatures.split(',') if t]
+  if args.tiny:
+    args.seeds = args.seeds[:1]
+    args.tiny_temperatures = args.tiny_temperatures[-1:]
+  if not args.seeds or not args.tiny_temperatures:
+    raise ValueError(f'--seeds={args.seeds} and --tiny_temperatures='
+                     f'{args.tiny_temperatures} must each name at least one '
+                     'value, e.g. --seeds=0,1,2.')
+  if args.out_dir is None:
+    args.out_dir = args.workdir if args.tiny else HERE
+  return args
+
+
+def make_config(name: str, arg: str, overrides: dict[str, Any]):
+  """`configs/<name>.py:<arg>` with dotted `overrides` set on top.
+
+  Tuple values (model.hidden) go through `overrides`: the config arg splits
+  on every comma.
+  """
+  config = config_lib.load_config(name, arg)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """Every run of the study, teachers first: name, group, config and workdir."""
+  common = ['tiny'] if args.tiny else []
+  overrides: dict[str, Any] = {'dataset': args.dataset}
+  if args.data_dir:
+    overrides['data_dir'] = args.data_dir
+  epochs = ([] if args.num_epochs is None
+            else [f'num_epochs={args.num_epochs:g}'])
+  runs = []
+
+  def add(name, group, config_name, arg_parts, extra=None, temperature=None):
+    student = config_name != 'mnist5k_teacher'
+    runs.append(dict(
+        name=name, group=group, temperature=temperature,
+        config_name=config_name,
+        arg=','.join(common + (epochs if student else []) + arg_parts),
+        overrides={**overrides, **(extra or {})},
+        workdir=os.path.join(args.workdir, name)))
+
+  for seed in args.seeds:
+    add(f'teacher_s{seed}', 'teacher 2x1200', 'mnist5k_teacher',
+        [f'seed={seed}'])
+  for seed in args.seeds:
+    teacher = os.path.join(args.workdir, f'teacher_s{seed}')
+    distill = [f'seed={seed}', f'teacher_workdir={teacher}']
+    add(f'student800_scratch_s{seed}', '2x800 scratch', 'mnist5k_student',
+        [f'seed={seed}'])
+    add(f'student800_T20_s{seed}', '2x800 distilled T=20', 'mnist5k_distill',
+        distill + ['distill.temperature=20.0'], temperature=20.0)
+    add(f'student30_scratch_s{seed}', '2x30 scratch', 'mnist5k_student',
+        [f'seed={seed}'], {'model.hidden': (30, 30)})
+    for t in args.tiny_temperatures:
+      add(f'student30_T{t:g}_s{seed}', f'2x30 distilled T={t:g}',
+          'mnist5k_distill', distill + [f'distill.temperature={t}'],
+          {'model.hidden': (30, 30)}, temperature=t)
+  return runs
+
+
+def run_one(run: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+  """(summary, trained now) of one run; a finished workdir is only read."""
+  path = os.path.join(run['workdir'], 'summary.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f), False
+  config = make_config(run['config_name'], run['arg'], run['overrides'])
+  return train.train_and_evaluate(config, run['workdir']), True
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Per group: test errors per seed, their mean, sample std, min and max."""
+  groups: dict[str, dict[str, Any]] = {}
+  for run in runs:
+    test = run['summary']['eval']['test']
+    g = groups.setdefault(run['group'], dict(
+        errors=[], num_examples=int(test['num_examples']),
+        temperature=run['temperature']))
+    g['errors'].append(int(test['errors']))
+  for g in groups.values():
+    e = np.asarray(g['errors'], float)
+    g.update(mean=float(e.mean()), std=float(e.std(ddof=1)) if len(e) > 1
+             else 0.0, min=float(e.min()), max=float(e.max()))
+  return groups
+
+
+def gap_recovered(scratch: float, distilled: float, teacher: float) -> float:
+  """Share of the teacher-student error gap that distillation closes."""
+  gap = scratch - teacher
+  return float('nan') if gap == 0 else (scratch - distilled) / gap
+
+
+def recovered_rows(groups: dict[str, dict[str, Any]]
+                   ) -> list[tuple[str, str, float]]:
+  """(distilled group, scratch group, gap recovered) from the mean errors."""
+  teacher = groups['teacher 2x1200']['mean']
+  rows = []
+  for name, g in groups.items():
+    if 'distilled' in name:
+      scratch = name.split(' distilled')[0] + ' scratch'
+      rows.append((name, scratch, gap_recovered(
+          groups[scratch]['mean'], g['mean'], teacher)))
+  return rows
+
+
+def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
+  """The error and gap-recovered tables, with the paper's numbers."""
+  n = next(iter(groups.values()))['num_examples']
+  epochs = 60 if args.num_epochs is None else args.num_epochs
+  lines = [f'Test errors on the {n:,} {args.dataset} test digits, over seeds '
+           f'{args.seeds} (mean, sample std, min-max; error % of the mean). '
+           f'Teachers: 60 epochs; students: {epochs:g} epochs.', '',
+           '| model | errors per seed | mean | std | min-max | error % |',
+           '|---|---|---:|---:|---:|---:|']
+  for name, g in groups.items():
+    lines.append(f'| {name} | {", ".join(map(str, g["errors"]))} | '
+                 f'{g["mean"]:.1f} | {g["std"]:.1f} | {g["min"]:g}-'
+                 f'{g["max"]:g} | {100 * g["mean"] / n:.2f} |')
+  lines += ['', 'Share of the teacher-student gap recovered, (scratch - '
+            'distilled) / (scratch - teacher), from the mean errors:', '',
+            '| distilled | vs | gap recovered |', '|---|---|---:|']
+  for name, scratch, share in rows:
+    lines.append(f'| {name} | {scratch} | {100 * share:.0f}% |')
+  p = PAPER
+  paper_share = gap_recovered(p['scratch'], p['distilled'], p['teacher'])
+  lines += ['', f'Paper (10,000 MNIST test digits): teacher {p["teacher"]}, '
+            f'2x800 scratch {p["scratch"]}, distilled {p["distilled"]} errors: '
+            f'{100 * paper_share:.0f}% of the gap recovered.', '',
+            f'{len(runs)} runs, {trained} trained by this invocation (wall '
+            f'time {seconds / 60:.1f} min), the rest read from their '
+            'workdirs; training loops of all runs, summed: '
+            f'{sum(r["summary"]["train_seconds"] for r in runs) / 60:.1f} min.']
+  return '\n'.join(lines)
+
+
+def plot(path: str, groups: dict[str, dict[str, Any]], n: int) -> None:
+  """Test errors per model: the mean as a bar, each seed as a dot."""
+  names = list(groups)
+  fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 4.5))
+  x = np.arange(len(names))
+  means = [groups[k]['mean'] for k in names]
+  stds = [groups[k]['std'] for k in names]
+  colors = ['tab:gray' if 'teacher' in k else
+            'tab:blue' if 'scratch' in k else 'tab:orange' for k in names]
+  ax.bar(x, means, yerr=stds, color=colors, alpha=0.7, capsize=4)
+  for i, k in enumerate(names):
+    e = groups[k]['errors']
+    ax.scatter(np.full(len(e), x[i]), e, color='k', s=12, zorder=3)
+  ax.axhline(groups['teacher 2x1200']['mean'], color='tab:gray', ls='--',
+             lw=1, label='teacher mean')
+  ax.set_xticks(x, [k.replace(' distilled', '\ndistilled') for k in names],
+                fontsize=8)
+  ax.set_ylabel(f'test errors (count, of {n:,} test digits)')
+  ax.set_xlabel('model (blue: from scratch, orange: distilled)')
+  ax.set_title('Hinton et al. (2015) MNIST study on mnist5k: mean +- std '
+               'over seeds, dots = seeds', fontsize=9)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  start = time.perf_counter()
+  runs = plan_runs(args)
+  num_trained = 0
+  for i, run in enumerate(runs, start=1):
+    print(f'[{i}/{len(runs)}] {run["name"]} ({run["workdir"]}) ...',
+          flush=True)
+    t0 = time.perf_counter()
+    run['summary'], trained = run_one(run)
+    num_trained += trained
+    test = run['summary']['eval']['test']
+    how = (f'trained in {time.perf_counter() - t0:.0f} s' if trained
+           else 'finished before, read')
+    print(f'[{i}/{len(runs)}] {run["name"]}: {how}; test errors '
+          f'{test["errors"]:g} ({time.perf_counter() - start:.0f} s elapsed)',
+          flush=True)
+  seconds = time.perf_counter() - start
+  groups = aggregate(runs)
+  rows = recovered_rows(groups)
+  n = next(iter(groups.values()))['num_examples']
+  os.makedirs(args.out_dir, exist_ok=True)
+  table = markdown(groups, rows, args, runs, num_trained, seconds)
+  with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
+    f.write(table + '\n')
+  plot(os.path.join(args.out_dir, 'errors.png'), groups, n)
+  record = dict(args=vars(args), seconds=seconds,
+                groups=groups, gap_recovered={r[0]: r[2] for r in rows},
+                runs=[{k: v for k, v in r.items()} for r in runs])
+  with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
+    json.dump(record, f, indent=2)
+  print('\n' + table)
+  print(f'\nWrote results.md, results.json, errors.png to {args.out_dir}')
+  return record
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

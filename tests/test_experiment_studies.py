@@ -1,0 +1,147 @@
+"""The three distillation studies under experiments/, run end to end, --tiny.
+
+Each script drives the real `train.train_and_evaluate` for a few steps; the
+tests check what their tables claim (the gap recovered, the bias chosen on
+validation only, alpha = 0 being training from scratch) and that a finished
+run is read, never retrained.
+"""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(study: str):
+  path = os.path.join(ROOT, 'experiments', study, 'run.py')
+  spec = importlib.util.spec_from_file_location(f'{study}_run', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='module')
+def hinton(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('hinton_mnist'))
+  module = _load('hinton_mnist')
+  return module, workdir, module.main(['--tiny', f'--workdir={workdir}'])
+
+
+def test_hinton_study_reports_every_model_and_the_gap_it_recovers(hinton):
+  _, workdir, record = hinton
+  groups = record['groups']
+  assert list(groups) == ['teacher 2x1200', '2x800 scratch',
+                          '2x800 distilled T=20', '2x30 scratch',
+                          '2x30 distilled T=4']
+  for g in groups.values():
+    assert g['num_examples'] == 1000 and len(g['errors']) == 1
+    assert g['mean'] == g['errors'][0]
+  teacher = groups['teacher 2x1200']['mean']
+  scratch = groups['2x800 scratch']['mean']
+  distilled = groups['2x800 distilled T=20']['mean']
+  if scratch != teacher:
+    assert record['gap_recovered']['2x800 distilled T=20'] == pytest.approx(
+        (scratch - distilled) / (scratch - teacher))
+  for name in ('results.md', 'results.json', 'errors.png'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  with open(os.path.join(workdir, 'results.md')) as f:
+    assert '| 2x30 distilled T=4 |' in f.read()
+
+
+def test_hinton_study_reads_finished_runs_instead_of_retraining(
+    hinton, monkeypatch):
+  module, workdir, record = hinton
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('a finished run was trained again')
+
+  monkeypatch.setattr(module.train, 'train_and_evaluate', refuse)
+  again = module.main(['--tiny', f'--workdir={workdir}'])
+  assert again['groups'] == json.loads(json.dumps(record['groups']))
+
+
+def test_hinton_distilled_runs_learn_from_the_teacher_of_their_seed(hinton):
+  _, workdir, record = hinton
+  for run in record['runs']:
+    with open(os.path.join(run['workdir'], 'config.json')) as f:
+      config = json.load(f)
+    if 'distilled' in run['group']:
+      assert config['teachers'][0]['workdir'] == os.path.join(workdir,
+                                                              'teacher_s0')
+      assert config['distill']['temperature'] == run['temperature']
+    hidden = config['model']['hidden']
+    assert hidden == ([30, 30] if '2x30' in run['group'] else
+                      [1200, 1200] if 'teacher' in run['group'] else [800, 800])
+
+
+def test_bias_shift_is_chosen_on_validation_and_applied_to_the_params():
+  module = _load('unseen_classes')
+  labels = np.array([3, 3, 1, 1])
+  # Class 3 sits 2.5 below the right answer on both of its examples.
+  logits = np.array([[0, 2.5, 0, 0], [0, 2.5, 0, 0], [0, 1, 0, -5],
+                     [0, 1, 0, -5]], float)
+  logits = np.pad(logits, ((0, 0), (0, 6)), constant_values=-9)
+  shift, counts = module.choose_shift(logits, labels, (3,),
+                                      np.arange(0, 10, 1.0))
+  assert shift == 3.0  # The first shift that fixes both 3s.
+  assert counts[:4] == [2, 2, 2, 0]
+  variables = {'params': {'Dense_2': {'bias': np.zeros(10, np.float32),
+                                      'kernel': np.ones((2, 10))}}}
+  edited = module.with_bias_shift(variables, 'Dense_2', (3, 5), 1.5)
+  np.testing.assert_allclose(edited['params']['Dense_2']['bias'],
+                             [0, 0, 0, 1.5, 0, 1.5, 0, 0, 0, 0])
+  assert variables['params']['Dense_2']['bias'].sum() == 0
+
+
+def test_unseen_classes_study_tunes_on_held_out_train_digits(hinton):
+  _, hinton_workdir, _ = hinton
+  workdir = os.path.join(hinton_workdir, 'unseen')
+  module = _load('unseen_classes')
+  record = module.main(['--tiny', f'--workdir={workdir}', '--bias_grid=0:4:1',
+                        '--variants=omit3', '--teacher_workdir=' +
+                        os.path.join(hinton_workdir, 'teacher_s0')])
+  (omit3,) = record['variants']
+  assert omit3['variant'] == 'omit3' and omit3['unseen'] == [3]
+  # 10% of mnist5k's 4,000 train digits, all classes; test stays whole.
+  assert omit3['validation_examples'] == 400
+  assert omit3['validation_unseen_examples'] > 0
+  assert omit3['test']['before']['num_examples'] == 1000
+  curve = omit3['curve']
+  assert omit3['shift'] == curve['bias'][int(np.argmin(
+      curve['validation_errors']))]
+  chosen = curve['bias'].index(omit3['shift'])
+  assert omit3['test']['after']['errors'] == curve['test_errors'][chosen]
+  assert omit3['test']['before']['errors'] == curve['test_errors'][0]
+  assert record['teacher_test']['unseen_examples'] == omit3['test']['before'][
+      'unseen_examples']
+  with open(os.path.join(workdir, 'student_omit3', 'config.json')) as f:
+    transfer = json.load(f)['transfer']
+  assert transfer['omit_classes'] == [3] and transfer['fraction'] == 0.9
+  assert os.path.getsize(os.path.join(workdir, 'bias_sweep.png')) > 0
+
+
+def test_alpha_zero_cell_is_the_scratch_student_and_fills_its_row(hinton):
+  _, hinton_workdir, _ = hinton
+  workdir = os.path.join(hinton_workdir, 'sweep')
+  module = _load('alpha_temperature_sweep')
+  # Two runs (scratch, alpha = 0) as two parallel subprocesses.
+  record = module.main([
+      '--tiny', f'--workdir={workdir}', '--alphas=0', '--temperatures=2,4',
+      '--parallel=2',
+      '--teacher_workdir=' + os.path.join(hinton_workdir, 'teacher_s0')])
+  assert sorted(os.listdir(workdir)) == [
+      'alpha0', 'heatmap.png', 'results.json', 'results.md', 'scratch']
+  accuracy = np.asarray(record['accuracy'])
+  assert accuracy.shape == (1, 2) and accuracy[0, 0] == accuracy[0, 1]
+  # alpha = 0 drops the soft term: same init, data and steps as scratch.
+  assert accuracy[0, 0] == pytest.approx(record['scratch'], abs=0.01)
+  with open(os.path.join(workdir, 'alpha0', 'config.json')) as f:
+    assert json.load(f)['distill']['alpha'] == 0.0
+  with open(os.path.join(workdir, 'results.md')) as f:
+    table = f.read()
+  assert '| 0 (T unused) |' in table and '| alpha \\ T | 2 | 4 |' in table
+  assert os.path.getsize(os.path.join(workdir, 'heatmap.png')) > 0

@@ -1,0 +1,128 @@
+"""Multi-process data parallelism: 2 processes x 2 CPU devices train exactly
+like 1 process x 4 devices.
+
+The processes meet through `jax.distributed.initialize` and run their
+collectives over gloo, launched as `python -m kd_jax.main` with
+--coordinator_address/--num_processes/--process_id/--cpu_collectives=gloo.
+Each process reads and shuffles its own share of the train split, so a
+process count sees the same examples at every step only when one step's batch
+is the whole train set: the runs here use a 1,000-example transfer set and a
+global batch of 1,000 (the loss is a mean, so the order inside a batch only
+changes float rounding).
+"""
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import checkpointing
+from kd_jax import models
+from kd_jax import train
+from kd_jax.config_lib import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Whole-train-set batches: see the module docstring.
+FULL_BATCH = ('runlocal,transfer.fraction=0.25,batch_size=1000,'
+              'eval_batch_size=500,num_train_steps=3,eval_every_steps=3')
+TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _run_two_processes(config_name: str, arg: str, workdir: str) -> None:
+  """Trains `configs/<config_name>.py:arg` on 2 processes x 2 CPU devices."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  address = f'localhost:{_free_port()}'
+  # Logs go to files: a full pipe would block one process mid-collective.
+  logs = [open(f'{workdir}.process{i}.log', 'w+') for i in range(2)]
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'kd_jax.main',
+       f'--config={REPO}/configs/{config_name}.py:{arg}',
+       f'--workdir={workdir}', f'--coordinator_address={address}',
+       '--num_processes=2', f'--process_id={i}', '--cpu_collectives=gloo'],
+      cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+           for i in range(2)]
+  try:
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    log.seek(0)
+    out = log.read()
+    log.close()
+    assert p.returncode == 0, (
+        f'process {i} exited {p.returncode}:\n{out[-4000:]}')
+
+
+def _final_params(workdir: str, config) -> dict:
+  model = models.get_model(config.model, num_classes=10)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 28, 28, 1), jnp.float32)))
+  # Checkpoints keep the saving mesh; restore onto this process's device.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      {'params': abstract['params'],
+       'batch_stats': abstract.get('batch_stats', {})})
+  variables, step = checkpointing.restore_model(workdir, abstract)
+  assert step == config.num_train_steps
+  return jax.device_get(variables['params'])
+
+
+def _assert_same_run(one_dir: str, two_dir: str, config) -> None:
+  one = json.load(open(os.path.join(one_dir, 'summary.json')))
+  two = json.load(open(os.path.join(two_dir, 'summary.json')))
+  assert two['step'] == one['step'] == config.num_train_steps
+  a, b = one['eval']['test'], two['eval']['test']
+  assert set(a) == set(b)
+  assert b['num_examples'] == a['num_examples'] == 1000
+  assert b['errors'] == pytest.approx(a['errors'], abs=1)
+  for k in set(a) - {'num_examples', 'errors'}:
+    assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-4), k
+  p1 = _final_params(one_dir, config)
+  p2 = _final_params(two_dir, config)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4,
+                                                       atol=1e-5), p1, p2)
+  # Process 1 writes checkpoint shards only: one metrics file, one config.
+  assert len(glob.glob(os.path.join(two_dir, 'events.out.tfevents.*'))) == 1
+  assert json.load(open(os.path.join(two_dir, 'config.json'))) == json.load(
+      open(os.path.join(one_dir, 'config.json')))
+
+
+def test_two_processes_train_like_one_process_on_four_devices(tmp_path):
+  config = load_config('mnist5k_student', FULL_BATCH)
+  one_dir, two_dir = str(tmp_path / 'one'), str(tmp_path / 'two')
+  # Also prepares mnist5k in this worker's TFDS_DATA_DIR for the subprocesses.
+  train.train_and_evaluate(config, one_dir, devices=jax.devices()[:4])
+  _run_two_processes('mnist5k_student', FULL_BATCH, two_dir)
+  _assert_same_run(one_dir, two_dir, config)
+
+
+def test_two_processes_distil_like_one_process_on_four_devices(tmp_path):
+  teacher_dir = str(tmp_path / 'teacher')
+  train.train_and_evaluate(load_config('mnist5k_teacher', 'runlocal'),
+                           teacher_dir)
+  arg = f'{FULL_BATCH},teacher_workdir={teacher_dir}'
+  config = load_config('mnist5k_distill', arg)
+  one_dir, two_dir = str(tmp_path / 'one'), str(tmp_path / 'two')
+  _run_two_processes('mnist5k_distill', arg, two_dir)
+  one = train.train_and_evaluate(config, one_dir, devices=jax.devices()[:4])
+  assert 'teacher_accuracy' in one['eval']['test']
+  _assert_same_run(one_dir, two_dir, config)
