@@ -11,7 +11,7 @@ names come from the folder names.
       --workdir=workdirs/xray_cnn_kd
 
 The CNN has about 277k parameters at 224x224 and 2 classes (ResNet-18:
-11.2M); experiments/README.md measures their size and CPU latency.
+11.2M); experiments/size_speed/README.md measures their size and CPU latency.
 """
 
 from kd_jax import config_lib
