@@ -59,6 +59,17 @@ use an order fixed by a hash of each path), then `keep_classes` /
 `omit_classes` (indices or class names) filter by label. Eval splits stay
 whole and are padded to whole global batches with `mask`, so that every
 example is counted exactly once on any number of devices and processes.
+
+Specialists (Hinton et al. 2015, sec. 5). With `config.specialist.index >= 0`
+the run trains specialist `index` of the groups of `config.specialist`
+(`kd_jax.specialist_groups`): every split's labels become the head's labels
+(the group's classes in group order, then one dustbin class for the rest),
+and the train stream draws `config.specialist.in_group_fraction` of its
+examples from the group and the rest from the examples outside it
+(`tf.data.Dataset.sample_from_datasets` over two seeded, reshuffled-per-epoch
+streams). `DatasetInfo.specialist` then records the group and the
+oversampling factor whose log corrects the dustbin logit
+(`specialists.oversampling_factor`).
 """
 
 from __future__ import annotations
@@ -81,6 +92,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from kd_jax import datasets as kd_datasets  # Registers mnist5k and digits.
+from kd_jax import specialist_groups
+from kd_jax import specialists
 
 try:  # tf.data only needs the CPU; leave accelerator memory to JAX.
   tf.config.set_visible_devices([], 'GPU')
@@ -125,6 +138,10 @@ class DatasetInfo:
     image_shape: (H, W, C) of batch images.
     num_train_examples: train examples after transfer filters, all processes.
     num_eval_examples: examples per eval split, all processes.
+    specialist: for a specialist's run (`config.specialist.index >= 0`): its
+      index, group, group_names, dataset_class_names, in_group_fraction,
+      natural_fraction (of the group in the train split) and
+      oversampling_factor; else None.
   """
   name: str
   num_classes: int
@@ -132,6 +149,7 @@ class DatasetInfo:
   image_shape: tuple[int, int, int]
   num_train_examples: int
   num_eval_examples: dict[str, int]
+  specialist: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -684,6 +702,13 @@ class _Plan:
   image_shape: tuple[int, int, int]
   mean: np.ndarray
   std: np.ndarray
+  head: specialist_groups.SpecialistHead | None = None
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    """The run's classes: the dataset's, or a specialist head's."""
+    return (self.source.class_names if self.head is None
+            else self.head.class_names)
 
   @property
   def resize(self) -> bool:
@@ -730,12 +755,13 @@ class _Plan:
     image = _augment(batch['image'], augment, augment_seed,
                      cropped=self.source.large)
     mask = batch.get('mask', tf.ones_like(batch['label'], tf.bool))
+    label = tf.cast(batch['label'], tf.int32)
+    if self.head is not None:
+      label = tf.gather(tf.constant(self.head.label_map), label)
     out = {'image': _normalize(image, self.mean, self.std),
-           'label': tf.cast(batch['label'], tf.int32), 'id': batch['id'],
-           'mask': mask}
+           'label': label, 'id': batch['id'], 'mask': mask}
     if mixup_alpha > 0:
-      out = _mixup(out, mixup_seed, mixup_alpha,
-                   len(self.source.class_names))
+      out = _mixup(out, mixup_seed, mixup_alpha, len(self.class_names))
     return out
 
 
@@ -752,13 +778,21 @@ def _train_dataset(plan: _Plan, first, keep, local_batch: int,
   start = start_step * local_batch
   first_epoch, offset = divmod(start, local_size)
 
-  def epoch(e):  # A fresh, seeded order per epoch: resumable at any epoch.
-    seed = (tf.cast(config.seed, tf.int64) * 1_000_003 +
-            plan.topology.process_index) * 1_000_003 + e
-    return examples.shuffle(max(1, config.shuffle_buffer), seed=seed,
-                            reshuffle_each_iteration=False)
+  def epochs(examples, stream=0):
+    def epoch(e):  # A fresh, seeded order per epoch: resumable at any epoch.
+      seed = (tf.cast(config.seed, tf.int64) * 1_000_003 +
+              plan.topology.process_index) * 1_000_003 + e
+      if stream:  # A specialist's in-group (1) and outside (2) streams.
+        seed = seed * 7 + stream
+      return examples.shuffle(max(1, config.shuffle_buffer), seed=seed,
+                              reshuffle_each_iteration=False)
+    return epoch
 
-  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(offset)
+  if plan.head is None:
+    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(
+        epochs(examples)).skip(offset)
+  else:
+    ds = _specialist_stream(plan, examples, epochs).skip(start)
   if plan.source.large:
     ds = plan.decode_large(ds, start, random_crop=config.augment == 'imagenet')
   ds = ds.batch(local_batch, drop_remainder=True).enumerate(start_step)
@@ -766,6 +800,62 @@ def _train_dataset(plan: _Plan, first, keep, local_batch: int,
       step, batch, config.augment, config.mixup_alpha),
               num_parallel_calls=tf.data.AUTOTUNE)
   return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _specialist_stream(plan: _Plan, examples: tf.data.Dataset,
+                       epochs: Callable[..., Callable]) -> tf.data.Dataset:
+  """Draws in_group_fraction of the examples from the group, the rest outside.
+
+  Each side is its own endless stream of seeded epochs; the draws between
+  them are seeded too, so the stream is the same on every run (a resumed run
+  skips to its position in it).
+  """
+  member = np.zeros(len(plan.source.class_names), bool)
+  member[list(plan.head.group)] = True
+  member = tf.constant(member)
+  inside = examples.filter(lambda ex: tf.gather(member, ex['label']))
+  outside = examples.filter(lambda ex: ~tf.gather(member, ex['label']))
+  streams = [tf.data.Dataset.range(2**62).flat_map(epochs(ds, stream=1 + i))
+             for i, ds in enumerate((inside, outside))]
+  fraction = float(plan.config.specialist.in_group_fraction)
+  seed = (plan.config.seed * 1_000_003 + plan.topology.process_index) % 2**31
+  return tf.data.Dataset.sample_from_datasets(
+      streams, weights=[fraction, 1.0 - fraction], seed=seed)
+
+
+def _specialist_info(config, plan: _Plan, first, keep) -> dict[str, Any]:
+  """What a specialist's run records: its group and its oversampling."""
+  source, head, count = plan.source, plan.head, plan.topology.process_count
+  shares = [source.labels(config.train_split, first, i, count)
+            for i in range(count)]
+  if keep is not None:
+    shares = [share[keep[share]] for share in shares]
+  inside = np.isin(shares[plan.topology.process_index], head.group)
+  if inside.all() or not inside.any():
+    # Either side of the sampling would be an endless stream of nothing.
+    raise ValueError(
+        f'Process {plan.topology.process_index} of {count} holds '
+        f'{inside.sum()} of its {inside.size} train examples in the group of '
+        f'config.specialist.index={head.index} '
+        f'({list(head.class_names[:-1])}); a specialist needs examples '
+        'inside and outside its group: use fewer processes or change the '
+        'groups.')
+  labels = np.concatenate(shares)
+  fraction = float(config.specialist.in_group_fraction)
+  try:
+    factor = specialists.oversampling_factor(labels, head.group, fraction)
+  except ValueError as e:
+    raise ValueError(
+        f'config.specialist (index {head.index}, classes '
+        f'{list(head.class_names[:-1])}) on split {config.train_split!r}: {e} '
+        'Check config.specialist.in_group_fraction and config.transfer.'
+        ) from None
+  return dict(index=head.index, group=list(head.group),
+              group_names=list(head.class_names[:-1]),
+              dataset_class_names=list(source.class_names),
+              in_group_fraction=fraction,
+              natural_fraction=float(np.isin(labels, head.group).mean()),
+              oversampling_factor=factor)
 
 
 def _pad_batch(batch: dict[str, tf.Tensor], size: int) -> dict[str, tf.Tensor]:
@@ -822,8 +912,11 @@ def _plan(config, topology: _Topology, extra_split: str | None = None) -> _Plan:
   source = _make_source(config, extra_split)
   shape = _image_shape(config, source)
   mean, std = _normalization(source.name, shape[2])
+  head = None
+  if config.specialist.index >= 0:
+    head = specialist_groups.specialist_head(config, source.class_names)
   return _Plan(config=config, source=source, topology=topology,
-               image_shape=shape, mean=mean, std=std)
+               image_shape=shape, mean=mean, std=std, head=head)
 
 
 def _eval_iterator_factory(plan: _Plan, split: str, first, keep,
@@ -894,9 +987,11 @@ def get_datasets(config, *, start_step: int = 0,
     evals[split], eval_sizes[split] = _eval_iterator_factory(
         plan, split, None, None, eval_batch, 'none')
   info = DatasetInfo(
-      name=config.dataset, num_classes=len(plan.source.class_names),
-      class_names=plan.source.class_names, image_shape=plan.image_shape,
-      num_train_examples=sum(sizes), num_eval_examples=eval_sizes)
+      name=config.dataset, num_classes=len(plan.class_names),
+      class_names=plan.class_names, image_shape=plan.image_shape,
+      num_train_examples=sum(sizes), num_eval_examples=eval_sizes,
+      specialist=(None if plan.head is None
+                  else _specialist_info(config, plan, first, keep)))
   return Datasets(train=train, eval=evals, info=info)
 
 

@@ -45,6 +45,7 @@ __all__ = [
     'soft_cross_entropy',
     'tempered_log_softmax',
     'tempered_softmax',
+    'topk_kl_divergence',
     'validate_distillation_args',
 ]
 
@@ -843,3 +844,138 @@ def distillation_loss(
   if use_hard:
     total = total + (1.0 - alpha) * hard_mean
   return total, {'soft': soft_mean, 'hard': hard_mean, 'total': total}
+
+
+# ----------------------------------------------------------------------------
+# Sparse (top-k) teacher targets.
+# ----------------------------------------------------------------------------
+
+
+def topk_kl_divergence(student_logits: ArrayLike, topk_logits: ArrayLike,
+                       topk_indices: ArrayLike, rest_mass: ArrayLike,
+                       temperature: ArrayLike = 1.0,
+                       scale_by_temperature_squared: bool = True,
+                       where: ArrayLike | None = None) -> jax.Array:
+  r"""KL divergence to a teacher known only by its top k classes and the rest.
+
+  The teacher is stored sparsely: the logits :math:`v_{c_1}, \dots, v_{c_k}`
+  of its k most likely classes :math:`S = \{c_1, \dots, c_k\}` and the mass
+  :math:`r = \sum_{j \notin S} p_j` of the other classes at temperature
+  :math:`T`. Both distributions are taken over the k + 1 buckets
+  :math:`c_1, \dots, c_k, \text{rest}`:
+
+  .. math::
+    P_{c_i} = (1 - r)\, \mathrm{softmax}(v_S / T)_i, \quad
+    P_\text{rest} = r, \qquad
+    Q_{c_i} = q_{c_i}, \quad Q_\text{rest} = \sum_{j \notin S} q_j,
+
+  with :math:`q = \mathrm{softmax}(z / T)`, and
+
+  .. math::
+    \ell = T^2 \, \mathrm{KL}(P \,\|\, Q)
+         = T^2 \Big(\sum_{i=1}^{k} P_{c_i} \log \frac{P_{c_i}}{Q_{c_i}}
+           + r \log \frac{r}{Q_\text{rest}}\Big).
+
+  :math:`P_{c_i}` is exactly the teacher's tempered probability of class
+  :math:`c_i` (the top-k logits fix the ratios within S, r fixes the
+  normaliser), so with k = C (r = 0) this is :func:`kl_divergence`; for
+  k < C it is the KL of the coarsened distributions, a lower bound on the
+  full KL (the data-processing inequality), and its gradient pushes the
+  student's mass outside S towards r without shaping it. Buckets with zero
+  teacher mass contribute exactly 0. ``rest_mass`` must be the teacher's at
+  the same :math:`T` (`kd_jax.export_logits --top_k` stores it at the export
+  temperature).
+
+  Args:
+    student_logits: float array ``[..., num_classes]``, :math:`z`.
+    topk_logits: float array ``[..., k]``, the teacher's logits of its top k
+      classes, :math:`v_S`.
+    topk_indices: int array ``[..., k]`` of distinct class indices, :math:`S`.
+    rest_mass: float array ``[...]`` in [0, 1], :math:`r`.
+    temperature: positive scalar :math:`T`.
+    scale_by_temperature_squared: multiply by :math:`T^2`.
+    where: optional bool mask ``[...]``; False examples give 0 (value and
+      gradient).
+
+  Returns:
+    Per-example divergence, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0, 0.0]])
+    >>> teacher = jnp.array([[3.0, 2.0, 1.0, 0.0]])
+    >>> p = jax.nn.softmax(teacher)
+    >>> top2 = losses.topk_kl_divergence(
+    ...     student, jnp.array([[3.0, 2.0]]), jnp.array([[0, 1]]),
+    ...     rest_mass=p[:, 2] + p[:, 3])
+    >>> round(float(top2[0]), 4)
+    1.081
+    >>> all4 = losses.topk_kl_divergence(
+    ...     student, teacher, jnp.array([[0, 1, 2, 3]]), jnp.zeros(1))
+    >>> bool(jnp.allclose(all4, losses.kl_divergence(student, teacher)))
+    True
+
+  References:
+    Hinton et al., `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015; the top-k + rest bucket
+    form follows the sparse teacher targets of Shen and Xing, `A Fast
+    Knowledge Distillation Framework for Visual Recognition
+    <https://arxiv.org/abs/2112.01528>`_, ECCV 2022.
+  """
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(topk_logits, 'topk_logits')
+  indices = jnp.asarray(topk_indices)
+  num_classes, k = student.shape[-1], teacher.shape[-1]
+  if indices.shape != teacher.shape or teacher.shape[:-1] != student.shape[:-1]:
+    raise ValueError(
+        f'topk_logits shape {teacher.shape} and topk_indices shape '
+        f'{indices.shape} must both be student_logits.shape[:-1] + (k,) = '
+        f'{student.shape[:-1]} + (k,); pass one row of k classes per example.')
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise ValueError(f'topk_indices must be integer class indices, got dtype '
+                     f'{indices.dtype}.')
+  if k > num_classes:
+    raise ValueError(f'topk_logits has k={k} classes but the student only '
+                     f'{num_classes}; k must be <= num_classes.')
+  _check_temperature(temperature)
+  rest = jnp.asarray(rest_mass)
+  if rest.shape != student.shape[:-1]:
+    raise ValueError(f'rest_mass shape {rest.shape} must be '
+                     f'{student.shape[:-1]}: one mass per example.')
+  value = _concrete_value(indices)
+  if value is not None:
+    value = np.sort(np.asarray(value), axis=-1)
+    if value.size and (value.min() < 0 or value.max() >= num_classes
+                       or np.any(value[..., 1:] == value[..., :-1])):
+      raise ValueError(
+          f'topk_indices must hold k distinct class indices in [0, '
+          f'{num_classes}) per example; got values in [{value.min()}, '
+          f'{value.max()}] or a repeated class.')
+  rest_value = _concrete_value(rest)
+  if rest_value is not None and np.any(
+      (np.asarray(rest_value) < 0) | (np.asarray(rest_value) > 1)):
+    raise ValueError('rest_mass must lie in [0, 1] (a probability mass); '
+                     'store 1 - sum of the top-k probabilities.')
+
+  dtype = jnp.promote_types(student.dtype, teacher.dtype)
+  rest = rest.astype(dtype)
+  log_q = _tempered_log_softmax(student.astype(dtype), temperature)
+  log_q_top = jnp.take_along_axis(log_q, indices, axis=-1)
+  in_top = jnp.any(jax.nn.one_hot(indices, num_classes, dtype=bool), axis=-2)
+  # log of the student's mass outside S; -inf when S holds every class.
+  log_q_rest = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, log_q), axis=-1)
+  log_p_top = (_tempered_log_softmax(teacher.astype(dtype), temperature)
+               + jnp.log1p(-jnp.minimum(rest, 1.0))[..., None])
+  log_p = jnp.concatenate([log_p_top, jnp.log(rest)[..., None]], axis=-1)
+  log_q = jnp.concatenate([log_q_top, log_q_rest[..., None]], axis=-1)
+  p = jnp.exp(log_p)
+  positive = p > 0
+  # Double `where`: p = 0 buckets are 0 in value and gradient (no 0 * inf).
+  log_ratio = jnp.where(positive, log_p, 0.0) - jnp.where(positive, log_q, 0.0)
+  kl = jnp.sum(jnp.where(positive, p * log_ratio, 0.0), axis=-1)
+  kl = _scale(kl, temperature, scale_by_temperature_squared)
+  if where is not None:
+    kl = jnp.where(jnp.asarray(where, bool), kl, 0.0)
+  return kl

@@ -22,7 +22,10 @@ import ml_collections
 import numpy as np
 
 from kd_jax import checkpointing
+from kd_jax import input_pipeline
 from kd_jax import models
+from kd_jax import specialist_groups
+from kd_jax import specialists
 
 RUN_INFO = 'run_info.json'
 
@@ -34,8 +37,9 @@ class Teacher:
   names: tuple[str, ...]
   weights: tuple[float, ...]
   fingerprint: str
-  # Host-side batch -> batch with 'teacher_logits' added (logits caches).
-  host_lookup: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+  # Host-side (batch, step=None) -> batch with 'teacher_logits' added (logits
+  # caches); train batches pass their step (it picks multi-view views).
+  host_lookup: Callable[..., dict[str, Any]] | None = None
 
 
 def _spec_dict(spec) -> dict[str, Any]:
@@ -141,11 +145,604 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
 
 def write_run_info(workdir: str, *, model_spec, num_classes: int,
                    class_names, image_shape, dataset: str,
-                   final_step: int) -> None:
+                   final_step: int,
+                   specialist: dict[str, Any] | None = None) -> None:
+  """`specialist`: a specialist's group (`DatasetInfo.specialist`)."""
   info = dict(model=_spec_dict(model_spec), num_classes=int(num_classes),
               class_names=list(class_names),
               image_shape=[int(d) for d in image_shape], dataset=dataset,
               final_step=int(final_step))
+  if specialist is not None:
+    info['specialist'] = specialist
   with open(os.path.join(workdir, RUN_INFO), 'w') as f:
     json.dump(info, f, indent=2)
 
+
+
+# ---------------------------------------------------------------------------
+# Logits caches, written by `kd_jax.export_logits`: <cache_dir>/<split>/ holds
+# ids.npy [N] bytes, labels.npy [N], manifest.json and, by manifest['form']:
+#   dense: logits.npy [N, C], or [N, V, C] for V augmented views;
+#   topk:  topk_logits.npy and topk_indices.npy [N, (V,) k] and rest_mass.npy
+#          [N, (V,)], the teacher's mass outside its top k at
+#          manifest['temperature'] (see losses.topk_kl_divergence).
+# ---------------------------------------------------------------------------
+
+MANIFEST = 'manifest.json'
+FORM_ARRAYS = {'dense': ('logits',),
+               'topk': ('topk_logits', 'topk_indices', 'rest_mass')}
+CACHE_FILES = ('ids.npy', 'labels.npy', MANIFEST)
+# Augmentations a multi-view cache reproduces per example from explicit keys:
+# (largest shift in pixels, random horizontal flip), as config.augment.
+VIEW_AUGMENTATIONS = {'mnist_jitter': (2, False), 'cifar': (4, True)}
+
+
+def _export_command(config, split: str) -> str:
+  return (f'python -m kd_jax.export_logits --config=configs/<teacher or '
+          f'distill config>.py --out={config.distill.cache_dir} '
+          f'--splits={split}')
+
+
+def _example_key(view_seed: int, tag: str, example_id) -> int:
+  """A 64-bit key of (view_seed, tag, id): the same on every host and run."""
+  digest = hashlib.blake2b(f'{view_seed}/{tag}/'.encode() + bytes(example_id),
+                           digest_size=8).digest()
+  return int.from_bytes(digest, 'little')
+
+
+def view_fill(dataset: str, channels: int) -> np.ndarray:
+  """The normalised value of a black pixel, which shifted views pad with."""
+  mean, std = input_pipeline._normalization(  # pylint: disable=protected-access
+      dataset, channels)
+  return -mean / std
+
+
+def augment_views(images: np.ndarray, ids, views, *, kind: str,
+                  view_seed: int, fill: np.ndarray) -> np.ndarray:
+  """View `views[i]` of each normalised image [B, H, W, C].
+
+  View v of example `id` is a shift by (dy, dx) in [-m, m]^2 pixels (padding
+  with `fill`) and, for 'cifar', a horizontal flip, all drawn from the key
+  (view_seed, v, id) alone. Export makes the teacher's views with it and
+  training the student's images, so both see the same pixels.
+  """
+  if kind not in VIEW_AUGMENTATIONS:
+    raise ValueError(
+        f'config.augment={kind!r} cannot be replayed per example from a key; '
+        f'multi-view caches support {sorted(VIEW_AUGMENTATIONS)}.')
+  m, flips = VIEW_AUGMENTATIONS[kind]
+  b, h, w, c = images.shape
+  padded = np.empty((b, h + 2 * m, w + 2 * m, c), images.dtype)
+  padded[...] = fill
+  padded[:, m:m + h, m:m + w] = images
+  out = np.empty_like(images)
+  for i, (example_id, view) in enumerate(zip(ids, views)):
+    key = _example_key(view_seed, f'view{int(view)}', example_id)
+    dy, dx = key % (2 * m + 1), (key // (2 * m + 1)) % (2 * m + 1)
+    out[i] = padded[i, dy:dy + h, dx:dx + w]
+    if flips and (key >> 32) & 1:
+      out[i] = out[i, :, ::-1]
+  return out
+
+
+def choose_views(ids, step: int, num_views: int, view_seed: int
+                 ) -> np.ndarray:
+  """The view each example of the batch of `step` trains on: a key of
+  (view_seed, step, id), so each appearance (one per epoch) draws afresh,
+  and resuming at any step gives the same choice."""
+  return np.asarray([_example_key(view_seed, f'step{step}', i) % num_views
+                     for i in ids], np.int64)
+
+
+def read_cache_arrays(cache_dir: str, split: str
+                      ) -> tuple[dict[str, Any], np.ndarray,
+                                 dict[str, np.ndarray]]:
+  """(manifest, ids [N] bytes, the form's arrays) of one exported split."""
+  directory = os.path.join(cache_dir, split)
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'config.distill.cache_dir={cache_dir!r} has no logits for split '
+        f'{split!r} ({path} is missing).')
+  with open(path) as f:
+    manifest = json.load(f)
+  form = manifest.get('form', 'dense')
+  if form not in FORM_ARRAYS:
+    raise ValueError(f'{path}: form {form!r} is none of {list(FORM_ARRAYS)}; '
+                     f'export the cache again.')
+  ids = np.load(os.path.join(directory, 'ids.npy'))
+  arrays = {name: np.load(os.path.join(directory, f'{name}.npy'))
+            for name in FORM_ARRAYS[form]}
+  views = manifest['preprocessing'].get('num_views', 1)
+  lead = (len(ids),) if views == 1 else (len(ids), views)
+  width = (manifest['num_classes'] if form == 'dense'
+           else manifest.get('top_k'))
+  expected = ({'logits': lead + (width,)} if form == 'dense' else
+              {'topk_logits': lead + (width,), 'topk_indices': lead + (width,),
+               'rest_mass': lead})
+  for name, shape in expected.items():
+    if arrays[name].shape != shape:
+      raise ValueError(
+          f'{directory}: {name}.npy has shape {arrays[name].shape}, but '
+          f'ids.npy ({len(ids)} ids) and the manifest ({views} views, '
+          f'{width} values per row) make it {shape}: the cache is corrupt; '
+          f'export it again.')
+  return manifest, ids, arrays
+
+
+def read_cache_split(cache_dir: str, split: str
+                     ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+  """(manifest, ids [N] bytes, logits [N, (V,) C] float32) of a dense split."""
+  manifest, ids, arrays = read_cache_arrays(cache_dir, split)
+  if 'logits' not in arrays:
+    raise ValueError(f'{os.path.join(cache_dir, split)} is a top-k cache; '
+                     f'read it with read_cache_arrays.')
+  return manifest, ids, arrays['logits'].astype(np.float32)
+
+
+def _check_manifest(manifest: dict[str, Any], config, info, split: str
+                    ) -> None:
+  expected = dict(dataset=info.name, split=split,
+                  num_classes=int(info.num_classes),
+                  class_names=list(info.class_names))
+  differ = {k: (manifest.get(k), v) for k, v in expected.items()
+            if manifest.get(k) != v}
+  if differ:
+    details = '; '.join(f'{k}: cache {a!r}, run {b!r}'
+                        for k, (a, b) in differ.items())
+    raise ValueError(
+        f'The logits cache {config.distill.cache_dir!r} (split {split!r}) was '
+        f'exported for other data than this run ({details}). Re-export it '
+        f'with this run\'s data config: {_export_command(config, split)}')
+
+
+def _check_form(manifests: dict[str, dict[str, Any]], config) -> None:
+  """One form (and k, temperature) for all splits, and a loss that reads it."""
+  def form_of(m):
+    return (m.get('form', 'dense'), m.get('top_k'), m.get('temperature'))
+  forms = {split: form_of(m) for split, m in manifests.items()}
+  if len(set(forms.values())) > 1:
+    raise ValueError(
+        f'The logits cache {config.distill.cache_dir!r} mixes forms across '
+        f'splits ((form, top_k, temperature) per split: {forms}); export all '
+        f'splits in one command.')
+  form, top_k, temperature = next(iter(forms.values()))
+  if form != 'topk':
+    return
+  if config.distill.soft != 'kl':
+    raise ValueError(
+        f'config.distill.soft={config.distill.soft!r} with a top-k cache '
+        f'(k={top_k}): a top-k cache trains with losses.topk_kl_divergence; '
+        f'set config.distill.soft="kl", or export a dense cache.')
+  if float(config.distill.temperature) != float(temperature):
+    raise ValueError(
+        f'config.distill.temperature={config.distill.temperature} but the '
+        f'top-k cache {config.distill.cache_dir!r} stores the rest mass at '
+        f'T={temperature}: re-export it with --temperature='
+        f'{config.distill.temperature}, or train at T={temperature}.')
+
+
+def _check_augmentation(manifest: dict[str, Any], config) -> int:
+  """Refuses a train stream the cached views do not describe; the view count."""
+  views = manifest['preprocessing'].get('num_views', 1)
+  if views == 1:
+    if ((config.augment != 'none' or config.mixup_alpha > 0)
+        and not config.distill.allow_augmented_single_view):
+      raise ValueError(
+          f'config.augment={config.augment!r}, config.mixup_alpha='
+          f'{config.mixup_alpha} with a logits cache of one un-augmented view '
+          f'per example: the student would be matched to un-augmented teacher '
+          f'logits on augmented inputs, which is not what the teacher says '
+          f'about them. Export views (python -m kd_jax.export_logits '
+          f'--views=8), distil from an online teacher, set augment="none" and '
+          f'mixup_alpha=0, or set config.distill.allow_augmented_single_view='
+          f'True to accept the mismatch.')
+    return views
+  cached = manifest['preprocessing']['augment']
+  if config.augment != cached:
+    raise ValueError(
+        f'config.augment={config.augment!r} but the logits cache '
+        f'{config.distill.cache_dir!r} holds {views} views made with '
+        f'augment={cached!r}: set config.augment={cached!r}, or export views '
+        f'with this run\'s augmentation.')
+  if config.mixup_alpha > 0:
+    raise ValueError(
+        f'config.mixup_alpha={config.mixup_alpha} with a multi-view cache: no '
+        f'cached view describes a mix of two images; set mixup_alpha=0 or '
+        f'distil online.')
+  return views
+
+
+def pipeline_config(config):
+  """The config the train stream is built from.
+
+  A multi-view cache replays its views' augmentation on the host
+  (`augment_views`), so the pipeline must deliver un-augmented images.
+  """
+  if (config.distill.teacher_source != 'cache' or config.augment == 'none'
+      or not config.distill.cache_dir):
+    return config
+  path = os.path.join(config.distill.cache_dir, config.train_split, MANIFEST)
+  if not os.path.exists(path):
+    return config  # load_cache says what is missing.
+  with open(path) as f:
+    if json.load(f)['preprocessing'].get('num_views', 1) == 1:
+      return config
+  stream = config.copy_and_resolve_references()
+  stream.augment = 'none'
+  return stream
+
+
+def _split_ids(config, split: str) -> np.ndarray:
+  """The ids of one pass over `split` (after transfer filters for train)."""
+  ids = [b['id'][b['mask']] for b in input_pipeline.iterate_split(
+      config, split, num_devices=1, process_index=0, process_count=1)]
+  return np.concatenate(ids) if ids else np.zeros((0,), object)
+
+
+def _check_ids_cached(ids: np.ndarray, index: dict[bytes, Any], config,
+                      split: str) -> None:
+  missing = [i for i in ids if bytes(i) not in index]
+  if missing:
+    examples = [bytes(i).decode(errors='replace') for i in missing[:5]]
+    raise ValueError(
+        f'The logits cache {config.distill.cache_dir!r} lacks {len(missing)} '
+        f'of the {len(ids)} examples of split {split!r} this run reads (e.g. '
+        f'{examples}). Export logits for the whole split '
+        f'({_export_command(config, split)}), or make config.transfer select '
+        f'only cached examples.')
+
+
+def dense_from_topk(topk_logits: np.ndarray, topk_indices: np.ndarray,
+                    rest_mass: np.ndarray, num_classes: int,
+                    temperature: float) -> np.ndarray:
+  """Logits whose softmax at T is the teacher's on its top k, the rest mass
+  spread evenly over the other classes; their argmax is the teacher's."""
+  t = float(temperature)
+  top = topk_logits.astype(np.float64) / t
+  top = top - top.max(-1, keepdims=True)
+  log_top = top - np.log(np.exp(top).sum(-1, keepdims=True))
+  rest = rest_mass.astype(np.float64)[..., None]
+  log_top = log_top + np.log1p(-np.minimum(rest, 1 - 1e-12))
+  others = max(num_classes - topk_logits.shape[-1], 1)
+  log_other = np.log(np.maximum(rest, np.finfo(np.float32).tiny) / others)
+  dense = np.broadcast_to(log_other, (*topk_logits.shape[:-1], num_classes))
+  dense = dense.copy()
+  np.put_along_axis(dense, topk_indices.astype(np.int64), log_top, axis=-1)
+  return (t * dense).astype(np.float32)
+
+
+def load_cache(config, info) -> Teacher:
+  """A teacher whose outputs are read from `config.distill.cache_dir`.
+
+  The cache must hold config.train_split and every eval split (export them
+  all, the default of `kd_jax.export_logits`), so that eval reports the
+  teacher's accuracy and agreement as with an online teacher. Every id of the
+  train stream and of each eval split is checked up front. The logits enter
+  the batch on the host (`host_lookup(batch, step=None)`, by `id`); `forward`
+  only reads them.
+
+  A multi-view train split (`--views=V`) trains on view
+  `choose_views(id, step)` of each example: `host_lookup(batch, step)`
+  replaces the (un-augmented, see `pipeline_config`) image by that view and
+  adds its logits. A top-k cache adds `teacher_topk_logits`,
+  `teacher_topk_indices` and `teacher_rest_mass`, which the train step reads
+  with `losses.topk_kl_divergence`, and `teacher_logits` from
+  `dense_from_topk` for accuracy and agreement.
+
+  Args:
+    config: the run config; reads `distill.cache_dir`, `distill.soft`,
+      `distill.temperature`, `distill.allow_augmented_single_view`,
+      `augment`, `mixup_alpha`, the splits and the transfer filters.
+    info: the run's `input_pipeline.DatasetInfo`.
+
+  Returns:
+    A `Teacher` with `variables=None` and K = 1.
+
+  Raises:
+    ValueError / FileNotFoundError: a missing or mismatched cache, missing
+      ids, an augmented stream the cached views do not describe, or a top-k
+      cache at another temperature.
+  """
+  cache_dir = config.distill.cache_dir
+  if not cache_dir:
+    raise ValueError(
+        'config.distill.teacher_source="cache" but config.distill.cache_dir '
+        'is empty: set it to the --out of `python -m kd_jax.export_logits`.')
+  splits = [config.train_split] + [s for s in config.eval_splits
+                                   if s != config.train_split]
+  manifests, tables, index = {}, [], {}
+  for split in splits:
+    try:
+      manifests[split], ids, arrays = read_cache_arrays(cache_dir, split)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f'{e} The cache needs config.train_split and every eval split: '
+          f'{_export_command(config, ",".join(splits))}') from None
+    _check_manifest(manifests[split], config, info, split)
+    if split == config.train_split:
+      num_views = _check_augmentation(manifests[split], config)
+    if manifests[split]['preprocessing'].get('num_views', 1) == 1:
+      arrays = {k: v[:, None] for k, v in arrays.items()}  # One view axis.
+    for row, example_id in enumerate(ids):
+      key = bytes(example_id)
+      if key in index:
+        raise ValueError(
+            f'id {key!r} appears twice in the logits cache {cache_dir!r} '
+            f'(last in split {split!r}): ids must be unique across splits.')
+      index[key] = (len(tables), row)
+    tables.append(arrays)
+    _check_ids_cached(_split_ids(config, split), index, config, split)
+  _check_form(manifests, config)
+  train_manifest = manifests[config.train_split]
+  form = train_manifest.get('form', 'dense')
+  view_seed = train_manifest['preprocessing'].get('view_seed', 0)
+  fill = view_fill(info.name, info.image_shape[2])
+  top_k = train_manifest.get('top_k')
+  temperature = train_manifest.get('temperature')
+
+  def lookup(batch_ids, views) -> dict[str, np.ndarray]:
+    where = [index.get(bytes(i), (-1, -1) if not bytes(i) else None)
+             for i in batch_ids]
+    for example_id, loc in zip(batch_ids, where):
+      if loc is None:
+        raise KeyError(f'id {bytes(example_id)!r} is not in the logits cache '
+                       f'{cache_dir!r}; re-export it for this run\'s data.')
+    table_of, row_of = (np.asarray(x, np.int64) for x in zip(*where))
+    out = {}
+    for name in FORM_ARRAYS[form]:
+      trailing = tables[0][name].shape[2:]
+      dtype = np.int32 if name == 'topk_indices' else np.float32
+      out[name] = np.zeros((len(batch_ids), *trailing), dtype)
+      if name == 'topk_indices':  # Padding rows: k distinct classes.
+        out[name][:] = np.arange(top_k)
+    for t in np.unique(table_of[table_of >= 0]):
+      sel = table_of == t
+      stored_views = tables[t][FORM_ARRAYS[form][0]].shape[1]
+      view = np.minimum(views[sel], stored_views - 1)
+      for name in out:
+        out[name][sel] = tables[t][name][row_of[sel], view]
+    if form == 'dense':
+      return {'teacher_logits': out['logits']}
+    return {'teacher_logits': dense_from_topk(
+                out['topk_logits'], out['topk_indices'], out['rest_mass'],
+                info.num_classes, temperature),
+            **{f'teacher_{k}': v for k, v in out.items()}}
+
+  def host_lookup(batch: dict[str, Any], step: int | None = None
+                  ) -> dict[str, Any]:
+    batch_ids = batch['id']
+    if num_views == 1 or step is None:
+      if num_views > 1 and any(bytes(i) in index and
+                               index[bytes(i)][0] == 0 for i in batch_ids):
+        raise ValueError(
+            f'The logits cache {cache_dir!r} holds {num_views} views of each '
+            f'{config.train_split!r} example: pass the train step '
+            f'(host_lookup(batch, step)) to pick them.')
+      return {**batch, **lookup(batch_ids, np.zeros(len(batch_ids), np.int64))}
+    views = choose_views(batch_ids, step, num_views, view_seed)
+    image = augment_views(batch['image'], batch_ids, views,
+                          kind=config.augment, view_seed=view_seed, fill=fill)
+    return {**batch, 'image': image, **lookup(batch_ids, views)}
+
+  def forward(variables, batch):
+    del variables
+    return batch['teacher_logits'][None]
+
+  fingerprint = hashlib.sha256('|'.join(sorted(
+      m['teacher_fingerprint'] for m in manifests.values())).encode()
+                               ).hexdigest()[:16]
+  return Teacher(variables=None, forward=forward, names=('cache',),
+                 weights=(1.0,), fingerprint=fingerprint,
+                 host_lookup=host_lookup)
+
+
+# ---------------------------------------------------------------------------
+# Specialist ensembles (Hinton et al. 2015, sec. 5): a generalist and
+# specialists trained by `config.specialist.index` runs, combined by
+# `specialists.combine` inside the compiled step.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialistEnsemble:
+  """A generalist, its specialists and their groups, as arrays and functions.
+
+  Attributes:
+    variables: {'generalist': its variables (stacked, as `load_online`),
+      'specialists': the specialists' variables (one stacked pytree when they
+      share an architecture, else a list), 'oversampling_factor': [S]}.
+    heads: `(variables, batch) -> (generalist_logits [B, C],
+      specialist_logits [S, B, G + 1])`, pure and jittable; the specialists'
+      heads are padded to G + 1 columns (dustbin last) and their dustbin
+      logits already corrected by `log(oversampling_factor)`.
+    groups: the S groups of class indices.
+    membership: bool [S, C].
+    top_n: the generalist's top classes that pick the active specialists.
+    num_steps: SQUAREM steps of `specialists.combine`.
+    fingerprint: identifies the generalist and specialists.
+  """
+  variables: Any
+  heads: Callable[[Any, dict[str, jax.Array]],
+                  tuple[jax.Array, jax.Array]]
+  groups: specialists.Groups
+  membership: np.ndarray
+  top_n: int
+  num_steps: int
+  fingerprint: str
+
+  def combine(self, variables, batch) -> dict[str, jax.Array]:
+    """log q [B, C] of the combination, and what it was combined from."""
+    generalist_logits, specialist_logits = self.heads(variables, batch)
+    active = specialists.active_specialists(generalist_logits,
+                                            self.membership, self.top_n)
+    log_q = specialists.combine(generalist_logits, specialist_logits,
+                                self.groups, active,
+                                num_steps=self.num_steps)
+    return dict(log_q=log_q, generalist_logits=generalist_logits,
+                specialist_logits=specialist_logits, active=active)
+
+
+def _pad_head(variables, padded_model, image_shape):
+  """A specialist's variables with its head widened to the padded width.
+
+  Columns are inserted (zeros) before the last one, the dustbin, on every
+  leaf whose last axis differs between the two models: the head.
+  """
+  def shapes(m):
+    return jax.eval_shape(lambda: m.init(
+        jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32)))
+
+  padded = shapes(padded_model)
+  padded = {'params': padded['params'],
+            'batch_stats': padded.get('batch_stats', {})}
+
+  def pad(leaf, target):
+    if leaf.shape == target.shape:
+      return leaf
+    width = target.shape[-1] - leaf.shape[-1]
+    zeros = jnp.zeros((*leaf.shape[:-1], width), leaf.dtype)
+    return jnp.concatenate([leaf[..., :-1], zeros, leaf[..., -1:]], axis=-1)
+
+  return jax.tree.map(pad, variables, padded)
+
+
+def _load_specialist(index: int, teacher_cfg, group, info, head_size: int,
+                     dtype):
+  """(padded model, padded variables, run_info) of specialist `index`."""
+  where = f'config.teachers[{index + 1}] (workdir {teacher_cfg.workdir!r})'
+  run_info = read_run_info(teacher_cfg.workdir)
+  recorded = run_info.get('specialist')
+  if recorded is None:
+    raise ValueError(
+        f'{where} is not a specialist\'s run (its run_info.json has no '
+        '"specialist"): train it with config.specialist.index='
+        f'{index}, or fix the workdir.')
+  names = [str(info.class_names[c]) for c in group]
+  if (recorded['group'] != list(group)
+      or recorded['dataset_class_names'] != list(info.class_names)):
+    raise ValueError(
+        f'{where} trained specialist {recorded["index"]} for classes '
+        f'{recorded["group_names"]}, but group {index} of config.specialist '
+        f'is {names}: list the specialists\' workdirs in group order in '
+        'config.teachers[1:], or retrain this one with the current groups '
+        '(the groups file changed since it was trained).')
+  _check_compatible(index + 1, teacher_cfg, run_info, len(group) + 1,
+                    info.image_shape)
+  model = models.get_model(teacher_cfg.model, len(group) + 1, dtype=dtype)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, *info.image_shape), jnp.float32)))
+  abstract = {'params': abstract['params'],
+              'batch_stats': abstract.get('batch_stats', {})}
+  try:
+    variables, step = checkpointing.restore_model(teacher_cfg.workdir,
+                                                  abstract)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+        f'{where}: {e}. Train the specialist first: python -m kd_jax.main '
+        f'--config=<specialists config>.py:role=specialist,specialist.index='
+        f'{index} --workdir={teacher_cfg.workdir}') from None
+  if step != run_info.get('final_step', step):
+    raise ValueError(f'{where} has not finished training: latest checkpoint '
+                     f'step {step}, final step {run_info["final_step"]}.')
+  padded_model = models.get_model(teacher_cfg.model, head_size, dtype=dtype)
+  variables = _pad_head(variables, padded_model, info.image_shape)
+  return padded_model, variables, run_info, step
+
+
+def load_specialist_ensemble(config, info, dtype=jnp.float32
+                             ) -> SpecialistEnsemble:
+  """The generalist `config.teachers[0]` and specialists `config.teachers[1:]`.
+
+  The groups are `config.specialist`'s (`specialist_groups.config_groups`);
+  specialist s must have been trained for group s (its run_info records the
+  group), and a groups file must have been clustered from this generalist.
+  """
+  groups = specialist_groups.config_groups(config, info.class_names)
+  teacher_cfgs = list(config.teachers)
+  if len(teacher_cfgs) != len(groups) + 1:
+    raise ValueError(
+        f'config.teachers has {len(teacher_cfgs)} entries but '
+        f'teacher_source="specialists" with {len(groups)} groups needs '
+        f'{len(groups) + 1}: the generalist, then one specialist per group in '
+        'group order.')
+  top_n = int(config.specialist.top_n)
+  if not 1 <= top_n <= info.num_classes:
+    raise ValueError(f'config.specialist.top_n={top_n} must be in [1, '
+                     f'{info.num_classes}].')
+  generalist = load_online(teacher_cfgs[:1], info.num_classes,
+                           info.image_shape, dtype=dtype)
+  generalist_print = specialist_groups.params_fingerprint(generalist.variables)
+  if config.specialist.groups_file:
+    recorded = specialist_groups.read_groups_file(
+        config.specialist.groups_file).get('generalist_fingerprint')
+    if recorded not in (None, generalist_print):
+      raise ValueError(
+          f'config.specialist.groups_file={config.specialist.groups_file!r} '
+          'was clustered from another generalist than config.teachers[0] '
+          f'(workdir {teacher_cfgs[0].workdir!r}): cluster again from this '
+          'generalist, or point config.teachers[0] at the one it used.')
+
+  head_size = max(len(g) for g in groups) + 1
+  loaded = [_load_specialist(s, t, groups[s], info, head_size, dtype)
+            for s, t in enumerate(teacher_cfgs[1:])]
+  factors = np.asarray([run_info['specialist']['oversampling_factor']
+                        for _, _, run_info, _ in loaded], np.float32)
+  specs = {json.dumps(_spec_dict(t.model), sort_keys=True)
+           for t in teacher_cfgs[1:]}
+
+  def apply(model, variables, images):
+    return model.apply(variables, images, train=False).astype(jnp.float32)
+
+  if len(specs) == 1:  # One architecture: a stacked pytree, vmapped.
+    model = loaded[0][0]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                           *[v for _, v, _, _ in loaded])
+
+    def specialist_forward(variables, images):
+      return jax.vmap(apply, in_axes=(None, 0, None))(model, variables,
+                                                      images)
+  else:
+    mixed = [m for m, _, _, _ in loaded]
+    stacked = [v for _, v, _, _ in loaded]
+
+    def specialist_forward(variables, images):
+      return jnp.stack([apply(m, v, images) for m, v in zip(mixed, variables)])
+
+  def heads(variables, batch):
+    generalist_logits = generalist.forward(variables['generalist'], batch)[0]
+    specialist_logits = specialists.correct_dustbin(
+        specialist_forward(variables['specialists'], batch['image']),
+        variables['oversampling_factor'][:, None])
+    return (jax.lax.stop_gradient(generalist_logits),
+            jax.lax.stop_gradient(specialist_logits))
+
+  variables = dict(generalist=generalist.variables, specialists=stacked,
+                   oversampling_factor=jnp.asarray(factors))
+  prints = [generalist.fingerprint, json.dumps([list(g) for g in groups])]
+  prints += [f'{os.path.abspath(t.workdir)}@{step}'
+             for t, (_, _, _, step) in zip(teacher_cfgs[1:], loaded)]
+  fingerprint = hashlib.sha256('|'.join(prints).encode()).hexdigest()[:16]
+  return SpecialistEnsemble(
+      variables=variables, heads=heads, groups=groups,
+      membership=specialists.group_matrix(groups, info.num_classes),
+      top_n=top_n, num_steps=int(config.specialist.num_steps),
+      fingerprint=fingerprint)
+
+
+def load_specialists(config, info, dtype=jnp.float32) -> Teacher:
+  """The combination of a generalist and its specialists, as one teacher.
+
+  Its forward runs the generalist and every specialist, corrects the
+  dustbins, activates the specialists whose group meets the generalist's
+  top `config.specialist.top_n` classes and returns the combination's
+  log-probabilities (`specialists.combine`) as logits [1, B, C].
+  """
+  ensemble = load_specialist_ensemble(config, info, dtype=dtype)
+
+  def forward(variables, batch):
+    return ensemble.combine(variables, batch)['log_q'][None]
+
+  return Teacher(variables=ensemble.variables, forward=forward,
+                 names=('specialists',), weights=(1.0,),
+                 fingerprint=ensemble.fingerprint)

@@ -33,11 +33,13 @@ from kd_jax import checkpointing
 from kd_jax import input_pipeline
 from kd_jax import losses
 from kd_jax import models
+from kd_jax import specialist_groups
 from kd_jax import teachers
+from kd_jax import warm_start
 
 State = dict[str, Any]
 
-TEACHER_SOURCES = ('none', 'online', 'ensemble', 'cache')
+TEACHER_SOURCES = ('none', 'online', 'ensemble', 'cache', 'specialists')
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'step')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -55,6 +57,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'config.distill.teacher_source is "none": set alpha=0 for '
         f'supervised training, or name a teacher source.')
   losses.validate_distillation_args(d.temperature, d.alpha, d.soft, d.hard)
+  if d.teacher_source == 'specialists' and config.specialist.index >= 0:
+    raise ValueError(
+        f'config.specialist.index={config.specialist.index} trains one '
+        'specialist, but config.distill.teacher_source="specialists" distils '
+        'the whole ensemble into a student on all classes: set '
+        'config.specialist.index=-1.')
   if d.ensemble_method not in ('mean_probs', 'mean_log_probs', 'sum_losses'):
     raise ValueError(
         f'config.distill.ensemble_method={d.ensemble_method!r}; choose '
@@ -139,18 +147,34 @@ def _loss(student_logits, soft_targets, batch, distill, weights):
   if soft_targets is None:
     return losses.distillation_loss(student_logits, None, labels, alpha=0.0,
                                     **kwargs)
-  if soft_targets.ndim == 2:
+  if soft_targets.ndim == 2 and 'teacher_topk_indices' not in batch:
     return losses.distillation_loss(student_logits, soft_targets, labels,
                                     alpha=distill.alpha, **kwargs)
-  # sum_losses: the soft term is the weighted sum of per-teacher soft terms.
-  per_teacher = jax.vmap(lambda t: losses.distillation_loss(
-      student_logits, t, None, alpha=1.0, **kwargs)[1]['soft'])(soft_targets)
-  soft = jnp.sum(jnp.asarray(weights) * per_teacher)
+  if 'teacher_topk_indices' in batch:
+    # A top-k cache: KL over the teacher's k classes plus one rest bucket.
+    soft = _masked_mean(losses.topk_kl_divergence(
+        student_logits, batch['teacher_topk_logits'],
+        batch['teacher_topk_indices'], batch['teacher_rest_mass'],
+        distill.temperature, where=batch['mask']), batch['mask'])
+  else:
+    # sum_losses: the soft term is the weighted sum of per-teacher terms.
+    per_teacher = jax.vmap(lambda t: losses.distillation_loss(
+        student_logits, t, None, alpha=1.0, **kwargs)[1]['soft'])(soft_targets)
+    soft = jnp.sum(jnp.asarray(weights) * per_teacher)
   _, hard_terms = losses.distillation_loss(student_logits, None, labels,
                                            alpha=0.0, **kwargs)
   hard = hard_terms['hard']
   total = distill.alpha * soft + (1 - distill.alpha) * hard
   return total, dict(soft=soft, hard=hard, total=total)
+
+
+def ensemble_prediction(teacher_logits, weights, method: str):
+  """The class the (combined) teachers predict: argmax of `method`'s mean
+  (mean_probs for sum_losses, which has no combined distribution)."""
+  if method not in losses.COMBINE_METHODS:
+    method = 'mean_probs'
+  return jnp.argmax(losses.combine_teachers(
+      teacher_logits, method, weights=jnp.asarray(weights)), -1)
 
 
 def _masked_mean(x, mask):
@@ -190,22 +214,28 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
   measurements = {f'loss_{k}': v for k, v in terms.items()}
   measurements['accuracy'] = _masked_mean(prediction == batch['label'], mask)
   if teacher_logits is not None:
-    teacher_prediction = jnp.argmax(
-        losses.combine_teachers(teacher_logits, 'mean_probs'), -1)
+    teacher_prediction = ensemble_prediction(teacher_logits, teacher.weights,
+                                             distill.ensemble_method)
     measurements['teacher_accuracy'] = _masked_mean(
         teacher_prediction == batch['label'], mask)
     measurements['agreement'] = _masked_mean(prediction == teacher_prediction,
                                              mask)
-  measurements['grad_norm'] = optax.global_norm(grads)
-  measurements['param_norm'] = optax.global_norm(params)
-  measurements['update_norm'] = optax.global_norm(updates)
+  measurements['grad_norm'] = optax.tree.norm(grads)
+  measurements['param_norm'] = optax.tree.norm(params)
+  measurements['update_norm'] = optax.tree.norm(updates)
   measurements['learning_rate'] = schedule(state['step'])
   return new_state, measurements
 
 
 def eval_step(state: State, batch, teacher_variables, *, model,
-              teacher: teachers.Teacher | None) -> dict[str, jax.Array]:
-  """Sums over the valid examples of one eval batch (padding masked out)."""
+              teacher: teachers.Teacher | None,
+              ensemble_method: str = 'mean_probs') -> dict[str, jax.Array]:
+  """Sums over the valid examples of one eval batch (padding masked out).
+
+  With a teacher: `teacher_correct` and `agreement` of the teachers combined
+  by `ensemble_method` (with their weights), and `teacher{k}_correct` of each
+  of several teachers (k indexes `teacher.names`).
+  """
   logits = model.apply({'params': state['params'],
                         'batch_stats': state['batch_stats']},
                        batch['image'], train=False)
@@ -217,8 +247,8 @@ def eval_step(state: State, batch, teacher_variables, *, model,
       loss=jnp.sum(losses.cross_entropy(logits, batch['label']) * mask))
   if teacher is not None:
     teacher_logits = teacher.forward(teacher_variables, batch)
-    combined = losses.combine_teachers(teacher_logits, 'mean_probs')
-    teacher_prediction = jnp.argmax(combined, -1)
+    teacher_prediction = ensemble_prediction(teacher_logits, teacher.weights,
+                                             ensemble_method)
     sums['teacher_correct'] = jnp.sum(
         (teacher_prediction == batch['label']) * mask)
     sums['agreement'] = jnp.sum((prediction == teacher_prediction) * mask)
@@ -275,7 +305,24 @@ def _build_teacher(config, info, dtype) -> teachers.Teacher | None:
   if source in ('online', 'ensemble'):
     return teachers.load_online(config.teachers, info.num_classes,
                                 info.image_shape, dtype=dtype)
+  if source == 'specialists':
+    return teachers.load_specialists(config, info, dtype=dtype)
   return teachers.load_cache(config, info)
+
+
+def _teacher_summary(config, teacher: teachers.Teacher | None
+                     ) -> list[dict[str, Any]]:
+  """Who each `teacher{k}_accuracy` of the eval results is."""
+  if teacher is None:
+    return []
+  rows = [dict(name=name, weight=weight)
+          for name, weight in zip(teacher.names, teacher.weights)]
+  if config.distill.teacher_source in ('online', 'ensemble'):
+    for row, teacher_cfg in zip(rows, config.teachers):
+      row['workdir'] = teacher_cfg.workdir
+  elif config.distill.teacher_source == 'cache':
+    rows[0]['cache_dir'] = config.distill.cache_dir
+  return rows
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -298,9 +345,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   dtype = DTYPES[config.dtype]
   # Checkpoints are written at the step the data stream has reached.
   start_step = checkpointing.latest_step(workdir) or 0
-  data = input_pipeline.get_datasets(config, start_step=start_step,
+  # A multi-view logits cache augments on the host: its stream is plain.
+  data = input_pipeline.get_datasets(teachers.pipeline_config(config),
+                                     start_step=start_step,
                                      num_devices=len(devices))
   info = data.info
+  if info.specialist is not None:
+    specialist_groups.check_same_group(workdir, info.specialist)
   steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
   total_steps = (config.num_train_steps if config.num_train_steps > 0 else
                  int(math.ceil(config.num_epochs * steps_per_epoch)))
@@ -324,6 +375,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           a.shape, a.dtype, sharding=replicated), abstract))
   if restored is None:
     state = init_fn(rng)
+    if config.init_from:
+      params, batch_stats = warm_start.warm_start(
+          config.init_from, state['params'], state['batch_stats'],
+          info.class_names)
+      state = jax.device_put(dict(state, params=params,
+                                  batch_stats=batch_stats,
+                                  opt_state=tx.init(params)), replicated)
   else:
     state, _ = restored
   if int(jax.device_get(state['step'])) != start_step:
@@ -335,19 +393,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     teachers.write_run_info(
         workdir, model_spec=config.model, num_classes=info.num_classes,
         class_names=info.class_names, image_shape=info.image_shape,
-        dataset=config.dataset, final_step=total_steps)
+        dataset=config.dataset, final_step=total_steps,
+        specialist=info.specialist)
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                         teacher=teacher, distill=config.distill),
       out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, teacher=teacher),
+  eval_fn = jax.jit(functools.partial(
+      eval_step, model=model, teacher=teacher,
+      ensemble_method=config.distill.ensemble_method),
                     out_shardings=replicated)
   add_teacher_logits = None if teacher is None else teacher.host_lookup
 
-  def prefetch(it):
-    if add_teacher_logits is not None:
+  def prefetch(it, first_step=None):
+    if add_teacher_logits is not None and first_step is None:
       it = map(add_teacher_logits, it)
+    elif add_teacher_logits is not None:  # Train: views are keyed by step.
+      it = (add_teacher_logits(b, step=s) for s, b in enumerate(it, first_step))
     # Ids are host-side strings: they key logits caches, never reach devices.
     it = ({k: v for k, v in b.items() if k != 'id'} for b in it)
     return input_pipeline.prefetch_to_mesh(it, mesh)
@@ -359,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           if isinstance(v, (int, float, str, bool))})
   report = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                            writer=writer)
-  train_iter = prefetch(data.train)
+  train_iter = prefetch(data.train, first_step=start_step + 1)
   fingerprint = checkpointing.config_fingerprint(config_json)
 
   def run_eval(step):
@@ -414,6 +477,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   summary = dict(
       step=total_steps, model=config.model.name,
       teacher_source=config.distill.teacher_source,
+      teachers=_teacher_summary(config, teacher),
       num_params=models.param_count(params),
       param_bytes=models.param_bytes(params),
       train_seconds=time.time() - train_start,

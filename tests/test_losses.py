@@ -665,3 +665,105 @@ def test_traced_temperature_and_labels_skip_value_checks():
   assert np.isfinite(loss[0]) and np.isnan(loss[1])
   kl = jax.jit(losses.kl_divergence)(S, T, 2.0)
   np.testing.assert_allclose(kl, losses.kl_divergence(S, T, 2.0), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# topk_kl_divergence: the sparse (top-k + rest bucket) soft term.
+# ----------------------------------------------------------------------------
+
+
+def sparse_teacher(teacher_logits, k, temperature):
+  """NumPy: top-k logits, their classes and the rest mass at T."""
+  indices = np.argsort(-teacher_logits, axis=-1, kind='stable')[..., :k]
+  top = np.take_along_axis(teacher_logits, indices, axis=-1)
+  p = scipy.special.softmax(teacher_logits.astype(np.float64) / temperature,
+                            axis=-1)
+  rest = 1.0 - np.take_along_axis(p, indices, axis=-1).sum(-1)
+  return top, indices, rest.astype(np.float32)
+
+
+def topk_kl_reference(student, teacher, k, temperature):
+  """KL of the (k classes + rest) bucket distributions, times T^2, in NumPy."""
+  p = scipy.special.softmax(teacher.astype(np.float64) / temperature, -1)
+  q = scipy.special.softmax(student.astype(np.float64) / temperature, -1)
+  indices = np.argsort(-teacher, axis=-1, kind='stable')[..., :k]
+  in_top = np.zeros(p.shape, bool)
+  np.put_along_axis(in_top, indices, True, axis=-1)
+  buckets_p = np.concatenate([np.take_along_axis(p, indices, -1),
+                              (p * ~in_top).sum(-1, keepdims=True)], -1)
+  buckets_q = np.concatenate([np.take_along_axis(q, indices, -1),
+                              (q * ~in_top).sum(-1, keepdims=True)], -1)
+  return temperature**2 * scipy.stats.entropy(buckets_p, buckets_q, axis=-1)
+
+
+@pytest.mark.parametrize('k', [1, 2, 3, 9])
+@pytest.mark.parametrize('temperature', [1.0, 4.0])
+def test_topk_kl_divergence_matches_numpy_bucket_kl(k, temperature):
+  student, teacher = random_logits((6, 10), 1), random_logits((6, 10), 2)
+  top, indices, rest = sparse_teacher(teacher, k, temperature)
+  got = losses.topk_kl_divergence(student, top, indices, rest, temperature)
+  np.testing.assert_allclose(
+      got, topk_kl_reference(student, teacher, k, temperature),
+      rtol=1e-4, atol=1e-5)
+
+
+def test_topk_kl_with_every_class_is_the_full_kl():
+  student, teacher = random_logits((2, 3, 7), 3), random_logits((2, 3, 7), 4)
+  top, indices, rest = sparse_teacher(teacher, 7, 2.0)
+  np.testing.assert_allclose(
+      losses.topk_kl_divergence(student, top, indices, np.zeros_like(rest),
+                                2.0),
+      losses.kl_divergence(student, teacher, 2.0), rtol=1e-5, atol=1e-6)
+
+
+def test_topk_kl_is_a_lower_bound_on_the_full_kl():
+  student, teacher = random_logits((32, 10), 5), random_logits((32, 10), 6)
+  full = losses.kl_divergence(student, teacher, 3.0)
+  for k in (1, 2, 5):
+    top, indices, rest = sparse_teacher(teacher, k, 3.0)
+    sparse = losses.topk_kl_divergence(student, top, indices, rest, 3.0)
+    assert np.all(np.asarray(sparse) <= np.asarray(full) + 1e-5), k
+
+
+def test_topk_kl_where_zeroes_masked_examples_and_their_gradient():
+  student, teacher = random_logits((5, 10), 7), random_logits((5, 10), 8)
+  top, indices, rest = sparse_teacher(teacher, 3, 2.0)
+  where = np.array([True, False, True, True, False])
+  masked = losses.topk_kl_divergence(student, top, indices, rest, 2.0,
+                                     where=where)
+  sliced = losses.topk_kl_divergence(student[where], top[where],
+                                     indices[where], rest[where], 2.0)
+  np.testing.assert_allclose(masked[where], sliced, rtol=1e-6)
+  assert not np.asarray(masked)[~where].any()
+  grad = jax.grad(lambda s: losses.topk_kl_divergence(
+      s, top, indices, rest, 2.0, where=where).sum())(student)
+  assert not np.asarray(grad)[~where].any() and np.asarray(grad)[where].any()
+
+
+def test_topk_kl_gradients_match_finite_differences():
+  student, teacher = random_logits((3, 6), 9), random_logits((3, 6), 10)
+  top, indices, rest = sparse_teacher(teacher, 2, 2.0)
+  check_grads(lambda s: losses.topk_kl_divergence(s, top, indices, rest, 2.0),
+              (student.astype(np.float64),), order=1, modes=['rev'],
+              atol=1e-2, rtol=1e-2)
+
+
+def test_topk_kl_is_zero_for_a_student_that_matches_the_buckets():
+  teacher = random_logits((4, 10), 11)
+  top, indices, rest = sparse_teacher(teacher, 3, 1.0)
+  np.testing.assert_allclose(
+      losses.topk_kl_divergence(teacher, top, indices, rest, 1.0), 0.0,
+      atol=1e-5)
+
+
+@pytest.mark.parametrize('indices, rest, match', [
+    ([[0, 0]], [0.1], 'distinct class indices'),
+    ([[0, 10]], [0.1], 'distinct class indices'),
+    ([[0, 1]], [1.5], r'rest_mass must lie in \[0, 1\]'),
+    ([[0, 1, 2]], [0.1], 'topk_logits shape'),
+])
+def test_topk_kl_refuses_bad_sparse_targets(indices, rest, match):
+  with pytest.raises(ValueError, match=match):
+    losses.topk_kl_divergence(np.zeros((1, 10), np.float32),
+                              np.zeros((1, 2), np.float32),
+                              np.asarray(indices), np.asarray(rest))

@@ -1,0 +1,500 @@
+r"""Exports teacher logits to a cache that `teacher_source='cache'` reads.
+
+  python -m kd_jax.export_logits \
+      --config=configs/mnist5k_distill_cached.py:teacher_workdir=workdirs/mnist5k_teacher \
+      --out=workdirs/mnist5k_teacher_logits [--splits=train,test] \
+      [--dtype=float16] [--top_k=3 [--temperature=20]] [--views=8]
+
+runs the config's teachers (`config.teachers`; an ensemble is combined with
+`config.distill.ensemble_method` and the teachers' weights) once over each
+split and writes `OUT/<split>/`:
+
+* `logits.npy`: [N, C] float32 (or float16 with --dtype=float16), or
+  [N, V, C] with --views=V;
+* with --top_k=k instead: `topk_logits.npy` [N, (V,) k] (the k largest
+  logits, largest first), `topk_indices.npy` (their classes, int16) and
+  `rest_mass.npy` [N, (V,)] (the softmax mass of the other classes at
+  --temperature, default config.distill.temperature), which training reads
+  with `losses.topk_kl_divergence`; the command prints the size against
+  dense storage;
+* `ids.npy`: [N] bytes, the pipeline's example ids (the lookup key);
+* `labels.npy`: [N] int32;
+* `logits.csv` (`id,[view,]label,<class names>`) or `topk.csv`
+  (`id,[view,]label,top1_class..,top1_logit..,rest_mass`): the same numbers
+  as text;
+* `manifest.json`: teacher fingerprint, dataset, split, transfer filters,
+  class names, form (dense / topk, top_k, temperature), preprocessing (image
+  size, channels, augment, num_views, view_seed) and dtype, which
+  `teachers.load_cache` checks against the run.
+
+--views=V (train split only) runs the teachers on V augmented views of each
+example: view v of example `id` is config.augment (mnist_jitter or cifar)
+with its shift and flip drawn from the key (view_seed, v, id)
+(`teachers.augment_views`). A run with the same config.augment trains each
+example, at each appearance, on view `teachers.choose_views(id, step)` and
+replays that augmentation on the un-augmented image, so the student sees the
+pixels the teacher saw; the refusal of augmented streams with a single-view
+cache does not apply.
+
+The splits default to config.train_split (after config.transfer's filters)
+and every eval split: a run reading the cache needs them all.
+
+Black-box teachers (an API's outputs, logits computed elsewhere) come in as a
+table and leave in the same layout:
+
+  python -m kd_jax.export_logits --config=configs/mnist5k_distill_cached.py \
+      --import_table=probs.csv --probabilities --out=DIR
+
+The table is a CSV with a header `id,<class name>,...` (an optional `label`
+column is ignored), or an `.npy` [N, C] in class-index order with
+`--import_ids=ids.npy`. Probabilities become log-probabilities; rows go to
+the split of the config (train split, unfiltered, and eval splits) that holds
+their id.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from kd_jax import input_pipeline
+from kd_jax import losses
+from kd_jax import teachers
+
+DTYPES = ('float32', 'float16')
+PROBABILITY_TOLERANCE = 1e-3
+
+
+def _check_dtype(dtype: str) -> None:
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype={dtype!r}; choose one of {DTYPES}.')
+
+
+def _single_process() -> dict[str, int]:
+  if jax.process_count() > 1:
+    raise ValueError('export_logits reads whole splits in one process; run it '
+                     'with a single process.')
+  return dict(num_devices=1, process_index=0, process_count=1)
+
+
+def _dataset_info(config) -> input_pipeline.DatasetInfo:
+  return input_pipeline.get_datasets(config, **_single_process()).info
+
+
+def _default_splits(config) -> list[str]:
+  return [config.train_split] + [s for s in config.eval_splits
+                                 if s != config.train_split]
+
+
+def _manifest(config, info, split: str, *, fingerprint: str, teacher: str,
+              num_examples: int, dtype: str, views: int = 1,
+              view_seed: int = 0, top_k: int | None = None,
+              temperature: float | None = None) -> dict[str, Any]:
+  transfer = (config.transfer.to_dict() if split == config.train_split
+              else None)
+  if transfer is not None:
+    transfer = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in transfer.items()}
+  preprocessing = dict(image_size=list(info.image_shape[:2]),
+                       channels=int(info.image_shape[2]),
+                       augment=config.augment if views > 1 else 'none',
+                       num_views=int(views))
+  if views > 1:
+    preprocessing['view_seed'] = int(view_seed)
+  manifest = dict(
+      teacher=teacher, teacher_fingerprint=fingerprint, dataset=info.name,
+      split=split, transfer=transfer, num_examples=int(num_examples),
+      num_classes=int(info.num_classes), class_names=list(info.class_names),
+      preprocessing=preprocessing, dtype=dtype,
+      form='dense' if top_k is None else 'topk')
+  if top_k is not None:
+    manifest.update(top_k=int(top_k), temperature=float(temperature))
+  return manifest
+
+
+def sparsify(logits: np.ndarray, top_k: int, temperature: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(top-k logits, their class indices, mass of the other classes at T).
+
+  Classes come in decreasing order of logit; ties keep the lower index.
+  """
+  logits = np.asarray(logits, np.float64)
+  indices = np.argsort(-logits, axis=-1, kind='stable')[..., :top_k]
+  top = np.take_along_axis(logits, indices, axis=-1)
+  scaled = logits / temperature
+  scaled = scaled - scaled.max(-1, keepdims=True)
+  in_top = np.zeros(logits.shape, bool)
+  np.put_along_axis(in_top, indices, True, axis=-1)
+  # The mass outside the top k summed directly: 1 - sum(top) loses it to
+  # rounding when it is tiny.
+  unnormalised = np.exp(scaled)
+  rest = (np.where(in_top, 0.0, unnormalised).sum(-1)
+          / unnormalised.sum(-1))
+  index_dtype = np.int16 if logits.shape[-1] <= np.iinfo(np.int16).max else (
+      np.int32)
+  return top, indices.astype(index_dtype), rest.astype(np.float32)
+
+
+def _write_csv(path: str, header: Sequence[str], rows) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def _text(v) -> str:
+  # repr of the widened value parses back to exactly the stored number.
+  return repr(float(v))
+
+
+def write_split(directory: str, *, ids: np.ndarray, labels: np.ndarray,
+                class_names: Sequence[str], manifest: dict[str, Any],
+                logits: np.ndarray | None = None,
+                topk: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                ) -> int:
+  """Writes one split of a cache: npy files, a CSV and the manifest.
+
+  Args:
+    directory: `<cache root>/<split>`.
+    ids, labels: [N] example ids (bytes) and labels.
+    class_names: the dataset's, for the CSV header.
+    manifest: what `_manifest` makes; its dtype stores the logits.
+    logits: dense [N, C], or [N, V, C] for V views; or
+    topk: (top-k logits, class indices, rest mass) from `sparsify`.
+
+  Returns:
+    The bytes of the teacher's arrays on disk (npy payloads).
+  """
+  os.makedirs(directory, exist_ok=True)
+  ids = np.asarray([bytes(i) for i in ids], dtype=np.bytes_)
+  labels = np.asarray(labels, np.int32)
+  dtype = manifest['dtype']
+  if topk is None:
+    arrays = {'logits': np.asarray(logits, dtype=dtype)}
+  else:
+    top, indices, rest = topk
+    arrays = {'topk_logits': np.asarray(top, dtype=dtype),
+              'topk_indices': indices,
+              'rest_mass': np.asarray(rest, np.float32)}
+  for name, array in {**arrays, 'ids': ids, 'labels': labels}.items():
+    np.save(os.path.join(directory, f'{name}.npy'), array)
+  views = manifest['preprocessing']['num_views']
+  view_columns = ['view'] if views > 1 else []
+
+  def per_view(array):
+    return array if views > 1 else array[:, None]
+
+  def view_rows(make_row):
+    for n, (example_id, label) in enumerate(zip(ids, labels)):
+      for v in range(views):
+        yield [example_id.decode(), *([v] if views > 1 else []), int(label),
+               *make_row(n, v)]
+
+  if topk is None:
+    values = per_view(arrays['logits'])
+    _write_csv(os.path.join(directory, 'logits.csv'),
+               ['id', *view_columns, 'label', *class_names],
+               view_rows(lambda n, v: map(_text, values[n, v])))
+  else:
+    top, indices, rest = (per_view(arrays[k])
+                          for k in teachers.FORM_ARRAYS['topk'])
+    k = top.shape[-1]
+    _write_csv(
+        os.path.join(directory, 'topk.csv'),
+        ['id', *view_columns, 'label',
+         *(f'top{i + 1}_class' for i in range(k)),
+         *(f'top{i + 1}_logit' for i in range(k)), 'rest_mass'],
+        view_rows(lambda n, v: [*map(int, indices[n, v]),
+                                *map(_text, top[n, v]), _text(rest[n, v])]))
+  with open(os.path.join(directory, teachers.MANIFEST), 'w') as f:
+    json.dump(manifest, f, indent=2)
+  return sum(a.nbytes for a in arrays.values())
+
+
+
+def export(config: ml_collections.ConfigDict, out_dir: str,
+           splits: Sequence[str] | None = None,
+           dtype: str = 'float32', *, views: int = 1, view_seed: int = 0,
+           top_k: int | None = None, temperature: float | None = None
+           ) -> dict[str, dict[str, Any]]:
+  """Runs the config's teachers over `splits` and writes a logits cache.
+
+  Args:
+    config: a run config whose `teachers` are trained runs; several are
+      combined by `config.distill.ensemble_method` (mean_probs or
+      mean_log_probs) with their weights.
+    out_dir: the cache root; each split goes to `out_dir/<split>/`.
+    splits: default config.train_split and config.eval_splits.
+    dtype: 'float32' or 'float16' storage of the logits.
+    views: augmented views per train example (config.augment, replayed per
+      example by `teachers.augment_views` from the key (view_seed, view,
+      id)); eval splits keep one un-augmented view.
+    view_seed: the seed of those keys.
+    top_k: store only each example's k largest logits, their classes and the
+      mass of the others (at `temperature`) instead of all C logits.
+    temperature: where the top-k rest mass is computed; default
+      config.distill.temperature (training must use the same).
+
+  Returns:
+    The manifest written for each split, plus 'nbytes' (the teacher arrays
+    on disk) and 'dense_nbytes' (what dense storage in `dtype` would take).
+  """
+  _check_dtype(dtype)
+  if config.distill.ensemble_method == 'sum_losses' and len(
+      config.teachers) > 1:
+    raise ValueError(
+        'config.distill.ensemble_method="sum_losses" needs each teacher\'s '
+        'logits in the step, but a cache holds one set per example: export '
+        'with mean_probs or mean_log_probs, or distil online.')
+  if views < 1:
+    raise ValueError(f'views={views}; use 1 (un-augmented) or more.')
+  if views > 1 and config.augment not in teachers.VIEW_AUGMENTATIONS:
+    raise ValueError(
+        f'views={views} needs an augmentation to draw them from, but '
+        f'config.augment={config.augment!r}; set config.augment to one of '
+        f'{sorted(teachers.VIEW_AUGMENTATIONS)} (e.g. :augment=mnist_jitter).')
+  info = _dataset_info(config)
+  if top_k is not None and not 1 <= top_k <= info.num_classes:
+    raise ValueError(f'top_k={top_k}; use 1 <= top_k <= {info.num_classes} '
+                     f'(the classes of {info.name!r}).')
+  if temperature is None:
+    temperature = float(config.distill.temperature)
+  teacher = teachers.load_online(config.teachers, info.num_classes,
+                                 info.image_shape)
+  method = config.distill.ensemble_method
+  weights = jnp.asarray(teacher.weights)
+  fill = teachers.view_fill(info.name, info.image_shape[2])
+
+  @jax.jit
+  def forward(variables, images):
+    logits = teacher.forward(variables, {'image': images})
+    if logits.shape[0] == 1:
+      return logits[0]
+    return losses.combine_teachers(logits, method, weights=weights)
+
+  manifests = {}
+  for split in splits or _default_splits(config):
+    split_views = views if split == config.train_split else 1
+    ids, labels, logits = [], [], []
+    for batch in input_pipeline.iterate_split(config, split,
+                                              **_single_process()):
+      mask = batch['mask']
+      if split_views == 1:
+        out = np.asarray(forward(teacher.variables, batch['image']))
+      else:
+        out = np.stack([np.asarray(forward(
+            teacher.variables, teachers.augment_views(
+                batch['image'], batch['id'], np.full(len(mask), v),
+                kind=config.augment, view_seed=view_seed, fill=fill)))
+                        for v in range(split_views)], axis=1)
+      ids.extend(batch['id'][mask])
+      labels.append(batch['label'][mask])
+      logits.append(out[mask])
+    logits = np.concatenate(logits)
+    manifest = _manifest(
+        config, info, split, fingerprint=teacher.fingerprint,
+        teacher=','.join(os.path.abspath(t.workdir) for t in config.teachers),
+        num_examples=len(ids), dtype=dtype, views=split_views,
+        view_seed=view_seed, top_k=top_k, temperature=temperature)
+    nbytes = write_split(
+        os.path.join(out_dir, split), ids=np.asarray(ids, object),
+        labels=np.concatenate(labels), class_names=info.class_names,
+        manifest=manifest,
+        logits=logits if top_k is None else None,
+        topk=None if top_k is None else sparsify(logits, top_k, temperature))
+    manifests[split] = dict(manifest, nbytes=nbytes,
+                            dense_nbytes=logits.size * np.dtype(dtype).itemsize)
+  return manifests
+
+
+def _read_csv_table(path: str, class_names: Sequence[str]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  with open(path, newline='') as f:
+    reader = csv.reader(f)
+    header = next(reader)
+    rows = list(reader)
+  if not header or header[0] != 'id':
+    raise ValueError(f'{path}: the header must start with "id", then one '
+                     f'column per class; it is {header[:5]}.')
+  columns = [(j, name) for j, name in enumerate(header) if j and
+             name != 'label']
+  names = [name for _, name in columns]
+  unknown = [n for n in names if n not in class_names]
+  if unknown:
+    raise ValueError(f'{path}: columns {unknown} name no class of the '
+                     f'dataset; its classes are {list(class_names)}.')
+  if sorted(names) != sorted(class_names):
+    raise ValueError(
+        f'{path}: {len(names)} class columns {names} but the dataset has '
+        f'{len(class_names)} classes {list(class_names)}: give one column '
+        f'per class.')
+  order = [columns[names.index(c)][0] for c in class_names]
+  ids = np.asarray([r[0].encode() for r in rows], object)
+  values = np.asarray([[float(r[j]) for j in order] for r in rows],
+                      np.float64).reshape(len(rows), len(class_names))
+  return ids, values
+
+
+def _read_npy_table(path: str, ids_path: str | None, num_classes: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  if not ids_path:
+    raise ValueError(f'{path} is an .npy table: give its ids as an .npy of '
+                     f'the same length (--import_ids / ids_path).')
+  values = np.load(path).astype(np.float64)
+  ids = np.asarray([bytes(i) if not isinstance(i, str) else i.encode()
+                    for i in np.load(ids_path, allow_pickle=True)], object)
+  if values.ndim != 2 or values.shape[1] != num_classes:
+    raise ValueError(f'{path} has shape {values.shape}; expected [N, '
+                     f'{num_classes}] (one column per class, in class-index '
+                     f'order).')
+  if len(ids) != len(values):
+    raise ValueError(f'{ids_path} holds {len(ids)} ids but {path} '
+                     f'{len(values)} rows.')
+  return ids, values
+
+
+def probabilities_to_log_probs(probs: np.ndarray, ids: np.ndarray
+                               ) -> np.ndarray:
+  """log p, after checking every row is a distribution (sums to 1, p >= 0)."""
+  sums = probs.sum(axis=1)
+  bad = np.flatnonzero((np.abs(sums - 1.0) > PROBABILITY_TOLERANCE)
+                       | np.any(probs < 0, axis=1))
+  if len(bad):
+    i = int(bad[0])
+    raise ValueError(
+        f'{len(bad)} rows are not probabilities (non-negative, summing to 1 '
+        f'within {PROBABILITY_TOLERANCE}); the first is row {i} (id '
+        f'{ids[i]!r}), which sums to {sums[i]:.6g}. Pass logits without '
+        f'--probabilities, or fix the table.')
+  # A zero probability would give -inf, and NaN in the KL term.
+  return np.log(np.maximum(probs, np.finfo(np.float32).tiny))
+
+
+def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
+                    *, probabilities: bool, ids_path: str | None = None,
+                    dtype: str = 'float32') -> dict[str, dict[str, Any]]:
+  """Converts a black-box teacher's table into the logits-cache layout.
+
+  Args:
+    table: a CSV (`id,<class name>,...`) or an `.npy` [N, C] of logits or
+      probabilities.
+    out_dir: the cache root; rows go to `out_dir/<split>/` by id.
+    config: a run config; its dataset gives class names, labels and the
+      splits (train split unfiltered, eval splits) that ids are matched to.
+    probabilities: the table holds probabilities (stored as log-probs).
+    ids_path: the ids `.npy` of an `.npy` table.
+    dtype: 'float32' or 'float16' storage.
+
+  Returns:
+    The manifest written for each split that holds rows of the table.
+  """
+  _check_dtype(dtype)
+  info = _dataset_info(config)
+  if table.endswith('.npy'):
+    ids, values = _read_npy_table(table, ids_path, info.num_classes)
+  else:
+    ids, values = _read_csv_table(table, info.class_names)
+  keys = [bytes(i) for i in ids]
+  if len(set(keys)) != len(keys):
+    raise ValueError(f'{table}: ids must be unique; '
+                     f'{len(keys) - len(set(keys))} repeat.')
+  logits = probabilities_to_log_probs(values, ids) if probabilities else values
+  row_of = {k: i for i, k in enumerate(keys)}
+  with open(table, 'rb') as f:
+    fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
+
+  placed, manifests = set(), {}
+  for split in _default_splits(config):
+    rows, labels = [], []
+    for batch in input_pipeline.iterate_split(config, split, transfer=False,
+                                              **_single_process()):
+      for example_id, label in zip(batch['id'][batch['mask']],
+                                   batch['label'][batch['mask']]):
+        row = row_of.get(bytes(example_id))
+        if row is not None:
+          rows.append(row)
+          labels.append(label)
+    if not rows:
+      continue
+    placed.update(keys[r] for r in rows)
+    manifest = _manifest(config, info, split, fingerprint=fingerprint,
+                         teacher=f'blackbox:{os.path.abspath(table)}',
+                         num_examples=len(rows), dtype=dtype)
+    manifest['transfer'] = None  # The table, not a filter, picks the rows.
+    write_split(os.path.join(out_dir, split), ids=ids[rows], labels=labels,
+                logits=logits[rows], class_names=info.class_names,
+                manifest=manifest)
+    manifests[split] = manifest
+  if len(placed) != len(keys):
+    stray = [k.decode(errors='replace') for k in keys if k not in placed]
+    raise ValueError(
+        f'{table}: {len(stray)} of {len(keys)} ids are in none of the splits '
+        f'{_default_splits(config)} of {info.name!r} (e.g. {stray[:5]}); ids '
+        f'must be the pipeline\'s example ids, e.g. the `id` column of an '
+        f'exported logits.csv.')
+  return manifests
+
+
+def define_flags() -> None:
+  """The CLI's flags; defined only when run as a program (see kd_jax.main)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'A run config file, with :args after it.',
+      lock_config=True)
+  flags.DEFINE_string('out', None, 'The cache root to write.')
+  flags.DEFINE_list('splits', None, 'Splits to export; default the train '
+                    'split and every eval split.')
+  flags.DEFINE_enum('dtype', 'float32', DTYPES, 'Storage of logits.')
+  flags.DEFINE_string('import_table', None, 'A black-box teacher table (CSV '
+                      "or .npy) to convert instead of running the config's "
+                      'teachers.')
+  flags.DEFINE_string('import_ids', None, 'Ids .npy of an .npy --import_table.')
+  flags.DEFINE_bool('probabilities', False,
+                    '--import_table holds probabilities, not logits.')
+  flags.DEFINE_integer('views', 1, 'Augmented views per train example '
+                       "(config.augment, replayed from per-example keys).")
+  flags.DEFINE_integer('view_seed', 0, 'Seed of the views\' keys.')
+  flags.DEFINE_integer('top_k', None, 'Store the top-k logits, their classes '
+                       'and the rest mass instead of all logits.')
+  flags.DEFINE_float('temperature', None, 'Temperature of the top-k rest '
+                     'mass; default config.distill.temperature.')
+  flags.mark_flags_as_required(['config', 'out'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if f.import_table:
+    manifests = import_blackbox(f.import_table, f.out, f.config,
+                                probabilities=f.probabilities,
+                                ids_path=f.import_ids, dtype=f.dtype)
+  else:
+    manifests = export(f.config, f.out, f.splits, f.dtype, views=f.views,
+                       view_seed=f.view_seed, top_k=f.top_k,
+                       temperature=f.temperature)
+  for split, m in manifests.items():
+    views = m['preprocessing']['num_views']
+    print(f'{split}: {m["num_examples"]} examples, {views} '
+          f'view{"s" if views > 1 else ""} -> {os.path.join(f.out, split)}')
+    if m['form'] == 'topk':
+      print(f'  top-{m["top_k"]} of {m["num_classes"]} classes: '
+            f'{m["nbytes"] / 1e6:.3f} MB vs {m["dense_nbytes"] / 1e6:.3f} MB '
+            f'dense {m["dtype"]} ({m["dense_nbytes"] / m["nbytes"]:.2f}x '
+            f'smaller)')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,394 @@
+"""Logits caches: export, offline distillation, black-box tables, refusals."""
+
+import csv
+import json
+import os
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import scipy.special
+
+from kd_jax import export_logits
+from kd_jax import input_pipeline
+from kd_jax import teachers
+from kd_jax import train
+from kd_jax.config_lib import load_config
+
+
+def tiny(name, arg=''):
+  return load_config(name, ','.join(filter(None, ['runlocal', arg])))
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  train.train_and_evaluate(tiny('mnist5k_teacher'), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory, teacher_dir):
+  out = str(tmp_path_factory.mktemp('cache'))
+  export_logits.export(
+      tiny('mnist5k_distill_cached', f'teacher_workdir={teacher_dir}'), out)
+  return out
+
+
+def cached_config(cache, arg=''):
+  return tiny('mnist5k_distill_cached',
+              ','.join(filter(None, [f'cache_dir={cache}', arg])))
+
+
+def info_of(config):
+  return input_pipeline.get_datasets(config, num_devices=1).info
+
+
+@pytest.fixture(scope='module')
+def offline_test_metrics(tmp_path_factory, cache_dir):
+  workdir = str(tmp_path_factory.mktemp('offline'))
+  return train.train_and_evaluate(cached_config(cache_dir),
+                                  workdir)['eval']['test']
+
+
+def test_offline_distillation_equals_online_on_an_unaugmented_stream(
+    tmp_path, teacher_dir, offline_test_metrics):
+  online = train.train_and_evaluate(
+      tiny('mnist5k_distill', f'teacher_workdir={teacher_dir}'),
+      str(tmp_path / 'online'))['eval']['test']
+  offline = offline_test_metrics
+  assert set(offline) == set(online)
+  for k in online:
+    assert offline[k] == pytest.approx(online[k], rel=1e-4, abs=1e-5), k
+
+
+def test_csv_and_manifest_describe_the_same_logits_as_the_npy(cache_dir):
+  for split, size in (('train', 4000), ('test', 1000)):
+    directory = os.path.join(cache_dir, split)
+    logits = np.load(os.path.join(directory, 'logits.npy'))
+    ids = np.load(os.path.join(directory, 'ids.npy'))
+    labels = np.load(os.path.join(directory, 'labels.npy'))
+    manifest = json.load(open(os.path.join(directory, 'manifest.json')))
+    with open(os.path.join(directory, 'logits.csv'), newline='') as f:
+      header, *rows = list(csv.reader(f))
+    assert header == ['id', 'label', *manifest['class_names']]
+    assert [r[0].encode() for r in rows] == list(ids)
+    assert [int(r[1]) for r in rows] == list(labels)
+    np.testing.assert_array_equal(
+        np.asarray([[float(v) for v in r[2:]] for r in rows], np.float32),
+        logits)
+    assert logits.dtype == np.float32 and logits.shape == (size, 10)
+    assert len(set(ids)) == size
+    assert manifest['num_examples'] == size
+    assert manifest['split'] == split and manifest['dataset'] == 'mnist5k'
+    assert manifest['preprocessing'] == dict(
+        image_size=[28, 28], channels=1, augment='none', num_views=1)
+    assert (manifest['transfer'] is None) == (split != 'train')
+
+
+def test_float16_export_stores_half_the_bytes_and_loads_as_float32(
+    tmp_path, teacher_dir, cache_dir):
+  config = tiny('mnist5k_distill_cached', f'teacher_workdir={teacher_dir}')
+  manifests = export_logits.export(config, str(tmp_path), ['test'], 'float16')
+  assert manifests['test']['dtype'] == 'float16'
+  half = np.load(tmp_path / 'test' / 'logits.npy')
+  full = np.load(os.path.join(cache_dir, 'test', 'logits.npy'))
+  assert half.dtype == np.float16
+  np.testing.assert_allclose(half, full, rtol=1e-3, atol=1e-3)
+  _, _, loaded = teachers.read_cache_split(str(tmp_path), 'test')
+  assert loaded.dtype == np.float32
+
+
+@pytest.mark.parametrize('field, value', [
+    ('dataset', 'digits'),
+    ('split', 'test'),
+    ('class_names', [f'digit{i}' for i in range(10)]),
+])
+def test_cache_of_other_data_is_refused_naming_the_field(tmp_path, cache_dir,
+                                                         field, value):
+  cache = str(tmp_path / 'cache')
+  shutil.copytree(cache_dir, cache)
+  path = os.path.join(cache, 'train', 'manifest.json')
+  manifest = json.load(open(path))
+  manifest[field] = value
+  json.dump(manifest, open(path, 'w'))
+  config = cached_config(cache)
+  with pytest.raises(ValueError, match=re.escape(f'{field}: cache {value!r}')
+                     + '.*Re-export'):
+    teachers.load_cache(config, info_of(config))
+
+
+def test_cache_missing_train_ids_is_refused_with_the_count(tmp_path,
+                                                          cache_dir):
+  cache = str(tmp_path / 'cache')
+  shutil.copytree(cache_dir, cache)
+  manifest, ids, logits = teachers.read_cache_split(cache, 'train')
+  export_logits.write_split(
+      os.path.join(cache, 'train'), ids=ids[7:], labels=np.zeros(len(ids) - 7),
+      logits=logits[7:], class_names=manifest['class_names'],
+      manifest=manifest)
+  config = cached_config(cache)
+  first_missing = ids[0].decode()
+  with pytest.raises(ValueError, match=rf"lacks 7 of the 4000 .*'train'.*"
+                     rf"e\.g\. \['{first_missing}'"):
+    teachers.load_cache(config, info_of(config))
+
+
+def test_cache_without_the_eval_split_is_refused(tmp_path, cache_dir):
+  cache = str(tmp_path / 'cache')
+  shutil.copytree(os.path.join(cache_dir, 'train'), os.path.join(cache,
+                                                                 'train'))
+  config = cached_config(cache)
+  with pytest.raises(FileNotFoundError, match=r"'test'.*--splits=train,test"):
+    teachers.load_cache(config, info_of(config))
+
+
+def test_augmented_stream_with_one_cached_view_needs_the_opt_in(cache_dir):
+  config = cached_config(cache_dir, 'augment="mnist_jitter"')
+  info = info_of(config)
+  with pytest.raises(ValueError, match=r'un-augmented teacher logits on '
+                     r'augmented inputs.*allow_augmented_single_view'):
+    teachers.load_cache(config, info)
+  config.distill.allow_augmented_single_view = True
+  teacher = teachers.load_cache(config, info)
+  batch = next(input_pipeline.iterate_split(config, 'test', num_devices=1))
+  looked_up = teacher.host_lookup(batch)['teacher_logits']
+  test_logits = np.load(os.path.join(cache_dir, 'test', 'logits.npy'))
+  np.testing.assert_array_equal(looked_up, test_logits[:len(looked_up)])
+
+
+def test_host_lookup_gives_zeros_for_padding(cache_dir):
+  config = cached_config(cache_dir)
+  teacher = teachers.load_cache(config, info_of(config))
+  batch = dict(id=np.asarray([b'', b'mnist5k/00000', b''], object))
+  logits = teacher.host_lookup(batch)['teacher_logits']
+  assert logits.dtype == np.float32 and logits.shape == (3, 10)
+  assert not logits[0].any() and not logits[2].any() and logits[1].any()
+  assert teacher.forward(None, {'teacher_logits': logits}).shape == (1, 3, 10)
+
+
+def _write_probability_csv(path, ids, probs, class_names):
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['id', *class_names])
+    for example_id, row in zip(ids, probs):
+      writer.writerow([example_id.decode(), *map(repr, map(float, row))])
+
+
+def test_blackbox_probabilities_train_the_student_that_their_logits_train(
+    tmp_path, cache_dir, offline_test_metrics):
+  ids, logits, names = [], [], None
+  for split in ('train', 'test'):
+    manifest, split_ids, split_logits = teachers.read_cache_split(cache_dir,
+                                                                  split)
+    ids.append(split_ids)
+    logits.append(split_logits)
+    names = manifest['class_names']
+  ids, logits = np.concatenate(ids), np.concatenate(logits)
+  probs = scipy.special.softmax(logits.astype(np.float64), axis=1)
+  # Columns in reverse order: classes are matched by name, not position.
+  table = str(tmp_path / 'probs.csv')
+  _write_probability_csv(table, ids, probs[:, ::-1], names[::-1])
+  out = str(tmp_path / 'blackbox')
+  config = cached_config(out)
+  manifests = export_logits.import_blackbox(table, out, config,
+                                            probabilities=True)
+  assert {s: m['num_examples'] for s, m in manifests.items()} == {
+      'train': 4000, 'test': 1000}
+  _, _, imported = teachers.read_cache_split(out, 'test')
+  np.testing.assert_allclose(
+      imported, scipy.special.log_softmax(logits[-1000:], axis=1), atol=1e-4)
+  test = train.train_and_evaluate(config,
+                                  str(tmp_path / 'student'))['eval']['test']
+  # log p = logits - logsumexp(logits): the same softmax at every temperature.
+  for k in offline_test_metrics:
+    assert test[k] == pytest.approx(offline_test_metrics[k], rel=1e-3,
+                                    abs=1e-4), k
+
+
+def test_probabilities_that_do_not_sum_to_one_are_refused(tmp_path,
+                                                          cache_dir):
+  table = str(tmp_path / 'probs.csv')
+  probs = np.full((3, 10), 0.1)
+  probs[2, 0] = 0.5
+  _write_probability_csv(table, [b'a', b'b', b'c'], probs,
+                         [str(i) for i in range(10)])
+  with pytest.raises(ValueError, match=r"row 2 \(id b'c'\), which sums to 1.4"):
+    export_logits.import_blackbox(table, str(tmp_path / 'out'),
+                                  cached_config(cache_dir),
+                                  probabilities=True)
+
+
+def test_blackbox_table_with_unknown_class_names_is_refused(tmp_path,
+                                                            cache_dir):
+  table = str(tmp_path / 'logits.csv')
+  _write_probability_csv(table, [b'a'], np.zeros((1, 10)),
+                         [f'class{i}' for i in range(10)])
+  with pytest.raises(ValueError, match=r"columns \['class0'.*name no class"):
+    export_logits.import_blackbox(table, str(tmp_path / 'out'),
+                                  cached_config(cache_dir),
+                                  probabilities=False)
+
+
+def test_shuffled_stream_on_two_hosts_looks_up_each_examples_logits(
+    cache_dir, teacher_dir):
+  config = cached_config(cache_dir, f'teacher_workdir={teacher_dir}')
+  cache = teachers.load_cache(config, info_of(config))
+  online = teachers.load_online(config.teachers, 10, (28, 28, 1))
+  forward = jax.jit(online.forward)
+  ids_of = []
+  for process in range(2):
+    data = input_pipeline.get_datasets(config, num_devices=2,
+                                       process_index=process, process_count=2)
+    ids = []
+    for _ in range(3):
+      batch = cache.host_lookup(next(data.train), step=None)
+      np.testing.assert_allclose(
+          batch['teacher_logits'],
+          forward(online.variables, {'image': batch['image']})[0],
+          rtol=1e-4, atol=1e-4)
+      ids.extend(bytes(i) for i in batch['id'])
+    assert ids != sorted(ids)  # Shuffled, so not the stored order.
+    ids_of.append(set(ids))
+  assert len(ids_of[0]) == len(ids_of[1]) == 3 * 8
+  assert not ids_of[0] & ids_of[1]  # Each host reads its own share.
+
+
+# Top-k (sparse) caches.
+
+
+@pytest.fixture(scope='module')
+def topk_cache(tmp_path_factory, teacher_dir):
+  out = str(tmp_path_factory.mktemp('topk'))
+  config = tiny('mnist5k_distill_cached', f'teacher_workdir={teacher_dir}')
+  return out, export_logits.export(config, out, top_k=3)
+
+
+def test_topk_cache_holds_the_largest_logits_and_the_rest_mass(topk_cache,
+                                                               cache_dir):
+  out, manifests = topk_cache
+  for split in ('train', 'test'):
+    manifest, ids, arrays = teachers.read_cache_arrays(out, split)
+    _, dense_ids, dense = teachers.read_cache_split(cache_dir, split)
+    assert list(ids) == list(dense_ids)
+    assert (manifest['form'], manifest['top_k'], manifest['temperature']) == (
+        'topk', 3, 20.0)
+    order = np.argsort(-dense, axis=1, kind='stable')[:, :3]
+    np.testing.assert_array_equal(arrays['topk_indices'], order)
+    np.testing.assert_array_equal(arrays['topk_logits'],
+                                  np.take_along_axis(dense, order, 1))
+    p = scipy.special.softmax(dense.astype(np.float64) / 20.0, axis=1)
+    np.testing.assert_allclose(
+        arrays['rest_mass'], 1 - np.take_along_axis(p, order, 1).sum(1),
+        atol=1e-6)
+    # 3 float32 logits + 3 int16 classes + 1 float32 mass vs 10 float32.
+    n = len(ids)
+    assert manifests[split]['nbytes'] == n * (3 * 4 + 3 * 2 + 4)
+    assert manifests[split]['dense_nbytes'] == n * 10 * 4
+    with open(os.path.join(out, split, 'topk.csv'), newline='') as f:
+      header, *rows = list(csv.reader(f))
+    assert header[:4] == ['id', 'label', 'top1_class', 'top2_class']
+    assert header[-1] == 'rest_mass'
+    table = np.asarray([[float(v) for v in r[2:]] for r in rows])
+    np.testing.assert_array_equal(table[:, :3], order)
+    np.testing.assert_array_equal(table[:, 3:6].astype(np.float32),
+                                  arrays['topk_logits'])
+    np.testing.assert_array_equal(table[:, 6].astype(np.float32),
+                                  arrays['rest_mass'])
+
+
+def test_topk_cache_of_every_class_trains_like_the_dense_cache(
+    tmp_path, teacher_dir, offline_test_metrics):
+  config = tiny('mnist5k_distill_cached', f'teacher_workdir={teacher_dir}')
+  export_logits.export(config, str(tmp_path / 'top10'), top_k=10)
+  test = train.train_and_evaluate(
+      cached_config(str(tmp_path / 'top10')),
+      str(tmp_path / 'student'))['eval']['test']
+  for k in offline_test_metrics:
+    assert test[k] == pytest.approx(offline_test_metrics[k], rel=1e-4,
+                                    abs=1e-5), k
+
+
+@pytest.mark.parametrize('arg, match', [
+    ('distill.temperature=4.0', r'rest mass at T=20.0.*--temperature=4.0'),
+    ('distill.soft="soft_ce"', r'top-k cache trains with '
+     r'losses.topk_kl_divergence'),
+])
+def test_topk_cache_refuses_another_temperature_or_soft_loss(topk_cache, arg,
+                                                             match):
+  config = cached_config(topk_cache[0], arg)
+  with pytest.raises(ValueError, match=match):
+    teachers.load_cache(config, info_of(config))
+
+
+def test_topk_lookup_gives_the_sparse_targets_and_the_teachers_argmax(
+    topk_cache, cache_dir):
+  config = cached_config(topk_cache[0])
+  batch = next(input_pipeline.iterate_split(config, 'test', num_devices=1))
+  looked_up = teachers.load_cache(config, info_of(config)).host_lookup(batch)
+  dense = np.load(os.path.join(cache_dir, 'test', 'logits.npy'))[:64]
+  np.testing.assert_array_equal(looked_up['teacher_topk_indices'],
+                                np.argsort(-dense, 1, kind='stable')[:, :3])
+  np.testing.assert_array_equal(looked_up['teacher_logits'].argmax(1),
+                                dense.argmax(1))
+
+
+# Multi-view caches: K augmented views per train example.
+
+
+@pytest.fixture(scope='module')
+def views_cache(tmp_path_factory, teacher_dir):
+  out = str(tmp_path_factory.mktemp('views'))
+  config = tiny('mnist5k_distill_cached',
+                f'teacher_workdir={teacher_dir},augment="mnist_jitter"')
+  export_logits.export(config, out, views=2, view_seed=7)
+  return out
+
+
+def test_multi_view_batches_pair_each_view_with_its_teacher_logits(
+    views_cache, teacher_dir):
+  manifest, _, logits = teachers.read_cache_split(views_cache, 'train')
+  assert logits.shape == (4000, 2, 10)
+  assert manifest['preprocessing'] == dict(
+      image_size=[28, 28], channels=1, augment='mnist_jitter', num_views=2,
+      view_seed=7)
+  assert teachers.read_cache_split(views_cache, 'test')[2].shape == (1000, 10)
+  config = cached_config(views_cache, f'teacher_workdir={teacher_dir},'
+                         'augment="mnist_jitter"')
+  cache = teachers.load_cache(config, info_of(config))  # No refusal.
+  stream = teachers.pipeline_config(config)
+  assert stream.augment == 'none' and config.augment == 'mnist_jitter'
+  plain = next(input_pipeline.get_datasets(stream, num_devices=1).train)
+  online = teachers.load_online(config.teachers, 10, (28, 28, 1))
+  views = []
+  for step in (1, 2, 3, 4):
+    batch = cache.host_lookup(plain, step=step)
+    again = cache.host_lookup(plain, step=step)
+    np.testing.assert_array_equal(batch['image'], again['image'])
+    np.testing.assert_allclose(
+        batch['teacher_logits'], online.forward(online.variables, batch)[0],
+        rtol=1e-4, atol=1e-4)
+    views.append(teachers.choose_views(plain['id'], step, 2, 7))
+  assert np.any(views[0] != views[1])  # Views are redrawn per appearance.
+  assert np.mean(np.any(batch['image'] != plain['image'], (1, 2, 3))) > 0.5
+
+
+@pytest.mark.parametrize('arg, match', [
+    ('augment="none"', r"holds 2 views made with augment='mnist_jitter'"),
+    ('augment="cifar"', r"holds 2 views made with augment='mnist_jitter'"),
+    ('augment="mnist_jitter",mixup_alpha=0.2', r'no cached view describes'),
+])
+def test_multi_view_cache_refuses_a_stream_its_views_do_not_describe(
+    views_cache, arg, match):
+  config = cached_config(views_cache, arg)
+  with pytest.raises(ValueError, match=match):
+    teachers.load_cache(config, info_of(config))
+
+
+def test_augmented_run_trains_from_a_multi_view_cache(tmp_path, views_cache):
+  summary = train.train_and_evaluate(
+      cached_config(views_cache, 'augment="mnist_jitter"'), str(tmp_path))
+  assert 0 <= summary['eval']['test']['teacher_accuracy'] <= 1
+  assert np.isfinite(summary['eval']['test']['loss'])
