@@ -15,17 +15,8 @@ from kd_jax import config_lib
 
 
 def get_config(arg=None):
-  c = config_lib.default_config()
-  c.dataset = 'mnist5k'
-  c.augment = 'none'
-  c.model = config_lib.model_config('mlp', hidden=(800, 800), dropout=0.0)
-  c.batch_size = 128
-  c.optimizer = 'sgd'
-  c.learning_rate = 0.03
-  c.momentum = 0.9
-  c.schedule = 'cosine'
-  c.num_epochs = 60
-  c.checkpoint_every_steps = 500
+  # configs/mnist5k_student.py's run, plus the teacher and the soft term.
+  c = config_lib.load_config('mnist5k_student')
   c.distill.teacher_source = 'online'
   c.distill.temperature = 20.0
   c.distill.alpha = 0.9

@@ -19,23 +19,8 @@ from kd_jax import config_lib
 
 
 def get_config(arg=None):
-  c = config_lib.default_config()
-  c.dataset = 'mnist5k'
-  c.augment = 'none'
-  c.model = config_lib.model_config('mlp', hidden=(800, 800), dropout=0.0)
-  c.batch_size = 128
-  c.optimizer = 'sgd'
-  c.learning_rate = 0.03
-  c.momentum = 0.9
-  c.schedule = 'cosine'
-  c.num_epochs = 60
-  c.checkpoint_every_steps = 500
-  c.distill.temperature = 20.0
-  c.distill.alpha = 0.9
-  c.distill.soft = 'kl'
-  c.teacher_workdir = 'workdirs/mnist5k_teacher'
-  c.teacher_model = config_lib.model_config(
-      'mlp', hidden=(1200, 1200), dropout=0.5, input_dropout=0.2)
+  # Exactly configs/mnist5k_distill.py's run, with the logits from a cache.
+  c = config_lib.load_config('mnist5k_distill')
   c.cache_dir = 'workdirs/mnist5k_teacher_logits'
   config_lib.parse_arg(c, arg)
   c.distill.teacher_source = 'cache'
