@@ -101,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.step_boundaries = ()         # fractions of training, for 'step'.
   c.step_decay = 0.1
   c.grad_clip_norm = 0.0
+  c.max_norm = 0.0               # > 0: max-norm constraint on each unit's weights.
   c.dtype = 'float32'            # float32 | bfloat16 compute.
   c.num_epochs = 10.0
   c.num_train_steps = -1         # > 0 overrides num_epochs.

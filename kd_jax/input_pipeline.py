@@ -81,6 +81,7 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import socket
 from typing import Any
 
@@ -176,6 +177,58 @@ def _even_shard(n: int, index: int, count: int) -> slice:
   return slice(n * index // count, n * (index + 1) // count)
 
 
+_SPLIT_SPEC = re.compile(
+    r'^(?P<base>[A-Za-z0-9_.-]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$')
+
+
+def parse_split(spec: str) -> tuple[str, str | None, str | None]:
+  """'train[:3600]' -> ('train', None, '3600'); 'test' -> ('test', None, None).
+
+  A split may name a slice of a stored split, as TFDS writes them: `name[a:b]`
+  with example counts (negative counts from the end) or percentages
+  (`train[:90%]`, rounded to the closest example). Slices hold out
+  validation data, e.g. `train_split='train[:3600]'` and
+  `eval_splits=('train[3600:]', 'test')`.
+
+  >>> parse_split('train[3600:]')
+  ('train', '3600', None)
+  """
+  match = _SPLIT_SPEC.match(str(spec).replace(' ', ''))
+  if match is None:
+    raise ValueError(
+        f'Split {spec!r} is not a split name or a slice of one; write e.g. '
+        "'train', 'train[:3600]', 'train[3600:]' or 'train[:90%]'.")
+  return match['base'], match['start'], match['stop']
+
+
+def split_range(spec: str, size: int) -> tuple[str, int, int]:
+  """(stored split, first index, end index) of a split spec over `size` examples.
+
+  >>> split_range('train[:90%]', 4000)
+  ('train', 0, 3600)
+  >>> split_range('train[-400:]', 4000)
+  ('train', 3600, 4000)
+  """
+  base, start, stop = parse_split(spec)
+
+  def index(bound: str | None, default: int) -> int:
+    if bound is None:
+      return default
+    if bound.endswith('%'):
+      value = round(float(bound[:-1]) * size / 100)
+    else:
+      value = int(bound)
+    if value < 0:
+      value += size
+    return min(max(value, 0), size)
+
+  lo, hi = index(start, 0), index(stop, size)
+  if hi <= lo:
+    raise ValueError(f'Split {spec!r} selects no example of the {size} in '
+                     f'split {base!r}; check the slice bounds.')
+  return base, lo, hi
+
+
 class _TfdsSource:
   """A prepared TFDS dataset."""
 
@@ -198,17 +251,30 @@ class _TfdsSource:
     self.splits = tuple(self.builder.info.splits)
 
   def check_split(self, split: str, field: str) -> None:
-    if self.splits and split not in self.splits:
+    base, _, _ = parse_split(split)
+    if self.splits and base not in self.splits:
       raise ValueError(f'{field} names split {split!r}, which '
                        f'{self.name!r} does not have; its splits are '
                        f'{list(self.splits)}.')
+    try:
+      self.range(split)
+    except ValueError as e:
+      raise ValueError(f'{field}: {e}') from None
+
+  def range(self, split: str) -> tuple[str, int, int]:
+    base = parse_split(split)[0]
+    return split_range(split, self.builder.info.splits[base].num_examples)
 
   def split_size(self, split: str) -> int:
-    return self.builder.info.splits[split].num_examples
+    _, lo, hi = self.range(split)
+    return hi - lo
 
   def _split(self, split: str, first: int | None, index: int, count: int):
-    name = split if first is None else f'{split}[:{first}]'
-    return tfds.even_splits(name, n=count, drop_remainder=False)[index]
+    base, lo, hi = self.range(split)
+    if first is not None:
+      hi = min(hi, lo + first)
+    return tfds.even_splits(f'{base}[{lo}:{hi}]', n=count,
+                            drop_remainder=False)[index]
 
   def read(self, split: str, first: int | None, index: int,
            count: int) -> tf.data.Dataset:
@@ -257,7 +323,8 @@ class _FolderSource:
                                if _visible(d) and _isdir(root, d)))
     for split, field in splits.items():
       self.check_split(split, field)
-    found = {split: _list_class_folders(root, split) for split in splits}
+    bases = sorted({parse_split(split)[0] for split in splits})
+    found = {base: _list_class_folders(root, base) for base in bases}
     self.class_names = tuple(sorted(set().union(*found.values())))
     label = {name: i for i, name in enumerate(self.class_names)}
     # A fixed pseudo-random order (like TFDS's shuffled files) so that shards
@@ -268,25 +335,31 @@ class _FolderSource:
                       key=lambda item: hashlib.sha1(
                           item[0].encode()).hexdigest())
         for split, classes in found.items()}
-    first_image = min(self.items[config.train_split])[0]
+    first_image = min(self._sliced(config.train_split))[0]
     self.first_image_shape = tuple(tf.io.decode_image(
         tf.io.read_file(os.path.join(root, first_image)),
         expand_animations=False).shape)
     self.stored_shape = (None, None, None)
 
   def check_split(self, split: str, field: str) -> None:
-    if split not in self.splits:
+    base, _, _ = parse_split(split)
+    if base not in self.splits:
       raise ValueError(
           f'{field} names split {split!r} but '
-          f'{os.path.join(self.root, split)} is not a folder; the split '
+          f'{os.path.join(self.root, base)} is not a folder; the split '
           f'folders in config.image_folder={self.root!r} are '
           f'{list(self.splits)}.')
 
+  def _sliced(self, split: str) -> list[tuple[str, int]]:
+    base = parse_split(split)[0]
+    _, lo, hi = split_range(split, len(self.items[base]))
+    return self.items[base][lo:hi]
+
   def split_size(self, split: str) -> int:
-    return len(self.items[split])
+    return len(self._sliced(split))
 
   def _items(self, split, first, index, count):
-    items = self.items[split][:first]
+    items = self._sliced(split)[:first]
     return items[_even_shard(len(items), index, count)]
 
   def read(self, split: str, first: int | None, index: int,
@@ -310,14 +383,14 @@ class _FolderSource:
     return len(self._items(split, first, index, count))
 
   def decode_error(self, split: str, error: Exception) -> ValueError:
-    for path, _ in self.items[split]:
+    for path, _ in self._sliced(split):
       full = os.path.join(self.root, path)
       try:
         tf.io.decode_image(tf.io.read_file(full), expand_animations=False)
       except tf.errors.OpError as e:
         return ValueError(f'Cannot read image file {full}: {e.message}. '
                           'Replace or remove it.')
-    return ValueError(f'An image in {os.path.join(self.root, split)} cannot '
+    return ValueError(f'An image of split {split!r} in {self.root} cannot '
                       f'be decoded: {error.message}')
 
 

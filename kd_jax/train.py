@@ -33,6 +33,7 @@ from kd_jax import checkpointing
 from kd_jax import input_pipeline
 from kd_jax import losses
 from kd_jax import models
+from kd_jax import optim
 from kd_jax import specialist_groups
 from kd_jax import teachers
 from kd_jax import warm_start
@@ -117,6 +118,11 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
     parts.append(optax.adam(schedule))
   else:
     parts.append(optax.adamw(schedule, weight_decay=config.weight_decay))
+  if config.max_norm < 0:
+    raise ValueError(f'config.max_norm={config.max_norm}; use 0 (off) or the '
+                     'radius of each unit\'s incoming weights, e.g. 3.5.')
+  if config.max_norm > 0:
+    parts.append(optim.max_norm(config.max_norm))  # Last: it projects params.
   return optax.chain(*parts), schedule
 
 
