@@ -4,7 +4,13 @@ Every model is called as `model.apply(variables, images, train, rngs=...)`
 with float images [B, H, W, C] and returns float32 logits [B, num_classes].
 BatchNorm statistics live in the 'batch_stats' collection (pass
 `mutable=['batch_stats']` when `train=True`); dropout draws from the
-'dropout' rng stream when `train=True`.
+'dropout' rng stream when `train=True`. Named intermediate features come out
+of `kd_jax.models.features.apply_with_features` (names listed there).
+
+The CIFAR models are the definitions of RepDistiller (Tian et al. 2020, the
+CRD benchmark), `mobilenetv1` that of the ImageNet ResNet-50 -> MobileNetV1
+row, the ViTs timm's / DeiT's; each factory's docstring gives its parameter
+count, which equals the reference's.
 """
 
 from collections.abc import Callable, Mapping
@@ -17,7 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.models import mobilenet
 from kd_jax.models import resnet
+from kd_jax.models import shufflenet
+from kd_jax.models import vgg
+from kd_jax.models import vit
 from kd_jax.models.cnn import CNN
 from kd_jax.models.mlp import MLP
 from kd_jax.models.resnet import ResNet
@@ -29,13 +39,33 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet18': resnet.resnet18,
     'resnet34': resnet.resnet34,
     'resnet50': resnet.resnet50,
+    'resnet8': resnet.resnet8,
+    'resnet14': resnet.resnet14,
     'resnet20': resnet.resnet20,
+    'resnet32': resnet.resnet32,
+    'resnet44': resnet.resnet44,
     'resnet56': resnet.resnet56,
+    'resnet110': resnet.resnet110,
     'resnet8x4': resnet.resnet8x4,
     'resnet32x4': resnet.resnet32x4,
+    'resnet50_cifar': resnet.resnet50_cifar,
     'wrn': WideResNet,
+    'wrn_16_1': resnet.wrn_16_1,
     'wrn_16_2': resnet.wrn_16_2,
+    'wrn_40_1': resnet.wrn_40_1,
     'wrn_40_2': resnet.wrn_40_2,
+    'vgg8': vgg.vgg8,
+    'vgg11': vgg.vgg11,
+    'vgg13': vgg.vgg13,
+    'vgg16': vgg.vgg16,
+    'vgg19': vgg.vgg19,
+    'mobilenetv2': mobilenet.mobilenetv2,
+    'shufflenetv1': shufflenet.shufflenetv1,
+    'shufflenetv2': shufflenet.shufflenetv2,
+    'mobilenetv1': mobilenet.mobilenetv1,
+    'vit_ti16': vit.vit_ti16,
+    'vit_s16': vit.vit_s16,
+    'vit_tiny': vit.vit_tiny,
 }
 
 # Arguments that get_model supplies itself, or that are Flax internals.

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.models.resnet import check_image_batch
+from kd_jax.models.taps import tap
 
 
 class CNN(nn.Module):
@@ -17,6 +18,11 @@ class CNN(nn.Module):
   (about 277k params): with the defaults it has 275,394 params for 3-channel
   inputs and 2 classes (273,794 for 1 channel). Global average pooling makes
   the count independent of the image size (224x224 or 28x28 alike).
+
+  Feature taps (`kd_jax.models.features`): 'preact1'... (each conv's output),
+  'stage1'... (each block's output: after ReLU and max-pool), 'pooled' (the
+  global average) and 'embedding' (the hidden dense layer after ReLU and
+  dropout, which the logits layer reads).
 
   Attributes:
     num_classes: number of logits.
@@ -39,12 +45,16 @@ class CNN(nn.Module):
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f'cnn dropout must be in [0, 1); got {self.dropout}.')
     x = jnp.asarray(x, self.dtype)
-    for width in self.features:
+    for index, width in enumerate(self.features):
       x = nn.Conv(width, (self.kernel_size, self.kernel_size),
                   dtype=self.dtype)(x)
+      tap(self, f'preact{index + 1}', x)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2), padding='SAME')
+      tap(self, f'stage{index + 1}', x)
     x = jnp.mean(x, axis=(1, 2))
+    tap(self, 'pooled', x)
     x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    tap(self, 'embedding', x)
     x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
     return x.astype(jnp.float32)

@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models.taps import tap
+
 
 class MLP(nn.Module):
   """ReLU MLP on flattened images.
@@ -15,6 +17,10 @@ class MLP(nn.Module):
   1200 ReLUs, dropout 0.5 on hidden units and 0.2 on the input (2,395,210
   params at 784 inputs, 10 classes); a student of 2x800 (1,276,810 params);
   and a tiny net of 2x30.
+
+  Feature taps (`kd_jax.models.features`): 'preact1'... (each hidden dense
+  layer's output), 'stage1'... (the same after its ReLU) and 'embedding'
+  (the last hidden layer after dropout, which the logits layer reads).
 
   Attributes:
     num_classes: number of logits.
@@ -37,8 +43,12 @@ class MLP(nn.Module):
         raise ValueError(f'mlp {field} must be in [0, 1); got {rate}.')
     x = jnp.asarray(x, self.dtype).reshape((x.shape[0], -1))
     x = nn.Dropout(self.input_dropout, deterministic=not train)(x)
-    for width in self.hidden:
-      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+    for index, width in enumerate(self.hidden):
+      x = nn.Dense(width, dtype=self.dtype)(x)
+      tap(self, f'preact{index + 1}', x)
+      x = nn.relu(x)
+      tap(self, f'stage{index + 1}', x)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    tap(self, 'embedding', x)
     x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
     return x.astype(jnp.float32)

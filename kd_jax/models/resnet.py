@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models.taps import tap
+
 ModuleDef = Callable[..., nn.Module]
 
 # He normal init over fan-out, as torchvision and RepDistiller use for convs.
@@ -44,14 +46,17 @@ def _conv_and_norm(dtype: Any, train: bool) -> tuple[ModuleDef, ModuleDef]:
 
 
 class BasicBlock(nn.Module):
-  """Two 3x3 convs with BN; ReLU after the residual sum (post-activation)."""
+  """Two 3x3 convs with BN; ReLU after the residual sum (post-activation).
+
+  Returns the block output and its pre-activation (the residual sum).
+  """
   features: int
   strides: int
   conv: ModuleDef
   norm: ModuleDef
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     y = self.conv(self.features, (3, 3), self.strides, padding=1)(x)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.features, (3, 3), padding=1)(y)
@@ -59,18 +64,22 @@ class BasicBlock(nn.Module):
     if x.shape != y.shape:
       x = self.conv(self.features, (1, 1), self.strides, name='proj_conv')(x)
       x = self.norm(name='proj_bn')(x)
-    return nn.relu(x + y)
+    preact = x + y
+    return nn.relu(preact), preact
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with BN; ReLU after the sum."""
+  """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with BN; ReLU after the sum.
+
+  Returns the block output and its pre-activation (the residual sum).
+  """
   features: int
   strides: int
   conv: ModuleDef
   norm: ModuleDef
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     y = self.conv(self.features, (1, 1))(x)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.features, (3, 3), self.strides, padding=1)(y)
@@ -81,7 +90,8 @@ class BottleneckBlock(nn.Module):
       x = self.conv(self.features * 4, (1, 1), self.strides,
                     name='proj_conv')(x)
       x = self.norm(name='proj_bn')(x)
-    return nn.relu(x + y)
+    preact = x + y
+    return nn.relu(preact), preact
 
 
 _BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
@@ -89,6 +99,12 @@ _BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
 
 class ResNet(nn.Module):
   """Post-activation ResNet; stages after the first open with a stride-2 block.
+
+  Feature taps (`kd_jax.models.features`), at RepDistiller's / mdistiller's
+  `is_feat` positions: 'stem' (after the stem's ReLU, before any max-pool),
+  'stage1'... (each stage's output), 'preact1'... (the residual sum of each
+  stage's last block, before its ReLU) and 'embedding' (the pooled features
+  the head reads).
 
   Attributes:
     num_classes: number of logits.
@@ -122,10 +138,12 @@ class ResNet(nn.Module):
     if self.stem == 'imagenet':
       x = conv(self.stem_width, (7, 7), 2, padding=3, name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
+      tap(self, 'stem', x)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == 'cifar':
       x = conv(self.stem_width, (3, 3), padding=1, name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
+      tap(self, 'stem', x)
     else:
       raise ValueError("ResNet stem must be 'imagenet' or 'cifar'; "
                        f'got {self.stem!r}.')
@@ -134,9 +152,12 @@ class ResNet(nn.Module):
         zip(self.stage_sizes, self.stage_widths)):
       for index in range(size):
         strides = 2 if stage > 0 and index == 0 else 1
-        x = block_cls(width, strides, conv, norm,
-                      name=f'stage{stage + 1}_block{index + 1}')(x)
+        x, preact = block_cls(width, strides, conv, norm,
+                              name=f'stage{stage + 1}_block{index + 1}')(x)
+      tap(self, f'stage{stage + 1}', x)
+      tap(self, f'preact{stage + 1}', preact)
     x = jnp.mean(x, axis=(1, 2))
+    tap(self, 'embedding', x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)
 
@@ -145,7 +166,9 @@ class WideBasicBlock(nn.Module):
   """Pre-activation block: BN-ReLU-conv, BN-ReLU-dropout-conv, plus shortcut.
 
   As in RepDistiller `wrn.py`, a projection shortcut (1x1 conv) reads the
-  pre-activated input, an identity shortcut the raw input.
+  pre-activated input, an identity shortcut the raw input. Returns the block
+  output and its normalized input before the ReLU (RepDistiller's WRN
+  pre-activation feature of the previous stage).
   """
   features: int
   strides: int
@@ -154,8 +177,10 @@ class WideBasicBlock(nn.Module):
   norm: ModuleDef
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    preact = nn.relu(self.norm()(x))
+  def __call__(self, x: jax.Array,
+               train: bool) -> tuple[jax.Array, jax.Array]:
+    normed = self.norm()(x)
+    preact = nn.relu(normed)
     y = self.conv(self.features, (3, 3), self.strides, padding=1)(preact)
     y = nn.relu(self.norm()(y))
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
@@ -163,11 +188,17 @@ class WideBasicBlock(nn.Module):
     if x.shape[-1] != self.features or self.strides != 1:
       x = self.conv(self.features, (1, 1), self.strides,
                     name='proj_conv')(preact)
-    return x + y
+    return x + y, normed
 
 
 class WideResNet(nn.Module):
   """Wide ResNet WRN-depth-k (Zagoruyko & Komodakis 2016) for 32x32 images.
+
+  Feature taps at RepDistiller's `is_feat` positions: 'stem' (the first
+  conv's output), 'stage1'..'stage3' (each stage's output, before any BN),
+  'preact1'..'preact3' (that output batch-normalized by the BN that reads it
+  next, before the ReLU: the first BN of the next stage's first block, or
+  the final BN) and 'embedding' (the pooled features the head reads).
 
   Attributes:
     num_classes: number of logits.
@@ -195,14 +226,20 @@ class WideResNet(nn.Module):
     blocks_per_stage = (self.depth - 4) // 6
     x = jnp.asarray(x, self.dtype)
     x = conv(16, (3, 3), padding=1, name='stem_conv')(x)
+    tap(self, 'stem', x)
     for stage, width in enumerate((16, 32, 64)):
       for index in range(blocks_per_stage):
         strides = 2 if stage > 0 and index == 0 else 1
-        x = WideBasicBlock(width * self.widen_factor, strides, self.dropout,
-                           conv, norm,
-                           name=f'stage{stage + 1}_block{index + 1}')(x, train)
-    x = nn.relu(norm(name='final_bn')(x))
-    x = jnp.mean(x, axis=(1, 2))
+        x, normed = WideBasicBlock(
+            width * self.widen_factor, strides, self.dropout, conv, norm,
+            name=f'stage{stage + 1}_block{index + 1}')(x, train)
+        if stage > 0 and index == 0:
+          tap(self, f'preact{stage}', normed)
+      tap(self, f'stage{stage + 1}', x)
+    normed = norm(name='final_bn')(x)
+    tap(self, 'preact3', normed)
+    x = jnp.mean(nn.relu(normed), axis=(1, 2))
+    tap(self, 'embedding', x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)
 
@@ -237,14 +274,39 @@ def resnet50(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
   return _imagenet_resnet((3, 4, 6, 3), 'bottleneck', num_classes, dtype)
 
 
+def resnet8(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """CIFAR ResNet-8, widths 16/16/32/64: 83,892 params at 100 classes."""
+  return _cifar_resnet(8, (16, 16, 32, 64), num_classes, dtype)
+
+
+def resnet14(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """CIFAR ResNet-14, widths 16/16/32/64: 181,108 params at 100 classes."""
+  return _cifar_resnet(14, (16, 16, 32, 64), num_classes, dtype)
+
+
 def resnet20(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
   """CIFAR ResNet-20, widths 16/16/32/64: 278,324 params at 100 classes."""
   return _cifar_resnet(20, (16, 16, 32, 64), num_classes, dtype)
 
 
+def resnet32(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """CIFAR ResNet-32, widths 16/16/32/64: 472,756 params at 100 classes."""
+  return _cifar_resnet(32, (16, 16, 32, 64), num_classes, dtype)
+
+
+def resnet44(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """CIFAR ResNet-44, widths 16/16/32/64: 667,188 params at 100 classes."""
+  return _cifar_resnet(44, (16, 16, 32, 64), num_classes, dtype)
+
+
 def resnet56(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
   """CIFAR ResNet-56, widths 16/16/32/64: 861,620 params at 100 classes."""
   return _cifar_resnet(56, (16, 16, 32, 64), num_classes, dtype)
+
+
+def resnet110(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """CIFAR ResNet-110, widths 16/16/32/64: 1,736,564 params, 100 classes."""
+  return _cifar_resnet(110, (16, 16, 32, 64), num_classes, dtype)
 
 
 def resnet8x4(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
@@ -255,6 +317,30 @@ def resnet8x4(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
 def resnet32x4(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
   """CIFAR ResNet-32x4, widths 32/64/128/256: 7,433,860 params, 100 classes."""
   return _cifar_resnet(32, (32, 64, 128, 256), num_classes, dtype)
+
+
+def resnet50_cifar(num_classes: int, dtype: Any = jnp.float32) -> ResNet:
+  """RepDistiller's CIFAR ResNet-50 (`resnetv2.ResNet50`): 23,705,252 params.
+
+  The ImageNet bottleneck layout (3, 4, 6, 3 blocks, widths 64..512 expanded
+  by 4) behind a 3x3 stride-1 stem without max-pool, at 100 classes.
+  """
+  return ResNet(num_classes=num_classes, stage_sizes=(3, 4, 6, 3),
+                block='bottleneck', stem='cifar', dtype=dtype)
+
+
+def wrn_16_1(num_classes: int, dtype: Any = jnp.float32,
+             dropout: float = 0.0) -> WideResNet:
+  """WRN-16-1: 180,916 params at 100 classes."""
+  return WideResNet(num_classes=num_classes, depth=16, widen_factor=1,
+                    dropout=dropout, dtype=dtype)
+
+
+def wrn_40_1(num_classes: int, dtype: Any = jnp.float32,
+             dropout: float = 0.0) -> WideResNet:
+  """WRN-40-1: 569,780 params at 100 classes."""
+  return WideResNet(num_classes=num_classes, depth=40, widen_factor=1,
+                    dropout=dropout, dtype=dtype)
 
 
 def wrn_16_2(num_classes: int, dtype: Any = jnp.float32,
