@@ -12,6 +12,7 @@
   global average pooling and one dense layer.
 """
 
+from collections.abc import Sequence
 import functools
 from typing import Any
 
@@ -24,11 +25,11 @@ from kd_jax.models.taps import tap
 
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
-# (expansion, width, blocks, stride) of each group, as RepDistiller's
+# (expansion, width, stride) of each group, as RepDistiller's
 # `interverted_residual_setting` with expansion T in place of 't'.
-_V2_GROUPS = ((1, 16, 1, 1), ('T', 24, 2, 1), ('T', 32, 3, 2),
-              ('T', 64, 4, 2), ('T', 96, 3, 1), ('T', 160, 3, 2),
-              ('T', 320, 1, 1))
+_V2_GROUPS = ((1, 16, 1), ('T', 24, 1), ('T', 32, 2), ('T', 64, 2),
+              ('T', 96, 1), ('T', 160, 2), ('T', 320, 1))
+_V2_GROUP_SIZES = (1, 2, 3, 4, 3, 3, 1)
 # Groups after which RepDistiller's MobileNetV2 returns a feature.
 _V2_STAGE_ENDS = {1: 'stage1', 2: 'stage2', 4: 'stage3', 6: 'stage4'}
 
@@ -83,11 +84,13 @@ class MobileNetV2(nn.Module):
     num_classes: number of logits.
     expansion: expansion ratio T of the inverted residual blocks.
     width_mult: width multiplier of the stem and the blocks.
+    group_sizes: blocks in each of the seven groups.
     dtype: computation dtype; params stay float32, logits are float32.
   """
   num_classes: int
   expansion: int = 6
   width_mult: float = 0.5
+  group_sizes: Sequence[int] = _V2_GROUP_SIZES
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -99,7 +102,11 @@ class MobileNetV2(nn.Module):
              name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))
     tap(self, 'stem', x)
-    for group, (expansion, width, blocks, strides) in enumerate(_V2_GROUPS):
+    if len(self.group_sizes) != len(_V2_GROUPS) or min(self.group_sizes) < 1:
+      raise ValueError('MobileNetV2 group_sizes must be 7 positive block '
+                       f'counts; got {tuple(self.group_sizes)}.')
+    for group, ((expansion, width, strides), blocks) in enumerate(
+        zip(_V2_GROUPS, self.group_sizes)):
       expansion = self.expansion if expansion == 'T' else expansion
       for index in range(blocks):
         x = InvertedResidual(
@@ -160,13 +167,15 @@ class MobileNetV1(nn.Module):
     return x.astype(jnp.float32)
 
 
-def mobilenetv2(num_classes: int, dtype: Any = jnp.float32) -> MobileNetV2:
+def mobilenetv2(num_classes: int, dtype: Any = jnp.float32,
+                group_sizes: Sequence[int] = _V2_GROUP_SIZES) -> MobileNetV2:
   """RepDistiller's `mobile_half` (T=6, width 0.5): 812,836 params.
 
-  At 100 classes; the CRD benchmark's MobileNetV2 student.
+  At 100 classes; the CRD benchmark's MobileNetV2 student. Fewer blocks per
+  group (`group_sizes`, e.g. all 1 for smoke runs) depart from the reference.
   """
   return MobileNetV2(num_classes=num_classes, expansion=6, width_mult=0.5,
-                     dtype=dtype)
+                     group_sizes=tuple(group_sizes), dtype=dtype)
 
 
 def mobilenetv1(num_classes: int, dtype: Any = jnp.float32) -> MobileNetV1:

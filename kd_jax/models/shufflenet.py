@@ -200,11 +200,21 @@ class ShuffleNetV2(nn.Module):
     return x.astype(jnp.float32)
 
 
-def shufflenetv1(num_classes: int, dtype: Any = jnp.float32) -> ShuffleNetV1:
-  """RepDistiller's `ShuffleV1`: 949,258 params at 100 classes."""
-  return ShuffleNetV1(num_classes=num_classes, dtype=dtype)
+def shufflenetv1(num_classes: int, dtype: Any = jnp.float32,
+                 stage_sizes: Sequence[int] = (4, 8, 4)) -> ShuffleNetV1:
+  """RepDistiller's `ShuffleV1`: 949,258 params at 100 classes.
+
+  Other `stage_sizes` (e.g. (1, 1, 1) for smoke runs) depart from it.
+  """
+  return ShuffleNetV1(num_classes=num_classes, stage_sizes=tuple(stage_sizes),
+                      dtype=dtype)
 
 
-def shufflenetv2(num_classes: int, dtype: Any = jnp.float32) -> ShuffleNetV2:
-  """RepDistiller's `ShuffleV2` (net size 1): 1,355,528 params, 100 cls."""
-  return ShuffleNetV2(num_classes=num_classes, dtype=dtype)
+def shufflenetv2(num_classes: int, dtype: Any = jnp.float32,
+                 stage_sizes: Sequence[int] = (3, 7, 3)) -> ShuffleNetV2:
+  """RepDistiller's `ShuffleV2` (net size 1): 1,355,528 params, 100 classes.
+
+  Other `stage_sizes` (e.g. (1, 1, 1) for smoke runs) depart from it.
+  """
+  return ShuffleNetV2(num_classes=num_classes, stage_sizes=tuple(stage_sizes),
+                      dtype=dtype)

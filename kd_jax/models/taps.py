@@ -14,6 +14,6 @@ INTERMEDIATES = 'intermediates'
 
 
 def tap(module: nn.Module, name: str, value: jax.Array) -> None:
-  """Records `value` as feature `name` of `module` when features are asked for."""
+  """Records `value` as feature `name` of `module` when features are asked."""
   if not module.is_initializing():
     module.sow(INTERMEDIATES, name, value)

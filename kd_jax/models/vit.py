@@ -95,8 +95,8 @@ class ViT(nn.Module):
     tokens = [self.param('cls_token', _INIT, (1, 1, self.width))]
     if self.distill_token:
       tokens.append(self.param('dist_token', _INIT, (1, 1, self.width)))
-    tokens = [jnp.broadcast_to(t.astype(self.dtype), (x.shape[0], 1, self.width))
-              for t in tokens]
+    tokens = [jnp.broadcast_to(t.astype(self.dtype),
+                               (x.shape[0], 1, self.width)) for t in tokens]
     x = jnp.concatenate([*tokens, x], axis=1)
     x = x + self.param('pos_embed', _INIT, (1, *x.shape[1:])).astype(self.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
