@@ -49,6 +49,8 @@ from kd_jax import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER = dict(teacher=67, scratch=146, distilled=74, test_digits=10_000)
+# mnist5k holds out its last 400 train digits to choose settings on.
+TRAIN, VAL = 'train[:3600]', 'train[3600:]'
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -58,10 +60,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--out_dir', default=None,
                       help='Where results.{json,md} and errors.png go '
                       '(default: this folder; with --tiny, --workdir).')
-  parser.add_argument('--seeds', default='0,1,2',
+  parser.add_argument('--seeds', default='0,1,2,3,4',
                       help='Comma-separated seeds; every model runs once each.')
+  parser.add_argument('--teachers_dir', default=None,
+                      help='Where the teachers go, teacher_s<seed> (default: '
+                      '--workdir); studies that share it share teachers.')
   parser.add_argument('--tiny_temperatures', default='2.5,3,4',
-                      help='Temperatures at which the 2x30 net is distilled.')
+                      help='Temperatures at which the small nets are '
+                      'distilled.')
+  parser.add_argument('--small_widths', default='30',
+                      help='Widths w of the small 2xw nets trained from '
+                      'scratch and distilled at --tiny_temperatures.')
   parser.add_argument('--num_epochs', type=float, default=None,
                       help='Overrides the configs\' 60 epochs for the '
                       'students (the teachers keep theirs).')
@@ -76,6 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.seeds = [int(s) for s in args.seeds.split(',') if s]
   args.tiny_temperatures = [float(t) for t in
                             args.tiny_temperatures.split(',') if t]
+  args.small_widths = [int(w) for w in args.small_widths.split(',') if w]
   if args.tiny:
     args.seeds = args.seeds[:1]
     args.tiny_temperatures = args.tiny_temperatures[-1:]
@@ -85,6 +95,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      'value, e.g. --seeds=0,1,2.')
   if args.out_dir is None:
     args.out_dir = args.workdir if args.tiny else HERE
+  if args.teachers_dir is None:
+    args.teachers_dir = args.workdir
   return args
 
 
@@ -108,37 +120,42 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
   """Every run of the study, teachers first: name, group, config and workdir."""
   common = ['tiny'] if args.tiny else []
   overrides: dict[str, Any] = {'dataset': args.dataset}
+  if args.dataset == 'mnist5k':
+    overrides.update(train_split=TRAIN, eval_splits=(VAL, 'test'))
   if args.data_dir:
     overrides['data_dir'] = args.data_dir
   epochs = ([] if args.num_epochs is None
             else [f'num_epochs={args.num_epochs:g}'])
   runs = []
 
-  def add(name, group, config_name, arg_parts, extra=None, temperature=None):
+  def add(name, group, config_name, arg_parts, extra=None, temperature=None,
+          seed=None):
     student = config_name != 'mnist5k_teacher'
     runs.append(dict(
-        name=name, group=group, temperature=temperature,
+        name=name, group=group, temperature=temperature, seed=seed,
         config_name=config_name,
         arg=','.join(common + (epochs if student else []) + arg_parts),
         overrides={**overrides, **(extra or {})},
-        workdir=os.path.join(args.workdir, name)))
+        workdir=os.path.join(args.workdir if student else args.teachers_dir,
+                             name)))
 
   for seed in args.seeds:
     add(f'teacher_s{seed}', 'teacher 2x1200', 'mnist5k_teacher',
-        [f'seed={seed}'])
+        [f'seed={seed}'], seed=seed)
   for seed in args.seeds:
-    teacher = os.path.join(args.workdir, f'teacher_s{seed}')
+    teacher = os.path.join(args.teachers_dir, f'teacher_s{seed}')
     distill = [f'seed={seed}', f'teacher_workdir={teacher}']
     add(f'student800_scratch_s{seed}', '2x800 scratch', 'mnist5k_student',
-        [f'seed={seed}'])
+        [f'seed={seed}'], seed=seed)
     add(f'student800_T20_s{seed}', '2x800 distilled T=20', 'mnist5k_distill',
-        distill + ['distill.temperature=20.0'], temperature=20.0)
-    add(f'student30_scratch_s{seed}', '2x30 scratch', 'mnist5k_student',
-        [f'seed={seed}'], {'model.hidden': (30, 30)})
-    for t in args.tiny_temperatures:
-      add(f'student30_T{t:g}_s{seed}', f'2x30 distilled T={t:g}',
-          'mnist5k_distill', distill + [f'distill.temperature={t}'],
-          {'model.hidden': (30, 30)}, temperature=t)
+        distill + ['distill.temperature=20.0'], temperature=20.0, seed=seed)
+    for w in args.small_widths:
+      add(f'student{w}_scratch_s{seed}', f'2x{w} scratch', 'mnist5k_student',
+          [f'seed={seed}'], {'model.hidden': (w, w)}, seed=seed)
+      for t in args.tiny_temperatures:
+        add(f'student{w}_T{t:g}_s{seed}', f'2x{w} distilled T={t:g}',
+            'mnist5k_distill', distill + [f'distill.temperature={t}'],
+            {'model.hidden': (w, w)}, temperature=t, seed=seed)
   return runs
 
 
@@ -153,14 +170,18 @@ def run_one(run: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-  """Per group: test errors per seed, their mean, sample std, min and max."""
+  """Per group: test errors per seed, their mean, sample std, min and max
+  (and validation errors per seed where the runs hold out validation)."""
   groups: dict[str, dict[str, Any]] = {}
   for run in runs:
     test = run['summary']['eval']['test']
     g = groups.setdefault(run['group'], dict(
         errors=[], num_examples=int(test['num_examples']),
-        temperature=run['temperature']))
+        temperature=run['temperature'], seeds=[], val_errors=[]))
     g['errors'].append(int(test['errors']))
+    g['seeds'].append(run['seed'])
+    if VAL in run['summary']['eval']:
+      g['val_errors'].append(int(run['summary']['eval'][VAL]['errors']))
   for g in groups.values():
     e = np.asarray(g['errors'], float)
     g.update(mean=float(e.mean()), std=float(e.std(ddof=1)) if len(e) > 1
@@ -187,19 +208,54 @@ def recovered_rows(groups: dict[str, dict[str, Any]]
   return rows
 
 
+def paired_rows(groups: dict[str, dict[str, Any]]
+                ) -> list[tuple[str, str, list[int], int]]:
+  """(distilled, scratch, per-seed scratch - distilled errors, seeds won)."""
+  rows = []
+  for name, g in groups.items():
+    if 'distilled' in name:
+      scratch = groups[name.split(' distilled')[0] + ' scratch']
+      by_seed = dict(zip(scratch['seeds'], scratch['errors']))
+      diffs = [by_seed[s] - e for s, e in zip(g['seeds'], g['errors'])
+               if s in by_seed]
+      rows.append((name, name.split(' distilled')[0] + ' scratch', diffs,
+                   sum(d > 0 for d in diffs)))
+  return rows
+
+
 def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
-  """The error and gap-recovered tables, with the paper's numbers."""
+  """The error, paired and gap-recovered tables, with the paper's numbers."""
   n = next(iter(groups.values()))['num_examples']
   epochs = 60 if args.num_epochs is None else args.num_epochs
+  with_val = all(g['val_errors'] for g in groups.values())
   lines = [f'Test errors on the {n:,} {args.dataset} test digits, over seeds '
-           f'{args.seeds} (mean, sample std, min-max; error % of the mean). '
-           f'Teachers: 60 epochs; students: {epochs:g} epochs.', '',
-           '| model | errors per seed | mean | std | min-max | error % |',
-           '|---|---|---:|---:|---:|---:|']
+           f'{args.seeds} (mean, sample std, min-max; error % of the mean)'
+           + (f', and validation errors on the 400 held-out train digits '
+              f'`{VAL}` (students trained on `{TRAIN}`)' if with_val else '')
+           + f'. Students: {epochs:g} epochs.', '',
+           '| model | test errors per seed | mean | std | min-max | error % |'
+           + (' val errors (mean +- std) |' if with_val else ''),
+           '|---|---|---:|---:|---:|---:|' + ('---:|' if with_val else '')]
   for name, g in groups.items():
+    val = ''
+    if with_val:
+      v = np.asarray(g['val_errors'], float)
+      val = (f' {v.mean():.1f} +- '
+             f'{v.std(ddof=1) if len(v) > 1 else 0.0:.1f} |')
     lines.append(f'| {name} | {", ".join(map(str, g["errors"]))} | '
                  f'{g["mean"]:.1f} | {g["std"]:.1f} | {g["min"]:g}-'
-                 f'{g["max"]:g} | {100 * g["mean"] / n:.2f} |')
+                 f'{g["max"]:g} | {100 * g["mean"] / n:.2f} |' + val)
+  lines += ['', 'Paired by seed (student seed s distilled from teacher seed '
+            's): scratch errors - distilled errors per seed, positive when '
+            'distillation helps.', '',
+            '| distilled | vs | per seed | mean +- std | seeds better |',
+            '|---|---|---|---:|---:|']
+  for name, scratch, diffs, won in paired_rows(groups):
+    d = np.asarray(diffs, float)
+    lines.append(f'| {name} | {scratch} | {", ".join(f"{x:+d}" for x in diffs)}'
+                 f' | {d.mean():+.1f} +- '
+                 f'{d.std(ddof=1) if len(d) > 1 else 0.0:.1f} | '
+                 f'{won} of {len(diffs)} |')
   lines += ['', 'Share of the teacher-student gap recovered, (scratch - '
             'distilled) / (scratch - teacher), from the mean errors:', '',
             '| distilled | vs | gap recovered |', '|---|---|---:|']
@@ -272,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   plot(os.path.join(args.out_dir, 'errors.png'), groups, n)
   record = dict(args=vars(args), seconds=seconds,
                 groups=groups, gap_recovered={r[0]: r[2] for r in rows},
+                paired={r[0]: dict(vs=r[1], scratch_minus_distilled=r[2],
+                                   seeds_better=r[3])
+                        for r in paired_rows(groups)},
                 runs=[{k: v for k, v in r.items()} for r in runs])
   with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
     json.dump(record, f, indent=2)
