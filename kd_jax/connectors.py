@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kd_jax import feature_losses
 
@@ -149,7 +150,7 @@ class VIDRegressor(nn.Module):
     x = nn.relu(nn.Conv(mid, **conv)(x))
     mean = nn.Conv(t_channels, **conv)(x)
     # Inverse softplus of (init_pred_var - eps).
-    init = float(jnp.log(jnp.expm1(self.init_pred_var - self.eps)))
+    init = float(np.log(np.expm1(self.init_pred_var - self.eps)))
     log_scale = self.param('log_scale', nn.initializers.constant(init),
                            (t_channels,), jnp.float32)
     return mean, log_scale
