@@ -8,7 +8,9 @@ dense layer, and torch's symmetric padding (3 for 7x7, 1 for 3x3 convs).
   the bottleneck): 7x7/2 stem and 3x3/2 max-pool, four stages.
 * CIFAR ResNets of the CRD distillation benchmark (Tian et al. 2020,
   RepDistiller `resnet.py`): 3x3 stem, three stages of basic blocks,
-  n = (depth - 2) / 6 blocks per stage, 1x1-conv + BN projection shortcuts.
+  n = (depth - 2) / 6 blocks per stage, 1x1-conv + BN projection shortcuts;
+  and RepDistiller's CIFAR ResNet-50 (`resnetv2.py`): ImageNet bottleneck
+  stages behind the 3x3 stem.
 * Wide ResNets (Zagoruyko & Komodakis 2016; RepDistiller `wrn.py`):
   pre-activation basic blocks, widths 16k/32k/64k, n = (depth - 4) / 6 blocks
   per stage, optional dropout between the two convs of a block.
