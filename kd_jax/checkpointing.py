@@ -3,11 +3,18 @@
 A checkpoint at `workdir/checkpoints/<step>/` holds three items:
 - `model`: {'params', 'batch_stats'}: all that a later run needs to use the
   trained network, e.g. as a frozen teacher;
-- `train`: {'opt_state', 'step', 'rng'}: what resuming needs on top;
+- `train`: {'opt_state', 'step', 'rng'} and any other state entries (a
+  learned temperature, `kd_jax.objective`): what resuming needs on top;
 - `meta`: JSON (step, the data position, the config fingerprint).
 Teachers are never part of a student's checkpoint. Orbax writes each step into
 a temporary folder and renames it when complete, so a run killed mid-save
 keeps its previous checkpoint.
+
+`meta` also records a checksum of the saved values, the state's structure
+(paths, shapes, dtypes) and whatever the trainer adds (topology, teacher
+fingerprint). `restore` starts from the newest step and falls back to the
+newest one that restores cleanly with a matching checksum; damaged steps are
+moved to `workdir/checkpoints_broken/`, never deleted.
 """
 
 from __future__ import annotations
@@ -17,10 +24,22 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
+BROKEN_DIR = 'checkpoints_broken'
+
+
+class NoUsableCheckpoint(RuntimeError):
+  """Every checkpoint of a run failed to restore."""
+
+
+class ModelChanged(ValueError):
+  """The checkpoints hold a state of other paths, shapes or dtypes."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -38,30 +57,162 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
+def _host_array(leaf) -> np.ndarray:
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    leaf = leaf.addressable_shards[0].data  # Replicated: any copy will do.
+  return np.asarray(jax.device_get(leaf))
+
+
+def checksum(tree) -> str:
+  """A hash of every leaf's path, dtype and bytes."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.ascontiguousarray(_host_array(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:32]
+
+
+def structure(tree) -> dict[str, str]:
+  """{path: 'dtype[shape]'} of every leaf (arrays or ShapeDtypeStructs)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = leaf.dtype
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      dtype = 'key'
+    out[jax.tree_util.keystr(path)] = f'{dtype}{list(leaf.shape)}'
+  return out
+
+
+def _split(state):
+  model = {k: state[k] for k in ('params', 'batch_stats')}
+  # Everything else resumes training only (e.g. a learned temperature).
+  train = {k: v for k, v in state.items() if k not in model}
+  return model, train
+
+
 def save(mngr: ocp.CheckpointManager, state: dict[str, Any],
          meta: dict[str, Any]) -> None:
+  """Saves `state` at its step, with `meta` plus checksum and structure."""
   step = int(jax.device_get(state['step']))
-  model = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  train = {k: state[k] for k in ('opt_state', 'step', 'rng')}
+  model, train = _split(state)
+  meta = dict(meta, step=step, checksum=checksum(state),
+              structure=structure(state))
   mngr.save(step, args=ocp.args.Composite(
       model=ocp.args.StandardSave(model),
       train=ocp.args.StandardSave(train),
-      meta=ocp.args.JsonSave(dict(meta, step=step))))
+      meta=ocp.args.JsonSave(meta)))
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: dict[str, Any]
+def _short(e: BaseException) -> str:
+  text = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {text[:300]}{"..." if len(text) > 300 else ""}'
+
+
+def _model_change(workdir: str, step: int, stored: dict[str, str],
+                  wanted: dict[str, str]) -> ModelChanged:
+  differ = [f'{k}: stored {stored.get(k, "absent")}, this config '
+            f'{wanted.get(k, "absent")}'
+            for k in sorted(set(stored) | set(wanted))
+            if stored.get(k) != wanted.get(k)]
+  return ModelChanged(
+      f'the checkpoints in {checkpoint_dir(workdir)} (step {step}) hold a '
+      f'model or optimizer of other shapes than this config builds '
+      f'({len(differ)} differ, e.g. {"; ".join(differ[:3])}). '
+      f'config.allow_config_change=True resumes only changes that keep the '
+      f'state\'s shapes: use a fresh --workdir for the new model, and set '
+      f'config.init_from={workdir!r} to start it from these weights.')
+
+
+def _restore_step(mngr, step: int, abstract_state, workdir: str):
+  """(state, meta) of `step`; raises ModelChanged or whatever damage does."""
+  meta = dict(mngr.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta'])
+  wanted = structure(abstract_state)
+  if 'structure' in meta and meta['structure'] != wanted:
+    raise _model_change(workdir, step, meta['structure'], wanted)
+  model, train = _split(abstract_state)
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(model),
+        train=ocp.args.StandardRestore(train)))
+  except ValueError as e:
+    if 'not compatible with the stored shape' in str(e) or 'strict' in str(e):
+      raise ModelChanged(
+          f'the checkpoints in {checkpoint_dir(workdir)} hold a model of '
+          f'other shapes than this config builds ({_short(e)}). Use a fresh '
+          f'--workdir for the new model, and set config.init_from='
+          f'{workdir!r} to start it from these weights.') from None
+    raise
+  state = {**out['model'], **out['train']}
+  if 'checksum' in meta and checksum(state) != meta['checksum']:
+    raise ValueError('its values do not match the checksum recorded when it '
+                     'was saved (the files were altered)')
+  return state, meta
+
+
+def _move_aside(workdir: str, step: int) -> str:
+  broken = os.path.join(os.path.abspath(workdir), BROKEN_DIR)
+  os.makedirs(broken, exist_ok=True)
+  target, n = os.path.join(broken, str(step)), 0
+  while os.path.exists(target):
+    n += 1
+    target = os.path.join(broken, f'{step}.{n}')
+  os.rename(os.path.join(checkpoint_dir(workdir), str(step)), target)
+  return target
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: dict[str, Any],
+            workdir: str | None = None, move_broken: bool = True
             ) -> tuple[dict[str, Any], dict[str, Any]] | None:
-  """The latest (state, meta), laid out like `abstract_state`; None if none."""
-  step = mngr.latest_step()
-  if step is None:
+  """The newest (state, meta) that restores cleanly, laid out like
+  `abstract_state`; None if there is no checkpoint.
+
+  A step that fails to restore (damaged files, unreadable metadata, values
+  that miss their checksum) is logged and skipped for the next older one;
+  once one restores, the damaged ones are moved to `checkpoints_broken/`
+  (when `move_broken`, which only one process of a run should set) so that
+  `latest_step` names the restored step.
+
+  Raises:
+    ModelChanged: the checkpoints hold a state of other shapes.
+    NoUsableCheckpoint: no step restores; names each step and its error.
+  """
+  workdir = workdir or os.path.dirname(str(mngr.directory))
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
     return None
-  model = {k: abstract_state[k] for k in ('params', 'batch_stats')}
-  train = {k: abstract_state[k] for k in ('opt_state', 'step', 'rng')}
-  out = mngr.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(model),
-      train=ocp.args.StandardRestore(train),
-      meta=ocp.args.JsonRestore()))
-  return {**out['model'], **out['train']}, dict(out['meta'])
+  failed = []
+  for step in steps:
+    try:
+      state, meta = _restore_step(mngr, step, abstract_state, workdir)
+    except ModelChanged:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('checkpoint step %d in %s does not restore (%s); '
+                      'trying the next older one.', step,
+                      checkpoint_dir(workdir), _short(e))
+      failed.append((step, _short(e)))
+      continue
+    if failed:
+      if move_broken:
+        for bad, reason in failed:
+          target = _move_aside(workdir, bad)
+          logging.warning('moved the damaged checkpoint step %d to %s (%s); '
+                          'resuming from step %d.', bad, target, reason, step)
+      if jax.process_count() > 1:  # Every process sees them moved.
+        multihost_utils.sync_global_devices('kd_jax_checkpoint_fallback')
+      mngr.reload()
+    return state, meta
+  tried = '; '.join(f'step {s}: {r}' for s, r in failed)
+  raise NoUsableCheckpoint(
+      f'no checkpoint in {checkpoint_dir(workdir)} restores ({tried}). They '
+      f'are left as they are. To start this run afresh, move that folder '
+      f'aside (e.g. mv {checkpoint_dir(workdir)} '
+      f'{os.path.join(os.path.abspath(workdir), BROKEN_DIR)}_all) and rerun '
+      f'the same command; or use a fresh --workdir.')
 
 
 def latest_step(workdir: str) -> int | None:

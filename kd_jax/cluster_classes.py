@@ -30,6 +30,7 @@ import numpy as np
 
 from kd_jax import config_lib
 from kd_jax import input_pipeline
+from kd_jax import rundir
 from kd_jax import specialist_groups
 from kd_jax import specialists
 from kd_jax import teachers
@@ -82,7 +83,7 @@ def cluster(config: ml_collections.ConfigDict, workdir: str,
   if not temperature > 0:
     raise ValueError(f'config.specialist.cluster_temperature={temperature} '
                      'must be > 0.')
-  num_classes = teachers.read_run_info(workdir)['num_classes']
+  num_classes = rundir.read_run_info(workdir, '--workdir')['num_classes']
   if not 1 <= num_groups <= num_classes:
     raise ValueError(
         f'config.specialist.num_groups={num_groups}: more clusters than the '

@@ -9,6 +9,7 @@ same way for every run.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 from typing import Any
@@ -136,6 +137,14 @@ def _split_top_level(arg: str) -> list[str]:
   return parts + [current]
 
 
+def _did_you_mean(node, parents: list[str], name: str) -> str:
+  """' (did you mean a.b?)' for the known field nearest to `name`, or ''."""
+  if not isinstance(node, ml_collections.ConfigDict):
+    return ''
+  close = difflib.get_close_matches(name, list(node.keys()), n=1)
+  return f' (did you mean {".".join(parents + close)}?)' if close else ''
+
+
 def parse_arg(config: ml_collections.ConfigDict, arg: str | None,
               runlocal=None) -> ml_collections.ConfigDict:
   """Applies `arg` ('runlocal,seed=3,distill.temperature=4') to `config`.
@@ -155,12 +164,12 @@ def parse_arg(config: ml_collections.ConfigDict, arg: str | None,
     key, value = part.split('=', 1)
     node = config
     *parents, leaf = key.split('.')
-    for p in parents:
+    for depth, p in enumerate(parents + [leaf]):
       if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-        raise ValueError(f'config arg sets unknown field {key!r}')
-      node = node[p]
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-      raise ValueError(f'config arg sets unknown field {key!r}')
+        raise ValueError(f'config arg sets unknown field {key!r}'
+                         f'{_did_you_mean(node, parents[:depth], p)}')
+      if depth < len(parents):
+        node = node[p]
     node[leaf] = _parse_value(value)
   return config
 

@@ -82,6 +82,15 @@ def _check_dtype(dtype: str) -> None:
     raise ValueError(f'dtype={dtype!r}; choose one of {DTYPES}.')
 
 
+def _check_out(out_dir: str, overwrite: bool) -> None:
+  """Refuses to write over an existing cache unless asked to."""
+  if not overwrite and os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(
+        f'--out={out_dir!r} already holds files (a cache that students may '
+        'have trained from): pass --overwrite to replace it, or choose '
+        'another --out.')
+
+
 def _single_process() -> dict[str, int]:
   if jax.process_count() > 1:
     raise ValueError('export_logits reads whole splits in one process; run it '
@@ -177,8 +186,11 @@ def write_split(directory: str, *, ids: np.ndarray, labels: np.ndarray,
   Returns:
     The bytes of the teacher's arrays on disk (npy payloads).
   """
-  os.makedirs(directory, exist_ok=True)
   ids = np.asarray([bytes(i) for i in ids], dtype=np.bytes_)
+  for name, values in ({'logits': logits} if topk is None else
+                       {'topk_logits': topk[0], 'rest_mass': topk[2]}).items():
+    teachers.check_finite(values, ids, f'{name} for {directory}')
+  os.makedirs(directory, exist_ok=True)
   labels = np.asarray(labels, np.int32)
   dtype = manifest['dtype']
   if topk is None:
@@ -227,8 +239,8 @@ def write_split(directory: str, *, ids: np.ndarray, labels: np.ndarray,
 def export(config: ml_collections.ConfigDict, out_dir: str,
            splits: Sequence[str] | None = None,
            dtype: str = 'float32', *, views: int = 1, view_seed: int = 0,
-           top_k: int | None = None, temperature: float | None = None
-           ) -> dict[str, dict[str, Any]]:
+           top_k: int | None = None, temperature: float | None = None,
+           overwrite: bool = False) -> dict[str, dict[str, Any]]:
   """Runs the config's teachers over `splits` and writes a logits cache.
 
   Args:
@@ -246,12 +258,14 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
       mass of the others (at `temperature`) instead of all C logits.
     temperature: where the top-k rest mass is computed; default
       config.distill.temperature (training must use the same).
+    overwrite: replace an existing cache in `out_dir` (else refused).
 
   Returns:
     The manifest written for each split, plus 'nbytes' (the teacher arrays
     on disk) and 'dense_nbytes' (what dense storage in `dtype` would take).
   """
   _check_dtype(dtype)
+  _check_out(out_dir, overwrite)
   if config.distill.ensemble_method == 'sum_losses' and len(
       config.teachers) > 1:
     raise ValueError(
@@ -384,7 +398,8 @@ def probabilities_to_log_probs(probs: np.ndarray, ids: np.ndarray
 
 def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
                     *, probabilities: bool, ids_path: str | None = None,
-                    dtype: str = 'float32') -> dict[str, dict[str, Any]]:
+                    dtype: str = 'float32', overwrite: bool = False
+                    ) -> dict[str, dict[str, Any]]:
   """Converts a black-box teacher's table into the logits-cache layout.
 
   Args:
@@ -396,16 +411,23 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
     probabilities: the table holds probabilities (stored as log-probs).
     ids_path: the ids `.npy` of an `.npy` table.
     dtype: 'float32' or 'float16' storage.
+    overwrite: replace an existing cache in `out_dir` (else refused).
 
   Returns:
     The manifest written for each split that holds rows of the table.
+
+  Raises:
+    ValueError: a malformed table, or one holding NaN or Inf (naming the
+      first bad id).
   """
   _check_dtype(dtype)
+  _check_out(out_dir, overwrite)
   info = _dataset_info(config)
   if table.endswith('.npy'):
     ids, values = _read_npy_table(table, ids_path, info.num_classes)
   else:
     ids, values = _read_csv_table(table, info.class_names)
+  teachers.check_finite(values, ids, table)
   keys = [bytes(i) for i in ids]
   if len(set(keys)) != len(keys):
     raise ValueError(f'{table}: ids must be unique; '
@@ -469,6 +491,7 @@ def define_flags() -> None:
                        'and the rest mass instead of all logits.')
   flags.DEFINE_float('temperature', None, 'Temperature of the top-k rest '
                      'mass; default config.distill.temperature.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing cache at --out.')
   flags.mark_flags_as_required(['config', 'out'])
 
 
@@ -479,11 +502,12 @@ def main(argv):
   if f.import_table:
     manifests = import_blackbox(f.import_table, f.out, f.config,
                                 probabilities=f.probabilities,
-                                ids_path=f.import_ids, dtype=f.dtype)
+                                ids_path=f.import_ids, dtype=f.dtype,
+                                overwrite=f.overwrite)
   else:
     manifests = export(f.config, f.out, f.splits, f.dtype, views=f.views,
                        view_seed=f.view_seed, top_k=f.top_k,
-                       temperature=f.temperature)
+                       temperature=f.temperature, overwrite=f.overwrite)
   for split, m in manifests.items():
     views = m['preprocessing']['num_views']
     print(f'{split}: {m["num_examples"]} examples, {views} '

@@ -193,10 +193,13 @@ def _check_label_range(labels: Any, num_classes: int, where: Any = None,
   valid = np.broadcast_to(np.asarray(where, dtype=bool), labels.shape)
   bad = labels[valid & ((labels < 0) | (labels >= num_classes))]
   if bad.size:
+    fix = (f'build the model with num_classes > {int(bad.max())}'
+           if bad.max() >= num_classes else
+           'drop or mask (where=) the examples with negative labels, which '
+           'mark unlabelled data in some datasets')
     raise ValueError(
         f'{name} contains class indices outside [0, {num_classes}): '
-        f'{sorted(set(bad.tolist()))[:10]}; remap the labels, or build the '
-        f'model with num_classes > {int(bad.max())}.')
+        f'{sorted(set(bad.tolist()))[:10]}; remap the labels, or {fix}.')
 
 
 def _label_info(labels: ArrayLike, logits: jax.Array,
@@ -226,8 +229,9 @@ def _label_info(labels: ArrayLike, logits: jax.Array,
 
 def _cross_entropy_with_probs(targets: jax.Array,
                               log_probs: jax.Array) -> jax.Array:
-  """-sum_c t_c log q_c, with 0 * log 0 = 0 (no NaN where a target is 0)."""
-  positive = targets > 0
+  """-sum_c t_c log q_c, with 0 * log 0 = 0 (no NaN where a target is 0);
+  NaN targets propagate."""
+  positive = targets != 0
   safe_log_probs = jnp.where(positive, log_probs, 0.0)
   return -jnp.sum(jnp.where(positive, targets * safe_log_probs, 0.0), axis=-1)
 
@@ -350,7 +354,8 @@ def _kl_divergence(student: jax.Array, teacher: jax.Array, temperature: Any,
   log_q = _tempered_log_softmax(student.astype(dtype), temperature)
   log_p = _tempered_log_softmax(teacher.astype(dtype), temperature)
   p = jnp.exp(log_p)
-  positive = p > 0
+  # `!= 0`, not `> 0`: NaN teacher values must propagate, not vanish.
+  positive = p != 0
   # Double `where`: p = 0 terms are 0 in value and in gradient (no 0 * inf).
   log_ratio = jnp.where(positive, log_p, 0.0) - jnp.where(positive, log_q, 0.0)
   kl = jnp.sum(jnp.where(positive, p * log_ratio, 0.0), axis=-1)

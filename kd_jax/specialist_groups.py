@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from kd_jax import rundir
 from kd_jax import specialists
 
 DUSTBIN = 'dustbin'
@@ -162,11 +163,9 @@ def specialist_head(config, class_names: Sequence[str]) -> SpecialistHead:
 
 def check_same_group(workdir: str, specialist: dict[str, Any]) -> None:
   """Refuses to resume a specialist's workdir that trained another group."""
-  path = os.path.join(workdir, 'run_info.json')
-  if not os.path.exists(path):
+  if not rundir.has_run_info(workdir):
     return
-  with open(path) as f:
-    previous = json.load(f).get('specialist')
+  previous = rundir.read_run_info(workdir).get('specialist')
   keys = ('index', 'group', 'dataset_class_names')
   if previous is None or any(previous.get(k) != specialist[k] for k in keys):
     before = (None if previous is None else

@@ -18,16 +18,21 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from kd_jax import checkpointing
 from kd_jax import input_pipeline
 from kd_jax import models
+from kd_jax import rundir
 from kd_jax import specialist_groups
 from kd_jax import specialists
 
-RUN_INFO = 'run_info.json'
+# Thin re-exports: kd_jax.rundir owns run_info.json.
+RUN_INFO = rundir.RUN_INFO
+read_run_info = rundir.read_run_info
+write_run_info = rundir.write_run_info
+_spec_dict = rundir.spec_dict
+_teacher_train_command = rundir._teacher_train_command  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,27 +45,6 @@ class Teacher:
   # Host-side (batch, step=None) -> batch with 'teacher_logits' added (logits
   # caches); train batches pass their step (it picks multi-view views).
   host_lookup: Callable[..., dict[str, Any]] | None = None
-
-
-def _spec_dict(spec) -> dict[str, Any]:
-  spec = spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else dict(spec)
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
-
-
-def _teacher_train_command(workdir: str) -> str:
-  return (f'python -m kd_jax.main --config=configs/<teacher config>.py '
-          f'--workdir={workdir}')
-
-
-def read_run_info(workdir: str) -> dict[str, Any]:
-  path = os.path.join(workdir, RUN_INFO)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'teacher workdir {workdir!r} holds no trained run ({path} is '
-        f'missing). Train the teacher first: {_teacher_train_command(workdir)}, '
-        f'or fix config.teachers[...].workdir.')
-  with open(path) as f:
-    return json.load(f)
 
 
 def _check_compatible(index: int, teacher_cfg, run_info: dict[str, Any],
@@ -93,7 +77,7 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
         'is empty: add teacher_config(model, workdir) entries.')
   loaded, specs, fingerprints = [], [], []
   for i, t in enumerate(teacher_cfgs):
-    run_info = read_run_info(t.workdir)
+    run_info = rundir.read_run_info(t.workdir, f'config.teachers[{i}].workdir')
     _check_compatible(i, t, run_info, num_classes, image_shape)
     model = models.get_model(t.model, num_classes, dtype=dtype)
     abstract = jax.eval_shape(
@@ -141,22 +125,6 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
                       for m, v in zip(mixed_models, variables)])
   return Teacher([v for _, v in loaded], forward_mixed, names, weights,
                  fingerprint)
-
-
-def write_run_info(workdir: str, *, model_spec, num_classes: int,
-                   class_names, image_shape, dataset: str,
-                   final_step: int,
-                   specialist: dict[str, Any] | None = None) -> None:
-  """`specialist`: a specialist's group (`DatasetInfo.specialist`)."""
-  info = dict(model=_spec_dict(model_spec), num_classes=int(num_classes),
-              class_names=list(class_names),
-              image_shape=[int(d) for d in image_shape], dataset=dataset,
-              final_step=int(final_step))
-  if specialist is not None:
-    info['specialist'] = specialist
-  with open(os.path.join(workdir, RUN_INFO), 'w') as f:
-    json.dump(info, f, indent=2)
-
 
 
 # ---------------------------------------------------------------------------
@@ -234,24 +202,66 @@ def choose_views(ids, step: int, num_views: int, view_seed: int
                      for i in ids], np.int64)
 
 
+def _load_npy(path: str) -> np.ndarray:
+  """np.load, with an error that names the damaged file."""
+  try:
+    return np.load(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{path} is missing: the logits cache is '
+                            'incomplete; export it again.') from None
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(f'{path} is unreadable ({e}): the logits cache is '
+                     'damaged; export it again.') from None
+
+
+def check_finite(values: np.ndarray, ids, source: str) -> None:
+  """Refuses NaN or Inf teacher values, naming the first bad example's id.
+
+  A non-finite teacher row would make the distillation loss NaN (or, in
+  older code, silently drop the teacher), so it is refused at the door.
+  """
+  values = np.asarray(values)
+  bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+  if bad.any():
+    first = int(np.flatnonzero(bad)[0])
+    example_id = ids[first]
+    if isinstance(example_id, (bytes, np.bytes_)):
+      example_id = bytes(example_id).decode(errors='replace')
+    raise ValueError(
+        f'{source}: {int(bad.sum())} of {len(values)} rows hold NaN or Inf; '
+        f'the first is row {first} (id {example_id!r}): '
+        f'{values[first].ravel()[:10].tolist()}. A teacher must give finite '
+        'values for every example: fix the teacher (or the table) and export '
+        'again.')
+
+
 def read_cache_arrays(cache_dir: str, split: str
                       ) -> tuple[dict[str, Any], np.ndarray,
                                  dict[str, np.ndarray]]:
-  """(manifest, ids [N] bytes, the form's arrays) of one exported split."""
+  """(manifest, ids [N] bytes, the form's arrays) of one exported split.
+
+  Raises:
+    FileNotFoundError / ValueError: naming the missing, unreadable or
+      inconsistent file, or the first example whose values are not finite.
+  """
   directory = os.path.join(cache_dir, split)
   path = os.path.join(directory, MANIFEST)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'config.distill.cache_dir={cache_dir!r} has no logits for split '
         f'{split!r} ({path} is missing).')
-  with open(path) as f:
-    manifest = json.load(f)
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path} is unreadable ({e}): the logits cache is '
+                     'damaged; export it again.') from None
   form = manifest.get('form', 'dense')
   if form not in FORM_ARRAYS:
     raise ValueError(f'{path}: form {form!r} is none of {list(FORM_ARRAYS)}; '
                      f'export the cache again.')
-  ids = np.load(os.path.join(directory, 'ids.npy'))
-  arrays = {name: np.load(os.path.join(directory, f'{name}.npy'))
+  ids = _load_npy(os.path.join(directory, 'ids.npy'))
+  arrays = {name: _load_npy(os.path.join(directory, f'{name}.npy'))
             for name in FORM_ARRAYS[form]}
   views = manifest['preprocessing'].get('num_views', 1)
   lead = (len(ids),) if views == 1 else (len(ids), views)
@@ -267,7 +277,19 @@ def read_cache_arrays(cache_dir: str, split: str
           f'ids.npy ({len(ids)} ids) and the manifest ({views} views, '
           f'{width} values per row) make it {shape}: the cache is corrupt; '
           f'export it again.')
+  for name in expected:
+    check_finite(arrays[name], ids, os.path.join(directory, f'{name}.npy'))
   return manifest, ids, arrays
+
+
+def read_cache_labels(cache_dir: str, split: str, num_ids: int) -> np.ndarray:
+  """labels.npy [N] of one exported split."""
+  path = os.path.join(cache_dir, split, 'labels.npy')
+  labels = _load_npy(path)
+  if labels.shape != (num_ids,):
+    raise ValueError(f'{path} has shape {labels.shape} but ids.npy holds '
+                     f'{num_ids} ids: the cache is corrupt; export it again.')
+  return labels
 
 
 def read_cache_split(cache_dir: str, split: str
@@ -373,11 +395,37 @@ def pipeline_config(config):
   return stream
 
 
-def _split_ids(config, split: str) -> np.ndarray:
-  """The ids of one pass over `split` (after transfer filters for train)."""
-  ids = [b['id'][b['mask']] for b in input_pipeline.iterate_split(
-      config, split, num_devices=1, process_index=0, process_count=1)]
-  return np.concatenate(ids) if ids else np.zeros((0,), object)
+def _split_ids(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """The ids and labels of one pass over `split` (after transfer filters
+  for train)."""
+  ids, labels = [], []
+  for b in input_pipeline.iterate_split(config, split, num_devices=1,
+                                        process_index=0, process_count=1):
+    ids.append(b['id'][b['mask']])
+    labels.append(b['label'][b['mask']])
+  if not ids:
+    return np.zeros((0,), object), np.zeros((0,), np.int64)
+  return np.concatenate(ids), np.concatenate(labels)
+
+
+def _check_labels(ids: np.ndarray, labels: np.ndarray,
+                  cached_ids: np.ndarray, cached_labels: np.ndarray, config,
+                  split: str) -> None:
+  """Refuses a cache whose labels.npy disagrees with the dataset's labels of
+  the same ids: its rows are no longer aligned with its ids."""
+  label_of = {bytes(i): int(l) for i, l in zip(ids, labels)}
+  wrong = [(bytes(i), int(c), label_of[bytes(i)])
+           for i, c in zip(cached_ids, cached_labels)
+           if bytes(i) in label_of and label_of[bytes(i)] != int(c)]
+  if wrong:
+    example_id, cached, actual = wrong[0]
+    raise ValueError(
+        f'The logits cache {config.distill.cache_dir!r} (split {split!r}) '
+        f'gives {len(wrong)} examples another label than the dataset (first: '
+        f'id {example_id.decode(errors="replace")!r}, labels.npy {cached}, '
+        f'dataset {actual}): its ids.npy no longer matches its rows (or it '
+        f'was exported from other data). Export it again: '
+        f'{_export_command(config, split)}')
 
 
 def _check_ids_cached(ids: np.ndarray, index: dict[bytes, Any], config,
@@ -472,7 +520,10 @@ def load_cache(config, info) -> Teacher:
             f'(last in split {split!r}): ids must be unique across splits.')
       index[key] = (len(tables), row)
     tables.append(arrays)
-    _check_ids_cached(_split_ids(config, split), index, config, split)
+    split_ids, split_labels = _split_ids(config, split)
+    _check_ids_cached(split_ids, index, config, split)
+    _check_labels(split_ids, split_labels, ids,
+                  read_cache_labels(cache_dir, split, len(ids)), config, split)
   _check_form(manifests, config)
   train_manifest = manifests[config.train_split]
   form = train_manifest.get('form', 'dense')
@@ -611,7 +662,8 @@ def _load_specialist(index: int, teacher_cfg, group, info, head_size: int,
                      dtype):
   """(padded model, padded variables, run_info) of specialist `index`."""
   where = f'config.teachers[{index + 1}] (workdir {teacher_cfg.workdir!r})'
-  run_info = read_run_info(teacher_cfg.workdir)
+  run_info = rundir.read_run_info(teacher_cfg.workdir,
+                                  f'config.teachers[{index + 1}].workdir')
   recorded = run_info.get('specialist')
   if recorded is None:
     raise ValueError(

@@ -11,8 +11,8 @@ XLA inserts the gradient all-reduce.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import math
 import os
 import time
@@ -30,10 +30,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kd_jax import checkpointing
+from kd_jax import config_lib
 from kd_jax import input_pipeline
 from kd_jax import losses
 from kd_jax import models
 from kd_jax import optim
+from kd_jax import rundir
 from kd_jax import specialist_groups
 from kd_jax import teachers
 from kd_jax import warm_start
@@ -84,6 +86,38 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.batch_size={config.batch_size} and '
                      f'config.eval_batch_size={config.eval_batch_size} must be '
                      f'positive.')
+  _validate_loop(config)
+  unknown = [m for name in ('distill', 'specialist', 'transfer')
+             for m in rundir.unknown_fields(
+                 config[name], config_lib.default_config()[name], f'{name}.')]
+  if unknown:
+    raise ValueError(f'unknown config fields: {"; ".join(unknown)}. Every '
+                     'field and its default is in '
+                     'kd_jax/config_lib.py:default_config().')
+
+
+def _validate_loop(config: ml_collections.ConfigDict) -> None:
+  """Settings that would lose work or fail mid-run, checked up front."""
+  if config.keep_checkpoints < 1:
+    raise ValueError(
+        f'config.keep_checkpoints={config.keep_checkpoints} would keep no '
+        'checkpoint, and the trained model would be lost: set it to 1 or '
+        'more (default 2).')
+  for field in ('checkpoint_every_steps', 'log_every_steps'):
+    if config[field] < 1:
+      raise ValueError(
+          f'config.{field}={config[field]} must be >= 1 (steps between two '
+          f'of them); set e.g. {field}=500, or num_train_steps to do it only '
+          'at the end.')
+  if config.num_train_steps == 0 or (config.num_train_steps < 0
+                                     and not config.num_epochs > 0):
+    raise ValueError(
+        f'config.num_train_steps={config.num_train_steps} with '
+        f'config.num_epochs={config.num_epochs} trains nothing: set '
+        'num_train_steps > 0, or num_train_steps=-1 and num_epochs > 0.')
+  if config.warmup_steps < 0:
+    raise ValueError(f'config.warmup_steps={config.warmup_steps} must be '
+                     '>= 0.')
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
@@ -285,23 +319,106 @@ def evaluate(eval_fn, state, eval_iter, teacher_variables, prefetch
   return out
 
 
-def _resolved_config_json(config: ml_collections.ConfigDict) -> str:
-  return config.to_json_best_effort(indent=2, sort_keys=True)
+# A logged train accuracy this far below the best one reached is a collapse.
+COLLAPSE_DROP = 0.3
 
 
-def _check_workdir_config(workdir: str, config_json: str, allow_change: bool):
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path) or allow_change:
-    return
-  with open(path) as f:
-    previous = f.read()
-  if previous != config_json:
-    prev, now = json.loads(previous), json.loads(config_json)
-    diff = sorted(k for k in set(prev) | set(now) if prev.get(k) != now.get(k))
-    raise ValueError(
-        f'workdir {workdir!r} holds a run of a different config (fields that '
-        f'differ: {diff}). Use a fresh --workdir, or set '
-        f'config.allow_config_change=True to resume it anyway.')
+def _workdir_lock(workdir: str):
+  """The workdir's lock, taken by process 0 for every process of the run."""
+  if jax.process_count() == 1:
+    return rundir.lock(workdir)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  error = ''
+  if jax.process_index() == 0:
+    try:
+      mine = rundir.acquire_lock(workdir)
+    except rundir.WorkdirLocked as e:
+      error = str(e)
+  failed = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+  if int(failed):
+    raise rundir.WorkdirLocked(
+        error or f'process 0 could not lock workdir {workdir!r}; see its log.')
+  if jax.process_index() != 0:
+    return rundir.lock(workdir, take=False)
+
+  @contextlib.contextmanager
+  def held():
+    try:
+      yield
+    finally:
+      rundir.release_lock(workdir, mine)
+  return held()
+
+
+def _nonfinite_error(what: str, mngr, config) -> FloatingPointError:
+  """The non-finite-loss error, naming the checkpoint a rerun resumes from."""
+  last = mngr.latest_step()
+  if last is None:
+    kept = ('no checkpoint was written yet (the first comes at step '
+            f'{config.checkpoint_every_steps}, config.checkpoint_every_steps), '
+            'so the workdir accepts a changed config: rerun the same command '
+            'with')
+  else:
+    kept = (f'the last checkpoint, step {last}, is kept and a rerun resumes '
+            'from it; to resume with changed settings set '
+            'config.allow_config_change=True and')
+  return FloatingPointError(
+      f'{what}; {kept} a lower config.learning_rate or a '
+      'config.grad_clip_norm > 0.')
+
+
+def _resume_checks(workdir: str, meta: dict[str, Any], config, teacher,
+                   topology: dict[str, int]) -> list[dict[str, Any]]:
+  """Checks a restored checkpoint against this run; the topology changes.
+
+  Raises:
+    ValueError: the teacher (e.g. a re-exported logits cache) differs from
+      the one the checkpoint was trained with, and allow_config_change is
+      False.
+  """
+  step = meta.get('step')
+  recorded = meta.get('teacher_fingerprint')
+  current = None if teacher is None else teacher.fingerprint
+  if recorded is not None and recorded != current:
+    message = (
+        f'workdir {workdir!r} was trained up to step {step} with another '
+        f'teacher (fingerprint {recorded}) than this run has ({current}'
+        + (f', from the logits cache {config.distill.cache_dir!r}, '
+           're-exported since?' if config.distill.teacher_source == 'cache'
+           else '') + ')')
+    if not config.allow_config_change:
+      raise ValueError(
+          f'{message}. Use a fresh --workdir, restore the original teacher, '
+          'or set config.allow_config_change=True to continue with this one.')
+    logging.warning('%s; continuing (allow_config_change=True).', message)
+  changes = list(meta.get('topology_changes', []))
+  before = meta.get('topology')
+  if before is not None and before != topology:
+    logging.warning(
+        '*** workdir %r resumes at step %s on %s, but trained on %s: the data '
+        'stream is split by process count, so the numbers will differ from an '
+        'uninterrupted run (recorded in summary.json as topology_changes). '
+        'Resume on the original topology to reproduce them. ***', workdir,
+        step, topology, before)
+    changes.append(dict(step=step, before=before, after=topology))
+  return changes
+
+
+def _collapse(step: int, accuracy: float, best: float, collapsed: bool,
+              warnings: list[dict[str, Any]]) -> tuple[float, bool]:
+  """Updates (best accuracy, collapsed) with one logged train accuracy,
+  warning (and appending to `warnings`) when it falls far below the best."""
+  if accuracy < best - COLLAPSE_DROP:
+    if not collapsed:
+      logging.warning(
+          'train accuracy fell to %.3f at step %d after reaching %.3f: '
+          'training collapsed (often too high a config.learning_rate); the '
+          'run goes on, and summary.json lists it in collapse_warnings.',
+          accuracy, step, best)
+      warnings.append(dict(step=int(step), accuracy=float(accuracy),
+                           best=float(best)))
+    return best, True
+  return max(best, accuracy), False
 
 
 def _build_teacher(config, info, dtype) -> teachers.Teacher | None:
@@ -335,18 +452,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices=None) -> dict[str, Any]:
   """Trains (and distils) as `config` says; returns the final summary.
 
-  Resumes from the latest checkpoint in `workdir`. `devices` (default: all)
-  sets the data-parallel mesh.
+  Resumes from the latest checkpoint in `workdir`, which the run holds
+  locked (`rundir.lock`): a second run on it is refused. `devices` (default:
+  all) sets the data-parallel mesh.
   """
   validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  with _workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir, devices)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        devices=None) -> dict[str, Any]:
   devices = list(devices or jax.devices())
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  config_json = _resolved_config_json(config)
-  _check_workdir_config(workdir, config_json, config.allow_config_change)
+  config_json = rundir.config_json(config)
+  rundir.check_config(workdir, config_json,
+                      allow_change=config.allow_config_change,
+                      has_checkpoint=checkpointing.latest_step(workdir)
+                      is not None)
+
 
   dtype = DTYPES[config.dtype]
   # Checkpoints are written at the step the data stream has reached.
@@ -378,7 +506,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mngr = checkpointing.manager(workdir, config.keep_checkpoints)
   restored = checkpointing.restore(
       mngr, jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-          a.shape, a.dtype, sharding=replicated), abstract))
+          a.shape, a.dtype, sharding=replicated), abstract),
+      workdir, move_broken=is_chief)
+  topology = dict(process_count=jax.process_count(),
+                  device_count=len(devices))
+  resumed: dict[str, Any] = {} if restored is None else restored[1]
   if restored is None:
     state = init_fn(rng)
     if config.init_from:
@@ -389,14 +521,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                   batch_stats=batch_stats,
                                   opt_state=tx.init(params)), replicated)
   else:
-    state, _ = restored
+    state = restored[0]
+  topology_changes = _resume_checks(workdir, resumed, config, teacher,
+                                    topology)
   if int(jax.device_get(state['step'])) != start_step:
-    raise RuntimeError(f'checkpoint step {int(state["step"])} != latest step '
-                       f'{start_step} in {workdir}')
+    # A damaged newest checkpoint was skipped: the stream restarts where
+    # the restored one stopped.
+    start_step = int(jax.device_get(state['step']))
+    data = input_pipeline.get_datasets(teachers.pipeline_config(config),
+                                       start_step=start_step,
+                                       num_devices=len(devices))
   if is_chief:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_json)
-    teachers.write_run_info(
+    rundir.write_config(workdir, config_json)
+    rundir.write_run_info(
         workdir, model_spec=config.model, num_classes=info.num_classes,
         class_names=info.class_names, image_shape=info.image_shape,
         dataset=config.dataset, final_step=total_steps,
@@ -443,6 +580,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                config.model.name, total_steps, start_step, len(devices))
   pending: list[dict[str, jax.Array]] = []
   eval_results: dict[str, Any] = {}
+  seconds_before = float(resumed.get('train_seconds', 0.0))
+  collapse_warnings = list(resumed.get('collapse_warnings', []))
+  best_accuracy = float(resumed.get('best_train_accuracy', 0.0))
+  collapsed = False
   train_start = time.time()
   for step in range(start_step + 1, total_steps + 1):
     batch = next(train_iter)
@@ -454,10 +595,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       pending = []
       for i, m in enumerate(host):
         if not np.isfinite(m['loss_total']):
-          raise FloatingPointError(
-              f'loss is {m["loss_total"]} at step {step - len(host) + i + 1}; '
-              f'the last good checkpoint (step {mngr.latest_step()}) is kept. '
-              f'Lower config.learning_rate or set config.grad_clip_norm.')
+          raise _nonfinite_error(
+              f'loss is {m["loss_total"]} at step {step - len(host) + i + 1}',
+              mngr, config)
+      if 'accuracy' in host[0]:
+        best_accuracy, collapsed = _collapse(
+            step, float(np.mean([m['accuracy'] for m in host])),
+            best_accuracy, collapsed, collapse_warnings)
       writer.write_scalars(step, {f'train/{k}': float(np.mean(
           [m[k] for m in host])) for k in host[0]})
     if step % eval_every == 0 or step == total_steps:
@@ -465,15 +609,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if step % config.checkpoint_every_steps == 0 or step == total_steps:
       if pending:
         host = jax.device_get(pending)
-        bad = [m for m in host if not np.isfinite(m['loss_total'])]
-        if bad:
-          raise FloatingPointError(
-              f'non-finite loss before step {step}; the last good checkpoint '
-              f'(step {mngr.latest_step()}) is kept. Lower '
-              f'config.learning_rate or set config.grad_clip_norm.')
+        for i, m in enumerate(host):
+          if not np.isfinite(m['loss_total']):
+            raise _nonfinite_error(
+                f'loss is {m["loss_total"]} at step '
+                f'{step - len(host) + i + 1}', mngr, config)
       checkpointing.save(mngr, state, dict(
           config_fingerprint=fingerprint,
-          examples_seen=step * config.batch_size))
+          examples_seen=step * config.batch_size, topology=topology,
+          topology_changes=topology_changes,
+          teacher_fingerprint=None if teacher is None else teacher.fingerprint,
+          train_seconds=seconds_before + time.time() - train_start,
+          best_train_accuracy=best_accuracy,
+          collapse_warnings=collapse_warnings))
   mngr.wait_until_finished()
   if not eval_results:
     eval_results = run_eval(total_steps)
@@ -486,10 +634,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       teachers=_teacher_summary(config, teacher),
       num_params=models.param_count(params),
       param_bytes=models.param_bytes(params),
-      train_seconds=time.time() - train_start,
-      eval=eval_results)
+      train_seconds=seconds_before + time.time() - train_start,
+      eval=eval_results, collapse_warnings=collapse_warnings)
+  finished = rundir.read_summary(workdir) if start_step == total_steps else None
+  if finished and 'train_seconds' in finished:
+    # A rerun of a finished run trains nothing: keep the run's own time.
+    summary['train_seconds'] = finished['train_seconds']
+  if topology_changes:
+    summary['topology_changes'] = topology_changes
   if is_chief:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+    rundir.write_summary(workdir, summary)
   mngr.close()
   return summary

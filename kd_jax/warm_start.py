@@ -15,7 +15,6 @@ equal. Any other leaf keeps its fresh initialisation.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -24,17 +23,13 @@ import numpy as np
 
 from kd_jax import checkpointing
 from kd_jax import models
-from kd_jax import teachers
+from kd_jax import rundir
 
 
 def restore_run(workdir: str, field: str = 'config.init_from'
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """({'params', 'batch_stats'} of a finished run, its run_info)."""
-  if not os.path.exists(os.path.join(workdir, teachers.RUN_INFO)):
-    raise FileNotFoundError(
-        f'{field}={workdir!r} holds no finished run ({teachers.RUN_INFO} is '
-        'missing): train that run first, or fix the path.')
-  run_info = teachers.read_run_info(workdir)
+  run_info = rundir.read_run_info(workdir, field)
   model = models.get_model(run_info['model'], run_info['num_classes'])
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, *run_info['image_shape']),

@@ -262,7 +262,7 @@ def topk_study(tiny: bool, workdir: str, teacher_workdir: str | None) -> None:
     cache = os.path.join(workdir, 'dense' if k is None else f'top{k}')
     config = config_lib.load_config('mnist5k_distill_cached',
                                     ','.join(filter(None, [arg, base])))
-    manifests = export_logits.export(config, cache, top_k=k)
+    manifests = export_logits.export(config, cache, top_k=k, overwrite=True)
     nbytes = manifests[config.train_split]['nbytes']
     dense_bytes = manifests[config.train_split]['dense_nbytes']
     config = config_lib.load_config('mnist5k_distill_cached', ','.join(

@@ -1,0 +1,349 @@
+"""The run directory: the one module that reads and writes what a run leaves
+in its workdir besides checkpoints (`kd_jax.checkpointing`) and metrics.
+
+* `config.json`: the resolved config; a rerun with another config is refused
+  once a checkpoint exists (`check_config`).
+* `run_info.json`: what a later run needs to use this one as a teacher or a
+  warm start (model spec, classes, input shape, final step, a specialist's
+  group).
+* `summary.json`: the final results; its presence marks a finished run.
+* `LOCK`: held while a run trains there (`lock`): host, pid and start time of
+  the holder, so that a second run on the same workdir is refused by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import difflib
+import errno
+import json
+import os
+import socket
+from typing import Any, Iterator
+
+from absl import logging
+import ml_collections
+
+CONFIG = 'config.json'
+RUN_INFO = 'run_info.json'
+SUMMARY = 'summary.json'
+LOCK = 'LOCK'
+
+
+def _path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name)
+
+
+def _write_json(path: str, value: Any) -> None:
+  """Writes through a temporary file, so a killed writer leaves the old file."""
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# config.json
+# ---------------------------------------------------------------------------
+
+
+def config_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as `config.json` stores it."""
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def check_config(workdir: str, resolved_json: str, *, allow_change: bool,
+                 has_checkpoint: bool) -> None:
+  """Refuses to resume a workdir whose checkpoints another config wrote.
+
+  A workdir without a checkpoint accepts any config (a first attempt that
+  failed before its first checkpoint must not lock out its fix); the change
+  is logged.
+
+  Raises:
+    ValueError: the workdir holds checkpoints of a different config and
+      `allow_change` is False.
+  """
+  path = _path(workdir, CONFIG)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    previous = f.read()
+  if previous == resolved_json:
+    return
+  diff = config_diff(json.loads(previous), json.loads(resolved_json))
+  if not diff:
+    return
+  if not has_checkpoint:
+    logging.warning('workdir %r holds the config of an earlier attempt that '
+                    'wrote no checkpoint; starting afresh with the new config '
+                    '(fields that differ: %s).', workdir, diff)
+    return
+  if allow_change:
+    logging.warning('workdir %r: resuming with a changed config '
+                    '(allow_config_change=True; fields that differ: %s).',
+                    workdir, diff)
+    return
+  raise ValueError(
+      f'workdir {workdir!r} holds a run of a different config (fields that '
+      f'differ: {diff}). Use a fresh --workdir, or set '
+      f'config.allow_config_change=True to resume it anyway.')
+
+
+def _leaves(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_leaves(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_diff(previous: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  """Dotted fields whose values differ between two resolved configs.
+
+  A field that `previous` lacks and `now` holds at its default (one that a
+  later kd_jax added to `default_config()`) is no difference: workdirs of
+  earlier versions resume.
+  """
+  from kd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  defaults = _leaves(json.loads(config_json(config_lib.default_config())))
+  old, new = _leaves(previous), _leaves(now)
+  diff = []
+  for key in sorted(set(old) | set(new)):
+    if key not in old and key in defaults and new[key] == defaults[key]:
+      continue
+    if old.get(key, diff) != new.get(key, diff):
+      diff.append(key)
+  return diff
+
+
+def write_config(workdir: str, resolved_json: str) -> None:
+  tmp = _path(workdir, f'{CONFIG}.tmp.{os.getpid()}')
+  with open(tmp, 'w') as f:
+    f.write(resolved_json)
+  os.replace(tmp, _path(workdir, CONFIG))
+
+
+def unknown_fields(config: ml_collections.ConfigDict,
+                   reference: ml_collections.ConfigDict,
+                   prefix: str = '') -> list[str]:
+  """Messages for fields of `config` that `reference` lacks, with the
+  nearest known name ("did you mean")."""
+  out = []
+  for key in config.keys():
+    name = f'{prefix}{key}'
+    if key not in reference:
+      out.append(f'config.{name}{did_you_mean(key, reference.keys(), prefix)}')
+    elif (isinstance(config[key], ml_collections.ConfigDict)
+          and isinstance(reference[key], ml_collections.ConfigDict)):
+      out += unknown_fields(config[key], reference[key], f'{name}.')
+  return out
+
+
+def did_you_mean(key: str, known, prefix: str = '') -> str:
+  """'; did you mean <prefix><nearest>?' or '' when nothing is near."""
+  close = difflib.get_close_matches(key, [str(k) for k in known], n=1)
+  return f' (did you mean {prefix}{close[0]}?)' if close else ''
+
+
+# ---------------------------------------------------------------------------
+# run_info.json
+# ---------------------------------------------------------------------------
+
+
+def _teacher_train_command(workdir: str) -> str:
+  return (f'python -m kd_jax.main --config=configs/<teacher config>.py '
+          f'--workdir={workdir}')
+
+
+def spec_dict(spec) -> dict[str, Any]:
+  """A model spec (ConfigDict or dict) as JSON stores it."""
+  spec = (spec.to_dict() if isinstance(spec, ml_collections.ConfigDict)
+          else dict(spec))
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+
+
+def has_run_info(workdir: str) -> bool:
+  return os.path.exists(_path(workdir, RUN_INFO))
+
+
+def read_run_info(workdir: str, field: str = 'teacher workdir'
+                  ) -> dict[str, Any]:
+  """The run_info of the run in `workdir`.
+
+  Raises:
+    FileNotFoundError: naming `field` (the config field that pointed here)
+      and how to train that run.
+  """
+  path = _path(workdir, RUN_INFO)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{field} {workdir!r} holds no trained run ({path} is missing). '
+        f'Train that run first: {_teacher_train_command(workdir)}, or fix '
+        f'the path.')
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path} is unreadable ({e}); rerun the command that '
+                     f'trained {workdir!r} to rewrite it.') from None
+
+
+def write_run_info(workdir: str, *, model_spec, num_classes: int,
+                   class_names, image_shape, dataset: str,
+                   final_step: int,
+                   specialist: dict[str, Any] | None = None) -> None:
+  """`specialist`: a specialist's group (`DatasetInfo.specialist`)."""
+  info = dict(model=spec_dict(model_spec), num_classes=int(num_classes),
+              class_names=list(class_names),
+              image_shape=[int(d) for d in image_shape], dataset=dataset,
+              final_step=int(final_step))
+  if specialist is not None:
+    info['specialist'] = specialist
+  _write_json(_path(workdir, RUN_INFO), info)
+
+
+# ---------------------------------------------------------------------------
+# summary.json
+# ---------------------------------------------------------------------------
+
+
+def write_summary(workdir: str, summary: dict[str, Any]) -> None:
+  _write_json(_path(workdir, SUMMARY), summary)
+
+
+def read_summary(workdir: str) -> dict[str, Any] | None:
+  """The run's summary, or None when it has not finished."""
+  path = _path(workdir, SUMMARY)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def is_finished(workdir: str) -> bool:
+  return os.path.exists(_path(workdir, SUMMARY))
+
+
+# ---------------------------------------------------------------------------
+# LOCK
+# ---------------------------------------------------------------------------
+
+
+class WorkdirLocked(RuntimeError):
+  """Another run holds the workdir."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _read_lock(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return {}
+
+
+def _holder(info: dict[str, Any]) -> str:
+  return (f'pid {info.get("pid")} on host {info.get("host")!r}, started '
+          f'{info.get("started")}')
+
+
+def acquire_lock(workdir: str) -> dict[str, Any]:
+  """Takes `workdir/LOCK` for this process; returns what it wrote.
+
+  A lock left by a dead process of this host is taken over (logged). Created
+  by hard-linking a complete file into place, which is atomic on local and
+  network filesystems alike.
+
+  Raises:
+    WorkdirLocked: a live run (or one on another host) holds it; the message
+      names the holder and how to remove a stale lock.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = _path(workdir, LOCK)
+  host = socket.gethostname()
+  mine = dict(host=host, pid=os.getpid(),
+              started=datetime.datetime.now().isoformat(timespec='seconds'))
+  tmp = f'{path}.{host}.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(mine, f)
+  try:
+    for _ in range(10):
+      try:
+        os.link(tmp, path)
+        return mine
+      except FileExistsError:
+        pass
+      except OSError as e:  # Filesystems without hard links.
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+          raise
+        try:
+          fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+          pass
+        else:
+          with os.fdopen(fd, 'w') as f:
+            json.dump(mine, f)
+          return mine
+      held = _read_lock(path)
+      if held is None:
+        continue  # Released meanwhile.
+      if not held:
+        raise WorkdirLocked(
+            f'workdir {workdir!r} is locked by {path}, which names no holder '
+            f'(a run may be creating it). If no run is using this workdir, '
+            f'remove {path} and start again.')
+      if held.get('host') == host and not _pid_alive(int(held.get('pid', -1))):
+        logging.warning('workdir %r: taking over the stale lock of %s (that '
+                        'process is gone).', workdir, _holder(held))
+        if _read_lock(path) == held:
+          with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        continue
+      if held.get('host') == host:
+        raise WorkdirLocked(
+            f'workdir {workdir!r} is in use by another run ({_holder(held)}). '
+            f'Wait for it to finish, or use another --workdir.')
+      raise WorkdirLocked(
+          f'workdir {workdir!r} is in use by a run on another host '
+          f'({_holder(held)}). If that run is gone (the host crashed), remove '
+          f'{path} and start again; otherwise use another --workdir.')
+    raise WorkdirLocked(f'could not take {path}: it changed hands repeatedly.')
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+
+
+def release_lock(workdir: str, mine: dict[str, Any]) -> None:
+  """Removes `workdir/LOCK` if this process still holds it."""
+  path = _path(workdir, LOCK)
+  if _read_lock(path) == mine:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(path)
+
+
+@contextlib.contextmanager
+def lock(workdir: str, take: bool = True) -> Iterator[None]:
+  """Holds the workdir's lock for the body; `take=False` (the other
+  processes of a multi-process run, which share process 0's) holds nothing."""
+  if not take:
+    yield
+    return
+  mine = acquire_lock(workdir)
+  try:
+    yield
+  finally:
+    release_lock(workdir, mine)
