@@ -5,16 +5,21 @@
 Trains the three mnist5k runs of configs/ (mnist5k_teacher, mnist5k_student,
 mnist5k_distill) one after the other, each resuming if its workdir already
 holds a finished or interrupted run, and prints one table of test accuracy,
-test errors, parameters and agreement with the teacher.
+test errors, parameters and agreement with the teacher. Each run shows a
+progress bar on stderr; library INFO logs come back with --log_level=info.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from kd_jax import train
+from kd_jax import progress
+
+with progress.quiet_native_imports(sys.argv):
+  from kd_jax import train  # pylint: disable=g-import-not-at-top
 from kd_jax.config_lib import load_config
 
 
@@ -51,6 +56,7 @@ def run_demo(root: str, arg: str = '') -> list[dict]:
 
 def main(argv):
   del argv
+  progress.apply_log_level_flag()
   rows = run_demo(flags.FLAGS.workdir, flags.FLAGS.config_arg)
   print(format_table(rows))
 
@@ -61,4 +67,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', 'workdirs/demo', 'Root of the runs.')
   flags.DEFINE_string('config_arg', '', 'Appended to every config arg, '
                       'e.g. "runlocal" or "seed=1".')
+  progress.define_flags()
   app.run(main)

@@ -5,7 +5,12 @@
 Multi-host: give every process the same --coordinator_address and
 --num_processes, and its own --process_id (or leave all three unset where
 `jax.distributed.initialize()` detects them, e.g. on Cloud TPU).
+
+Prints a progress bar per run on stderr and the run's summary lines; library
+INFO logs come back with --log_level=info.
 """
+
+import sys
 
 from absl import app
 from absl import flags
@@ -13,7 +18,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from kd_jax import train
+from kd_jax import progress
+
+with progress.quiet_native_imports(sys.argv):
+  from kd_jax import train  # pylint: disable=g-import-not-at-top
 
 
 
@@ -33,6 +41,7 @@ def define_flags() -> None:
                        "This process's index, multi-host only.")
   flags.DEFINE_string('cpu_collectives', None,
                       "'gloo' for multi-process runs on CPUs.")
+  progress.define_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -40,6 +49,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  progress.apply_log_level_flag()
   if f.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', f.cpu_collectives)
   if f.coordinator_address or f.num_processes:
@@ -48,7 +58,11 @@ def main(argv):
   logging.info('JAX process %d of %d, %d local / %d global devices.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  train.train_and_evaluate(f.config, f.workdir)
+  summary = train.train_and_evaluate(f.config, f.workdir)
+  if jax.process_index() == 0:
+    print(f'{summary["model"]}, {summary["num_params"]:,} params, '
+          f'{summary["step"]} steps: {f.workdir}')
+    print(progress.result_table(summary))
 
 
 if __name__ == '__main__':

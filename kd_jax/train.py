@@ -34,6 +34,7 @@ from kd_jax import config_lib
 from kd_jax import input_pipeline
 from kd_jax import losses
 from kd_jax import models
+from kd_jax import progress
 from kd_jax import optim
 from kd_jax import rundir
 from kd_jax import specialist_groups
@@ -574,6 +575,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       r = evaluate(eval_fn, state, make_iter(), teacher_variables, prefetch)
       results[split] = r
       writer.write_scalars(step, {f'{split}/{k}': v for k, v in r.items()})
+      bar.show(**{f'{split}_acc': f'{100 * r["accuracy"]:.2f}%'})
     return results
 
   logging.info('Training %s for %d steps (from step %d) on %d devices.',
@@ -585,11 +587,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   best_accuracy = float(resumed.get('best_train_accuracy', 0.0))
   collapsed = False
   train_start = time.time()
+  bar = progress.Progress(total_steps, start_step, enabled=is_chief,
+                          label=os.path.basename(os.path.normpath(workdir)))
   for step in range(start_step + 1, total_steps + 1):
     batch = next(train_iter)
     state, measurements = step_fn(state, batch, teacher_variables)
     pending.append(measurements)
     report(step)
+    bar.update(step)
     if step % config.log_every_steps == 0 or step == total_steps:
       host = jax.device_get(pending)
       pending = []
@@ -604,6 +609,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             best_accuracy, collapsed, collapse_warnings)
       writer.write_scalars(step, {f'train/{k}': float(np.mean(
           [m[k] for m in host])) for k in host[0]})
+      bar.show(loss=float(np.mean([m['loss_total'] for m in host])))
     if step % eval_every == 0 or step == total_steps:
       eval_results = run_eval(step)
     if step % config.checkpoint_every_steps == 0 or step == total_steps:
@@ -626,6 +632,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not eval_results:
     eval_results = run_eval(total_steps)
   writer.flush()
+  bar.close()
 
   params = jax.device_get(state['params'])
   summary = dict(
