@@ -61,6 +61,9 @@ ArrayLike = jax.typing.ArrayLike
 _NORMALIZE_EPS = 1e-12
 # RepDistiller's RKD pdist clamps squared distances at this value.
 _PDIST_EPS = 1e-12
+# Full float32 matmuls: TPUs and GPUs default to fewer mantissa bits, which
+# the distance identity |a|^2 + |b|^2 - 2<a, b> cannot afford.
+_PRECISION = jax.lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------
@@ -206,7 +209,8 @@ def adaptive_avg_pool(features: ArrayLike,
     return features
   rows = jnp.asarray(_pool_matrix(features.shape[1], height), features.dtype)
   cols = jnp.asarray(_pool_matrix(features.shape[2], width), features.dtype)
-  return jnp.einsum('ph,qw,bhwc->bpqc', rows, cols, features)
+  return jnp.einsum('ph,qw,bhwc->bpqc', rows, cols, features,
+                    precision=_PRECISION)
 
 
 def _match_spatial(student: jax.Array,
@@ -224,7 +228,8 @@ def _masked_mean_rows(values: jax.Array, mask: jax.Array | None) -> jax.Array:
   per_row = jnp.mean(values.reshape(values.shape[0], -1), axis=1)
   if mask is None:
     return jnp.mean(per_row)
-  return _safe_divide(jnp.sum(per_row * mask), jnp.sum(mask))
+  return _safe_divide(jnp.sum(jnp.where(mask > 0, per_row, 0.0)),
+                      jnp.sum(mask))
 
 
 def _outer_mask(mask: jax.Array | None, batch_size: int) -> jax.Array:
@@ -387,7 +392,8 @@ def similarity_preserving(student_features: ArrayLike,
 
   def gram(f):
     f = f.reshape(batch_size, -1)
-    return _l2_normalize(jnp.dot(f, f.T) * pair_mask, axis=1)
+    return _l2_normalize(jnp.dot(f, f.T, precision=_PRECISION) * pair_mask,
+                         axis=1)
 
   diff = gram(teacher) - gram(student)
   return _safe_divide(jnp.sum(jnp.square(diff) * pair_mask),
@@ -449,7 +455,7 @@ def pkt(student_embeddings: ArrayLike, teacher_embeddings: ArrayLike,
   def probabilities(x):
     norm = _safe_sqrt(jnp.sum(x * x, axis=1, keepdims=True))
     x = x / (norm + eps)
-    kernel = (jnp.dot(x, x.T) + 1.0) / 2.0 * pair_mask
+    kernel = (jnp.dot(x, x.T, precision=_PRECISION) + 1.0) / 2.0 * pair_mask
     return _safe_divide(kernel, jnp.sum(kernel, axis=1, keepdims=True))
 
   p_student = probabilities(student)
@@ -468,7 +474,8 @@ def _smooth_l1(x: jax.Array) -> jax.Array:
 def _pairwise_distances(x: jax.Array) -> jax.Array:
   """Euclidean distances, squared ones clamped at 1e-12, zero diagonal."""
   squared_norms = jnp.sum(x * x, axis=1)
-  squared = squared_norms[:, None] + squared_norms[None, :] - 2.0 * x @ x.T
+  squared = (squared_norms[:, None] + squared_norms[None, :]
+             - 2.0 * jnp.dot(x, x.T, precision=_PRECISION))
   # The clamp keeps sqrt away from 0 (and its infinite slope) off the diagonal.
   distances = jnp.sqrt(jnp.maximum(squared, _PDIST_EPS))
   return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, distances)
@@ -546,7 +553,8 @@ def rkd(student_embeddings: ArrayLike, teacher_embeddings: ArrayLike,
   def angles(x):
     # differences[i, j] = x_j - x_i, each normalised to unit length.
     differences = _l2_normalize(x[None, :, :] - x[:, None, :], axis=-1)
-    return jnp.einsum('ijd,ikd->ijk', differences, differences)
+    return jnp.einsum('ijd,ikd->ijk', differences, differences,
+                      precision=_PRECISION)
 
   triple_mask = pair_mask[:, :, None] * pair_mask[:, None, :]
   angle_loss = _safe_divide(
@@ -871,8 +879,10 @@ def _crd_logits(student: jax.Array, teacher: jax.Array,
   # The banks are constants of the step: gradients reach the embeddings only.
   teacher_rows = jax.lax.stop_gradient(teacher_memory[rows].astype(jnp.float32))
   student_rows = jax.lax.stop_gradient(student_memory[rows].astype(jnp.float32))
-  student_anchor = jnp.einsum('bkd,bd->bk', teacher_rows, student) / temperature
-  teacher_anchor = jnp.einsum('bkd,bd->bk', student_rows, teacher) / temperature
+  student_anchor = jnp.einsum('bkd,bd->bk', teacher_rows, student,
+                              precision=_PRECISION) / temperature
+  teacher_anchor = jnp.einsum('bkd,bd->bk', student_rows, teacher,
+                              precision=_PRECISION) / temperature
   return student_anchor, teacher_anchor
 
 
