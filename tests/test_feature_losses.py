@@ -346,6 +346,19 @@ def test_gradients_are_finite_at_degenerate_inputs(name, case):
     assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.parametrize('name', LOSSES)
+def test_gradient_matches_finite_differences(name):
+  _, s, t = loss_inputs(name)
+  value_and_grad = VALUE_AND_GRAD[name]
+  _, (grad, _) = value_and_grad(s, t)
+  direction = rand(s.shape, 7)
+  step = 1e-2
+  plus, _ = value_and_grad(s + step * direction, t)
+  minus, _ = value_and_grad(s - step * direction, t)
+  np.testing.assert_allclose((plus - minus) / (2 * step),
+                             np.sum(grad * direction), rtol=0.02, atol=1e-4)
+
+
 def test_identical_inputs_give_zero_loss_and_gradient():
   for name in ['fitnet_hint', 'attention_transfer', 'similarity_preserving',
                'pkt', 'rkd', 'correlation_congruence']:
