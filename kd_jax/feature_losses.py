@@ -661,7 +661,8 @@ def vid(predicted_mean: ArrayLike, teacher_features: ArrayLike,
     >>> mean = jnp.zeros((2, 2, 2, 3))
     >>> # softplus(log(e - 1)) = 1: unit variance, so the loss is (x^2) / 2.
     >>> log_scale = jnp.full((3,), jnp.log(jnp.e - 1.0))
-    >>> round(float(feature_losses.vid(mean, mean + 2.0, log_scale, eps=0.0)), 4)
+    >>> loss = feature_losses.vid(mean, mean + 2.0, log_scale, eps=0.0)
+    >>> round(float(loss), 4)
     2.0
 
   References:
@@ -768,7 +769,8 @@ def crd_sample_negatives(key: jax.Array, indices: ArrayLike, num_examples: int,
   if indices.ndim != 1 or not jnp.issubdtype(indices.dtype, jnp.integer):
     raise ValueError(
         f'indices must be int example indices of shape [batch], got dtype '
-        f'{indices.dtype} and shape {tuple(indices.shape)}; pass batch["index"].')
+        f'{indices.dtype} and shape {tuple(indices.shape)}; pass the batch\'s '
+        f'integer example indices.')
   if isinstance(num_examples, bool) or not isinstance(
       num_examples, (int, np.integer)) or num_examples < 2:
     raise ValueError(f'num_examples={num_examples!r} must be an integer >= 2, '
