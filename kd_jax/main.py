@@ -4,13 +4,24 @@
 
 Multi-host: give every process the same --coordinator_address and
 --num_processes, and its own --process_id (or leave all three unset where
-`jax.distributed.initialize()` detects them, e.g. on Cloud TPU).
+`jax.distributed.initialize()` detects them, e.g. on Cloud TPU). When a
+process dies, every other one stops within --peer_timeout_s seconds with a
+last line that names the lost process and says to rerun the same command on
+every host, which resumes from the last checkpoint (each process runs as a
+child of a small supervisor, which outlives the coordination service's
+native abort).
 
 Prints a progress bar per run on stderr and the run's summary lines; library
 INFO logs come back with --log_level=info.
 """
 
+import os
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
 
 from absl import app
 from absl import flags
@@ -20,7 +31,15 @@ from ml_collections import config_flags
 
 from kd_jax import progress
 
+# Seconds without a peer's heartbeat before a multi-process run stops.
+PEER_TIMEOUT_S = 30.0
+# The exit code of a process that stopped because a peer was lost.
+PEER_LOST_EXIT = 75
+
 with progress.quiet_native_imports(sys.argv):
+  # Training reads data: TensorFlow, lazy in the library, loads here, where
+  # its import-time C++ lines are silenced.
+  import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   from kd_jax import train  # pylint: disable=g-import-not-at-top
 
 
@@ -41,8 +60,121 @@ def define_flags() -> None:
                        "This process's index, multi-host only.")
   flags.DEFINE_string('cpu_collectives', None,
                       "'gloo' for multi-process runs on CPUs.")
+  flags.DEFINE_float('peer_timeout_s', PEER_TIMEOUT_S,
+                     'Multi-process: seconds without a peer\'s heartbeat '
+                     'before the run stops, naming the lost process.')
+  flags.DEFINE_string('compilation_cache_dir', None,
+                      'A folder where compiled programs persist, so that a '
+                      'rerun or a resume skips its compiles (any size).')
   progress.define_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def use_compilation_cache(cache_dir: str) -> None:
+  """Persists every compiled program in `cache_dir`, however small or quick
+  to compile: a run's programs take a second or two each to compile on CPU,
+  under JAX's default thresholds for caching them."""
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def _lost(process: int, count: int, why: str) -> None:
+  """Ends this process with a last line that says what happened and what to
+  do; os._exit, so that no collective's abort dump comes after it."""
+  role = ' (the coordinator)' if process == 0 else ''
+  line = (f'kd_jax: lost JAX process {process}{role} of {count}: {why}. '
+          'Checkpoints up to the last one are safe: rerun the same command on '
+          'every host to resume from it.')
+  logging.error(line)
+  logging.flush()
+  print(line, file=sys.stderr, flush=True)
+  os._exit(PEER_LOST_EXIT)  # pylint: disable=protected-access
+
+
+def _coordinator_reachable(address: str) -> bool:
+  host, port = address.rsplit(':', 1)
+  try:
+    with socket.create_connection((host, int(port)), timeout=5):
+      return True
+  except OSError:
+    return False
+
+
+def supervise(process_id: int, num_processes: int,
+              coordinator_address: str | None) -> int:
+  """Runs this command in a child process; its exit code.
+
+  The coordination service aborts a process whose coordinator died with a
+  native dump that Python cannot intercept; run as a child, its death still
+  ends with a last line that names the lost process (when the coordinator
+  no longer answers) and says how to resume.
+  """
+  env = dict(os.environ, KD_JAX_SUPERVISED='1')
+  child = subprocess.Popen([sys.executable, '-m', 'kd_jax.main',
+                            *sys.argv[1:]], env=env)
+  while True:
+    try:
+      code = child.wait()
+      break
+    except KeyboardInterrupt:
+      child.send_signal(signal.SIGINT)
+  if code in (0, PEER_LOST_EXIT):
+    return code
+  how = (f'signal {signal.Signals(-code).name}' if code < 0
+         else f'exit code {code}')
+  if (process_id != 0 and coordinator_address
+      and not _coordinator_reachable(coordinator_address)):
+    _lost(0, num_processes, f'this process stopped ({how}) and the '
+          f'coordinator at {coordinator_address} no longer answers')
+  print(f'kd_jax: JAX process {process_id} of {num_processes} stopped '
+        f'({how}). If a peer process died, rerun the same command on every '
+        'host to resume from the last checkpoint.', file=sys.stderr,
+        flush=True)
+  return 1
+
+
+def watch_peers(interval_s: float = 2.0, timeout_s: float = PEER_TIMEOUT_S
+                ) -> threading.Thread:
+  """Starts a daemon thread that stops this process within about
+  `timeout_s` seconds of a peer process's death.
+
+  Each process writes a counter to the distributed key-value store every
+  `interval_s` and reads the others'; a counter that stands still for
+  `timeout_s`, or a store that no longer answers (process 0, which hosts
+  it, is gone), ends the run with `_lost`'s message, well before the
+  coordination service's own heartbeat timeout aborts it with a dump.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  me, count = jax.process_index(), jax.process_count()
+  seen = {p: ('', time.monotonic()) for p in range(count) if p != me}
+
+  def beat():
+    n = 0
+    while True:
+      n += 1
+      try:
+        client.key_value_set(f'kd_jax/alive/{me}', str(n),
+                             allow_overwrite=True)
+      except Exception as e:  # pylint: disable=broad-except
+        _lost(0, count, f'the key-value store it hosts does not answer '
+              f'({type(e).__name__})')
+      now = time.monotonic()
+      for p, (value, since) in seen.items():
+        try:
+          current = client.key_value_try_get(f'kd_jax/alive/{p}')
+        except Exception:  # pylint: disable=broad-except
+          current = value  # Not written yet.
+        if current != value:
+          seen[p] = (current, now)
+        elif now - since > timeout_s:
+          _lost(p, count, f'no heartbeat for {timeout_s:.0f} s')
+      time.sleep(interval_s)
+
+  thread = threading.Thread(target=beat, name='kd_jax_peers', daemon=True)
+  thread.start()
+  return thread
 
 
 def main(argv):
@@ -50,15 +182,33 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   progress.apply_log_level_flag()
+  if f.compilation_cache_dir:
+    use_compilation_cache(f.compilation_cache_dir)
   if f.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', f.cpu_collectives)
-  if f.coordinator_address or f.num_processes:
+  multi_process = bool(f.coordinator_address or f.num_processes)
+  if (multi_process and (f.num_processes or 0) > 1
+      and not os.environ.get('KD_JAX_SUPERVISED')):
+    sys.exit(supervise(f.process_id or 0, f.num_processes,
+                       f.coordinator_address))
+  if multi_process:
     jax.distributed.initialize(f.coordinator_address, f.num_processes,
                                f.process_id)
   logging.info('JAX process %d of %d, %d local / %d global devices.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  summary = train.train_and_evaluate(f.config, f.workdir)
+  if jax.process_count() > 1:
+    watch_peers(timeout_s=f.peer_timeout_s)
+  try:
+    summary = train.train_and_evaluate(f.config, f.workdir)
+  except Exception:  # pylint: disable=broad-except
+    if jax.process_count() > 1:
+      # A collective that failed because a peer died: give the watcher time
+      # to name it (it ends the process); any other error is re-raised.
+      logging.exception('the run failed; checking that every peer process '
+                        'is alive.')
+      time.sleep(f.peer_timeout_s + 5)
+    raise
   if jax.process_index() == 0:
     print(f'{summary["model"]}, {summary["num_params"]:,} params, '
           f'{summary["step"]} steps: {f.workdir}')

@@ -10,10 +10,13 @@ import functools
 import glob
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -494,6 +497,57 @@ def test_resume_on_another_topology_warns_and_is_recorded(finished, tmp_path):
   # Nothing was trained: the rerun keeps the run's own training time.
   assert summary['train_seconds'] == finished[1]['train_seconds']
   assert rundir.read_summary(workdir)['topology_changes']
+
+
+# ---------------------------------------------------------------------------
+# 8. A killed peer in a multi-process run.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('victim', [0, 1])
+def test_killed_peer_ends_the_survivor_naming_it(tmp_path, victim):
+  workdir = str(tmp_path / 'run')
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    address = f'localhost:{s.getsockname()[1]}'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  arg = (f'{ARG},num_train_steps=1000000,checkpoint_every_steps=20,'
+         'log_every_steps=1000,eval_every_steps=1000000')
+  logs = [open(tmp_path / f'process{i}.log', 'w+') for i in range(2)]
+  # A session per process, so that killing one kills all of it, as a host
+  # that dies would.
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'kd_jax.main',
+       f'--config={config_lib.CONFIG_DIR}/mnist5k_student.py:{arg}',
+       f'--workdir={workdir}', f'--coordinator_address={address}',
+       '--num_processes=2', f'--process_id={i}', '--cpu_collectives=gloo',
+       '--peer_timeout_s=5'],
+      env=env, stdout=logs[i], stderr=subprocess.STDOUT,
+      start_new_session=True) for i in range(2)]
+  try:
+    deadline = time.monotonic() + 240
+    while (checkpointing.latest_step(workdir) is None
+           and time.monotonic() < deadline):
+      time.sleep(0.5)
+    assert checkpointing.latest_step(workdir), 'training never started'
+    os.killpg(procs[victim].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    survivor = procs[1 - victim]
+    survivor.wait(timeout=60)
+    waited = time.monotonic() - killed
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  logs[1 - victim].seek(0)
+  last = logs[1 - victim].read().strip().splitlines()[-1]
+  assert survivor.returncode == 75, last
+  assert re.match(f'kd_jax: lost JAX process {victim} .*of 2: .*rerun the same '
+                  'command on every host to resume', last), last
+  assert waited < 30
 
 
 # ---------------------------------------------------------------------------
