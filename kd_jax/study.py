@@ -9,9 +9,7 @@ checkpoint), so a study that was stopped continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -19,9 +17,7 @@ from typing import Any
 import numpy as np
 
 from kd_jax import config_lib
-
-SUMMARY = 'summary.json'
-
+from kd_jax import rundir
 
 def make_config(name: str, arg: str = '',
                 overrides: Mapping[str, Any] | None = None):
@@ -42,11 +38,7 @@ def make_config(name: str, arg: str = '',
 
 def read_summary(workdir: str) -> dict[str, Any] | None:
   """The summary of a finished run, or None while it is unfinished."""
-  path = os.path.join(workdir, SUMMARY)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return rundir.read_summary(workdir)
 
 
 def run_or_read(config, workdir: str) -> tuple[dict[str, Any], bool]:

@@ -57,7 +57,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   args.seeds = [int(s) for s in args.seeds.split(',') if s]
   if args.tiny:
-    args.seeds = args.seeds[:2]
+    args.seeds = args.seeds[:1]
   if args.out_dir is None:
     args.out_dir = args.workdir if args.tiny else HERE
   return args

@@ -51,6 +51,10 @@ GRID = [
     ('teacher lr=0.02', TEACHER, {'learning_rate': 0.02, 'max_norm': 0.0}),
     ('teacher lr=0.02 maxnorm=3.5', TEACHER,
      {'learning_rate': 0.02, 'max_norm': 3.5}),
+    ('teacher lr=0.05 maxnorm=3.5 300 epochs', TEACHER,
+     {'learning_rate': 0.05, 'max_norm': 3.5, 'num_epochs': 300}),
+    ('teacher 2x2000 lr=0.05 maxnorm=3.5', TEACHER,
+     {'learning_rate': 0.05, 'max_norm': 3.5, 'model.hidden': (2000, 2000)}),
     ('2x800 jitter lr=0.03', STUDENT_JITTER, {'learning_rate': 0.03}),
     ('2x800 dropout+jitter lr=0.05 maxnorm=3.5', STUDENT_DROPOUT_JITTER,
      {'learning_rate': 0.05, 'max_norm': 3.5}),
@@ -89,6 +93,7 @@ def _slug(name: str) -> str:
 
 
 def make_run(args, name, base, overrides, epochs, seed) -> dict[str, Any]:
+  epochs = overrides.get('num_epochs', epochs)
   return dict(
       name=f'{name} ep={epochs:g} s{seed}', setting=name, epochs=epochs,
       seed=seed, base=base['config'],
@@ -166,16 +171,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   seeds_rows = []
   if args.stage == 2 and chosen is not None:
     name, base, overrides = next(g for g in grid if g[0] == chosen)
+    chosen_epochs = overrides.get('num_epochs', args.epochs)
+    overrides = {k: v for k, v in overrides.items() if k != 'num_epochs'}
     more = [make_run(args, name, base, overrides, e, first_seed)
-            for e in args.stability_epochs]
-    more += [make_run(args, name, base, overrides, args.epochs, s)
+            for e in args.stability_epochs if e != chosen_epochs]
+    more += [make_run(args, name, base, overrides, chosen_epochs, s)
              for s in args.seeds[1:]]
     t2, s2 = study.run_all(more, lambda r: make_config(args, r))
     trained, seconds = trained + t2, seconds + s2
     more_rows = [row(r) for r in more]
     rows += more_rows
     seeds_rows = [r for r in rows if r['setting'] == chosen
-                  and r['epochs'] == args.epochs]
+                  and r['epochs'] == chosen_epochs]
   table = markdown(rows, chosen, seeds_rows, args, seconds, trained)
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
