@@ -153,7 +153,7 @@ def did_you_mean(key: str, known, prefix: str = '') -> str:
 # ---------------------------------------------------------------------------
 
 
-def _teacher_train_command(workdir: str) -> str:
+def teacher_train_command(workdir: str) -> str:
   return (f'python -m kd_jax.main --config=configs/<teacher config>.py '
           f'--workdir={workdir}')
 
@@ -181,7 +181,7 @@ def read_run_info(workdir: str, field: str = 'teacher workdir'
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'{field} {workdir!r} holds no trained run ({path} is missing). '
-        f'Train that run first: {_teacher_train_command(workdir)}, or fix '
+        f'Train that run first: {teacher_train_command(workdir)}, or fix '
         f'the path.')
   try:
     with open(path) as f:

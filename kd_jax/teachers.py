@@ -32,7 +32,6 @@ RUN_INFO = rundir.RUN_INFO
 read_run_info = rundir.read_run_info
 write_run_info = rundir.write_run_info
 _spec_dict = rundir.spec_dict
-_teacher_train_command = rundir._teacher_train_command  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +89,7 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
     except FileNotFoundError as e:
       raise FileNotFoundError(
           f'config.teachers[{i}]: {e}. Train the teacher first: '
-          f'{_teacher_train_command(t.workdir)}') from None
+          f'{rundir.teacher_train_command(t.workdir)}') from None
     if step != run_info.get('final_step', step):
       raise ValueError(
           f'config.teachers[{i}] (workdir {t.workdir!r}) has not finished '
