@@ -14,6 +14,8 @@ from kd_jax import config_lib
 def get_config(arg=None):
   c = config_lib.default_config()
   c.dataset = 'mnist5k'
+  c.train_split = 'train[:3600]'
+  c.eval_splits = ('train[3600:]', 'test')  # validation, test.
   c.augment = 'none'
   c.model = config_lib.model_config('mlp', hidden=(800, 800), dropout=0.0)
   c.batch_size = 128
