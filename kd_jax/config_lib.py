@@ -64,12 +64,30 @@ def default_config() -> ml_collections.ConfigDict:
       teacher_source='none',
       temperature=1.0,
       alpha=0.0,                 # weight of the soft (teacher) term.
-      soft='kl',                 # kl | soft_ce | logit_mse
+      soft='kl',                 # kl | soft_ce | logit_mse | dkd | dist
       hard='ce',                 # ce | mse
       label_smoothing=0.0,
       ensemble_method='mean_probs',  # mean_probs | mean_log_probs | sum_losses
       cache_dir='',              # a logits cache written by export_logits.
       allow_augmented_single_view=False,
+      # Explicit term weights (kd_jax.objective): loss = soft_weight * soft +
+      # hard_weight * hard; both None: alpha and 1 - alpha.
+      soft_weight=ml_collections.FieldReference(None, field_type=float),
+      hard_weight=ml_collections.FieldReference(None, field_type=float),
+      ensemble_temperature='one',  # one | distillation: T the teachers mix at.
+      dkd_alpha=1.0,             # DKD's TCKD weight (Zhao et al. 2022).
+      dkd_beta=8.0,              # DKD's NCKD weight.
+      dkd_warmup_epochs=0.0,     # linear warm-up of the DKD term (20 in DKD).
+      dist_beta=1.0,             # DIST's inter-class weight (Huang et al.).
+      dist_gamma=1.0,            # DIST's intra-class weight.
+      logit_standardization=False,  # z-score logits before the soft loss.
+      ctkd='none',               # none | global | instance learned T (CTKD).
+      ctkd_min_temperature=1.0,  # T = min + range * sigmoid(theta).
+      ctkd_temperature_range=20.0,
+      ctkd_strength_start=0.0,   # gradient-reversal strength: cosine ramp
+      ctkd_strength_end=1.0,     # from start to end over
+      ctkd_strength_epochs=10.0,  # these epochs.
+      ctkd_hidden=256,           # width of the instance-wise module's MLP.
   ))
   c.teachers = []                # list of teacher_config(...)
 
@@ -221,7 +239,10 @@ def load_config(name: str, arg: str = '') -> ml_collections.ConfigDict:
   path = os.path.join(CONFIG_DIR, f'{name}.py')
   if not os.path.exists(path):
     known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith('.py'))
-    raise FileNotFoundError(f'No config {path}; known configs: {known}.')
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f' (did you mean {close[0]}?)' if close else ''
+    raise FileNotFoundError(f'No config {path}{hint}; known configs: '
+                            f'{known}.')
   spec = importlib.util.spec_from_file_location(f'configs.{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -565,6 +565,8 @@ def test_misspelled_config_keys_get_did_you_mean():
   with pytest.raises(ValueError, match=r"'distill.temprature' \(did you mean "
                                        r'distill.temperature\?\)'):
     tiny('distill.temprature=4.0')
+  with pytest.raises(FileNotFoundError, match=r'did you mean mnist5k_student\?'):
+    config_lib.load_config('mnist5k_studnet')
   config = tiny()
   with config.distill.ignore_type():
     config.distill.unlock()
