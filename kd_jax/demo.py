@@ -19,6 +19,9 @@ from absl import logging
 from kd_jax import progress
 
 with progress.quiet_native_imports(sys.argv):
+  # Training reads data: TensorFlow, lazy in the library, loads here, where
+  # its import-time C++ lines are silenced.
+  import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   from kd_jax import train  # pylint: disable=g-import-not-at-top
 from kd_jax.config_lib import load_config
 

@@ -78,6 +78,7 @@ import collections
 from collections.abc import Callable, Iterable, Iterator, Sequence
 import dataclasses
 import hashlib
+import importlib
 import itertools
 import math
 import os
@@ -85,21 +86,31 @@ import re
 import socket
 from typing import Any
 
+from etils import epy
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from kd_jax import datasets as kd_datasets  # Registers mnist5k and digits.
 from kd_jax import specialist_groups
 from kd_jax import specialists
 
-try:  # tf.data only needs the CPU; leave accelerator memory to JAX.
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TF already initialised its devices.
-  pass
+
+def _data_libraries_loaded(unused_module_name: str) -> None:
+  """Runs when TensorFlow, TFDS or kd_jax.datasets is first used."""
+  try:  # tf.data only needs the CPU; leave accelerator memory to JAX.
+    importlib.import_module('tensorflow').config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TF already initialised its devices.
+    pass
+  importlib.import_module('kd_jax.datasets')  # Registers mnist5k and digits.
+
+
+# TensorFlow and TFDS take seconds to import: only a process that reads data
+# loads them (at its first tf./tfds. use), not one that imports the library.
+with epy.lazy_imports(success_callback=_data_libraries_loaded):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from kd_jax import datasets as kd_datasets  # pylint: disable=g-import-not-at-top
 
 IMAGE_FOLDER = 'image_folder'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
