@@ -303,7 +303,7 @@ def dataset(tmp_path_factory):
   info = export_logits._dataset_info(config)
   splits = {}
   rng = np.random.default_rng(0)
-  for split in ('train', 'test'):
+  for split in export_logits._default_splits(config):
     ids, labels = teachers._split_ids(config, split)
     splits[split] = (ids, labels)
     _write_cache_split(os.path.join(cache, split), ids, labels,
@@ -373,13 +373,14 @@ def _copy_cache(cache, tmp_path):
 def test_permuted_ids_are_caught_by_the_labels(dataset, tmp_path):
   config, info, _, cache = dataset
   cache = _copy_cache(cache, tmp_path)
-  path = os.path.join(cache, 'train', 'ids.npy')
+  path = os.path.join(cache, config.train_split, 'ids.npy')
   ids = np.load(path)
   np.save(path, np.random.default_rng(1).permutation(ids))
   config = config.copy_and_resolve_references()
   config.distill.cache_dir = cache
-  with pytest.raises(ValueError, match=r"split 'train'\) gives \d+ examples "
-                                       r'another label than the dataset'):
+  with pytest.raises(ValueError, match=re.escape(
+      f"split '{config.train_split}') gives") + r' \d+ examples another label '
+                                     'than the dataset'):
     teachers.load_cache(config, info)
 
 
