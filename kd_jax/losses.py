@@ -38,9 +38,13 @@ __all__ = [
     'SOFT_LOSSES',
     'combine_teachers',
     'cross_entropy',
+    'dist',
     'distillation_loss',
+    'dkd',
     'kl_divergence',
     'logit_mse',
+    'logit_standardize',
+    'masked_mean',
     'mse_to_labels',
     'soft_cross_entropy',
     'tempered_log_softmax',
@@ -593,6 +597,319 @@ def _mse_to_labels(logits: jax.Array, labels: jax.Array, is_index: bool,
 
 
 # ----------------------------------------------------------------------------
+# Modern logit losses: DKD, DIST, logit standardization.
+# ----------------------------------------------------------------------------
+
+
+def _check_scalar_weight(value: Any, name: str) -> None:
+  if jnp.ndim(value) != 0:
+    raise ValueError(f'{name} must be a scalar weight, got shape '
+                     f'{jnp.shape(value)}; pass one non-negative number.')
+  value = _concrete_value(value)
+  if value is None:
+    return
+  value = float(np.asarray(value))
+  if not (np.isfinite(value) and value >= 0):
+    raise ValueError(f'{name}={value!r} is invalid: it weights a loss term '
+                     f'and must be a non-negative finite number.')
+
+
+def _valid_mask(where: Any, batch_shape: tuple[int, ...]) -> jax.Array:
+  if where is None:
+    return jnp.ones(batch_shape, bool)
+  valid = jnp.asarray(where)
+  if valid.shape != batch_shape:
+    raise ValueError(
+        f'where shape {valid.shape} does not match the examples of '
+        f'student_logits, shape {batch_shape}; pass one bool per example.')
+  return valid.astype(bool)
+
+
+def _kl_terms(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """sum_i p_i (log p_i - log q_i) over the last axis; p_i = 0 terms are 0."""
+  p = jnp.exp(log_p)
+  positive = p > 0
+  # Double `where`: p = 0 terms are 0 in value and in gradient (no 0 * inf).
+  log_ratio = jnp.where(positive, log_p, 0.0) - jnp.where(positive, log_q, 0.0)
+  return jnp.sum(jnp.where(positive, p * log_ratio, 0.0), axis=-1)
+
+
+def logit_standardize(logits: ArrayLike, eps: float = 1e-7) -> jax.Array:
+  r"""Z-scores logits over the class axis (logit standardization).
+
+  .. math::
+    \mathcal{Z}(z)_i = \frac{z_i - \bar z}{\sigma(z) + \epsilon}, \quad
+    \bar z = \frac{1}{N}\sum_j z_j, \quad
+    \sigma(z) = \sqrt{\frac{1}{N - 1}\sum_j (z_j - \bar z)^2}
+
+  with the unbiased standard deviation, as the authors' code computes it
+  (``torch.std``). Applied to both sides before a soft loss, the student
+  matches the teacher's logit *relations* rather than their range: KD on
+  standardized logits is invariant to shifting and to (positively) scaling
+  either side's logits. A row of equal logits gives zeros with a finite
+  gradient.
+
+  Args:
+    logits: float array ``[..., num_classes]``, ``num_classes >= 2``.
+    eps: :math:`\epsilon`, added to the standard deviation.
+
+  Returns:
+    Standardized logits, same shape, float32 (or wider).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> z = losses.logit_standardize(jnp.array([1.0, 2.0, 3.0]))
+    >>> [round(x, 3) for x in z.tolist()]
+    [-1.0, 0.0, 1.0]
+
+  References:
+    Sun et al., `Logit Standardization in Knowledge Distillation
+    <https://arxiv.org/abs/2403.01427>`_, CVPR 2024.
+  """
+  logits = _as_float_logits(logits, 'logits')
+  if logits.shape[-1] < 2:
+    raise ValueError(
+        f'logits has {logits.shape[-1]} class(es) on its last axis; '
+        f'standardizing needs at least 2 classes (shape [..., num_classes]).')
+  if not (np.ndim(eps) == 0 and float(eps) >= 0):
+    raise ValueError(f'eps={eps!r} must be a non-negative scalar, e.g. 1e-7.')
+  return _logit_standardize(logits, eps)
+
+
+def _logit_standardize(logits: jax.Array, eps: float) -> jax.Array:
+  centred = logits - jnp.mean(logits, axis=-1, keepdims=True)
+  var = jnp.sum(jnp.square(centred), axis=-1, keepdims=True) / (
+      logits.shape[-1] - 1)
+  positive = var > 0
+  # Safe sqrt: equal logits (var = 0) keep a finite gradient.
+  std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+  return centred / (std + eps)
+
+
+def dkd(student_logits: ArrayLike, teacher_logits: ArrayLike,
+        labels: ArrayLike, *, alpha: ArrayLike = 1.0, beta: ArrayLike = 8.0,
+        temperature: ArrayLike = 4.0,
+        where: ArrayLike | None = None) -> jax.Array:
+  r"""Decoupled knowledge distillation: target-class and non-target terms.
+
+  With :math:`p = \mathrm{softmax}(v / T)` (teacher), :math:`q =
+  \mathrm{softmax}(z / T)` (student) and the label :math:`t`, the binary
+  target/non-target distributions :math:`b^p = [p_t, 1 - p_t]`,
+  :math:`b^q = [q_t, 1 - q_t]` and the distributions among the other classes
+  :math:`\hat p_i = p_i / (1 - p_t)`, :math:`\hat q_i = q_i / (1 - q_t)`,
+  :math:`i \ne t`:
+
+  .. math::
+    \mathrm{TCKD} = \mathrm{KL}(b^p \,\|\, b^q), \quad
+    \mathrm{NCKD} = \mathrm{KL}(\hat p \,\|\, \hat q), \quad
+    \ell = T^2 \left(\alpha\, \mathrm{TCKD} + \beta\, \mathrm{NCKD}\right)
+
+  Classical KD decomposes as :math:`\mathrm{KL}(p \| q) = \mathrm{TCKD} +
+  (1 - p_t)\, \mathrm{NCKD}` (Zhao et al., 2022, Eq. 5); DKD frees the
+  weight of NCKD from the teacher's confidence. The non-target
+  distributions exclude the target class exactly (the reference code
+  subtracts 1000 from its scaled logit instead). A temperature
+  curriculum (CTKD) passes logits already divided by a per-example
+  temperature with ``temperature=1`` and multiplies by :math:`T^2` itself.
+
+  Args:
+    student_logits: float array ``[..., num_classes]``, :math:`z`.
+    teacher_logits: float array of the same shape, :math:`v`.
+    labels: integer class indices ``[...]``, :math:`t`.
+    alpha: weight :math:`\alpha \ge 0` of TCKD.
+    beta: weight :math:`\beta \ge 0` of NCKD (the authors use 8 for
+      resnet32x4 -> resnet8x4 on CIFAR-100).
+    temperature: positive scalar :math:`T`.
+    where: optional bool mask ``[...]``; False examples give 0 (value and
+      gradient).
+
+  Returns:
+    Per-example loss, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0]])
+    >>> teacher = jnp.array([[3.0, 2.0, 1.0]])
+    >>> loss = losses.dkd(student, teacher, jnp.array([0]), alpha=1.0,
+    ...                   beta=8.0, temperature=2.0)
+    >>> [round(x, 3) for x in loss.tolist()]
+    [4.958]
+
+  References:
+    Zhao et al., `Decoupled Knowledge Distillation
+    <https://arxiv.org/abs/2203.08679>`_, CVPR 2022.
+  """
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+  _check_same_shape(student, teacher)
+  _check_temperature(temperature)
+  _check_scalar_weight(alpha, 'alpha')
+  _check_scalar_weight(beta, 'beta')
+  labels = jnp.asarray(labels)
+  if (labels.shape != student.shape[:-1]
+      or not jnp.issubdtype(labels.dtype, jnp.integer)):
+    raise ValueError(
+        f'labels must be integer class indices of shape '
+        f'{student.shape[:-1]} (DKD splits off the target class), got shape '
+        f'{labels.shape} and dtype {labels.dtype}.')
+  if student.shape[-1] < 2:
+    raise ValueError(
+        f'student_logits has {student.shape[-1]} class(es); DKD needs at '
+        f'least 2 (a target and a non-target class).')
+  _check_label_range(labels, student.shape[-1], where=where)
+  valid = _valid_mask(where, student.shape[:-1])
+  tckd, nckd = _dkd_terms(student, teacher, labels, temperature)
+  loss = (jnp.asarray(alpha, tckd.dtype) * tckd
+          + jnp.asarray(beta, nckd.dtype) * nckd)
+  return jnp.where(valid, _scale(loss, temperature, True), 0.0)
+
+
+def _dkd_terms(student: jax.Array, teacher: jax.Array, labels: jax.Array,
+               temperature: Any) -> tuple[jax.Array, jax.Array]:
+  """Unscaled (TCKD, NCKD) per example."""
+  dtype = jnp.promote_types(student.dtype, teacher.dtype)
+  student, teacher = student.astype(dtype), teacher.astype(dtype)
+  temperature = jnp.asarray(temperature, dtype)
+  is_target = jax.nn.one_hot(labels, student.shape[-1], dtype=bool)
+
+  def binary(log_probs):
+    # [log p_t, log(1 - p_t)]; the rest via logsumexp, stable as p_t -> 1.
+    log_target = jnp.sum(jnp.where(is_target, log_probs, 0.0), axis=-1)
+    log_rest = jax.nn.logsumexp(jnp.where(is_target, -jnp.inf, log_probs),
+                                axis=-1)
+    return jnp.stack([log_target, log_rest], axis=-1)
+
+  def non_target(logits):
+    return jax.nn.log_softmax(
+        jnp.where(is_target, -jnp.inf, logits / temperature), axis=-1)
+
+  log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
+  log_q = jax.nn.log_softmax(student / temperature, axis=-1)
+  tckd = _kl_terms(binary(log_p), binary(log_q))
+  log_p_hat = non_target(teacher)
+  log_q_hat = non_target(student)
+  # The target entry is -inf on both sides: leave it out explicitly.
+  log_p_hat = jnp.where(is_target, -jnp.inf, log_p_hat)
+  log_q_hat = jnp.where(is_target, 0.0, log_q_hat)
+  nckd = _kl_terms(log_p_hat, log_q_hat)
+  return tckd, nckd
+
+
+def dist(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
+         beta: ArrayLike = 1.0, gamma: ArrayLike = 1.0,
+         temperature: ArrayLike = 1.0, where: ArrayLike | None = None,
+         axis_name: Any = None) -> jax.Array:
+  r"""DIST: inter- and intra-class relations by Pearson correlation.
+
+  With tempered probabilities :math:`Y^s = \mathrm{softmax}(Z^s / \tau)`,
+  :math:`Y^t = \mathrm{softmax}(Z^t / \tau)` of shape ``[B, C]`` and the
+  Pearson correlation :math:`\rho(a, b) = \frac{(a - \bar a) \cdot
+  (b - \bar b)}{\|a - \bar a\| \|b - \bar b\| + \epsilon}`,
+  :math:`\epsilon = 10^{-8}`:
+
+  .. math::
+    \mathcal{L}_\text{inter} = 1 - \frac{1}{B}\sum_{i=1}^{B}
+        \rho(Y^s_{i,:}, Y^t_{i,:}), \quad
+    \mathcal{L}_\text{intra} = 1 - \frac{1}{C}\sum_{j=1}^{C}
+        \rho(Y^s_{:,j}, Y^t_{:,j}),
+
+  .. math::
+    \mathcal{L} = \tau^2 \left(\beta\, \mathcal{L}_\text{inter}
+        + \gamma\, \mathcal{L}_\text{intra}\right)
+
+  A **batch-level** loss (one scalar): the intra-class term correlates each
+  class's column over the whole batch. Rows with ``where=False`` take no
+  part (neither in the row mean nor in the column statistics). Under a
+  data-parallel ``jit`` over a sharded batch the value is that of the
+  global batch; inside ``shard_map`` pass ``axis_name`` so that the sums
+  run over all shards.
+
+  Args:
+    student_logits: float array ``[B, C]``, :math:`Z^s`.
+    teacher_logits: float array ``[B, C]``, :math:`Z^t`.
+    beta: weight :math:`\beta \ge 0` of the inter-class term.
+    gamma: weight :math:`\gamma \ge 0` of the intra-class term.
+    temperature: positive scalar :math:`\tau`.
+    where: optional bool mask ``[B]``.
+    axis_name: optional mapped axis name (inside ``shard_map``).
+
+  Returns:
+    The scalar loss; 0 when no row is valid.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+    >>> abs(float(losses.dist(student, student))) < 1e-5  # Same relations.
+    True
+    >>> round(float(losses.dist(student, -student)), 3)
+    3.934
+
+  References:
+    Huang et al., `Knowledge Distillation from A Stronger Teacher
+    <https://arxiv.org/abs/2205.10536>`_, NeurIPS 2022.
+  """
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+  _check_same_shape(student, teacher)
+  if student.ndim != 2:
+    raise ValueError(
+        f'student_logits must be a batch of shape [B, C] (DIST correlates '
+        f'columns over the batch), got shape {student.shape}; reshape to '
+        f'[-1, num_classes].')
+  _check_temperature(temperature)
+  _check_scalar_weight(beta, 'beta')
+  _check_scalar_weight(gamma, 'gamma')
+  valid = _valid_mask(where, student.shape[:-1])
+  inter, intra = _dist_terms(student, teacher, temperature, valid, axis_name)
+  loss = (jnp.asarray(beta, inter.dtype) * inter
+          + jnp.asarray(gamma, intra.dtype) * intra)
+  return _scale(loss, temperature, True)
+
+
+def _safe_norm(sum_of_squares: jax.Array) -> jax.Array:
+  positive = sum_of_squares > 0
+  return jnp.where(positive,
+                   jnp.sqrt(jnp.where(positive, sum_of_squares, 1.0)), 0.0)
+
+
+def _dist_terms(student: jax.Array, teacher: jax.Array, temperature: Any,
+                valid: jax.Array, axis_name: Any
+                ) -> tuple[jax.Array, jax.Array]:
+  """Unscaled (inter, intra) of the valid rows; (0, 0) when there are none."""
+  eps = 1e-8
+  dtype = jnp.promote_types(student.dtype, teacher.dtype)
+  y_s = jnp.exp(_tempered_log_softmax(student.astype(dtype), temperature))
+  y_t = jnp.exp(_tempered_log_softmax(teacher.astype(dtype), temperature))
+  weight = valid.astype(dtype)[:, None]
+
+  def psum(x):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+  # Rows: each example's correlation over its classes.
+  a = y_s - jnp.mean(y_s, axis=-1, keepdims=True)
+  b = y_t - jnp.mean(y_t, axis=-1, keepdims=True)
+  rho_rows = jnp.sum(a * b, axis=-1) / (
+      _safe_norm(jnp.sum(a * a, axis=-1))
+      * _safe_norm(jnp.sum(b * b, axis=-1)) + eps)
+  count = psum(jnp.sum(valid, dtype=dtype))
+  rho_rows = psum(jnp.sum(jnp.where(valid, rho_rows, 0.0)))
+  inter = jnp.where(count > 0, 1.0 - rho_rows / jnp.maximum(count, 1.0), 0.0)
+
+  # Columns: each class's correlation over the valid examples of the batch.
+  n = jnp.maximum(count, 1.0)
+  a = (y_s - psum(jnp.sum(weight * y_s, axis=0)) / n) * weight
+  b = (y_t - psum(jnp.sum(weight * y_t, axis=0)) / n) * weight
+  rho_cols = psum(jnp.sum(a * b, axis=0)) / (
+      _safe_norm(psum(jnp.sum(a * a, axis=0)))
+      * _safe_norm(psum(jnp.sum(b * b, axis=0))) + eps)
+  intra = jnp.where(count > 0, 1.0 - jnp.mean(rho_cols), 0.0)
+  return inter, intra
+
+
+# ----------------------------------------------------------------------------
 # Ensembles of teachers.
 # ----------------------------------------------------------------------------
 
@@ -617,12 +934,19 @@ def combine_teachers(teacher_logits: ArrayLike, method: str = 'mean_probs',
 
   The result is returned as logits :math:`T \log \bar p`, so that
   ``tempered_softmax(result, temperature)`` is :math:`\bar p`; at the default
-  ``temperature=1`` it is the combined log-probabilities. Pass the
-  distillation temperature here to average the teachers' *tempered*
-  distributions (the soft targets of Hinton et al., 2015); with
-  ``temperature=1`` followed by tempering, ``'mean_probs'`` instead averages
-  at :math:`T=1` and then softens, while ``'mean_log_probs'`` gives the same
-  targets either way.
+  ``temperature=1`` it is the combined log-probabilities.
+
+  Which temperature to combine at: ``'mean_log_probs'`` gives the same
+  soft targets at every temperature (tempering commutes with the geometric
+  mean). ``'mean_probs'`` does not: combining at :math:`T=1` and tempering
+  afterwards softens the ensemble's own predictive distribution, while
+  combining at the distillation temperature averages the teachers'
+  *tempered* distributions, as Hinton et al. (2015) average their soft
+  targets. The trainer combines at :math:`T=1` by default, so that an
+  ensemble distilled online and its exported logits cache
+  (`kd_jax.export_logits`, which stores the :math:`T=1` combination) train
+  the same student; ``config.distill.ensemble_temperature='distillation'``
+  selects Hinton's average (`kd_jax.objective.combine`).
 
   Args:
     teacher_logits: float array ``[K, ..., num_classes]``.
@@ -703,9 +1027,40 @@ def _normalised_weights(weights: ArrayLike, num_teachers: int,
 # ----------------------------------------------------------------------------
 
 
-def _masked_mean(values: jax.Array, valid: jax.Array,
-                 axis_name: Any) -> jax.Array:
-  """Mean over valid entries; 0 (not NaN) when there are none."""
+def masked_mean(values: ArrayLike, valid: ArrayLike,
+                axis_name: Any = None) -> jax.Array:
+  r"""Mean of `values` over the entries where `valid` is True.
+
+  .. math::
+    \bar\ell = \frac{\sum_b [\text{valid}_b]\, \ell_b}
+                      {\max(1, \sum_b [\text{valid}_b])}
+
+  Masked entries count neither in the sum nor in the count (a masked NaN
+  stays out); no valid entry gives 0, not NaN.
+
+  Args:
+    values: float array of per-example values.
+    valid: bool array of the same shape.
+    axis_name: optional mapped axis name (inside ``shard_map``): the sums run
+      over all shards.
+
+  Returns:
+    The scalar mean.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> float(losses.masked_mean(jnp.array([1.0, 3.0, jnp.nan]),
+    ...                          jnp.array([True, True, False])))
+    2.0
+  """
+  values = jnp.asarray(values)
+  valid = jnp.asarray(valid, bool)
+  if valid.shape != values.shape:
+    raise ValueError(f'valid shape {valid.shape} does not match values shape '
+                     f'{values.shape}; pass one bool per value.')
+  if not jnp.issubdtype(values.dtype, jnp.floating):
+    values = values.astype(jnp.float32)
   total = jnp.sum(jnp.where(valid, values, 0.0))
   count = jnp.sum(valid, dtype=values.dtype)
   if axis_name is not None:
@@ -725,6 +1080,7 @@ def distillation_loss(
     label_smoothing: ArrayLike = 0.0,
     where: ArrayLike | None = None,
     axis_name: Any = None,
+    logit_standardization: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   r"""The knowledge-distillation objective, averaged over valid examples.
 
@@ -764,6 +1120,9 @@ def distillation_loss(
     where: optional bool mask ``[...]``, False for padding examples.
     axis_name: optional mapped axis name (inside ``shard_map``) over which the
       mean runs, so that it averages over the valid examples of all shards.
+    logit_standardization: compute the soft term on
+      :func:`logit_standardize`-d student and teacher logits (Sun et al.,
+      2024); the hard term always sees the raw logits.
 
   Returns:
     ``(loss, terms)``: the scalar :math:`L` and a dict with the scalars
@@ -825,13 +1184,17 @@ def distillation_loss(
   if teacher_logits is not None:
     teacher = _as_float_logits(teacher_logits, 'teacher_logits')
     _check_same_shape(student, teacher)
+    soft_student = student
+    if logit_standardization:
+      soft_student = _logit_standardize(student, 1e-7)
+      teacher = _logit_standardize(teacher, 1e-7)
     if soft == 'kl':
-      soft_loss = _kl_divergence(student, teacher, temperature, True)
+      soft_loss = _kl_divergence(soft_student, teacher, temperature, True)
     elif soft == 'soft_ce':
-      soft_loss = _soft_cross_entropy(student, teacher, temperature, True)
+      soft_loss = _soft_cross_entropy(soft_student, teacher, temperature, True)
     else:
-      soft_loss = _logit_mse(student, teacher)
-    soft_mean = _masked_mean(soft_loss, valid, axis_name)
+      soft_loss = _logit_mse(soft_student, teacher)
+    soft_mean = masked_mean(soft_loss, valid, axis_name)
   if labels is not None:
     labels, is_index = _label_info(labels, student)
     if is_index:
@@ -840,7 +1203,7 @@ def distillation_loss(
       hard_loss = _cross_entropy(student, labels, is_index, label_smoothing)
     else:
       hard_loss = _mse_to_labels(student, labels, is_index, label_smoothing)
-    hard_mean = _masked_mean(hard_loss, valid, axis_name)
+    hard_mean = masked_mean(hard_loss, valid, axis_name)
 
   alpha = jnp.asarray(alpha, soft_mean.dtype)
   total = zero

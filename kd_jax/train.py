@@ -3,7 +3,7 @@
 The same step trains a teacher or a student from scratch (no teacher), and a
 student distilled from teacher logits, whatever their source (an online
 teacher, a stacked ensemble, a logits cache): a `teachers.Teacher` gives the
-logits, `losses.distillation_loss` mixes the soft and the hard terms.
+logits, `objective.loss` turns them and the labels into the loss.
 Data parallelism: a 1-D `jax.make_mesh` over every device with axis 'data';
 batches are sharded over it, the state and the teachers are replicated, and
 XLA inserts the gradient all-reduce.
@@ -34,6 +34,7 @@ from kd_jax import config_lib
 from kd_jax import input_pipeline
 from kd_jax import losses
 from kd_jax import models
+from kd_jax import objective
 from kd_jax import progress
 from kd_jax import optim
 from kd_jax import rundir
@@ -60,7 +61,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'config.distill.alpha={d.alpha} weights a teacher term, but '
         f'config.distill.teacher_source is "none": set alpha=0 for '
         f'supervised training, or name a teacher source.')
-  losses.validate_distillation_args(d.temperature, d.alpha, d.soft, d.hard)
+  objective.validate(config)
   if d.teacher_source == 'specialists' and config.specialist.index >= 0:
     raise ValueError(
         f'config.specialist.index={config.specialist.index} trains one '
@@ -161,52 +162,21 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
   return optax.chain(*parts), schedule
 
 
-def init_state(model, tx, rng: jax.Array, image_shape) -> State:
+def init_state(model, tx, rng: jax.Array, image_shape, distill=None,
+               num_classes: int | None = None) -> State:
+  """The train state; with `distill`, also a learned temperature's entries
+  (`objective.init_temperature_state`, none when config.distill.ctkd is
+  'none')."""
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32))
   params = variables['params']
-  return dict(step=jnp.zeros((), jnp.int32), params=params,
-              batch_stats=variables.get('batch_stats', {}),
-              opt_state=tx.init(params), rng=state_rng)
-
-
-def _teacher_soft_targets(teacher_logits, distill, weights):
-  """[K, B, C] teacher logits -> what the soft loss compares against."""
-  if teacher_logits.shape[0] == 1:
-    return teacher_logits[0]
-  if distill.ensemble_method == 'sum_losses':
-    return teacher_logits
-  return losses.combine_teachers(teacher_logits, distill.ensemble_method,
-                                 weights=jnp.asarray(weights))
-
-
-def _loss(student_logits, soft_targets, batch, distill, weights):
-  labels = batch.get('label_probs', batch['label'])
-  kwargs = dict(temperature=distill.temperature, soft=distill.soft,
-                hard=distill.hard, label_smoothing=distill.label_smoothing,
-                where=batch['mask'])
-  if soft_targets is None:
-    return losses.distillation_loss(student_logits, None, labels, alpha=0.0,
-                                    **kwargs)
-  if soft_targets.ndim == 2 and 'teacher_topk_indices' not in batch:
-    return losses.distillation_loss(student_logits, soft_targets, labels,
-                                    alpha=distill.alpha, **kwargs)
-  if 'teacher_topk_indices' in batch:
-    # A top-k cache: KL over the teacher's k classes plus one rest bucket.
-    soft = _masked_mean(losses.topk_kl_divergence(
-        student_logits, batch['teacher_topk_logits'],
-        batch['teacher_topk_indices'], batch['teacher_rest_mass'],
-        distill.temperature, where=batch['mask']), batch['mask'])
-  else:
-    # sum_losses: the soft term is the weighted sum of per-teacher terms.
-    per_teacher = jax.vmap(lambda t: losses.distillation_loss(
-        student_logits, t, None, alpha=1.0, **kwargs)[1]['soft'])(soft_targets)
-    soft = jnp.sum(jnp.asarray(weights) * per_teacher)
-  _, hard_terms = losses.distillation_loss(student_logits, None, labels,
-                                           alpha=0.0, **kwargs)
-  hard = hard_terms['hard']
-  total = distill.alpha * soft + (1 - distill.alpha) * hard
-  return total, dict(soft=soft, hard=hard, total=total)
+  state = dict(step=jnp.zeros((), jnp.int32), params=params,
+               batch_stats=variables.get('batch_stats', {}),
+               opt_state=tx.init(params), rng=state_rng)
+  if distill is not None:
+    state.update(objective.init_temperature_state(
+        distill, num_classes, tx, jax.random.fold_in(rng, 1)))
+  return state
 
 
 def ensemble_prediction(teacher_logits, weights, method: str):
@@ -218,49 +188,73 @@ def ensemble_prediction(teacher_logits, weights, method: str):
       teacher_logits, method, weights=jnp.asarray(weights)), -1)
 
 
-def _masked_mean(x, mask):
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
                *, model, tx, schedule, teacher: teachers.Teacher | None,
-               distill) -> tuple[State, dict[str, jax.Array]]:
-  """One SGD step of the student on one global batch; pure and jittable."""
+               distill, steps_per_epoch: int | None = None
+               ) -> tuple[State, dict[str, jax.Array]]:
+  """One SGD step of the student on one global batch; pure and jittable.
+
+  Teacher forward -> student forward -> `objective.loss` -> update. A
+  learned temperature (`state['temperature_params']`, CTKD) is updated by
+  the same optimizer, through its gradient reversal. `steps_per_epoch`
+  gives the epoch that DKD's warm-up and CTKD's curriculum follow.
+  """
   rng = jax.random.fold_in(state['rng'], state['step'])
   teacher_logits = (None if teacher is None
                     else teacher.forward(teacher_variables, batch))
-  weights = None if teacher is None else teacher.weights
-  soft_targets = (None if teacher_logits is None
-                  else _teacher_soft_targets(teacher_logits, distill, weights))
+  targets = objective.teacher_targets(
+      teacher_logits, batch, distill,
+      None if teacher is None else teacher.weights)
+  epoch = (None if steps_per_epoch is None
+           else state['step'].astype(jnp.float32) / steps_per_epoch)
+  learned = 'temperature_params' in state
 
-  def loss_fn(params):
+  def loss_fn(params, temperature_params):
     logits, new_model_state = model.apply(
         {'params': params, 'batch_stats': state['batch_stats']},
         batch['image'], train=True, rngs={'dropout': rng},
         mutable=['batch_stats'])
-    loss, terms = _loss(logits, soft_targets, batch, distill, weights)
-    return loss, (logits, new_model_state, terms)
+    temperature = strength = None
+    if learned:
+      temperature, strength = objective.learned_temperature(
+          distill, temperature_params, logits, targets, epoch)
+    loss, terms = objective.loss(
+        logits, targets, batch['label'], batch['mask'], distill,
+        label_probs=batch.get('label_probs'), epoch=epoch,
+        temperature=temperature)
+    return loss, (logits, new_model_state, terms, temperature, strength)
 
-  grads, (logits, new_model_state, terms) = jax.grad(
-      loss_fn, has_aux=True)(state['params'])
+  (grads, temperature_grads), aux = jax.grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(
+          state['params'], state.get('temperature_params'))
+  logits, new_model_state, terms, temperature, strength = aux
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   new_state = dict(state, step=state['step'] + 1, params=params,
                    opt_state=opt_state,
                    batch_stats=new_model_state.get('batch_stats', {}))
+  if learned:
+    temperature_updates, temperature_opt_state = tx.update(
+        temperature_grads, state['temperature_opt_state'],
+        state['temperature_params'])
+    new_state.update(
+        temperature_params=optax.apply_updates(state['temperature_params'],
+                                               temperature_updates),
+        temperature_opt_state=temperature_opt_state)
 
   mask = batch['mask']
   prediction = jnp.argmax(logits, -1)
   measurements = {f'loss_{k}': v for k, v in terms.items()}
-  measurements['accuracy'] = _masked_mean(prediction == batch['label'], mask)
-  if teacher_logits is not None:
-    teacher_prediction = ensemble_prediction(teacher_logits, teacher.weights,
-                                             distill.ensemble_method)
-    measurements['teacher_accuracy'] = _masked_mean(
-        teacher_prediction == batch['label'], mask)
-    measurements['agreement'] = _masked_mean(prediction == teacher_prediction,
-                                             mask)
+  measurements['accuracy'] = losses.masked_mean(prediction == batch['label'],
+                                                mask)
+  if targets.prediction is not None:
+    measurements['teacher_accuracy'] = losses.masked_mean(
+        targets.prediction == batch['label'], mask)
+    measurements['agreement'] = losses.masked_mean(
+        prediction == targets.prediction, mask)
+  if learned:
+    measurements['temperature'] = jnp.mean(temperature)
+    measurements['temperature_strength'] = strength
   measurements['grad_norm'] = optax.tree.norm(grads)
   measurements['param_norm'] = optax.tree.norm(params)
   measurements['update_norm'] = optax.tree.norm(updates)
@@ -500,7 +494,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        jax.device_put(teacher.variables, replicated))
 
   init_fn = jax.jit(functools.partial(init_state, model, tx,
-                                      image_shape=info.image_shape),
+                                      image_shape=info.image_shape,
+                                      distill=config.distill,
+                                      num_classes=info.num_classes),
                     out_shardings=replicated)
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init_fn, rng)
@@ -542,7 +538,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        teacher=teacher, distill=config.distill),
+                        teacher=teacher, distill=config.distill,
+                        steps_per_epoch=steps_per_epoch),
       out_shardings=(replicated, replicated), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(
       eval_step, model=model, teacher=teacher,

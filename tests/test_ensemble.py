@@ -16,6 +16,7 @@ from kd_jax import config_lib
 from kd_jax import export_logits
 from kd_jax import input_pipeline
 from kd_jax import losses
+from kd_jax import objective
 from kd_jax import teachers
 from kd_jax import train
 from kd_jax.config_lib import load_config
@@ -113,10 +114,10 @@ def test_ensemble_soft_term_matches_numpy(method):
   weights = (2.0, 1.0, 0.5)
   config = load_config('mnist5k_ensemble', f'distill.ensemble_method={method}')
   batch = dict(label=np.arange(8) % 10, mask=np.ones(8, bool))
-  soft_targets = train._teacher_soft_targets(
-      jnp.asarray(teacher_logits), config.distill, weights)
-  _, terms = train._loss(jnp.asarray(student), soft_targets, batch,
-                         config.distill, weights)
+  targets = objective.teacher_targets(jnp.asarray(teacher_logits), batch,
+                                      config.distill, weights)
+  _, terms = objective.loss(jnp.asarray(student), targets, batch['label'],
+                            batch['mask'], config.distill)
   np.testing.assert_allclose(
       terms['soft'], numpy_soft_term(student, teacher_logits, weights,
                                      method, config.distill.temperature),

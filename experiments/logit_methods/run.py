@@ -1,0 +1,288 @@
+r"""KD, DKD, DIST, KD+LS, DKD+LS and CTKD on mnist5k and digits.
+
+  python experiments/logit_methods/run.py --workdir=workdirs/logit_methods \
+      --teacher_overrides='{"learning_rate": 0.05, "max_norm": 3.5}'
+
+For each dataset in --datasets (mnist5k: train on `train[:3600]`, choose on
+`train[3600:]`; digits: train on `train[:1150]`, choose on `train[1150:]`;
+both report the test split beside) and each seed in --seeds, trains with
+`kd_jax.train.train_and_evaluate`:
+
+* the 2x1200 teacher of configs/mnist5k_teacher.py with the teacher recipe
+  given by --teacher_overrides (the setting experiments/teacher_recipe chose
+  on validation; pass its fields as JSON);
+* for each student width in --widths (2x800 and 2x30): the student from
+  scratch (configs/mnist5k_student.py), and distilled from the teacher of
+  the same seed by each method of configs/cifar100_logit_methods.py, with
+  that config's published hyperparameters (KD T=4, 0.9 soft; DKD 1 TCKD +
+  8 NCKD at T=4 beside CE; DIST tau=4, beta=gamma=2; KD+LS T=2 with weights
+  9 / 0.1; DKD+LS; CTKD's learned global T), their epoch schedules (DKD's
+  20-epoch warm-up, CTKD's 10-epoch curriculum, of 240) scaled to this
+  study's epochs.
+
+Writes results.json, results.md (validation and test errors, mean +- std
+over seeds, and the method with the fewest validation errors per dataset and
+width, with whether its lead exceeds one standard deviation) and
+methods.png (a bar chart with error bars) to --out_dir (default: this
+folder; with --tiny, --workdir). Finished runs are read from their
+workdirs, not rerun; teachers can be shared with other studies through
+--teachers_dir. `--tiny` shrinks every run to a few steps, one seed and the
+2x30 student, to check the script in seconds per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from kd_jax import config_lib
+from kd_jax import study
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHOD_NAMES = ('kd', 'dkd', 'dist', 'kd_ls', 'dkd_ls', 'ctkd')
+LABELS = dict(scratch='scratch', kd='KD', dkd='DKD', dist='DIST',
+              kd_ls='KD+LS', dkd_ls='DKD+LS', ctkd='CTKD')
+# (train split, validation split) per dataset; the test split is reported.
+SPLITS = {'mnist5k': ('train[:3600]', 'train[3600:]'),
+          'digits': ('train[:1150]', 'train[1150:]')}
+# The CIFAR-100 recipes count their schedules in epochs of a 240-epoch run.
+AUTHORS_EPOCHS = 240.0
+
+
+def _methods_module():
+  path = os.path.join(config_lib.CONFIG_DIR, 'cifar100_logit_methods.py')
+  spec = importlib.util.spec_from_file_location('cifar100_logit_methods',
+                                                path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# The objective's fields; a method's values replace the base config's.
+OBJECTIVE_FIELDS = (
+    'soft', 'temperature', 'alpha', 'soft_weight', 'hard_weight', 'dkd_alpha',
+    'dkd_beta', 'dkd_warmup_epochs', 'dist_beta', 'dist_gamma',
+    'logit_standardization', 'ctkd', 'ctkd_min_temperature',
+    'ctkd_temperature_range', 'ctkd_strength_start', 'ctkd_strength_end',
+    'ctkd_strength_epochs')
+
+
+def method_overrides(method: str, num_epochs: float) -> dict[str, Any]:
+  """The objective fields of a method of configs/cifar100_logit_methods.py,
+  with its epoch schedules scaled from 240 epochs to `num_epochs`."""
+  distill = config_lib.default_config().distill
+  _methods_module().METHODS[method](distill)
+  out = {f'distill.{k}': distill[k] for k in OBJECTIVE_FIELDS}
+  for key in ('distill.dkd_warmup_epochs', 'distill.ctkd_strength_epochs'):
+    out[key] = out[key] * num_epochs / AUTHORS_EPOCHS
+  return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', default='workdirs/logit_methods',
+                      help='One sub-folder per run goes here.')
+  parser.add_argument('--out_dir', default=None,
+                      help='Where results.{json,md} and methods.png go '
+                      '(default: this folder; with --tiny, --workdir).')
+  parser.add_argument('--teachers_dir', default=None,
+                      help='Where the teachers go, <dataset>_teacher_s<seed> '
+                      '(default: --workdir).')
+  parser.add_argument('--teacher_overrides', default='{}',
+                      help='JSON of dotted config fields of the teacher '
+                      'recipe, e.g. {"learning_rate": 0.05, "max_norm": 3.5}.')
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--widths', default='800,30',
+                      help='Widths w of the 2xw students.')
+  parser.add_argument('--datasets', default='mnist5k,digits')
+  parser.add_argument('--methods', default=','.join(METHOD_NAMES))
+  parser.add_argument('--num_epochs', type=float, default=None,
+                      help='Overrides the student configs\' epochs.')
+  parser.add_argument('--tiny', action='store_true',
+                      help='Seconds-long runlocal runs, one seed, 2x30 only.')
+  args = parser.parse_args(argv)
+  args.seeds = [int(s) for s in args.seeds.split(',') if s]
+  args.widths = [int(w) for w in args.widths.split(',') if w]
+  args.datasets = [d for d in args.datasets.split(',') if d]
+  args.methods = [m for m in args.methods.split(',') if m]
+  args.teacher_overrides = json.loads(args.teacher_overrides)
+  if args.tiny:
+    args.seeds, args.widths = args.seeds[:1], args.widths[-1:]
+  bad = ([d for d in args.datasets if d not in SPLITS]
+         + [m for m in args.methods if m not in METHOD_NAMES])
+  if bad or not (args.seeds and args.widths and args.datasets):
+    raise ValueError(f'unknown or empty --datasets/--methods/--seeds/--widths '
+                     f'({bad or "empty"}); datasets: {tuple(SPLITS)}, methods: '
+                     f'{METHOD_NAMES}.')
+  if args.out_dir is None:
+    args.out_dir = args.workdir if args.tiny else HERE
+  if args.teachers_dir is None:
+    args.teachers_dir = args.workdir
+  return args
+
+
+def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """Every run, teachers first: name, dataset, width, method, seed, config."""
+  common = ['tiny'] if args.tiny else []
+  num_epochs = (args.num_epochs if args.num_epochs is not None else
+                config_lib.load_config('mnist5k_student').num_epochs)
+  runs = []
+  for dataset in args.datasets:
+    train_split, val_split = SPLITS[dataset]
+    data = {'dataset': dataset, 'train_split': train_split,
+            'eval_splits': (val_split, 'test')}
+    for seed in args.seeds:
+      runs.append(dict(
+          name=f'{dataset}_teacher_s{seed}', dataset=dataset, width=None,
+          method='teacher', seed=seed, config_name='mnist5k_teacher',
+          arg=','.join(common + [f'seed={seed}']),
+          overrides={**data, **args.teacher_overrides},
+          workdir=os.path.join(args.teachers_dir,
+                               f'{dataset}_teacher_s{seed}')))
+    for width in args.widths:
+      for seed in args.seeds:
+        for method in ('scratch', *args.methods):
+          student = {**data, 'model.hidden': (width, width)}
+          if args.num_epochs is not None:
+            student['num_epochs'] = args.num_epochs
+          name = f'{dataset}_2x{width}_{method}_s{seed}'
+          run = dict(name=name, dataset=dataset, width=width, method=method,
+                     seed=seed, arg=','.join(common + [f'seed={seed}']),
+                     workdir=os.path.join(args.workdir, name))
+          if method == 'scratch':
+            run.update(config_name='mnist5k_student', overrides=student)
+          else:
+            run.update(config_name='mnist5k_distill',
+                       overrides={**student,
+                                  **method_overrides(method, num_epochs)},
+                       teacher=os.path.join(args.teachers_dir,
+                                            f'{dataset}_teacher_s{seed}'))
+          runs.append(run)
+  return runs
+
+
+def make(run: dict[str, Any], teacher_configs: dict[str, Any]):
+  config = study.make_config(run['config_name'], run['arg'],
+                             run['overrides'])
+  if 'teacher' in run:
+    # The teacher's architecture is the one its recipe trained.
+    teacher_model = teacher_configs[run['teacher']].model
+    config.teachers = [config_lib.teacher_config(teacher_model,
+                                                 run['teacher'])]
+  return config
+
+
+def summarise(runs: list[dict[str, Any]], args) -> dict[str, Any]:
+  rows = []
+  for dataset in args.datasets:
+    val_split = SPLITS[dataset][1]
+    teachers = [r for r in runs if r['dataset'] == dataset
+                and r['method'] == 'teacher']
+    teacher = dict(val=study.stats(study.errors(r['summary'], val_split)
+                                   for r in teachers),
+                   test=study.stats(study.errors(r['summary'], 'test')
+                                    for r in teachers))
+    for width in args.widths:
+      group = []
+      for method in ('scratch', *args.methods):
+        mine = [r for r in runs if r['dataset'] == dataset
+                and r['width'] == width and r['method'] == method]
+        group.append(dict(
+            dataset=dataset, width=width, method=method,
+            val=study.stats(study.errors(r['summary'], val_split)
+                            for r in mine),
+            test=study.stats(study.errors(r['summary'], 'test')
+                             for r in mine),
+            num_examples=dict(
+                val=mine[0]['summary']['eval'][val_split]['num_examples'],
+                test=mine[0]['summary']['eval']['test']['num_examples']),
+            teacher=teacher))
+      best = min(group, key=lambda g: g['val']['mean'])
+      others = [g for g in group if g is not best]
+      runner_up = min(others, key=lambda g: g['val']['mean'])
+      best['best'] = True
+      best['clear_lead'] = bool(
+          len(args.seeds) > 1
+          and runner_up['val']['mean'] - best['val']['mean']
+          > max(best['val']['std'], runner_up['val']['std']))
+      rows.extend(group)
+  return dict(rows=rows)
+
+
+def write_outputs(results: dict[str, Any], args, wall_seconds: float,
+                  command: str) -> None:
+  os.makedirs(args.out_dir, exist_ok=True)
+  with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
+    json.dump(dict(results, wall_seconds=wall_seconds, command=command,
+                   seeds=args.seeds), f, indent=2)
+  lines = [
+      '# Logit distillation methods on mnist5k and digits', '',
+      f'Command: `{command}`', '',
+      f'Wall time: {wall_seconds / 60:.1f} min; seeds {args.seeds}; errors '
+      f'are mean +- std over seeds (validation chooses, test reported).', '',
+      '| dataset | student | method | val errors | test errors | teacher '
+      'test errors |', '|---|---|---|---|---|---|']
+  for r in results['rows']:
+    mark = ' (fewest val errors' + (')' if r.get('clear_lead') else
+                                    ', within 1 std)') if r.get('best') else ''
+    lines.append(
+        f'| {r["dataset"]} | 2x{r["width"]} | {LABELS[r["method"]]}{mark} | '
+        f'{study.fmt(r["val"])} / {r["num_examples"]["val"]:g} | '
+        f'{study.fmt(r["test"])} / {r["num_examples"]["test"]:g} | '
+        f'{study.fmt(r["teacher"]["test"])} |')
+  with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+  groups = sorted({(r['dataset'], r['width']) for r in results['rows']},
+                  key=lambda g: (g[0], -g[1]))
+  fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5),
+                           squeeze=False)
+  for ax, (dataset, width) in zip(axes[0], groups):
+    rows = [r for r in results['rows']
+            if r['dataset'] == dataset and r['width'] == width]
+    ax.bar(range(len(rows)), [r['test']['mean'] for r in rows],
+           yerr=[r['test']['std'] for r in rows], capsize=3,
+           color=['0.6' if r['method'] == 'scratch' else 'C0' for r in rows])
+    ax.axhline(rows[0]['teacher']['test']['mean'], color='C3', ls='--',
+               label='teacher')
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([LABELS[r['method']] for r in rows], rotation=45)
+    ax.set_title(f'{dataset}, 2x{width}')
+    ax.set_ylabel('test errors')
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(args.out_dir, 'methods.png'), dpi=120)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  command = ' '.join(['python experiments/logit_methods/run.py',
+                      *(sys.argv[1:] if argv is None else argv)])
+  runs = plan_runs(args)
+  teacher_configs: dict[str, Any] = {}
+  for run in runs:
+    if run['method'] == 'teacher':
+      teacher_configs[run['workdir']] = study.make_config(
+          run['config_name'], run['arg'], run['overrides'])
+  start = time.perf_counter()
+  study.run_all(runs, lambda run: make(run, teacher_configs))
+  results = summarise(runs, args)
+  write_outputs(results, args, time.perf_counter() - start, command)
+  print(open(os.path.join(args.out_dir, 'results.md')).read())
+  return results
+
+
+if __name__ == '__main__':
+  main()
