@@ -1,10 +1,146 @@
-"""Shared test set-up: 8 simulated CPU devices, so every test runs data-parallel,
-and a private TFDS data_dir per test worker, so tests never touch
-~/tensorflow_datasets and parallel workers never race on it."""
+"""Shared test set-up, made once per test session and shared by the
+pytest-xdist workers and by the subprocesses that tests start.
 
+- 8 simulated CPU devices, so every test runs data-parallel.
+- One scratch directory per session (the controller makes it; workers and
+  subprocesses inherit its path through the environment), removed at the end.
+  Its TFDS data_dir (TFDS_DATA_DIR, the `data_dir` fixture) gets mnist5k and
+  digits prepared once, offline, under a file lock, so tests never touch
+  ~/tensorflow_datasets and workers never race on preparing.
+- A persistent XLA compilation cache (.pytest_cache/d/kd_jax_xla, or
+  $KD_JAX_TEST_XLA_CACHE), with its size and compile-time thresholds at 0, so
+  that the tiny runs that many tests repeat compile each program once.
+- `jax_disable_most_optimizations` in the test processes: the runs here are
+  tiny, so XLA's optimisation passes cost more time than they save. Tests
+  that compare two runs compare two runs compiled alike; subprocesses (the CLI
+  tests, the notebook, the benchmarks) keep XLA's defaults.
+- `mnist5k_teacher_dir`: one runlocal mnist5k teacher per session, trained by
+  the first worker that needs it, for every test that distils from it; more
+  such runs through `finished_run`.
+- Under pytest-xdist, the tests of a module marked `xdist_group` run on one
+  worker, so that its costly module-scoped fixtures are built once; other
+  tests are spread one by one, as `--dist load` does.
+"""
+
+import contextlib
+import fcntl
 import os
+import shutil
+import socket
+import sys
 import tempfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ['TFDS_DATA_DIR'] = tempfile.mkdtemp(prefix='kd_jax_tfds_')
+
+_SESSION_ENV = 'KD_JAX_TEST_SESSION_DIR'
+# Set by the first process of the session (the xdist controller, or the only
+# process); workers and subprocesses see it already set and share the dir.
+_OWNS_SESSION_DIR = _SESSION_ENV not in os.environ
+if _OWNS_SESSION_DIR:
+  os.environ[_SESSION_ENV] = tempfile.mkdtemp(prefix='kd_jax_tests_')
+SESSION_DIR = os.environ[_SESSION_ENV]
+os.environ['TFDS_DATA_DIR'] = os.path.join(SESSION_DIR, 'tfds')
+
+# jax reads these when it is imported; subprocesses inherit them.
+os.environ.setdefault('KD_JAX_TEST_XLA_CACHE', os.path.join(
+    REPO, '.pytest_cache', 'd', 'kd_jax_xla'))
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['KD_JAX_TEST_XLA_CACHE']
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+jax.config.update('jax_disable_most_optimizations', True)
+
+
+@contextlib.contextmanager
+def session_lock(name: str):
+  """An exclusive lock, across the session's processes, on `name`."""
+  os.makedirs(SESSION_DIR, exist_ok=True)
+  with open(os.path.join(SESSION_DIR, f'{name}.lock'), 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _no_network(*args, **kwargs):
+  raise OSError('network disabled by the test')
+
+
+def prepare_offline_datasets() -> str:
+  """Prepares mnist5k and digits, without network, into TFDS_DATA_DIR."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from kd_jax import datasets  # pylint: disable=g-import-not-at-top
+  data_dir = os.environ['TFDS_DATA_DIR']
+  with session_lock('tfds'), pytest.MonkeyPatch.context() as patch:
+    patch.setattr(socket, 'create_connection', _no_network)
+    patch.setattr(socket.socket, 'connect', _no_network)
+    for name in datasets.OFFLINE_DATASETS:
+      builder = tfds.builder(name, data_dir=data_dir)
+      if not builder.is_prepared():
+        builder.download_and_prepare()
+  return data_dir
+
+
+@pytest.fixture(scope='session', autouse=True)
+def data_dir():
+  """The session's TFDS data_dir, with the offline datasets prepared.
+
+  Prepared before the first test when the collected tests import the input
+  pipeline or the builders (most of them then read mnist5k through
+  TFDS_DATA_DIR); sessions of pure unit tests skip the preparing.
+  """
+  if {'kd_jax.input_pipeline', 'kd_jax.datasets'} & set(sys.modules):
+    return prepare_offline_datasets()
+  return os.environ['TFDS_DATA_DIR']
+
+
+def _finished_run(name: str, arg: str = 'runlocal') -> str:
+  from kd_jax import rundir  # pylint: disable=g-import-not-at-top
+  from kd_jax import train  # pylint: disable=g-import-not-at-top
+  from kd_jax.config_lib import load_config  # pylint: disable=g-import-not-at-top
+  prepare_offline_datasets()
+  key = f'{name}:{arg}'.replace('/', '_').replace('=', '-').replace(',', '+')
+  workdir = os.path.join(SESSION_DIR, 'runs', key)
+  with session_lock(f'run_{key}'):
+    if not rundir.is_finished(workdir):
+      train.train_and_evaluate(load_config(name, arg), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def finished_run():
+  """`finished_run(name, arg='runlocal')`: the workdir of a finished run of
+  configs/<name>.py:arg, trained once per session by the first process that
+  asks. Shared: read it, or copy it (shutil.copytree) to change it."""
+  return _finished_run
+
+
+@pytest.fixture(scope='session')
+def mnist5k_teacher_dir():
+  """The workdir of a finished `mnist5k_teacher:runlocal` run (read-only)."""
+  return _finished_run('mnist5k_teacher')
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue('dist') == 'load':
+    from xdist import scheduler  # pylint: disable=g-import-not-at-top
+    return scheduler.LoadGroupScheduling(config, log)
+  return None
+
+
+def pytest_sessionfinish(session):
+  if _OWNS_SESSION_DIR and not hasattr(session.config, 'workerinput'):
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)

@@ -3,16 +3,24 @@
 A config file without an entry in RUNS is still run (runlocal, with the data
 its dataset field names), so a new config cannot go untested: if it needs set-up
 this file cannot provide, its test fails and says so.
+
+The ImageNet and CIFAR ResNets run here as tiny ResNets of the same family
+(same stem, block and stage count; one block per stage, 8 channels), which
+go through the same code paths in a fraction of the compile time; their full
+sizes are checked by parameter counts from `jax.eval_shape` in
+tests/test_models.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import math
 import os
 
+import jax.numpy as jnp
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -21,6 +29,8 @@ from kd_jax import cluster_classes
 from kd_jax import datasets as kd_datasets
 from kd_jax import export_logits
 from kd_jax import input_pipeline
+from kd_jax import models
+from kd_jax import rundir
 from kd_jax import train
 from kd_jax.config_lib import CONFIG_DIR
 from kd_jax.config_lib import load_config
@@ -28,7 +38,27 @@ from kd_jax.config_lib import load_config
 CONFIG_NAMES = sorted(os.path.basename(p)[:-len('.py')]
                       for p in glob.glob(os.path.join(CONFIG_DIR, '*.py')))
 MOCK_EXAMPLES = 24
-MNIST5K_TEST = 1000
+
+
+def _tiny_resnet(num_classes, dtype=jnp.float32, *, stages, block, stem):
+  return models.ResNet(num_classes=num_classes, stage_sizes=(1,) * stages,
+                       stage_widths=(8,) * stages, stem_width=8, block=block,
+                       stem=stem, dtype=dtype)
+
+
+# Stand-ins for the full-size ResNets in the configs' runs.
+TINY_MODELS = {
+    'resnet18': functools.partial(_tiny_resnet, stages=4, block='basic',
+                                  stem='imagenet'),
+    'resnet34': functools.partial(_tiny_resnet, stages=4, block='basic',
+                                  stem='imagenet'),
+    'resnet50': functools.partial(_tiny_resnet, stages=4, block='bottleneck',
+                                  stem='imagenet'),
+    'resnet8x4': functools.partial(_tiny_resnet, stages=3, block='basic',
+                                   stem='cifar'),
+    'resnet32x4': functools.partial(_tiny_resnet, stages=3, block='basic',
+                                    stem='cifar'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +96,7 @@ RUNS = {
     )),
     'mnist': Run(roles=('teacher', 'distill', 'student')),
     'cifar100_crd': Run(roles=('teacher', 'distill')),
-    # ResNet-34 and ResNet-18 take about a minute each to compile on 2 CPU
-    # cores; two steps show the same code paths as six.
-    'imagenet_resnet34_resnet18': Run(roles=('teacher', 'distill'),
-                                      arg='num_train_steps=2'),
+    'imagenet_resnet34_resnet18': Run(roles=('teacher', 'distill')),
     'image_folder': Run(roles=('teacher', 'distill')),
     'specialists_mnist5k': Run(arg='specialist.num_groups=2', pipeline=(
         ('train', 'generalist', 'role=generalist'),
@@ -132,10 +159,18 @@ def provide_data(config, tmp_path):
                                      for s in config.eval_splits}
 
 
-def run_config(name, arg, workdir, eval_sizes):
-  """Trains `name` with `arg` and checks the summary it writes."""
+def run_config(name, arg, workdir, eval_sizes, shared_runs=None):
+  """Trains `name` with `arg` and checks the summary it writes.
+
+  With `shared_runs` (conftest's `finished_run`), reads the session's shared
+  run of the same config instead of training it again.
+  """
   config = load_config(name, arg)
-  summary = train.train_and_evaluate(config, str(workdir))
+  if shared_runs is not None:
+    workdir = shared_runs(name, arg)
+    summary = rundir.read_summary(workdir)
+  else:
+    summary = train.train_and_evaluate(config, str(workdir))
   assert summary['step'] == config.num_train_steps
   assert summary['model'] == config.model.name
   assert sorted(summary['eval']) == sorted(config.eval_splits)
@@ -148,7 +183,7 @@ def run_config(name, arg, workdir, eval_sizes):
       assert 0.0 <= r['agreement'] <= 1.0
   assert os.path.exists(os.path.join(workdir, 'summary.json'))
   assert os.path.exists(os.path.join(workdir, 'config.json'))
-  return config, summary
+  return config, summary, workdir
 
 
 def join(*parts):
@@ -156,7 +191,10 @@ def join(*parts):
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
-def test_config_runs_end_to_end_in_runlocal_form(name, tmp_path):
+def test_config_runs_end_to_end_in_runlocal_form(name, tmp_path, monkeypatch,
+                                                 data_dir, finished_run):
+  monkeypatch.setattr(models, 'MODELS', {**models.MODELS, **{
+      k: v for k, v in TINY_MODELS.items() if k in models.MODELS}})
   plan = RUNS.get(name)
   try:
     base = load_config(name, join('runlocal', plan and plan.arg))
@@ -172,8 +210,14 @@ def test_config_runs_end_to_end_in_runlocal_form(name, tmp_path):
 
   with provide_data(base, tmp_path) as (data_arg, eval_sizes):
     if base.dataset == 'mnist5k':
-      eval_sizes = {s: MNIST5K_TEST for s in base.eval_splits}
+      # TFDS's own count of each split or slice ('test', 'train[3600:]').
+      splits = tfds.builder('mnist5k', data_dir=data_dir).info.splits
+      eval_sizes = {s: splits[s].num_examples for s in base.eval_splits}
     arg = join('runlocal', plan.arg, data_arg)
+    # The mnist5k teacher, student and distilled student of runlocal are
+    # runs other test files make too: each is trained once per session.
+    shared = finished_run if (arg == 'runlocal'
+                              and base.dataset == 'mnist5k') else None
     try:
       if plan.pipeline:
         for command, workdir, step_arg in plan.pipeline:
@@ -191,17 +235,18 @@ def test_config_runs_end_to_end_in_runlocal_form(name, tmp_path):
           run_config(name, join(arg, f'role={role}', extra),
                      tmp_path / role, eval_sizes)
       elif plan.teacher:
-        teacher_dir = tmp_path / 'teacher'
-        run_config(plan.teacher, arg, teacher_dir, eval_sizes)
+        *_, teacher_dir = run_config(plan.teacher, arg, tmp_path / 'teacher',
+                                     eval_sizes, shared)
         run_arg = join(arg, f'teacher_workdir={teacher_dir}')
         if plan.export:
           cache_dir = tmp_path / 'cache'
           export_logits.export(load_config(name, run_arg), str(cache_dir))
           run_arg = join(run_arg, f'cache_dir={cache_dir}')
-        _, summary = run_config(name, run_arg, tmp_path / 'run', eval_sizes)
+        _, summary, _ = run_config(name, run_arg, tmp_path / 'run',
+                                   eval_sizes, None if plan.export else shared)
         assert 'teacher_accuracy' in summary['eval'][base.eval_splits[0]]
       else:
-        run_config(name, arg, tmp_path / 'run', eval_sizes)
+        run_config(name, arg, tmp_path / 'run', eval_sizes, shared)
     except Exception as e:
       if unknown:
         pytest.fail(f'{unknown} failed: {e!r}')

@@ -13,12 +13,6 @@ def _no_network(*args, **kwargs):
   raise OSError('network disabled by the test')
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  """A TFDS data_dir shared by this session's tests (and its other files)."""
-  return str(tmp_path_factory.getbasetemp() / 'tfds')
-
-
 def _load(name, split, data_dir):
   """All examples of a split as numpy: images, labels, ids (TFDS's order)."""
   with pytest.MonkeyPatch.context() as patch:  # Preparing must stay offline.

@@ -23,6 +23,9 @@ from kd_jax.config_lib import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One worker trains the module's teachers.
+pytestmark = pytest.mark.xdist_group('ensemble')
+
 
 def ensemble_config(root, arg=''):
   return load_config('mnist5k_ensemble', ','.join(filter(None, [
@@ -180,6 +183,7 @@ def test_sum_losses_ensemble_cannot_be_exported(root, tmp_path):
     export_logits.export(config, str(tmp_path), ['test'])
 
 
+@pytest.mark.slow  # experiments/offline_kd/benchmark.py
 def test_benchmark_tiny_prints_every_figure(root, capsys):
   path = os.path.join(REPO, 'experiments', 'offline_kd', 'benchmark.py')
   spec = importlib.util.spec_from_file_location('offline_kd_benchmark', path)

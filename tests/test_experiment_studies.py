@@ -15,6 +15,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One worker builds the studies' module fixture; the study runs are slow.
+pytestmark = pytest.mark.xdist_group('experiment_studies')
+
 
 def _load(study: str):
   path = os.path.join(ROOT, 'experiments', study, 'run.py')
@@ -31,6 +34,7 @@ def hinton(tmp_path_factory):
   return module, workdir, module.main(['--tiny', f'--workdir={workdir}'])
 
 
+@pytest.mark.slow
 def test_hinton_study_reports_every_model_and_the_gap_it_recovers(hinton):
   _, workdir, record = hinton
   groups = record['groups']
@@ -52,6 +56,7 @@ def test_hinton_study_reports_every_model_and_the_gap_it_recovers(hinton):
     assert '| 2x30 distilled T=4 |' in f.read()
 
 
+@pytest.mark.slow
 def test_hinton_study_reads_finished_runs_instead_of_retraining(
     hinton, monkeypatch):
   module, workdir, record = hinton
@@ -64,6 +69,7 @@ def test_hinton_study_reads_finished_runs_instead_of_retraining(
   assert again['groups'] == json.loads(json.dumps(record['groups']))
 
 
+@pytest.mark.slow
 def test_hinton_distilled_runs_learn_from_the_teacher_of_their_seed(hinton):
   _, workdir, record = hinton
   for run in record['runs']:
@@ -97,6 +103,7 @@ def test_bias_shift_is_chosen_on_validation_and_applied_to_the_params():
   assert variables['params']['Dense_2']['bias'].sum() == 0
 
 
+@pytest.mark.slow
 def test_unseen_classes_study_tunes_on_held_out_train_digits(hinton):
   _, hinton_workdir, _ = hinton
   workdir = os.path.join(hinton_workdir, 'unseen')
@@ -124,6 +131,7 @@ def test_unseen_classes_study_tunes_on_held_out_train_digits(hinton):
   assert os.path.getsize(os.path.join(workdir, 'bias_sweep.png')) > 0
 
 
+@pytest.mark.slow
 def test_alpha_zero_cell_is_the_scratch_student_and_fills_its_row(hinton):
   _, hinton_workdir, _ = hinton
   workdir = os.path.join(hinton_workdir, 'sweep')

@@ -18,15 +18,18 @@ from kd_jax import train
 from kd_jax.config_lib import load_config
 
 
+# One worker builds the module's caches.
+pytestmark = pytest.mark.xdist_group('export_logits')
+
+
 def tiny(name, arg=''):
   return load_config(name, ','.join(filter(None, ['runlocal', arg])))
 
 
 @pytest.fixture(scope='module')
-def teacher_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('teacher'))
-  train.train_and_evaluate(tiny('mnist5k_teacher'), workdir)
-  return workdir
+def teacher_dir(mnist5k_teacher_dir):
+  """The session's runlocal mnist5k teacher (conftest): read it only."""
+  return mnist5k_teacher_dir
 
 
 @pytest.fixture(scope='module')

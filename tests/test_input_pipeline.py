@@ -17,12 +17,6 @@ DIGITS_TRAIN, DIGITS_TEST = 1437, 360
 DIGITS_TRAIN_PER_CLASS = (142, 146, 141, 147, 145, 146, 145, 143, 138, 144)
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  """A TFDS data_dir shared by this session's tests (and its other files)."""
-  return str(tmp_path_factory.getbasetemp() / 'tfds')
-
-
 def make_config(data_dir, dataset='digits', **fields):
   config = config_lib.default_config()
   config.data_dir = data_dir

@@ -34,6 +34,8 @@ FULL_BATCH = ('runlocal,transfer.fraction=0.25,batch_size=1000,'
               'eval_batch_size=500,num_train_steps=3,eval_every_steps=3')
 TIMEOUT_S = 300
 
+pytestmark = pytest.mark.slow  # Each test starts two JAX processes.
+
 
 def _free_port() -> int:
   with socket.socket() as s:

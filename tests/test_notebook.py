@@ -11,6 +11,7 @@ import os
 
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'experiments', 'colab_tpu.ipynb')
@@ -41,6 +42,7 @@ def _parameterised(workdir: str) -> nbformat.NotebookNode:
   return notebook
 
 
+@pytest.mark.slow  # A kernel process that trains two runs.
 def test_notebook_distils_over_all_devices_and_prints_the_table(tmp_path):
   workdir = str(tmp_path / 'runs')
   notebook = _parameterised(workdir)

@@ -22,6 +22,9 @@ from kd_jax.config_lib import load_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = 'specialists_mnist5k'
 
+# One worker runs experiments/specialists/run.py --tiny; its tests are slow.
+pytestmark = pytest.mark.xdist_group('specialist_pipeline')
+
 
 def tiny(root, arg=''):
   return load_config(NAME, ','.join(filter(None, [
@@ -39,6 +42,7 @@ def pipeline(tmp_path_factory):
   return root, module.run(root, tiny=True)
 
 
+@pytest.mark.slow
 def test_groups_partition_the_classes_and_name_their_generalist(pipeline):
   root, _ = pipeline
   record = json.load(open(os.path.join(root, 'groups.json')))
@@ -51,6 +55,7 @@ def test_groups_partition_the_classes_and_name_their_generalist(pipeline):
       specialist_groups.params_fingerprint(generalist.variables))
 
 
+@pytest.mark.slow
 def test_specialist_run_records_its_group_head_and_oversampling(pipeline):
   root, _ = pipeline
   groups = json.load(open(os.path.join(root, 'groups.json')))['groups']
@@ -98,6 +103,7 @@ def test_resumed_specialist_stream_continues_where_it_stopped(tmp_path):
   np.testing.assert_array_equal(next(resumed)['id'], ids[4])
 
 
+@pytest.mark.slow
 def test_combination_teacher_is_what_the_distilled_student_saw(pipeline):
   _, results = pipeline
   combination = results['combination']
@@ -111,6 +117,7 @@ def test_combination_teacher_is_what_the_distilled_student_saw(pipeline):
   assert 0.0 <= results['students']['distill']['test_accuracy'] <= 1.0
 
 
+@pytest.mark.slow
 def test_stacked_heads_are_padded_with_the_dustbin_last_and_corrected(
     pipeline):
   root, _ = pipeline
@@ -169,6 +176,7 @@ def test_bad_hand_groups_are_refused_naming_the_field(tmp_path, groups,
   assert message in str(e.value)
 
 
+@pytest.mark.slow
 def test_more_clusters_than_classes_is_refused(pipeline):
   root, _ = pipeline
   config = tiny(root, 'role=generalist,specialist.num_groups=11')
@@ -177,6 +185,7 @@ def test_more_clusters_than_classes_is_refused(pipeline):
                             os.path.join(root, 'unused.json'))
 
 
+@pytest.mark.slow
 def test_specialists_of_other_groups_are_refused(pipeline, tmp_path):
   root, _ = pipeline
   config = tiny(root, 'role=distill')
@@ -204,6 +213,7 @@ def test_specialists_of_other_groups_are_refused(pipeline, tmp_path):
                              os.path.join(root, 'specialist_0'))
 
 
+@pytest.mark.slow
 def test_groups_from_another_generalist_are_refused(pipeline, tmp_path):
   root, _ = pipeline
   record = json.load(open(os.path.join(root, 'groups.json')))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from kd_jax import config_lib
+from kd_jax import rundir
 from kd_jax import train
 from kd_jax.config_lib import load_config
 
@@ -24,21 +26,31 @@ def tiny(name, arg=''):
 
 
 @pytest.fixture(scope='module')
-def teacher_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('teacher'))
-  train.train_and_evaluate(tiny('mnist5k_teacher'), workdir)
-  return workdir
+def teacher_dir(mnist5k_teacher_dir):
+  """The session's runlocal mnist5k teacher (conftest): read it only."""
+  return mnist5k_teacher_dir
 
 
-def test_supervised_run_writes_summary_checkpoint_and_config(tmp_path):
-  summary = train.train_and_evaluate(tiny('mnist5k_student'), str(tmp_path))
+@pytest.fixture(scope='module')
+def student_dir(finished_run):
+  """A finished runlocal mnist5k_student run (shared: copy it to change it)."""
+  return finished_run('mnist5k_student')
+
+
+def copy_run(workdir, tmp_path):
+  return str(shutil.copytree(workdir, tmp_path / 'run'))
+
+
+def test_supervised_run_writes_summary_checkpoint_and_config(student_dir):
+  summary = rundir.read_summary(student_dir)
   test = summary['eval']['test']
   assert test['num_examples'] == 1000
   assert 0.0 <= test['accuracy'] <= 1.0
   assert summary['num_params'] == 784 * 800 + 800 + 800 * 800 + 800 + 8010
-  assert json.load(open(tmp_path / 'summary.json'))['step'] == 6
-  assert os.path.exists(tmp_path / 'config.json')
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
+  assert summary['step'] == 6
+  assert os.path.exists(os.path.join(student_dir, 'config.json'))
+  assert sorted(os.listdir(os.path.join(student_dir, 'checkpoints'))) == [
+      '3', '6']
 
 
 def test_student_learns_on_mnist5k(tmp_path):
@@ -48,8 +60,8 @@ def test_student_learns_on_mnist5k(tmp_path):
   assert summary['eval']['test']['accuracy'] > 0.6
 
 
-def test_same_config_and_seed_give_same_numbers(tmp_path):
-  a = train.train_and_evaluate(tiny('mnist5k_teacher'), str(tmp_path / 'a'))
+def test_same_config_and_seed_give_same_numbers(tmp_path, teacher_dir):
+  a = rundir.read_summary(teacher_dir)
   b = train.train_and_evaluate(tiny('mnist5k_teacher'), str(tmp_path / 'b'))
   assert a['eval'] == b['eval']
 
@@ -80,21 +92,20 @@ def test_distillation_with_alpha_one_needs_only_the_teacher(tmp_path,
   assert test['agreement'] > 0.5
 
 
-def test_one_and_eight_devices_give_the_same_result(tmp_path):
+def test_one_and_eight_devices_give_the_same_result(tmp_path, student_dir):
   assert jax.device_count() == 8
-  config = tiny('mnist5k_student')
-  one = train.train_and_evaluate(config, str(tmp_path / 'one'),
+  one = train.train_and_evaluate(tiny('mnist5k_student'), str(tmp_path / 'one'),
                                  devices=jax.devices()[:1])
-  eight = train.train_and_evaluate(config, str(tmp_path / 'eight'))
+  eight = rundir.read_summary(student_dir)  # Trained on all 8 devices.
   for k in ('accuracy', 'loss'):
     assert one['eval']['test'][k] == pytest.approx(
         eight['eval']['test'][k], rel=1e-4, abs=1e-5)
 
 
-def test_rerun_resumes_instead_of_restarting(tmp_path):
-  config = tiny('mnist5k_student')
-  first = train.train_and_evaluate(config, str(tmp_path))
-  again = train.train_and_evaluate(config, str(tmp_path))
+def test_rerun_resumes_instead_of_restarting(tmp_path, student_dir):
+  first = rundir.read_summary(student_dir)
+  again = train.train_and_evaluate(tiny('mnist5k_student'),
+                                   copy_run(student_dir, tmp_path))
   assert again['eval'] == first['eval']
   assert again['step'] == 6
 
@@ -107,6 +118,7 @@ def _run_main(config_arg, workdir, **popen_kwargs):
        f'--workdir={workdir}'], cwd=REPO, env=env, **popen_kwargs)
 
 
+@pytest.mark.slow  # Three CLI processes.
 def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
   arg = ('runlocal,num_train_steps=40,checkpoint_every_steps=5,'
          'eval_every_steps=40,log_every_steps=5')
@@ -130,11 +142,11 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
   assert a['eval'] == b['eval']
 
 
-def test_workdir_of_another_config_is_refused(tmp_path):
-  train.train_and_evaluate(tiny('mnist5k_student'), str(tmp_path))
+def test_workdir_of_another_config_is_refused(tmp_path, student_dir):
+  workdir = copy_run(student_dir, tmp_path)
   with pytest.raises(ValueError, match='different config.*learning_rate'):
     train.train_and_evaluate(tiny('mnist5k_student', 'learning_rate=0.5'),
-                             str(tmp_path))
+                             workdir)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
@@ -159,11 +171,11 @@ def test_bad_config_values_are_named(tmp_path, arg, match):
     train.train_and_evaluate(tiny('mnist5k_student', arg), str(tmp_path))
 
 
-def test_invalid_loss_settings_are_named(tmp_path, teacher_dir):
-  config = tiny('mnist5k_distill', f'teacher_workdir={teacher_dir},'
+def test_invalid_loss_settings_are_named(tmp_path):
+  config = tiny('mnist5k_distill', f'teacher_workdir={tmp_path},'
                 'distill.temperature=0.0')
   with pytest.raises(ValueError, match='temperature'):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.validate_config(config)
 
 
 def test_missing_teacher_says_how_to_train_it(tmp_path):

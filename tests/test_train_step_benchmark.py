@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from kd_jax.config_lib import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +29,7 @@ def _positive_finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # A benchmark process.
 def test_tiny_run_prints_and_writes_every_program_of_the_mlp_pair(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
