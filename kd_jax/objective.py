@@ -254,7 +254,8 @@ def warmup_factor(epoch: jax.Array | None, warmup_epochs: float) -> jax.Array:
 
   Example:
     >>> from kd_jax import objective
-    >>> [float(objective.warmup_factor(e, 20)) for e in (0.0, 0.5, 19.0, 30)]
+    >>> [round(float(objective.warmup_factor(e, 20)), 3)
+    ...  for e in (0.0, 0.5, 19.0, 30.0)]
     [0.05, 0.05, 1.0, 1.0]
   """
   if warmup_epochs <= 0:
@@ -282,7 +283,7 @@ def curriculum_strength(epoch: jax.Array, *, start: float = 0.0,
     >>> from kd_jax import objective
     >>> [round(float(objective.curriculum_strength(e, epochs=10)), 3)
     ...  for e in (0.0, 4.0, 9.0, 50.0)]
-    [0.024, 0.345, 1.0, 1.0]
+    [0.024, 0.5, 1.0, 1.0]
 
   References:
     Li et al., `Curriculum Temperature for Knowledge Distillation

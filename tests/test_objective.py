@@ -208,6 +208,7 @@ def mock_cifar100(data_dir: str, num_examples: int = 24):
   return tfds.testing.mock_data(num_examples=num_examples, data_dir=data_dir)
 
 
+@pytest.mark.slow  # Seven runs through train_and_evaluate.
 def test_every_cifar100_logit_method_runs_in_runlocal_form(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   data_arg = f'data_dir={data_dir}'
