@@ -47,11 +47,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='workdirs/function_matching')
   parser.add_argument('--teacher_workdir', default='workdirs/teachers',
-                      help='Teachers of each seed go to <this>/seed<s>; an '
-                      'existing finished one is reused.')
+                      help='Teachers of each seed go to <this>/teacher_s<s> '
+                      '(as in experiments/hinton_mnist); a finished one is '
+                      'reused.')
   parser.add_argument('--out_dir', default=None)
   parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--epochs', type=float, default=200)
+  parser.add_argument('--epochs', type=float, default=150)
   parser.add_argument('--mixup_alpha', type=float, default=0.5)
   parser.add_argument('--tiny', action='store_true')
   args = parser.parse_args(argv)
@@ -66,7 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def teacher_run(args, seed: int) -> dict[str, Any]:
   return dict(name=f'teacher s{seed}', arm='teacher', seed=seed,
               base='mnist5k_teacher', overrides={**SPLITS, 'seed': seed},
-              workdir=os.path.join(args.teacher_workdir, f'seed{seed}'))
+              workdir=os.path.join(args.teacher_workdir, f'teacher_s{seed}'))
 
 
 def plan(args) -> list[dict[str, Any]]:

@@ -74,6 +74,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--num_epochs', type=float, default=None,
                       help='Overrides the configs\' 60 epochs for the '
                       'students (the teachers keep theirs).')
+  parser.add_argument('--alpha', type=float, default=0.9,
+                      help='Weight of the soft term of every distilled '
+                      'student (Hinton et al.: most weight on it).')
   parser.add_argument('--dataset', default='mnist5k',
                       choices=('mnist5k', 'mnist'),
                       help='mnist: full TFDS MNIST (must be prepared).')
@@ -144,7 +147,8 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         [f'seed={seed}'], seed=seed)
   for seed in args.seeds:
     teacher = os.path.join(args.teachers_dir, f'teacher_s{seed}')
-    distill = [f'seed={seed}', f'teacher_workdir={teacher}']
+    distill = [f'seed={seed}', f'teacher_workdir={teacher}',
+               f'distill.alpha={args.alpha}']
     add(f'student800_scratch_s{seed}', '2x800 scratch', 'mnist5k_student',
         [f'seed={seed}'], seed=seed)
     add(f'student800_T20_s{seed}', '2x800 distilled T=20', 'mnist5k_distill',

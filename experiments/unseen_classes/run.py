@@ -12,13 +12,10 @@ the paper's lowering of the 7 and 8 biases) is the value of --bias_grid with
 the fewest errors on a held-out validation split, never on test (ties: the
 smallest b).
 
-Validation split. The pipeline reads whole TFDS splits only (a sliced name
-like 'train[:3600]' is rejected as an unknown split), so every run here uses
-`transfer.fraction=0.9`: the teacher and the students train on the first 90%
-of mnist5k's train split (3,600 digits, before the class filter), and the
-last 10% (400 digits, all classes) is the validation split, read with
-`input_pipeline.iterate_split(..., transfer=False)` minus the ids of the
-transfer subset. The test split is used only for the reported numbers.
+Validation split. Every mnist5k config trains on the first 3,600 train
+digits (`train[:3600]`, before the class filter) and holds out the last 400
+(`train[3600:]`, all classes) as the validation split, on which b is chosen.
+The test split is used only for the reported numbers.
 
 The bias edit works on the restored params (`checkpointing.restore_model`):
 the chosen b is added to `params[<last Dense>]['bias']` and the edited model
@@ -58,7 +55,7 @@ from kd_jax import teachers
 from kd_jax import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRANSFER_FRACTION = 0.9
+VAL = 'train[3600:]'
 NUM_CLASSES = 10
 # Transfer-set variants: the config fields they set, and the classes the
 # student never sees (whose bias the fix raises).
@@ -84,15 +81,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='Where results.{json,md} and bias_sweep.png go '
                       '(default: this folder; with --tiny, --workdir).')
   parser.add_argument('--teacher_workdir', default=None,
-                      help='A finished teacher run to distil from (default: '
-                      'trained in <workdir>/teacher on the first 90%% of '
-                      'train, so that it never sees the validation split).')
+                      help='A finished configs/mnist5k_teacher.py run to '
+                      'distil from (default: trained in <workdir>/teacher; '
+                      'it never sees the validation split).')
   parser.add_argument('--variants', default=','.join(VARIANTS),
                       help=f'Comma-separated transfer sets: {list(VARIANTS)}.')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--num_epochs', type=float, default=None,
                       help='Overrides the configs\' 60 epochs for the '
-                      'students (the teacher keeps its 60).')
+                      'students (the teacher keeps its own).')
   parser.add_argument('--bias_grid', default='0:10:0.1',
                       help='start:stop:step of the bias shifts b tried '
                       '(stop included).')
@@ -198,7 +195,7 @@ def split_logits(config, model, variables, split: str,
 
 
 def transfer_ids(config) -> set[bytes]:
-  """Ids of the first TRANSFER_FRACTION of the train split, all classes."""
+  """Ids of the train split the run reads (after config.transfer)."""
   ids = set()
   for batch in input_pipeline.iterate_split(
       config, config.train_split, transfer=True, num_devices=1,
@@ -239,7 +236,7 @@ def study_variant(name: str, args, teacher_workdir: str) -> dict[str, Any]:
   """Distils (or reads) one variant's student, fixes its bias, scores it."""
   spec = VARIANTS[name]
   arg = ','.join((['tiny'] if args.tiny else []) + [
-      f'seed={args.seed}', f'transfer.fraction={TRANSFER_FRACTION}',
+      f'seed={args.seed}',
       f'teacher_workdir={teacher_workdir}', 'distill.temperature=20.0'] + (
           [f'num_epochs={args.num_epochs:g}'] if args.num_epochs else []))
   config = make_config('mnist5k_distill', arg, spec['overrides'])
@@ -253,8 +250,11 @@ def study_variant(name: str, args, teacher_workdir: str) -> dict[str, Any]:
   summary = ensure_run(config, workdir, f'student_{name}')
   model, variables = restore(config, workdir)
   layer = output_layer(config, variables['params'])
-  val_logits, val_labels = split_logits(config, model, variables, 'train',
-                                        exclude_ids=held_in)
+  if held_in & {bytes(i) for b in input_pipeline.iterate_split(
+      config, VAL, transfer=False, num_devices=1, process_index=0,
+      process_count=1) for i in b['id'][b['mask']]}:
+    raise RuntimeError(f'the validation split {VAL} overlaps the train split')
+  val_logits, val_labels = split_logits(config, model, variables, VAL)
   shift, val_counts = choose_shift(val_logits, val_labels, spec['unseen'],
                                    args.bias_values)
   test_logits, test_labels = split_logits(config, model, variables, 'test')
@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   start = time.perf_counter()
   teacher_arg = ','.join((['tiny'] if args.tiny else []) + [
-      f'seed={args.seed}', f'transfer.fraction={TRANSFER_FRACTION}'])
+      f'seed={args.seed}'])
   if not os.path.exists(os.path.join(args.teacher_workdir, 'summary.json')):
     ensure_run(make_config('mnist5k_teacher', teacher_arg, {}),
                args.teacher_workdir, 'teacher')
