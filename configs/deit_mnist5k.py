@@ -18,10 +18,18 @@ lambda = 0.1 and T = 3 on the class token's logits.
 
 `distill_token=True` gives the student DeiT's distillation token; its head's
 logits come out of the model as the feature 'dist_logits' and need DeiT's
-hard-label objective (config.distill.soft='deit_hard': the distillation head
-learns the teacher's argmax, the class head the labels), which this config
-requires with the token. Not run here yet; `runlocal` swaps in a two-block
-ViT (`vit_tiny`, 4x4 patches) and a ResNet-8 teacher.
+hard-label objective, which this config requires with the token:
+distill.soft='deit_hard' trains 0.5 CE(class head, labels) + 0.5 CE(
+distillation head, teacher argmax) (DeiT's hard distillation; alpha
+defaults to 0.5 there), and evaluation averages the two heads (the model's
+eval mode):
+
+  python -m kd_jax.main \
+      --config=configs/deit_mnist5k.py:distill_token=True,distill.soft=deit_hard,teacher_workdir=workdirs/deit_mnist5k_resnet20 \
+      --workdir=workdirs/deit_mnist5k_vit_hard
+
+Not run here yet; `runlocal` swaps in a two-block ViT (`vit_tiny`, 4x4
+patches) and a ResNet-8 teacher.
 """
 
 from kd_jax import config_lib
@@ -50,6 +58,9 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 500
   c.distill.temperature = 3.0
   c.distill.alpha = 0.1
+  if config_lib.parse_arg(c.copy_and_resolve_references(), arg,
+                          runlocal=_runlocal).distill.soft == 'deit_hard':
+    c.distill.alpha = 0.5  # DeiT's hard distillation: labels and teacher.
   config_lib.parse_arg(c, arg, runlocal=_runlocal)
   if c.distill_token and c.role == 'distill' and c.distill.soft != 'deit_hard':
     raise ValueError(
@@ -59,6 +70,8 @@ def get_config(arg=None):
   student = config_lib.model_config(c.student, patch_size=c.patch_size,
                                     distill_token=c.distill_token)
   teacher = RUNLOCAL_TEACHER if c.runlocal_models else TEACHER
+  if c.role != 'distill':
+    c.distill.soft = 'kl'  # The teacher and the scratch student: labels only.
   return config_lib.apply_role(c, teacher, student)
 
 

@@ -64,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
       teacher_source='none',
       temperature=1.0,
       alpha=0.0,                 # weight of the soft (teacher) term.
-      soft='kl',                 # kl | soft_ce | logit_mse | dkd | dist
+      soft='kl',  # kl | soft_ce | logit_mse | dkd | dist | deit_hard
       hard='ce',                 # ce | mse
       label_smoothing=0.0,
       ensemble_method='mean_probs',  # mean_probs | mean_log_probs | sum_losses
@@ -88,6 +88,11 @@ def default_config() -> ml_collections.ConfigDict:
       ctkd_strength_end=1.0,     # from start to end over
       ctkd_strength_epochs=10.0,  # these epochs.
       ctkd_hidden=256,           # width of the instance-wise module's MLP.
+      # Feature distillation (kd_jax.objective.feature_terms): a tuple of
+      # dicts {method, student, teacher, weight, method options}, each naming
+      # student and teacher features (kd_jax.models.features), added to the
+      # loss. method: fitnet | at | sp | cc | vid | rkd | pkt | crd.
+      features=(),
   ))
   c.teachers = []                # list of teacher_config(...)
 

@@ -28,6 +28,10 @@ process count:
   TFDS `tfds_id`; for image folders the relative path
   (`b'train/NORMAL/im1.png'`); `b''` for padding.
 * `mask`: bool [b], False for padding (only eval batches pad).
+* `index`: int32 [b], train batches only: the example's position in the
+  train split after the transfer filters (0 .. N - 1 over all processes, the
+  same every epoch and on resuming), which keys per-example state such as
+  CRD's memory bank.
 * `label_probs`: float32 [b, num_classes], train batches only and only when
   `config.mixup_alpha > 0`: the mixup targets (see below).
 
@@ -844,6 +848,8 @@ class _Plan:
       label = tf.gather(tf.constant(self.head.label_map), label)
     out = {'image': _normalize(image, self.mean, self.std),
            'label': label, 'id': batch['id'], 'mask': mask}
+    if 'index' in batch:
+      out['index'] = batch['index']
     if mixup_alpha > 0:
       out = _mixup(out, mixup_seed, mixup_alpha, len(self.class_names))
     return out
@@ -856,9 +862,11 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def _train_dataset(plan: _Plan, first, keep, local_batch: int,
-                   local_size: int, start_step: int) -> tf.data.Dataset:
+                   local_size: int, start_step: int,
+                   index_offset: int = 0) -> tf.data.Dataset:
   config = plan.config
-  examples = plan.examples(config.train_split, first, keep)
+  examples = plan.examples(config.train_split, first, keep).enumerate(
+      index_offset).map(lambda i, ex: {**ex, 'index': tf.cast(i, tf.int32)})
   start = start_step * local_batch
   first_epoch, offset = divmod(start, local_size)
 
@@ -1064,7 +1072,8 @@ def get_datasets(config, *, start_step: int = 0,
         f'train example of the {sum(sizes)} left by config.transfer; raise '
         'transfer.fraction or keep more classes.')
   train = _numpy_batches(
-      _train_dataset(plan, first, keep, train_batch, local_size, start_step),
+      _train_dataset(plan, first, keep, train_batch, local_size, start_step,
+                     sum(sizes[:topology.process_index])),
       plan.source, config.train_split)
   evals, eval_sizes = {}, {}
   for split in config.eval_splits:

@@ -54,9 +54,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from kd_jax import connectors
+from kd_jax import feature_losses
 from kd_jax import losses
+from kd_jax.models import features as model_features
 
-SOFT_LOSSES = losses.SOFT_LOSSES + ('dkd', 'dist')
+SOFT_LOSSES = losses.SOFT_LOSSES + ('dkd', 'dist', 'deit_hard')
 CTKD_MODES = ('none', 'global', 'instance')
 ENSEMBLE_METHODS = losses.COMBINE_METHODS + ('sum_losses',)
 ENSEMBLE_TEMPERATURES = ('one', 'distillation')
@@ -169,6 +172,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(
           f'config.distill.ctkd_strength_epochs={d.ctkd_strength_epochs} '
           f'must be > 0 (the authors ramp the strength over 10 epochs).')
+  validate_features(config)
 
 
 # ----------------------------------------------------------------------------
@@ -455,6 +459,7 @@ def loss(student_logits: jax.Array, targets: Targets, labels: jax.Array,
          mask: jax.Array, distill, *, label_probs: jax.Array | None = None,
          epoch: jax.Array | None = None,
          temperature: jax.Array | None = None,
+         distillation_logits: jax.Array | None = None,
          axis_name: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The step's loss and its terms.
 
@@ -470,6 +475,10 @@ def loss(student_logits: jax.Array, targets: Targets, labels: jax.Array,
       warm-up; may be None without one.
     temperature: a learned temperature (scalar or ``[B]``) replacing
       ``distill.temperature`` in the soft term.
+    distillation_logits: ``[B, C]``, the distillation-token head's logits
+      (the student's feature 'dist_logits'), for ``soft='deit_hard'``:
+      its soft term is the cross-entropy of that head with the teachers'
+      argmax (Touvron et al. 2021), the hard term the class head's.
     axis_name: mapped axis name inside ``shard_map``.
 
   Returns:
@@ -480,7 +489,16 @@ def loss(student_logits: jax.Array, targets: Targets, labels: jax.Array,
   soft_weight, hard_weight = _weights(distill)
   zero = jnp.zeros((), jnp.float32)
   soft = hard = zero
-  if targets.logits is not None or targets.topk is not None:
+  if distill.soft == 'deit_hard' and targets.prediction is not None:
+    if distillation_logits is None:
+      raise ValueError(
+          "config.distill.soft='deit_hard' needs the student's "
+          "distillation-token logits (feature 'dist_logits'): pass "
+          'distillation_logits, from a vit_* student with distill_token=True.')
+    soft = losses.masked_mean(
+        losses.cross_entropy(distillation_logits, targets.prediction), valid,
+        axis_name)
+  elif targets.logits is not None or targets.topk is not None:
     t = distill.temperature if temperature is None else temperature
     if targets.topk is not None:
       soft = _topk_soft_mean(student_logits, targets.topk, valid, distill,
@@ -515,3 +533,446 @@ def loss(student_logits: jax.Array, targets: Targets, labels: jax.Array,
   if hard_weight > 0:
     total = total + hard_weight * hard
   return total, {'soft': soft, 'hard': hard, 'total': total}
+
+
+# ----------------------------------------------------------------------------
+# Feature terms: the student matches what the teacher computes inside.
+# ----------------------------------------------------------------------------
+
+# Each method's options and their defaults (RepDistiller's settings).
+FEATURE_METHODS: dict[str, dict[str, Any]] = {
+    'fitnet': {},
+    'at': {'p': 2},
+    'sp': {},
+    'cc': {'dim': 128},
+    'vid': {'mid_channels': None, 'init_pred_var': 5.0, 'eps': 1e-5},
+    'rkd': {'distance_weight': 25.0, 'angle_weight': 50.0},
+    'pkt': {'eps': 1e-7},
+    'crd': {'dim': 128, 'num_negatives': 16384, 'temperature': 0.07,
+            'momentum': 0.5, 'exact_negatives': True},
+}
+FEATURE_TERM_KEYS = ('method', 'student', 'teacher', 'weight')
+# Train-state entries of feature distillation, absent without feature terms.
+FEATURE_KEYS = ('connector_params', 'connector_batch_stats',
+                'connector_opt_state', 'crd_state')
+
+
+class FeatureTerm(NamedTuple):
+  """One normalised entry of ``config.distill.features`` (hashable).
+
+  Attributes:
+    method: one of :data:`FEATURE_METHODS`.
+    student: the student's feature names, one per pair.
+    teacher: the teacher's feature names, paired with ``student``.
+    weight: the term's weight in the loss.
+    options: ``(name, value)`` pairs, the method's defaults filled in.
+  """
+  method: str
+  student: tuple[str, ...]
+  teacher: tuple[str, ...]
+  weight: float
+  options: tuple[tuple[str, Any], ...]
+
+  def option(self, name: str) -> Any:
+    return dict(self.options)[name]
+
+
+def _names(value, field: str) -> tuple[str, ...]:
+  names = (value,) if isinstance(value, str) else tuple(value or ())
+  if not names or not all(isinstance(n, str) and n for n in names):
+    raise ValueError(
+        f'{field}={value!r} must name one feature or a tuple of them, e.g. '
+        f"'embedding' or ('stage1', 'stage2', 'stage3'); "
+        f'kd_jax/models/features.py lists each model\'s features.')
+  return names
+
+
+def feature_terms(distill) -> tuple[FeatureTerm, ...]:
+  """``config.distill.features`` checked and normalised (no shapes needed).
+
+  Raises:
+    ValueError: naming the entry, the bad key or value, and the fix.
+  """
+  terms = []
+  for i, entry in enumerate(distill.get('features', ()) or ()):
+    field = f'config.distill.features[{i}]'
+    if not hasattr(entry, 'keys'):
+      raise ValueError(
+          f'{field}={entry!r} must be a dict with keys {FEATURE_TERM_KEYS} '
+          f"and method options, e.g. dict(method='at', student='stage1', "
+          f"teacher='stage1', weight=1000.0).")
+    entry = dict(entry)
+    missing = [k for k in FEATURE_TERM_KEYS if k not in entry]
+    if missing:
+      raise ValueError(f'{field} lacks {missing}; each term needs '
+                       f'{FEATURE_TERM_KEYS}.')
+    method = entry['method']
+    if method not in FEATURE_METHODS:
+      raise ValueError(f'{field}.method={method!r}; choose one of '
+                       f'{tuple(FEATURE_METHODS)}.')
+    defaults = FEATURE_METHODS[method]
+    unknown = sorted(set(entry) - set(FEATURE_TERM_KEYS) - set(defaults))
+    if unknown:
+      raise ValueError(
+          f'{field} sets {unknown}, which method {method!r} does not take; '
+          f'its options are {sorted(defaults) or "none"}.')
+    student = _names(entry['student'], f'{field}.student')
+    teacher = _names(entry['teacher'], f'{field}.teacher')
+    if len(student) != len(teacher):
+      raise ValueError(
+          f'{field} pairs {len(student)} student features {student} with '
+          f'{len(teacher)} teacher features {teacher}: name as many of each '
+          f'(pair i is student[i] with teacher[i]).')
+    if method == 'crd' and len(student) != 1:
+      raise ValueError(
+          f'{field}: crd keeps one memory bank per side; name one student '
+          f"and one teacher feature (RepDistiller: 'embedding').")
+    weight = entry['weight']
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or (
+        not (math.isfinite(weight) and weight >= 0)):
+      raise ValueError(f'{field}.weight={weight!r} must be a non-negative '
+                       f'finite number.')
+    options = {**defaults, **{k: entry[k] for k in defaults if k in entry}}
+    if method == 'crd':
+      if not (isinstance(options['num_negatives'], int)
+              and options['num_negatives'] >= 1):
+        raise ValueError(
+            f'{field}.num_negatives={options["num_negatives"]!r} must be a '
+            f'positive integer (RepDistiller: 16384; clipped to N - 1).')
+      if not 0.0 <= options['momentum'] < 1.0:
+        raise ValueError(f'{field}.momentum={options["momentum"]!r} must be '
+                         f'in [0, 1) (RepDistiller: 0.5).')
+    terms.append(FeatureTerm(method, student, teacher, float(weight),
+                             tuple(sorted(options.items()))))
+  return tuple(terms)
+
+
+def validate_features(config: ml_collections.ConfigDict) -> None:
+  """Checks the feature terms and DeiT's objective against the run's setup.
+
+  Shapes are checked later, by :func:`check_feature_shapes`.
+  """
+  d = config.distill
+  terms = feature_terms(d)
+  if terms:
+    if d.teacher_source not in ('online', 'ensemble'):
+      raise ValueError(
+          f'config.distill.features needs the teacher\'s features, which '
+          f'only an online teacher computes (teacher_source='
+          f'{d.teacher_source!r}): set teacher_source="online" with one '
+          f'entry in config.teachers.')
+    if len(config.teachers) != 1:
+      raise ValueError(
+          f'config.distill.features matches one teacher\'s features, but '
+          f'config.teachers holds {len(config.teachers)}: keep one teacher, '
+          f'or drop the feature terms.')
+  if d.soft == 'deit_hard':
+    if not config.model.get('distill_token', False):
+      raise ValueError(
+          f"config.distill.soft='deit_hard' trains the student's "
+          f"distillation-token head on the teacher's argmax, but the student "
+          f"{config.model.name!r} has no distillation token: use a vit_* "
+          f"student with config.model.distill_token=True, or soft='kl'.")
+    if d.teacher_source == 'none':
+      raise ValueError("config.distill.soft='deit_hard' needs a teacher: set "
+                       'config.distill.teacher_source.')
+    if d.ctkd != 'none' or d.logit_standardization:
+      raise ValueError(
+          "config.distill.soft='deit_hard' learns the teacher's argmax, with "
+          'no temperature or logit scale: set ctkd="none" and '
+          'logit_standardization=False.')
+
+
+class FeatureConnectors(nn.Module):
+  """Every learned connector of the feature terms, in one params tree.
+
+  Input and output: per term, per pair, ``(student, teacher)`` features;
+  out come ``(student, teacher, extra)`` as the term's loss reads them
+  (``extra``: VID's per-channel ``log_scale``). Shapes come from the
+  features themselves, so a connector is built for the pair it sees.
+  """
+  terms: tuple[FeatureTerm, ...]
+
+  @nn.compact
+  def __call__(self, pairs, train: bool):
+    out = []
+    for i, term in enumerate(self.terms):
+      mapped = []
+      for j, (student, teacher) in enumerate(pairs[i]):
+        name = f'term{i}_{term.method}{j}'
+        extra = None
+        if term.method == 'fitnet':
+          student = connectors.FitNetRegressor(
+              tuple(teacher.shape[1:]), name=name)(student, train)
+        elif term.method == 'vid':
+          student, extra = connectors.VIDRegressor(
+              tuple(teacher.shape[1:]),
+              mid_channels=term.option('mid_channels'),
+              init_pred_var=term.option('init_pred_var'),
+              eps=term.option('eps'), name=name)(student)
+        elif term.method in ('cc', 'crd'):
+          normalize = term.method == 'crd'
+          student = connectors.CRDEmbed(term.option('dim'), normalize,
+                                        name=f'{name}_student')(student)
+          teacher = connectors.CRDEmbed(term.option('dim'), normalize,
+                                        name=f'{name}_teacher')(teacher)
+        mapped.append((student, teacher, extra))
+      out.append(tuple(mapped))
+    return tuple(out)
+
+
+def _pairs(terms, student_features, teacher_features):
+  return tuple(tuple((student_features[s], teacher_features[t])
+                     for s, t in zip(term.student, term.teacher))
+               for term in terms)
+
+
+def _crd_entry(term: FeatureTerm, num_examples: int, rng: jax.Array
+               ) -> dict[str, jax.Array]:
+  dim = term.option('dim')
+  student_key, teacher_key = jax.random.split(rng)
+  return dict(
+      student_memory=feature_losses.crd_memory_init(num_examples, dim,
+                                                    student_key),
+      teacher_memory=feature_losses.crd_memory_init(num_examples, dim,
+                                                    teacher_key),
+      # Each example's label, once seen (-1 before): the exact negatives.
+      labels=jnp.full((num_examples,), -1, jnp.int32),
+      # Z of both sides, set from the first step's scores (0: not yet).
+      normalizers=jnp.zeros((2,), jnp.float32))
+
+
+def init_feature_state(distill, student_shapes, teacher_shapes,
+                       num_train_examples: int | None,
+                       tx: optax.GradientTransformation,
+                       rng: jax.Array) -> dict[str, Any]:
+  """The train-state entries of the feature terms ({} without any).
+
+  ``connector_params`` / ``connector_batch_stats`` (FitNets' BN) and their
+  optimizer state ``connector_opt_state`` (the student's optimizer), and
+  ``crd_state``: per CRD term, both memory banks, the labels seen and the
+  normalizers. All of it resumes training; none of it is the student.
+
+  Args:
+    distill: ``config.distill``.
+    student_shapes: {name: shape} of the student's train-mode features.
+    teacher_shapes: {name: shape} of the teacher's eval-mode features.
+    num_train_examples: the train split's size N (rows of CRD's banks).
+    tx: the student's optimizer.
+    rng: a PRNG key.
+  """
+  terms = feature_terms(distill)
+  if not terms:
+    return {}
+  dummy = lambda shapes: {k: jnp.zeros(v.shape, jnp.float32)
+                          for k, v in shapes.items()}
+  connector_rng, crd_rng = jax.random.split(rng)
+  variables = FeatureConnectors(terms).init(
+      connector_rng, _pairs(terms, dummy(student_shapes),
+                            dummy(teacher_shapes)), False)
+  params = variables.get('params', {})
+  crd_state = {}
+  for i, term in enumerate(terms):
+    if term.method == 'crd':
+      if not num_train_examples or num_train_examples < 2:
+        raise ValueError(
+            f'config.distill.features[{i}] (crd) needs the train split\'s '
+            f'size (>= 2 examples) for its memory banks, got '
+            f'{num_train_examples}.')
+      crd_state[f'term{i}'] = _crd_entry(term, num_train_examples,
+                                         jax.random.fold_in(crd_rng, i))
+  return dict(connector_params=params,
+              connector_batch_stats=variables.get('batch_stats', {}),
+              connector_opt_state=tx.init(params), crd_state=crd_state)
+
+
+def _crd_value(term: FeatureTerm, entry, student, teacher, valid, batch,
+               rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+  if 'index' not in batch:
+    raise ValueError('crd reads the batch\'s example indices (`index`), '
+                     'which kd_jax.input_pipeline gives train batches.')
+  indices = batch['index'].astype(jnp.int32)
+  num_examples = entry['student_memory'].shape[0]
+  num_negatives = min(term.option('num_negatives'), num_examples - 1)
+  labels = None
+  new_labels = entry['labels']
+  if term.option('exact_negatives'):
+    # Padded rows write nowhere (their index is pushed out of range).
+    rows = jnp.where(valid, indices, num_examples)
+    new_labels = entry['labels'].at[rows].set(
+        batch['label'].astype(jnp.int32), mode='drop')
+    labels = new_labels
+  negatives = feature_losses.crd_sample_negatives(
+      rng, indices, num_examples, num_negatives, example_labels=labels)
+  temperature = term.option('temperature')
+  args = (student, teacher, entry['student_memory'], entry['teacher_memory'],
+          indices, negatives)
+  first = feature_losses.crd_normalizers(*args, temperature=temperature,
+                                         where=valid)
+  normalizers = jnp.where(entry['normalizers'] > 0, entry['normalizers'],
+                          first)
+  value = feature_losses.crd(*args, normalizers, temperature=temperature,
+                             where=valid)
+  momentum = term.option('momentum')
+  new_entry = dict(
+      student_memory=feature_losses.crd_memory_update(
+          entry['student_memory'], indices, student, momentum, where=valid),
+      teacher_memory=feature_losses.crd_memory_update(
+          entry['teacher_memory'], indices, teacher, momentum, where=valid),
+      labels=new_labels, normalizers=normalizers)
+  return value, new_entry
+
+
+def _pair_value(term: FeatureTerm, student, teacher, extra, valid):
+  method = term.method
+  if method == 'fitnet':
+    return feature_losses.fitnet_hint(student, teacher, where=valid)
+  if method == 'at':
+    return feature_losses.attention_transfer(student, teacher,
+                                             p=term.option('p'), where=valid)
+  if method == 'sp':
+    return feature_losses.similarity_preserving(student, teacher, where=valid)
+  if method == 'cc':
+    return feature_losses.correlation_congruence(student, teacher,
+                                                 where=valid)
+  if method == 'vid':
+    return feature_losses.vid(student, teacher, extra,
+                              eps=term.option('eps'), where=valid)
+  if method == 'rkd':
+    return feature_losses.rkd(
+        student, teacher, distance_weight=term.option('distance_weight'),
+        angle_weight=term.option('angle_weight'), where=valid)
+  return feature_losses.pkt(student, teacher, eps=term.option('eps'),
+                            where=valid)
+
+
+def feature_loss(terms: tuple[FeatureTerm, ...], connector_params,
+                 connector_batch_stats, student_features, teacher_features,
+                 batch: dict[str, Any], *, crd_state=None,
+                 rng: jax.Array | None = None, train: bool = True):
+  r"""The feature terms of one step: :math:`\sum_i w_i \sum_j \ell_i(s_j,
+  t_j)`.
+
+  Args:
+    terms: from :func:`feature_terms`.
+    connector_params, connector_batch_stats: the connectors' variables.
+    student_features: {name: array}, the student's (train-mode) features.
+    teacher_features: {name: array}, the teacher's, without gradient.
+    batch: the step's batch (``mask``; ``index`` and ``label`` for CRD).
+    crd_state: the CRD entries of the train state.
+    rng: key of this step's CRD negatives.
+    train: FitNets' BN on batch statistics (and updating them).
+
+  Returns:
+    ``(total, terms, connector_batch_stats, crd_state)``: the weighted sum,
+    each term's unweighted value as ``'feature_<method>'`` (``<i>`` appended
+    to a repeated method), and the updated state.
+  """
+  valid = jnp.asarray(batch['mask'], bool)
+  teacher_features = jax.tree.map(
+      lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)),
+      dict(teacher_features))
+  variables = {'params': connector_params}
+  if connector_batch_stats:
+    variables['batch_stats'] = connector_batch_stats
+  mapped, updates = FeatureConnectors(terms).apply(
+      variables, _pairs(terms, student_features, teacher_features), train,
+      mutable=['batch_stats'] if train else [])
+  total = jnp.zeros((), jnp.float32)
+  values, new_crd = {}, dict(crd_state or {})
+  methods = [term.method for term in terms]
+  for i, term in enumerate(terms):
+    value = jnp.zeros((), jnp.float32)
+    for student, teacher, extra in mapped[i]:
+      if term.method == 'crd':
+        pair_value, new_crd[f'term{i}'] = _crd_value(
+            term, crd_state[f'term{i}'], student, teacher, valid, batch,
+            jax.random.fold_in(rng, i))
+      else:
+        pair_value = _pair_value(term, student, teacher, extra, valid)
+      value = value + pair_value
+    key = f'feature_{term.method}'
+    if methods.count(term.method) > 1:
+      key = f'{key}{i}'
+    values[key] = value
+    total = total + term.weight * value
+  new_batch_stats = dict(updates).get('batch_stats', connector_batch_stats)
+  return total, values, new_batch_stats, new_crd
+
+
+def check_feature_shapes(config: ml_collections.ConfigDict, num_classes: int,
+                         image_shape, num_train_examples: int | None = None
+                         ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+  """Refuses, before training, features the models lack or cannot pair.
+
+  Each term is traced once on abstract features (`jax.eval_shape`, no
+  compute): its connectors built and its loss formed.
+
+  Args:
+    config: the run config (``config.model``, ``config.teachers[0].model``).
+    num_classes: the dataset's classes.
+    image_shape: one image's ``(H, W, C)``.
+    num_train_examples: the train split's size (CRD's banks).
+
+  Returns:
+    ``(student_shapes, teacher_shapes)``: {name: ShapeDtypeStruct} of the
+    student's train-mode and the teacher's eval-mode features at batch 2;
+    None without feature terms.
+
+  Raises:
+    ValueError: naming the term, the feature and the valid names, or the
+      shapes that no connector maps.
+  """
+  terms = feature_terms(config.distill)
+  if not terms:
+    return None
+  batch_shape = (2, *image_shape)
+  teacher_spec = config.teachers[0].model
+  shapes = dict(
+      student=model_features.feature_shapes(config.model, num_classes,
+                                            batch_shape, train=True),
+      teacher=model_features.feature_shapes(teacher_spec, num_classes,
+                                            batch_shape, train=False))
+  specs = dict(student=config.model, teacher=teacher_spec)
+  for i, term in enumerate(terms):
+    field = f'config.distill.features[{i}]'
+    for side in ('student', 'teacher'):
+      try:
+        model_features.select_features(shapes[side], getattr(term, side),
+                                       specs[side].name)
+      except ValueError as e:
+        raise ValueError(f'{field}.{side}: {e}') from None
+    single = (term,)
+
+    def probe(single=single):
+      rng = jax.random.key(0)
+      student = {k: jnp.zeros(v.shape, jnp.float32)
+                 for k, v in shapes['student'].items()}
+      teacher = {k: jnp.zeros(v.shape, jnp.float32)
+                 for k, v in shapes['teacher'].items()}
+      variables = FeatureConnectors(single).init(
+          rng, _pairs(single, student, teacher), False)
+      crd_state = {}
+      if single[0].method == 'crd':
+        crd_state['term0'] = _crd_entry(single[0],
+                                        max(num_train_examples or 2, 2), rng)
+      batch = dict(mask=jnp.ones((2,), bool),
+                   index=jnp.arange(2, dtype=jnp.int32),
+                   label=jnp.zeros((2,), jnp.int32))
+      return feature_loss(single, variables.get('params', {}),
+                          variables.get('batch_stats', {}), student, teacher,
+                          batch, crd_state=crd_state, rng=rng)[0]
+
+    try:
+      jax.eval_shape(probe)
+    except (ValueError, TypeError) as e:
+      described = '; '.join(
+          f'student {s} {tuple(shapes["student"][s].shape[1:])} -> teacher '
+          f'{t} {tuple(shapes["teacher"][t].shape[1:])}'
+          for s, t in zip(term.student, term.teacher))
+      raise ValueError(
+          f'{field} ({term.method}) cannot pair these features ({described}'
+          f', without the batch axis): {e} Pick features whose shapes this '
+          f'method takes (its docstring in kd_jax/feature_losses.py says '
+          f'which).') from None
+  return shapes['student'], shapes['teacher']

@@ -26,6 +26,7 @@ from kd_jax import models
 from kd_jax import rundir
 from kd_jax import specialist_groups
 from kd_jax import specialists
+from kd_jax.models import features as model_features
 
 # Thin re-exports: kd_jax.rundir owns run_info.json.
 RUN_INFO = rundir.RUN_INFO
@@ -44,6 +45,10 @@ class Teacher:
   # Host-side (batch, step=None) -> batch with 'teacher_logits' added (logits
   # caches); train batches pass their step (it picks multi-view views).
   host_lookup: Callable[..., dict[str, Any]] | None = None
+  # (variables, batch) -> (logits [K, B, C], {name: [K, B, ...]}): the same
+  # forward pass with the teachers' named features (online teachers of one
+  # architecture), for feature distillation.
+  forward_features: Callable[[Any, dict[str, jax.Array]], Any] | None = None
 
 
 def _check_compatible(index: int, teacher_cfg, run_info: dict[str, Any],
@@ -115,7 +120,15 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
     def forward(variables, batch):
       return jax.vmap(apply, in_axes=(None, 0, None))(
           model, variables, batch['image'])
-    return Teacher(stacked, forward, names, weights, fingerprint)
+
+    def forward_features(variables, batch):
+      def one(v):
+        logits, features = model_features.apply_with_features(
+            model, v, batch['image'], train=False)
+        return jax.lax.stop_gradient((logits.astype(jnp.float32), features))
+      return jax.vmap(one)(variables)
+    return Teacher(stacked, forward, names, weights, fingerprint,
+                   forward_features=forward_features)
 
   mixed_models = [m for m, _ in loaded]
 

@@ -41,6 +41,7 @@ from kd_jax import rundir
 from kd_jax import specialist_groups
 from kd_jax import teachers
 from kd_jax import warm_start
+from kd_jax.models import features as model_features
 
 State = dict[str, Any]
 
@@ -163,10 +164,13 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
 
 
 def init_state(model, tx, rng: jax.Array, image_shape, distill=None,
-               num_classes: int | None = None) -> State:
+               num_classes: int | None = None, teacher_feature_shapes=None,
+               num_train_examples: int | None = None) -> State:
   """The train state; with `distill`, also a learned temperature's entries
   (`objective.init_temperature_state`, none when config.distill.ctkd is
-  'none')."""
+  'none') and the feature terms' connectors and CRD banks
+  (`objective.init_feature_state`, from the teacher's feature shapes
+  `teacher_feature_shapes` and the train split's size)."""
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32))
   params = variables['params']
@@ -176,6 +180,15 @@ def init_state(model, tx, rng: jax.Array, image_shape, distill=None,
   if distill is not None:
     state.update(objective.init_temperature_state(
         distill, num_classes, tx, jax.random.fold_in(rng, 1)))
+  if distill is not None and objective.feature_terms(distill):
+    images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+    student_shapes = jax.eval_shape(
+        lambda v, x: model_features.apply_with_features(
+            model, v, x, train=True, rngs={'dropout': jax.random.key(0)},
+            mutable=['batch_stats'])[1], variables, images)
+    state.update(objective.init_feature_state(
+        distill, student_shapes, teacher_feature_shapes, num_train_examples,
+        tx, jax.random.fold_in(rng, 2)))
   return state
 
 
@@ -194,26 +207,53 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
                ) -> tuple[State, dict[str, jax.Array]]:
   """One SGD step of the student on one global batch; pure and jittable.
 
-  Teacher forward -> student forward -> `objective.loss` -> update. A
-  learned temperature (`state['temperature_params']`, CTKD) is updated by
-  the same optimizer, through its gradient reversal. `steps_per_epoch`
-  gives the epoch that DKD's warm-up and CTKD's curriculum follow.
+  Teacher forward -> student forward -> `objective.loss` (+
+  `objective.feature_loss`) -> update. A learned temperature
+  (`state['temperature_params']`, CTKD) and the feature terms' connectors
+  (`state['connector_params']`) are updated by the same optimizer, CRD's
+  banks (`state['crd_state']`) by their momentum rule. The teacher's
+  features come from the forward pass that gives its logits.
+  `steps_per_epoch` gives the epoch that DKD's warm-up and CTKD's curriculum
+  follow.
   """
   rng = jax.random.fold_in(state['rng'], state['step'])
-  teacher_logits = (None if teacher is None
-                    else teacher.forward(teacher_variables, batch))
+  feature_terms = objective.feature_terms(distill)
+  deit = distill.soft == 'deit_hard'
+  teacher_features = None
+  if teacher is None:
+    teacher_logits = None
+  elif feature_terms:
+    if teacher.forward_features is None:
+      raise ValueError(
+          'config.distill.features needs the teacher\'s features, which this '
+          'teacher source does not compute: use one online teacher.')
+    teacher_logits, teacher_features = teacher.forward_features(
+        teacher_variables, batch)
+    teacher_features = {k: v[0] for k, v in teacher_features.items()}
+  else:
+    teacher_logits = teacher.forward(teacher_variables, batch)
   targets = objective.teacher_targets(
       teacher_logits, batch, distill,
       None if teacher is None else teacher.weights)
   epoch = (None if steps_per_epoch is None
            else state['step'].astype(jnp.float32) / steps_per_epoch)
   learned = 'temperature_params' in state
+  dropout_rng, crd_rng = jax.random.split(rng)
+  if not feature_terms:
+    dropout_rng = rng  # Runs without feature terms draw as they always have.
 
-  def loss_fn(params, temperature_params):
-    logits, new_model_state = model.apply(
-        {'params': params, 'batch_stats': state['batch_stats']},
-        batch['image'], train=True, rngs={'dropout': rng},
-        mutable=['batch_stats'])
+  def loss_fn(params, temperature_params, connector_params):
+    variables = {'params': params, 'batch_stats': state['batch_stats']}
+    student_features = {}
+    if feature_terms or deit:
+      logits, student_features, new_model_state = (
+          model_features.apply_with_features(
+              model, variables, batch['image'], train=True,
+              rngs={'dropout': dropout_rng}, mutable=['batch_stats']))
+    else:
+      logits, new_model_state = model.apply(
+          variables, batch['image'], train=True,
+          rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
     temperature = strength = None
     if learned:
       temperature, strength = objective.learned_temperature(
@@ -221,13 +261,28 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
     loss, terms = objective.loss(
         logits, targets, batch['label'], batch['mask'], distill,
         label_probs=batch.get('label_probs'), epoch=epoch,
-        temperature=temperature)
-    return loss, (logits, new_model_state, terms, temperature, strength)
+        temperature=temperature,
+        distillation_logits=student_features.get('dist_logits'))
+    feature_state = {}
+    if feature_terms:
+      feature_total, feature_values, connector_batch_stats, crd_state = (
+          objective.feature_loss(
+              feature_terms, connector_params,
+              state['connector_batch_stats'], student_features,
+              teacher_features, batch, crd_state=state['crd_state'],
+              rng=crd_rng))
+      loss = loss + feature_total
+      terms = {**terms, **feature_values, 'total': loss}
+      feature_state = dict(connector_batch_stats=connector_batch_stats,
+                           crd_state=crd_state)
+    return loss, (logits, new_model_state, terms, temperature, strength,
+                  feature_state)
 
-  (grads, temperature_grads), aux = jax.grad(
-      loss_fn, argnums=(0, 1), has_aux=True)(
-          state['params'], state.get('temperature_params'))
-  logits, new_model_state, terms, temperature, strength = aux
+  (grads, temperature_grads, connector_grads), aux = jax.grad(
+      loss_fn, argnums=(0, 1, 2), has_aux=True)(
+          state['params'], state.get('temperature_params'),
+          state.get('connector_params'))
+  logits, new_model_state, terms, temperature, strength, feature_state = aux
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   new_state = dict(state, step=state['step'] + 1, params=params,
@@ -241,6 +296,14 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
         temperature_params=optax.apply_updates(state['temperature_params'],
                                                temperature_updates),
         temperature_opt_state=temperature_opt_state)
+  if feature_terms:
+    connector_updates, connector_opt_state = tx.update(
+        connector_grads, state['connector_opt_state'],
+        state['connector_params'])
+    new_state.update(
+        connector_params=optax.apply_updates(state['connector_params'],
+                                             connector_updates),
+        connector_opt_state=connector_opt_state, **feature_state)
 
   mask = batch['mask']
   prediction = jnp.argmax(logits, -1)
@@ -255,6 +318,8 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
   if learned:
     measurements['temperature'] = jnp.mean(temperature)
     measurements['temperature_strength'] = strength
+  if feature_terms:
+    measurements['connector_grad_norm'] = optax.tree.norm(connector_grads)
   measurements['grad_norm'] = optax.tree.norm(grads)
   measurements['param_norm'] = optax.tree.norm(params)
   measurements['update_norm'] = optax.tree.norm(updates)
@@ -493,11 +558,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   teacher_variables = (None if teacher is None else
                        jax.device_put(teacher.variables, replicated))
 
-  init_fn = jax.jit(functools.partial(init_state, model, tx,
-                                      image_shape=info.image_shape,
-                                      distill=config.distill,
-                                      num_classes=info.num_classes),
-                    out_shardings=replicated)
+  # Feature names and shapes are refused here, before anything trains.
+  feature_shapes = objective.check_feature_shapes(
+      config, info.num_classes, info.image_shape, info.num_train_examples)
+  init_fn = jax.jit(functools.partial(
+      init_state, model, tx, image_shape=info.image_shape,
+      distill=config.distill, num_classes=info.num_classes,
+      teacher_feature_shapes=feature_shapes and feature_shapes[1],
+      num_train_examples=info.num_train_examples), out_shardings=replicated)
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init_fn, rng)
   mngr = checkpointing.manager(workdir, config.keep_checkpoints)
@@ -646,6 +714,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     summary['train_seconds'] = finished['train_seconds']
   if topology_changes:
     summary['topology_changes'] = topology_changes
+  if 'connector_params' in state:
+    # Feature connectors train with the student but are not part of it.
+    summary['num_connector_params'] = models.param_count(
+        state['connector_params'])
   if is_chief:
     rundir.write_summary(workdir, summary)
   mngr.close()

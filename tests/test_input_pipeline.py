@@ -48,7 +48,8 @@ def raw_pixels(image, dataset):
 def test_train_batches_hold_normalised_images_labels_ids_and_mask(data_dir):
   data = input_pipeline.get_datasets(make_config(data_dir), num_devices=8)
   batch = next(data.train)
-  assert sorted(batch) == ['id', 'image', 'label', 'mask']
+  assert sorted(batch) == ['id', 'image', 'index', 'label', 'mask']
+  assert batch['index'].dtype == np.int32
   assert batch['image'].shape == (64, 8, 8, 1)
   assert batch['image'].dtype == np.float32
   assert batch['label'].dtype == np.int32
