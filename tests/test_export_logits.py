@@ -13,6 +13,7 @@ import scipy.special
 
 from kd_jax import export_logits
 from kd_jax import input_pipeline
+from kd_jax import rundir
 from kd_jax import teachers
 from kd_jax import train
 from kd_jax.config_lib import load_config
@@ -57,10 +58,10 @@ def offline_test_metrics(tmp_path_factory, cache_dir):
 
 
 def test_offline_distillation_equals_online_on_an_unaugmented_stream(
-    tmp_path, teacher_dir, offline_test_metrics):
-  online = train.train_and_evaluate(
-      tiny('mnist5k_distill', f'teacher_workdir={teacher_dir}'),
-      str(tmp_path / 'online'))['eval']['test']
+    teacher_dir, finished_run, offline_test_metrics):
+  online = rundir.read_summary(finished_run(
+      'mnist5k_distill',
+      f'runlocal,teacher_workdir={teacher_dir}'))['eval']['test']
   offline = offline_test_metrics
   assert set(offline) == set(online)
   for k in online:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -67,15 +68,15 @@ def test_same_config_and_seed_give_same_numbers(tmp_path, teacher_dir):
 
 
 def test_online_distillation_reports_teacher_and_leaves_it_out_of_checkpoint(
-    tmp_path, teacher_dir):
-  config = tiny('mnist5k_distill', f'teacher_workdir={teacher_dir}')
-  summary = train.train_and_evaluate(config, str(tmp_path))
-  test = summary['eval']['test']
+    teacher_dir, finished_run):
+  workdir = finished_run('mnist5k_distill',
+                         f'runlocal,teacher_workdir={teacher_dir}')
+  test = rundir.read_summary(workdir)['eval']['test']
   teacher_summary = json.load(open(os.path.join(teacher_dir, 'summary.json')))
   assert test['teacher_accuracy'] == pytest.approx(
       teacher_summary['eval']['test']['accuracy'])
   assert 0.0 <= test['agreement'] <= 1.0
-  ckpt = tmp_path / 'checkpoints' / '6' / 'model'
+  ckpt = pathlib.Path(workdir) / 'checkpoints' / '6' / 'model'
   sizes = sum(f.stat().st_size for f in ckpt.rglob('*') if f.is_file())
   # The 2x800 student alone is ~5 MB of float32; with the 2x1200 teacher it
   # would be ~15 MB.
