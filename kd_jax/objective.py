@@ -40,6 +40,19 @@ cosine curriculum (:func:`curriculum_strength`), so the student meets
 ever harder temperatures. It is checkpointed with the training state, never
 with the model, so a run used as a teacher or exported restores the student
 alone.
+
+DeiT's hard-label distillation (``soft='deit_hard'``, Touvron et al. 2021):
+the soft term is the cross-entropy of the student's distillation-token head
+(``distillation_logits``) with the teachers' argmax, the hard term the class
+head's with the labels.
+
+Feature terms (``config.distill.features``, :func:`feature_terms`): each
+names a method of :data:`FEATURE_METHODS`, student and teacher features and
+a weight; :func:`feature_loss` adds their weighted sum to the loss. Their
+connectors (:class:`FeatureConnectors`) and CRD's memory banks live in the
+train state like the learned temperature (:data:`FEATURE_KEYS`,
+:func:`init_feature_state`); :func:`check_feature_shapes` refuses, before
+training, features a model lacks or shapes no connector maps.
 """
 
 from __future__ import annotations
