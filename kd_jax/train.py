@@ -19,8 +19,7 @@ import time
 from typing import Any, Callable
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
+from etils import epy
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,6 +41,11 @@ from kd_jax import specialist_groups
 from kd_jax import teachers
 from kd_jax import warm_start
 from kd_jax.models import features as model_features
+
+# clu's writers import TensorFlow: only a process that trains loads it.
+with epy.lazy_imports():
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
 
 State = dict[str, Any]
 
