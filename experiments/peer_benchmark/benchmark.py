@@ -445,7 +445,9 @@ def main(argv=None) -> int:
   results = []
   for key in keys:
     results += measure(key, args)
-    print(f'measured {key}', file=sys.stderr, flush=True)
+    # Each pair's rows as soon as they are measured: a cut-short run keeps them.
+    print(table(results[-len(args.programs.split(',')):], all_pairs),
+          file=sys.stderr, flush=True)
   text = table(results, all_pairs)
   print(text)
   with open(args.out, 'w') as f:
