@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     procs[name] = subprocess.Popen(command, stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, text=True,
                                    env=env)
-    if procs[name].stdout.readline().strip() != 'ready':
+  for name, p in procs.items():
+    if p.stdout.readline().strip() != 'ready':
       raise RuntimeError(f'variant {name!r} did not start; see stderr.')
   rows = {name: [] for name in procs}
   for _ in range(args.rounds):
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
       p.stdin.write('run\n')
       p.stdin.flush()
       rows[name].append(json.loads(p.stdout.readline()))
+      print(name, rows[name][-1], file=sys.stderr, flush=True)
   for p in procs.values():
     p.stdin.write('quit\n')
     p.stdin.flush()
