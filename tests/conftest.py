@@ -133,12 +133,12 @@ def mnist5k_teacher_dir():
   return _finished_run('mnist5k_teacher')
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-  if config.getvalue('dist') == 'load':
-    from xdist import scheduler  # pylint: disable=g-import-not-at-top
-    return scheduler.LoadGroupScheduling(config, log)
-  return None
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+  # `-n 2` means --dist=load; loadgroup is load plus the xdist_group marks.
+  # Set before the workers start, which take the option from here.
+  if getattr(config.option, 'dist', 'no') == 'load':
+    config.option.dist = 'loadgroup'
 
 
 def pytest_sessionfinish(session):
