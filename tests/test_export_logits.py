@@ -22,6 +22,10 @@ from kd_jax.config_lib import load_config
 # One worker builds the module's caches.
 pytestmark = pytest.mark.xdist_group('export_logits')
 
+# The mnist5k configs' splits: train, validation (held out of train), test.
+TRAIN, VAL = 'train[:3600]', 'train[3600:]'
+SPLIT_SIZES = {TRAIN: 3600, VAL: 400, 'test': 1000}
+
 
 def tiny(name, arg=''):
   return load_config(name, ','.join(filter(None, ['runlocal', arg])))
@@ -69,7 +73,7 @@ def test_offline_distillation_equals_online_on_an_unaugmented_stream(
 
 
 def test_csv_and_manifest_describe_the_same_logits_as_the_npy(cache_dir):
-  for split, size in (('train', 4000), ('test', 1000)):
+  for split, size in SPLIT_SIZES.items():
     directory = os.path.join(cache_dir, split)
     logits = np.load(os.path.join(directory, 'logits.npy'))
     ids = np.load(os.path.join(directory, 'ids.npy'))
@@ -89,7 +93,7 @@ def test_csv_and_manifest_describe_the_same_logits_as_the_npy(cache_dir):
     assert manifest['split'] == split and manifest['dataset'] == 'mnist5k'
     assert manifest['preprocessing'] == dict(
         image_size=[28, 28], channels=1, augment='none', num_views=1)
-    assert (manifest['transfer'] is None) == (split != 'train')
+    assert (manifest['transfer'] is None) == (split != TRAIN)
 
 
 def test_float16_export_stores_half_the_bytes_and_loads_as_float32(
@@ -114,7 +118,7 @@ def test_cache_of_other_data_is_refused_naming_the_field(tmp_path, cache_dir,
                                                          field, value):
   cache = str(tmp_path / 'cache')
   shutil.copytree(cache_dir, cache)
-  path = os.path.join(cache, 'train', 'manifest.json')
+  path = os.path.join(cache, TRAIN, 'manifest.json')
   manifest = json.load(open(path))
   manifest[field] = value
   json.dump(manifest, open(path, 'w'))
@@ -128,24 +132,24 @@ def test_cache_missing_train_ids_is_refused_with_the_count(tmp_path,
                                                           cache_dir):
   cache = str(tmp_path / 'cache')
   shutil.copytree(cache_dir, cache)
-  manifest, ids, logits = teachers.read_cache_split(cache, 'train')
+  manifest, ids, logits = teachers.read_cache_split(cache, TRAIN)
   export_logits.write_split(
-      os.path.join(cache, 'train'), ids=ids[7:], labels=np.zeros(len(ids) - 7),
+      os.path.join(cache, TRAIN), ids=ids[7:], labels=np.zeros(len(ids) - 7),
       logits=logits[7:], class_names=manifest['class_names'],
       manifest=manifest)
   config = cached_config(cache)
   first_missing = ids[0].decode()
-  with pytest.raises(ValueError, match=rf"lacks 7 of the 4000 .*'train'.*"
+  with pytest.raises(ValueError, match=rf"lacks 7 of the 3600 .*'train\[:3600\]'.*"
                      rf"e\.g\. \['{first_missing}'"):
     teachers.load_cache(config, info_of(config))
 
 
 def test_cache_without_the_eval_split_is_refused(tmp_path, cache_dir):
   cache = str(tmp_path / 'cache')
-  shutil.copytree(os.path.join(cache_dir, 'train'), os.path.join(cache,
-                                                                 'train'))
+  shutil.copytree(os.path.join(cache_dir, TRAIN), os.path.join(cache, TRAIN))
   config = cached_config(cache)
-  with pytest.raises(FileNotFoundError, match=r"'test'.*--splits=train,test"):
+  with pytest.raises(FileNotFoundError, match=r"'train\[3600:\]'.*"
+                     r"--splits=train\[:3600\],train\[3600:\],test"):
     teachers.load_cache(config, info_of(config))
 
 
@@ -184,7 +188,7 @@ def _write_probability_csv(path, ids, probs, class_names):
 def test_blackbox_probabilities_train_the_student_that_their_logits_train(
     tmp_path, cache_dir, offline_test_metrics):
   ids, logits, names = [], [], None
-  for split in ('train', 'test'):
+  for split in SPLIT_SIZES:
     manifest, split_ids, split_logits = teachers.read_cache_split(cache_dir,
                                                                   split)
     ids.append(split_ids)
@@ -199,8 +203,7 @@ def test_blackbox_probabilities_train_the_student_that_their_logits_train(
   config = cached_config(out)
   manifests = export_logits.import_blackbox(table, out, config,
                                             probabilities=True)
-  assert {s: m['num_examples'] for s, m in manifests.items()} == {
-      'train': 4000, 'test': 1000}
+  assert {s: m['num_examples'] for s, m in manifests.items()} == SPLIT_SIZES
   _, _, imported = teachers.read_cache_split(out, 'test')
   np.testing.assert_allclose(
       imported, scipy.special.log_softmax(logits[-1000:], axis=1), atol=1e-4)
@@ -273,7 +276,7 @@ def topk_cache(tmp_path_factory, teacher_dir):
 def test_topk_cache_holds_the_largest_logits_and_the_rest_mass(topk_cache,
                                                                cache_dir):
   out, manifests = topk_cache
-  for split in ('train', 'test'):
+  for split in SPLIT_SIZES:
     manifest, ids, arrays = teachers.read_cache_arrays(out, split)
     _, dense_ids, dense = teachers.read_cache_split(cache_dir, split)
     assert list(ids) == list(dense_ids)
@@ -353,8 +356,8 @@ def views_cache(tmp_path_factory, teacher_dir):
 
 def test_multi_view_batches_pair_each_view_with_its_teacher_logits(
     views_cache, teacher_dir):
-  manifest, _, logits = teachers.read_cache_split(views_cache, 'train')
-  assert logits.shape == (4000, 2, 10)
+  manifest, _, logits = teachers.read_cache_split(views_cache, TRAIN)
+  assert logits.shape == (3600, 2, 10)
   assert manifest['preprocessing'] == dict(
       image_size=[28, 28], channels=1, augment='mnist_jitter', num_views=2,
       view_seed=7)
