@@ -93,14 +93,15 @@ def timing(tiny: bool, workdir: str) -> None:
   num_write = 2_000 if tiny else 100_000
   rng = np.random.default_rng(0)
   for split in (config.train_split, *config.eval_splits):
-    ids = np.concatenate([b['id'][b['mask']] for b in input_pipeline
-                          .iterate_split(config, split, num_devices=1)])
+    batches = list(input_pipeline.iterate_split(config, split, num_devices=1))
+    ids = np.concatenate([b['id'][b['mask']] for b in batches])
+    labels = np.concatenate([b['label'][b['mask']] for b in batches])
     logits = rng.normal(size=(len(ids), 10)).astype(np.float32)
     manifest = export_logits._manifest(  # pylint: disable=protected-access
         config, info, split, fingerprint='random', teacher='random',
         num_examples=len(ids), dtype='float32')
     export_logits.write_split(os.path.join(cache_dir, split), ids=ids,
-                              labels=np.zeros(len(ids)), logits=logits,
+                              labels=labels, logits=logits,
                               class_names=info.class_names, manifest=manifest)
   # Throughput on a larger synthetic split (ids need not exist to write).
   big = os.path.join(workdir, 'big')
