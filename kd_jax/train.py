@@ -34,8 +34,8 @@ from kd_jax import input_pipeline
 from kd_jax import losses
 from kd_jax import models
 from kd_jax import objective
-from kd_jax import progress
 from kd_jax import optim
+from kd_jax import progress
 from kd_jax import rundir
 from kd_jax import specialist_groups
 from kd_jax import teachers
@@ -539,7 +539,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       has_checkpoint=checkpointing.latest_step(workdir)
                       is not None)
 
-
   dtype = DTYPES[config.dtype]
   # Checkpoints are written at the step the data stream has reached.
   start_step = checkpointing.latest_step(workdir) or 0
@@ -651,11 +650,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                config.model.name, total_steps, start_step, len(devices))
   pending: list[dict[str, jax.Array]] = []
   eval_results: dict[str, Any] = {}
+  train_start = time.time()
   seconds_before = float(resumed.get('train_seconds', 0.0))
   collapse_warnings = list(resumed.get('collapse_warnings', []))
   best_accuracy = float(resumed.get('best_train_accuracy', 0.0))
   collapsed = False
-  train_start = time.time()
   bar = progress.Progress(total_steps, start_step, enabled=is_chief,
                           label=os.path.basename(os.path.normpath(workdir)))
   for step in range(start_step + 1, total_steps + 1):
