@@ -126,8 +126,11 @@ def test_unseen_classes_study_tunes_on_held_out_train_digits(hinton):
   assert record['teacher_test']['unseen_examples'] == omit3['test']['before'][
       'unseen_examples']
   with open(os.path.join(workdir, 'student_omit3', 'config.json')) as f:
-    transfer = json.load(f)['transfer']
-  assert transfer['omit_classes'] == [3] and transfer['fraction'] == 0.9
+    config = json.load(f)
+  assert config['transfer']['omit_classes'] == [3]
+  # Trained on the held-in digits; b was chosen on the held-out ones.
+  assert config['train_split'] == 'train[:3600]'
+  assert 'train[3600:]' in config['eval_splits']
   assert os.path.getsize(os.path.join(workdir, 'bias_sweep.png')) > 0
 
 

@@ -6,9 +6,9 @@ collectives over gloo, launched as `python -m kd_jax.main` with
 --coordinator_address/--num_processes/--process_id/--cpu_collectives=gloo.
 Each process reads and shuffles its own share of the train split, so a
 process count sees the same examples at every step only when one step's batch
-is the whole train set: the runs here use a 1,000-example transfer set and a
-global batch of 1,000 (the loss is a mean, so the order inside a batch only
-changes float rounding).
+is the whole train set: the runs here train on a 1,000-example slice of the
+train split and a global batch of 1,000 (the loss is a mean, so the order
+inside a batch only changes float rounding).
 """
 
 import glob
@@ -30,7 +30,7 @@ from kd_jax.config_lib import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Whole-train-set batches: see the module docstring.
-FULL_BATCH = ('runlocal,transfer.fraction=0.25,batch_size=1000,'
+FULL_BATCH = ('runlocal,train_split=train[:1000],batch_size=1000,'
               'eval_batch_size=500,num_train_steps=3,eval_every_steps=3')
 TIMEOUT_S = 300
 

@@ -214,11 +214,15 @@ def measure_pair(pair: Pair, mesh, matmul, dtype_override: str | None,
   batch = random_batch(mesh, pair.image_shape, pair.num_classes,
                        pair.batch_size)
 
+  supervised = config.distill.copy_and_resolve_references()
+  supervised.teacher_source, supervised.alpha = 'none', 0.0
+
   def step_fn(with_teacher: bool):
     # As train_and_evaluate builds it: one jit, state donated.
     return jax.jit(functools.partial(
         train.train_step, model=model, tx=tx, schedule=schedule,
-        teacher=teacher if with_teacher else None, distill=config.distill),
+        teacher=teacher if with_teacher else None,
+        distill=config.distill if with_teacher else supervised),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
   def compiled_step(with_teacher: bool):
