@@ -28,12 +28,6 @@ from kd_jax import specialist_groups
 from kd_jax import specialists
 from kd_jax.models import features as model_features
 
-# Thin re-exports: kd_jax.rundir owns run_info.json.
-RUN_INFO = rundir.RUN_INFO
-read_run_info = rundir.read_run_info
-write_run_info = rundir.write_run_info
-_spec_dict = rundir.spec_dict
-
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
@@ -65,9 +59,9 @@ def _check_compatible(index: int, teacher_cfg, run_info: dict[str, Any],
         f'but the student input pipeline gives {tuple(image_shape)}: set '
         f'config.image_size/config.channels to match the teacher.')
   trained_spec = run_info['model']
-  if _spec_dict(teacher_cfg.model) != trained_spec:
+  if rundir.spec_dict(teacher_cfg.model) != trained_spec:
     raise ValueError(
-        f'{where}.model is {_spec_dict(teacher_cfg.model)} but that workdir '
+        f'{where}.model is {rundir.spec_dict(teacher_cfg.model)} but that workdir '
         f'trained {trained_spec}: make config.teachers[{index}].model match '
         f'the trained run.')
 
@@ -101,7 +95,7 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
           f'training: latest checkpoint step {step}, final step '
           f'{run_info["final_step"]}. Let it finish, or resume it.')
     loaded.append((model, variables))
-    specs.append(json.dumps(_spec_dict(t.model), sort_keys=True))
+    specs.append(json.dumps(rundir.spec_dict(t.model), sort_keys=True))
     fingerprints.append(f'{os.path.abspath(t.workdir)}@{step}')
 
   names = tuple(f'teacher{i}' for i in range(len(loaded)))
@@ -752,7 +746,7 @@ def load_specialist_ensemble(config, info, dtype=jnp.float32
             for s, t in enumerate(teacher_cfgs[1:])]
   factors = np.asarray([run_info['specialist']['oversampling_factor']
                         for _, _, run_info, _ in loaded], np.float32)
-  specs = {json.dumps(_spec_dict(t.model), sort_keys=True)
+  specs = {json.dumps(rundir.spec_dict(t.model), sort_keys=True)
            for t in teacher_cfgs[1:]}
 
   def apply(model, variables, images):

@@ -14,6 +14,7 @@ from kd_jax import input_pipeline
 from kd_jax import models
 from kd_jax import specialist_groups
 from kd_jax import specialists
+from kd_jax import rundir
 from kd_jax import teachers
 from kd_jax import train
 from kd_jax import warm_start
@@ -132,7 +133,7 @@ def test_stacked_heads_are_padded_with_the_dustbin_last_and_corrected(
     own, _ = warm_start.restore_run(os.path.join(root, f'specialist_{k}'))
     model = models.get_model(config.teachers[k + 1].model, len(group) + 1)
     logits = model.apply(own, jnp.asarray(images), train=False)
-    run_info = teachers.read_run_info(os.path.join(root, f'specialist_{k}'))
+    run_info = rundir.read_run_info(os.path.join(root, f'specialist_{k}'))
     factor = run_info['specialist']['oversampling_factor']
     np.testing.assert_allclose(heads[k, :, :len(group)],
                                logits[:, :len(group)], rtol=1e-5, atol=1e-5)

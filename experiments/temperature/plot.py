@@ -45,7 +45,7 @@ from kd_jax import config_lib
 from kd_jax import input_pipeline
 from kd_jax import losses
 from kd_jax import models
-from kd_jax import teachers
+from kd_jax import rundir
 from kd_jax import train
 
 TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0)
@@ -87,7 +87,7 @@ def ensure_teacher(config, workdir: str) -> None:
 
 def restore_teacher(config, workdir: str):
   """(model, variables, run_info) of the latest checkpoint in `workdir`."""
-  run_info = teachers.read_run_info(workdir)
+  run_info = rundir.read_run_info(workdir)
   model = models.get_model(config.model, run_info['num_classes'])
   image_shape = tuple(run_info['image_shape'])
   abstract = jax.eval_shape(lambda: model.init(

@@ -53,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 from kd_jax import checkpointing
 from kd_jax import config_lib
 from kd_jax import models
+from kd_jax import rundir
 from kd_jax import teachers
 from kd_jax import train
 
@@ -170,7 +171,7 @@ def write_teacher_run(workdir: str, config, num_classes: int,
   checkpointing.save(mngr, state, dict(config_fingerprint='benchmark'))
   mngr.wait_until_finished()
   mngr.close()
-  teachers.write_run_info(
+  rundir.write_run_info(
       workdir, model_spec=spec, num_classes=num_classes,
       class_names=[str(i) for i in range(num_classes)],
       image_shape=image_shape, dataset='benchmark', final_step=0)

@@ -52,7 +52,7 @@ from kd_jax import checkpointing
 from kd_jax import config_lib
 from kd_jax import input_pipeline
 from kd_jax import models
-from kd_jax import teachers
+from kd_jax import rundir
 from kd_jax import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,7 +146,7 @@ def ensure_run(config, workdir: str, name: str) -> dict[str, Any]:
 
 def restore(config, workdir: str):
   """(model, {'params', 'batch_stats'}) of the latest checkpoint in workdir."""
-  run_info = teachers.read_run_info(workdir)
+  run_info = rundir.read_run_info(workdir)
   model = models.get_model(config.model, run_info['num_classes'])
   shape = tuple(run_info['image_shape'])
   abstract = jax.eval_shape(lambda: model.init(
