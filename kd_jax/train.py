@@ -205,7 +205,14 @@ def ensemble_prediction(teacher_logits, weights, method: str):
       teacher_logits, method, weights=jnp.asarray(weights)), -1)
 
 
+# Measurements that cost a pass over every parameter: computed on logging
+# steps only (`train_step(..., log=True)`), zeros on the others.
+LOG_STEP_MEASUREMENTS = ('grad_norm', 'param_norm', 'update_norm',
+                         'connector_grad_norm')
+
+
 def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
+               log: bool | jax.Array = True,
                *, model, tx, schedule, teacher: teachers.Teacher | None,
                distill, steps_per_epoch: int | None = None
                ) -> tuple[State, dict[str, jax.Array]]:
@@ -218,7 +225,9 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
   banks (`state['crd_state']`) by their momentum rule. The teacher's
   features come from the forward pass that gives its logits.
   `steps_per_epoch` gives the epoch that DKD's warm-up and CTKD's curriculum
-  follow.
+  follow. `log` (a traced bool: one program serves every step) says whether
+  to compute `LOG_STEP_MEASUREMENTS`; they are zeros when it is false, and
+  the state is the same either way.
   """
   rng = jax.random.fold_in(state['rng'], state['step'])
   feature_terms = objective.feature_terms(distill)
@@ -322,11 +331,13 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
   if learned:
     measurements['temperature'] = jnp.mean(temperature)
     measurements['temperature_strength'] = strength
+  norm_of = dict(grad_norm=grads, param_norm=params, update_norm=updates)
   if feature_terms:
-    measurements['connector_grad_norm'] = optax.tree.norm(connector_grads)
-  measurements['grad_norm'] = optax.tree.norm(grads)
-  measurements['param_norm'] = optax.tree.norm(params)
-  measurements['update_norm'] = optax.tree.norm(updates)
+    norm_of['connector_grad_norm'] = connector_grads
+  measurements.update(jax.lax.cond(
+      log, lambda trees: {k: optax.tree.norm(t) for k, t in trees.items()},
+      lambda trees: {k: jnp.zeros((), jnp.float32) for k in trees},
+      norm_of))
   measurements['learning_rate'] = schedule(state['step'])
   return new_state, measurements
 
@@ -659,11 +670,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           label=os.path.basename(os.path.normpath(workdir)))
   for step in range(start_step + 1, total_steps + 1):
     batch = next(train_iter)
-    state, measurements = step_fn(state, batch, teacher_variables)
+    log_step = step % config.log_every_steps == 0 or step == total_steps
+    state, measurements = step_fn(state, batch, teacher_variables, log_step)
     pending.append(measurements)
     report(step)
     bar.update(step)
-    if step % config.log_every_steps == 0 or step == total_steps:
+    if log_step:
       host = jax.device_get(pending)
       pending = []
       for i, m in enumerate(host):
@@ -675,8 +687,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         best_accuracy, collapsed = _collapse(
             step, float(np.mean([m['accuracy'] for m in host])),
             best_accuracy, collapsed, collapse_warnings)
-      writer.write_scalars(step, {f'train/{k}': float(np.mean(
-          [m[k] for m in host])) for k in host[0]})
+      # Per-step measurements are averaged since the last log; the norms
+      # are this step's.
+      writer.write_scalars(step, {f'train/{k}': float(
+          host[-1][k] if k in LOG_STEP_MEASUREMENTS else
+          np.mean([m[k] for m in host])) for k in host[0]})
       bar.show(loss=float(np.mean([m['loss_total'] for m in host])))
     if step % eval_every == 0 or step == total_steps:
       eval_results = run_eval(step)

@@ -184,6 +184,35 @@ def test_dist_step_on_one_device_equals_eight(ctkd):
                                err_msg=key)
 
 
+def test_norms_only_on_logging_steps_and_the_state_is_the_same():
+  config = load_config('mnist5k_distill', '')
+  model = models.get_model(dict(name='mlp', hidden=(16,), dropout=0.0), C)
+  tx = optax.sgd(0.05, momentum=0.9)
+  rng = np.random.default_rng(5)
+  batch = dict(image=rng.normal(size=(B, 4, 4, 1)).astype(np.float32),
+               label=rng.integers(0, C, B).astype(np.int32),
+               mask=np.ones(B, bool),
+               teacher_logits=(3 * rng.normal(size=(B, C))).astype(np.float32))
+  state = train.init_state(model, tx, jax.random.key(0), (4, 4, 1),
+                           distill=config.distill, num_classes=C)
+  fn = jax.jit(functools.partial(
+      train.train_step, model=model, tx=tx, schedule=lambda s: 0.1,
+      teacher=fake_cache_teacher(), distill=config.distill))
+  logged, quiet = (jax.device_get(fn(state, batch, None, log))
+                   for log in (True, False))
+  without_key = lambda s: {k: v for k, v in s.items() if k != 'rng'}
+  jax.tree.map(np.testing.assert_array_equal, without_key(logged[0]),
+               without_key(quiet[0]))
+  norms = [k for k in train.LOG_STEP_MEASUREMENTS if k in logged[1]]
+  assert norms == ['grad_norm', 'param_norm', 'update_norm']
+  for key in norms:
+    assert quiet[1][key] == 0 and logged[1][key] > 0, key
+  np.testing.assert_allclose(logged[1]['param_norm'],
+                             optax.tree.norm(logged[0]['params']), rtol=1e-6)
+  for key in set(logged[1]) - set(norms):
+    np.testing.assert_array_equal(logged[1][key], quiet[1][key], key)
+
+
 TINY_TEACHER = config_lib.model_config('mlp', hidden=(32,), dropout=0.0)
 TINY_STUDENT = config_lib.model_config('mlp', hidden=(8,), dropout=0.0)
 

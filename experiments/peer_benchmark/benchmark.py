@@ -7,7 +7,9 @@ r"""kd_jax's train step against the PyTorch loop users would write instead.
 
 For each teacher/student pair and each program (`student`: a supervised step
 of the student; `teacher`: the frozen teacher's forward; `kd`: the
-distillation step) there are two sides, each in its own worker process:
+distillation step; `kd_minimal`: the least a JAX KD step must do, written
+directly, against the same PyTorch KD step) there are two sides, each in
+its own worker process:
 
 * kd_jax: the real `kd_jax.train.train_step`, jitted with the state donated
   and replicated outputs as `train_and_evaluate` builds it, with the online
@@ -31,7 +33,9 @@ median [min-max] over rounds. The two workers of a pair serve all three
 programs; each builds and warms up the KD step first, and its max RSS
 (`resource.getrusage`) at that point is the peak memory of a process that
 ran the KD step only (runtime and imports included), shown on the kd row.
-Same random batch every step; the labels are random.
+Same random batch every step; the labels are random. With `kd` and
+`kd_minimal` both measured, a last line per pair gives kd_jax's KD step over
+the minimal one, per round: what kd_jax's own bookkeeping costs.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import sys
 import tempfile
 import time
 
-PROGRAMS = ('student', 'teacher', 'kd')
+PROGRAMS = ('student', 'teacher', 'kd', 'kd_minimal')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,12 +162,53 @@ def jax_program(pair: Pair, program: str, workdir: str):
       train.train_step, model=model, tx=tx, schedule=schedule,
       teacher=teacher, distill=config.distill),
                  out_shardings=(replicated, replicated), donate_argnums=0)
+  if program == 'kd_minimal':
+    step = jax.jit(functools.partial(
+        minimal_kd_step, model=model, tx=tx, teacher=teacher,
+        temperature=config.distill.temperature, alpha=config.distill.alpha),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
   holder = [state]
+  # A step between logging steps, as most of a run's steps are.
+  extra = () if program == 'kd_minimal' else (False,)
 
   def run():
-    holder[0], measurements = step(holder[0], batch, teacher_variables)
+    holder[0], measurements = step(holder[0], batch, teacher_variables,
+                                   *extra)
     jax.block_until_ready((holder[0], measurements))
   return run
+
+
+def minimal_kd_step(state, batch, teacher_variables, *, model, tx, teacher,
+                    temperature, alpha):
+  """The least a KD step must do, written directly in JAX: the same teacher
+  forward, student forward and backward, `alpha * T^2 * KL + (1 - alpha) *
+  CE`, and the same optimizer update; nothing measured but the loss."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  teacher_logits = jax.lax.stop_gradient(
+      teacher.forward(teacher_variables, batch))
+  rng = jax.random.fold_in(state['rng'], state['step'])
+
+  def loss_fn(params):
+    logits, new_model_state = model.apply(
+        {'params': params, 'batch_stats': state['batch_stats']},
+        batch['image'], train=True, rngs={'dropout': rng},
+        mutable=['batch_stats'])
+    log_p = jax.nn.log_softmax(teacher_logits / temperature)
+    log_q = jax.nn.log_softmax(logits / temperature)
+    soft = temperature ** 2 * (jax.numpy.exp(log_p) * (log_p - log_q)).sum(
+        -1).mean()
+    hard = optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch['label']).mean()
+    return alpha * soft + (1 - alpha) * hard, new_model_state
+
+  (loss, new_model_state), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  return dict(state, step=state['step'] + 1,
+              params=optax.apply_updates(state['params'], updates),
+              opt_state=opt_state,
+              batch_stats=new_model_state.get('batch_stats', {})), loss
 
 
 # --------------------------------------------------------------------------
@@ -277,7 +322,7 @@ def torch_program(pair: Pair, program: str, threads: int, workdir: str):
     student.train()
     logits = student(image)
     loss = F.cross_entropy(logits, label)
-    if program == 'kd':
+    if program in ('kd', 'kd_minimal'):
       with torch.no_grad():
         teacher_logits = teacher(image)
       # RepDistiller's DistillKL: batchmean KL at T, times T^2.
@@ -403,6 +448,15 @@ def table(results, all_pairs) -> str:
         f"| {pair.name} | {pair.batch_size} | {r['program']} | "
         f"{jax_ms:.1f} | {torch_ms:.1f} | {spread(r['ratios'])} | "
         f"{memory} |")
+  for key in dict.fromkeys(r['pair'] for r in results):
+    mine = {r['program']: r['round_seconds']['jax'] for r in results
+            if r['pair'] == key}
+    if 'kd' in mine and 'kd_minimal' in mine:
+      lines.append(
+          f"\n{all_pairs[key].name}, batch {all_pairs[key].batch_size}: "
+          f"kd_jax's KD step / the minimal JAX KD step (same teacher, "
+          f"student, loss and optimizer, nothing measured), per round: "
+          f"{spread([k / m for k, m in zip(mine['kd'], mine['kd_minimal'])])}")
   return '\n'.join(lines)
 
 
@@ -414,7 +468,9 @@ def main(argv=None) -> int:
                       help='comma-separated keys (mlp256, mlp128, cifar; '
                       'mlp, cifar with --tiny); default all')
   parser.add_argument('--programs', default=','.join(PROGRAMS),
-                      help='comma-separated: student, teacher, kd')
+                      help='comma-separated: student, teacher, kd, '
+                      'kd_minimal (a bare JAX KD step; its PyTorch side is '
+                      'the KD step)')
   parser.add_argument('--threads', type=int, default=1,
                       help='CPUs each side is pinned to and PyTorch threads')
   parser.add_argument('--rounds', type=int, default=None)
