@@ -156,3 +156,55 @@ def test_alpha_zero_cell_is_the_scratch_student_and_fills_its_row(hinton):
     table = f.read()
   assert '| 0 (T unused) |' in table and '| alpha \\ T | 2 | 4 |' in table
   assert os.path.getsize(os.path.join(workdir, 'heatmap.png')) > 0
+
+
+def _finished(run, val_errors):
+  split = _load('logit_methods').SPLITS[run['dataset']][1]
+  return dict(run, summary={'eval': {split: {'errors': val_errors},
+                                     'test': {'errors': 0}}})
+
+
+def test_logit_methods_chooses_each_teacher_recipe_on_validation(tmp_path):
+  study = _load('logit_methods')
+  args = study.parse_args([f'--workdir={tmp_path}', '--seeds=3,4',
+                           '--widths=30', '--methods=kd,dkd'])
+  candidates = study.recipe_candidates(args)
+  # mnist5k has one recipe (chosen by experiments/teacher_recipe); digits
+  # tries each of its own on the first seed.
+  assert [(r['dataset'], r['seed']) for r in candidates] == [
+      ('digits', 3)] * len(study.TEACHER_RECIPES['digits'])
+  recipes = list(study.TEACHER_RECIPES['digits'])
+  finished = [_finished(r, val) for r, val in
+              zip(candidates, [9, 4, 4][:len(candidates)])]
+  chosen = study.choose_recipes(args, finished)
+  assert chosen == {'mnist5k': 'recipe', 'digits': recipes[1]}
+  runs = study.plan_runs(args, chosen)
+  digits_teachers = [r for r in runs if r['dataset'] == 'digits'
+                     and r['method'] == 'teacher']
+  # The chosen candidate's own run is the first seed's teacher: not retrained.
+  assert digits_teachers[0]['workdir'] == finished[1]['workdir']
+  assert [r['seed'] for r in digits_teachers] == [3, 4]
+  for r in digits_teachers:
+    assert r['overrides']['augment'] == 'none'
+  for r in runs:
+    if r['method'] not in ('teacher', 'scratch'):
+      teacher = next(t for t in runs if t['workdir'] == r['teacher'])
+      assert (teacher['dataset'], teacher['seed']) == (r['dataset'],
+                                                       r['seed'])
+  # Validation chooses, never test: a candidate's test errors do not count.
+  flipped = [dict(r, summary={'eval': {
+      'train[1150:]': {'errors': e}, 'test': {'errors': 100 - e}}})
+             for r, e in zip(candidates, [1, 5, 5])]
+  assert study.choose_recipes(args, flipped)['digits'] == recipes[0]
+
+
+def test_logit_methods_scale_the_authors_schedules_to_the_study():
+  study = _load('logit_methods')
+  dkd = study.method_overrides('dkd', 60)
+  assert dkd['distill.soft'] == 'dkd'
+  assert dkd['distill.dkd_warmup_epochs'] == pytest.approx(20 * 60 / 240)
+  ctkd = study.method_overrides('ctkd', 24)
+  assert ctkd['distill.ctkd'] != 'none'
+  assert ctkd['distill.ctkd_strength_epochs'] == pytest.approx(
+      study.method_overrides('ctkd', 240)['distill.ctkd_strength_epochs']
+      / 10)

@@ -1,16 +1,17 @@
 r"""KD, DKD, DIST, KD+LS, DKD+LS and CTKD on mnist5k and digits.
 
-  python experiments/logit_methods/run.py --workdir=workdirs/logit_methods \
-      --teacher_overrides='{"learning_rate": 0.05, "max_norm": 3.5}'
+  python experiments/logit_methods/run.py --workdir=workdirs/logit_methods
 
 For each dataset in --datasets (mnist5k: train on `train[:3600]`, choose on
 `train[3600:]`; digits: train on `train[:1150]`, choose on `train[1150:]`;
 both report the test split beside) and each seed in --seeds, trains with
 `kd_jax.train.train_and_evaluate`:
 
-* the 2x1200 teacher of configs/mnist5k_teacher.py with the teacher recipe
-  given by --teacher_overrides (the setting experiments/teacher_recipe chose
-  on validation; pass its fields as JSON);
+* the 2x1200 teacher of configs/mnist5k_teacher.py: on mnist5k its recipe
+  as experiments/teacher_recipe chose it on validation; on digits the recipe
+  of TEACHER_RECIPES (with or without the +-2 px jitter, lr 0.02 or 0.1)
+  with the fewest validation errors on the first seed (--teacher_overrides,
+  JSON of dotted config fields, applies on top of either);
 * for each student width in --widths (2x800 and 2x30): the student from
   scratch (configs/mnist5k_student.py), and distilled from the teacher of
   the same seed by each method of configs/cifar100_logit_methods.py, with
@@ -56,6 +57,17 @@ LABELS = dict(scratch='scratch', kd='KD', dkd='DKD', dist='DIST',
 # (train split, validation split) per dataset; the test split is reported.
 SPLITS = {'mnist5k': ('train[:3600]', 'train[3600:]'),
           'digits': ('train[:1150]', 'train[1150:]')}
+# Teacher recipes per dataset, as overrides of configs/mnist5k_teacher.py
+# (the mnist5k recipe that experiments/teacher_recipe chose on validation).
+# Where a dataset has several, each trains on seed 0 and the one with the
+# fewest validation errors teaches every seed: on 8x8 digits the mnist5k
+# recipe's +-2 px jitter moves a digit by a quarter of the image.
+TEACHER_RECIPES = {
+    'mnist5k': {'recipe': {}},
+    'digits': {'jitter': {},
+               'no_jitter': {'augment': 'none'},
+               'no_jitter_lr0.1': {'augment': 'none', 'learning_rate': 0.1}},
+}
 # The CIFAR-100 recipes count their schedules in epochs of a 240-epoch run.
 AUTHORS_EPOCHS = 240.0
 
@@ -100,8 +112,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='Where the teachers go, <dataset>_teacher_s<seed> '
                       '(default: --workdir).')
   parser.add_argument('--teacher_overrides', default='{}',
-                      help='JSON of dotted config fields of the teacher '
-                      'recipe, e.g. {"learning_rate": 0.05, "max_norm": 3.5}.')
+                      help='JSON of dotted config fields set on every '
+                      'teacher, e.g. {"num_epochs": 300}.')
   parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--widths', default='800,30',
                       help='Widths w of the 2xw students.')
@@ -132,24 +144,68 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-  """Every run, teachers first: name, dataset, width, method, seed, config."""
+def _data(dataset: str) -> dict[str, Any]:
+  train_split, val_split = SPLITS[dataset]
+  return {'dataset': dataset, 'train_split': train_split,
+          'eval_splits': (val_split, 'test')}
+
+
+def teacher_run(args, dataset: str, recipe: str, seed: int) -> dict[str, Any]:
+  """The teacher of `dataset` trained with TEACHER_RECIPES[dataset][recipe]."""
+  name = (f'{dataset}_teacher_s{seed}' if len(TEACHER_RECIPES[dataset]) == 1
+          else f'{dataset}_teacher_{recipe}_s{seed}')
+  return dict(
+      name=name, dataset=dataset, width=None, method='teacher', seed=seed,
+      recipe=recipe, config_name='mnist5k_teacher',
+      arg=','.join((['tiny'] if args.tiny else []) + [f'seed={seed}']),
+      overrides={**_data(dataset), **TEACHER_RECIPES[dataset][recipe],
+                 **args.teacher_overrides},
+      workdir=os.path.join(args.teachers_dir, name))
+
+
+def recipe_candidates(args) -> list[dict[str, Any]]:
+  """The seed-0 teacher of every recipe of datasets that have several."""
+  return [teacher_run(args, dataset, recipe, args.seeds[0])
+          for dataset in args.datasets
+          if len(TEACHER_RECIPES[dataset]) > 1
+          for recipe in TEACHER_RECIPES[dataset]]
+
+
+def choose_recipes(args, candidates: list[dict[str, Any]]) -> dict[str, str]:
+  """Per dataset, the recipe whose finished candidate has the fewest
+  validation errors (the first listed on a tie)."""
+  chosen = {}
+  for dataset in args.datasets:
+    recipes = list(TEACHER_RECIPES[dataset])
+    mine = [r for r in candidates if r['dataset'] == dataset]
+    if not mine:
+      chosen[dataset] = recipes[0]
+      continue
+    val_split = SPLITS[dataset][1]
+    best = min(mine, key=lambda r: (study.errors(r['summary'], val_split),
+                                    recipes.index(r['recipe'])))
+    chosen[dataset] = best['recipe']
+  return chosen
+
+
+def plan_runs(args: argparse.Namespace,
+              recipes: dict[str, str] | None = None) -> list[dict[str, Any]]:
+  """Every run, teachers first: name, dataset, width, method, seed, config.
+
+  `recipes` names each dataset's teacher recipe (default: its first).
+  """
   common = ['tiny'] if args.tiny else []
   num_epochs = (args.num_epochs if args.num_epochs is not None else
                 config_lib.load_config('mnist5k_student').num_epochs)
   runs = []
   for dataset in args.datasets:
-    train_split, val_split = SPLITS[dataset]
-    data = {'dataset': dataset, 'train_split': train_split,
-            'eval_splits': (val_split, 'test')}
+    data = _data(dataset)
+    recipe = (recipes or {}).get(dataset, next(iter(TEACHER_RECIPES[dataset])))
+    teacher_dirs = {}
     for seed in args.seeds:
-      runs.append(dict(
-          name=f'{dataset}_teacher_s{seed}', dataset=dataset, width=None,
-          method='teacher', seed=seed, config_name='mnist5k_teacher',
-          arg=','.join(common + [f'seed={seed}']),
-          overrides={**data, **args.teacher_overrides},
-          workdir=os.path.join(args.teachers_dir,
-                               f'{dataset}_teacher_s{seed}')))
+      run = teacher_run(args, dataset, recipe, seed)
+      teacher_dirs[seed] = run['workdir']
+      runs.append(run)
     for width in args.widths:
       for seed in args.seeds:
         for method in ('scratch', *args.methods):
@@ -166,8 +222,7 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
             run.update(config_name='mnist5k_distill',
                        overrides={**student,
                                   **method_overrides(method, num_epochs)},
-                       teacher=os.path.join(args.teachers_dir,
-                                            f'{dataset}_teacher_s{seed}'))
+                       teacher=teacher_dirs[seed])
           runs.append(run)
   return runs
 
@@ -241,6 +296,17 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
         f'{study.fmt(r["val"])} / {r["num_examples"]["val"]:g} | '
         f'{study.fmt(r["test"])} / {r["num_examples"]["test"]:g} | '
         f'{study.fmt(r["teacher"]["test"])} |')
+  if results.get('teacher_recipes'):
+    lines += ['', f'Teacher recipes tried on seed {args.seeds[0]} (overrides '
+              'of configs/mnist5k_teacher.py); the one with the fewest '
+              'validation errors teaches every seed:', '',
+              '| dataset | recipe | overrides | val errors | test errors |',
+              '|---|---|---|---|---|']
+    for r in results['teacher_recipes']:
+      lines.append(f'| {r["dataset"]} | {r["recipe"]}'
+                   f'{" (chosen)" if r["chosen"] else ""} | '
+                   f'`{json.dumps(r["overrides"])}` | {r["val"]} | '
+                   f'{r["test"]} |')
   with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
 
@@ -270,15 +336,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   command = ' '.join(['python experiments/logit_methods/run.py',
                       *(sys.argv[1:] if argv is None else argv)])
-  runs = plan_runs(args)
+  start = time.perf_counter()
+  candidates = recipe_candidates(args)
+  study.run_all(candidates, lambda run: make(run, {}))
+  recipes = choose_recipes(args, candidates)
+  runs = plan_runs(args, recipes)
   teacher_configs: dict[str, Any] = {}
   for run in runs:
     if run['method'] == 'teacher':
       teacher_configs[run['workdir']] = study.make_config(
           run['config_name'], run['arg'], run['overrides'])
-  start = time.perf_counter()
   study.run_all(runs, lambda run: make(run, teacher_configs))
   results = summarise(runs, args)
+  results['teacher_recipes'] = [
+      dict(dataset=r['dataset'], recipe=r['recipe'],
+           overrides=TEACHER_RECIPES[r['dataset']][r['recipe']],
+           val=study.errors(r['summary'], SPLITS[r['dataset']][1]),
+           test=study.errors(r['summary'], 'test'),
+           chosen=recipes[r['dataset']] == r['recipe'])
+      for r in candidates]
   write_outputs(results, args, time.perf_counter() - start, command)
   print(open(os.path.join(args.out_dir, 'results.md')).read())
   return results
