@@ -49,6 +49,7 @@ def tiny_runs(tmp_path_factory, plot, measure):
              f'--out_dir={root / "temperature"}'])
   measure.main(['--tiny', f'--demo_workdir={demo}',
                 f'--workdir={root / "size_speed_runs"}',
+                '--zoo=resnet8,vit_tiny,resnet18',
                 f'--out_dir={root / "size_speed"}'])
   return root
 
@@ -122,9 +123,20 @@ def test_size_speed_table_has_every_model_of_every_pair(tiny_runs):
   assert small['latency']['1']['gflops_per_image'] * 1e9 >= 2 * (
       784 * 30 + 30 * 30 + 30 * 10)
 
+  # The zoo table: each model named, measured once even where a pair has it.
+  zoo = {r['model']: r for r in record['zoo_rows']}
+  assert list(zoo) == ['resnet8', 'vit_tiny', 'resnet18']
+  # RepDistiller's resnet8 for 100 classes (tests/test_zoo.py derives it).
+  assert zoo['resnet8']['num_params'] == 83_892
+  assert zoo['resnet18']['latency'] == rows['ImageNet (CRD)',
+                                            'student']['latency']
+  assert zoo['vit_tiny']['input_shape'] == [16, 16, 1]
+  assert all(r['test_accuracy'] is None for r in record['zoo_rows'])
+
   table = (tiny_runs / 'size_speed' / 'results.md').read_text().splitlines()
-  assert len(table) == 2 + len(record['rows'])
+  assert len(table) == 2 + len(record['rows']) + 5 + len(zoo)
   assert 'CPU ms, batch 1' in table[0] and 'checkpoint MB' in table[0]
+  assert table[-len(zoo) - 2].startswith('| benchmark | model |')
 
 
 @pytest.mark.slow
@@ -139,4 +151,4 @@ def test_size_speed_reads_accuracy_of_runs_made_here_only(tiny_runs):
   assert all(r['test_accuracy'] is None for r in rows[1:])
   table = (tiny_runs / 'size_speed' / 'results.md').read_text().splitlines()
   assert table[2].endswith(f'| {100 * teacher_accuracy:.2f}% |')
-  assert all(line.endswith('| - |') for line in table[3:])
+  assert all(line.endswith('| - |') for line in table[3:2 + len(rows)])

@@ -29,8 +29,14 @@ resnet34 -> resnet18) it measures:
   demo's through `kd_jax.demo.run_demo`); otherwise a missing run shows '-'.
   The other pairs are not trained on this machine: '-'.
 
-It writes --out_dir/results.json and results.md (one markdown table) and
-prints the table. `--tiny` feeds the conv nets 16x16 images, times batches 1
+Then every model of the zoo (`ZOO`, or the names in --zoo) by name, at the
+input of the benchmark that uses it (CIFAR-100 models at 32x32 with 100
+classes, the ImageNet ResNets, MobileNetV1 and ViTs at 224x224 with 1,000):
+the same columns but accuracy, so that a user can pick a student by cost. A
+model that a pair already measured at the same input is not measured twice.
+
+It writes --out_dir/results.json and results.md (the pairs' table, then the
+zoo's) and prints them. `--tiny` feeds the conv nets 16x16 images, times batches 1
 and 2 with one repeat each, and trains nothing (seconds; for tests).
 """
 
@@ -75,6 +81,23 @@ class Entry:
   summary: str | None = None      # a run's summary.json, if trained here
   command: str = ''               # the command that trains that run
 
+
+# The zoo: every model by name at the input of the benchmarks that use it
+# (CIFAR-100 32x32 or ImageNet 224x224; vit_tiny at mnist's 28x28):
+# (num_classes, image shape). `mlp`, `cnn` and the generic `wrn` are sized
+# by their configs and appear in the pairs above.
+CIFAR100, IMAGENET = (100, (32, 32, 3)), (1000, (224, 224, 3))
+ZOO = {
+    **{name: CIFAR100 for name in (
+        'resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56',
+        'resnet110', 'resnet8x4', 'resnet32x4', 'resnet50_cifar', 'wrn_16_1',
+        'wrn_16_2', 'wrn_40_1', 'wrn_40_2', 'vgg8', 'vgg11', 'vgg13', 'vgg16',
+        'vgg19', 'mobilenetv2', 'shufflenetv1', 'shufflenetv2')},
+    **{name: IMAGENET for name in (
+        'resnet18', 'resnet34', 'resnet50', 'mobilenetv1', 'vit_ti16',
+        'vit_s16')},
+    'vit_tiny': (10, (28, 28, 1)),
+}
 
 # CIFAR configs leave the image shape to the dataset.
 _DATASET_SHAPES = {'cifar100': (32, 32, 3)}
@@ -129,6 +152,20 @@ def entries(demo_workdir: str, workdir: str, tiny: bool) -> list[Entry]:
       if tiny:
         shape = (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, shape[-1])
       rows.append(Entry(pair, role, spec, shape, classes))
+  return rows
+
+
+def zoo_entries(names: Sequence[str], tiny: bool) -> list[Entry]:
+  """One entry per zoo model named, at its benchmark input (16x16 if tiny)."""
+  rows = []
+  for name in names:
+    num_classes, shape = ZOO[name]
+    if tiny:
+      shape = (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, shape[-1])
+    rows.append(Entry('CIFAR-100' if (num_classes, shape[:2]) == (100, (
+        32, 32)) else 'ImageNet' if num_classes == 1000 and not tiny else
+                      'zoo', 'zoo', config_lib.model_config(name), shape,
+                      num_classes))
   return rows
 
 
@@ -268,24 +305,30 @@ def _mflops(gflops: float | None) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]],
-                   batch_sizes: Sequence[int]) -> str:
-  header = (['pair', 'role', 'model', 'input', 'params', 'param MB',
-             'checkpoint MB', 'MFLOPs / image']
+                   batch_sizes: Sequence[int], zoo: bool = False) -> str:
+  """The pairs' table, or with `zoo` the zoo's (benchmark, model; no
+  accuracy)."""
+  first = ['benchmark'] if zoo else ['pair', 'role']
+  header = (first + ['model', 'input', 'params', 'param MB',
+                     'checkpoint MB', 'MFLOPs / image']
             + [f'CPU ms, batch {b}' for b in batch_sizes]
-            + [f'images/s, batch {batch_sizes[-1]}', 'test acc'])
+            + [f'images/s, batch {batch_sizes[-1]}']
+            + ([] if zoo else ['test acc']))
   lines = ['| ' + ' | '.join(header) + ' |',
-           '|' + '---|' * 3 + '---:|' * (len(header) - 3)]
+           '|' + '---|' * (len(first) + 1)
+           + '---:|' * (len(header) - len(first) - 1)]
   for r in rows:
     acc = r['test_accuracy']
     lines.append('| ' + ' | '.join(
-        [r['pair'], r['role'], model_label(r),
+        ([r['pair']] if zoo else [r['pair'], r['role']]) + [model_label(r),
          'x'.join(str(d) for d in r['input_shape']),
          f'{r["num_params"]:,}', f'{r["param_bytes"] / 1e6:.2f}',
          f'{r["checkpoint_bytes"] / 1e6:.2f}',
          _mflops(r["latency"][str(batch_sizes[0])]["gflops_per_image"])]
         + [f'{r["latency"][str(b)]["median_ms"]:.2f}' for b in batch_sizes]
-        + [f'{r["latency"][str(batch_sizes[-1])]["images_per_s"]:,.0f}',
-           '-' if acc is None else f'{100 * acc:.2f}%']) + ' |')
+        + [f'{r["latency"][str(batch_sizes[-1])]["images_per_s"]:,.0f}']
+        + ([] if zoo else ['-' if acc is None else f'{100 * acc:.2f}%']))
+        + ' |')
   return '\n'.join(lines)
 
 
@@ -301,6 +344,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='Train the missing mnist5k runs first.')
   parser.add_argument('--budget_s', type=float, default=10.0,
                       help='Seconds of timed calls per model and batch size.')
+  parser.add_argument('--zoo', default='all',
+                      help='Comma-separated zoo models to measure besides the '
+                      f'pairs (default all: {", ".join(ZOO)}); "" for none.')
   parser.add_argument('--tiny', action='store_true',
                       help='16x16 inputs to conv nets, batches 1 and 2, one '
                       'repeat, no training (seconds; for tests).')
@@ -308,6 +354,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if args.tiny and args.train:
     raise ValueError('--tiny measures only; drop --train (or --tiny to train '
                      'the mnist5k runs).')
+  args.zoo = list(ZOO) if args.zoo == 'all' else [
+      name for name in args.zoo.split(',') if name]
+  unknown = [name for name in args.zoo if name not in ZOO]
+  if unknown:
+    raise ValueError(f'--zoo: unknown {unknown}; choose from {list(ZOO)} or '
+                     '"all".')
   if args.budget_s <= 0:
     raise ValueError(f'--budget_s={args.budget_s} must be > 0.')
   return args
@@ -323,11 +375,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batch_sizes, max_repeats, min_repeats = (1, 2), (1, 1), 1
   else:
     batch_sizes, max_repeats, min_repeats = (1, 256), (50, 10), 3
-  rows = [measure(e, batch_sizes, max_repeats, args.budget_s, min_repeats)
+  measured: dict[str, dict[str, Any]] = {}
+
+  def measure_once(entry: Entry) -> dict[str, Any]:
+    """A model measured once per spec and input, whichever table it is in."""
+    key = json.dumps([entry.model.to_dict(), entry.image_shape,
+                      entry.num_classes], sort_keys=True, default=list)
+    if key not in measured:
+      measured[key] = measure(entry, batch_sizes, max_repeats, args.budget_s,
+                              min_repeats)
+    return dict(measured[key], pair=entry.pair, role=entry.role,
+                **dict(zip(('test_accuracy', 'accuracy_source'),
+                           accuracy(entry))))
+
+  rows = [measure_once(e)
           for e in entries(args.demo_workdir, args.workdir, args.tiny)]
+  zoo_rows = [measure_once(e) for e in zoo_entries(args.zoo, args.tiny)]
   table = markdown_table(rows, batch_sizes)
+  if zoo_rows:
+    table += ('\n\nEvery model of the zoo, by name, at its benchmark input '
+              '(untrained: speed does not depend on the weights):\n\n'
+              + markdown_table(zoo_rows, batch_sizes, zoo=True))
   record = dict(
-      rows=rows, batch_sizes=list(batch_sizes), tiny=args.tiny,
+      rows=rows, zoo_rows=zoo_rows, batch_sizes=list(batch_sizes),
+      tiny=args.tiny,
       jax_version=jax.__version__, backend=jax.default_backend(),
       devices=[str(d) for d in jax.devices()], cpu_count=os.cpu_count(),
       load_average_before=list(load_before),
