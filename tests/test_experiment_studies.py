@@ -208,3 +208,29 @@ def test_logit_methods_scale_the_authors_schedules_to_the_study():
   assert ctkd['distill.ctkd_strength_epochs'] == pytest.approx(
       study.method_overrides('ctkd', 240)['distill.ctkd_strength_epochs']
       / 10)
+
+
+def test_deit_study_plans_scratch_soft_and_hard_students_per_seed(tmp_path):
+  study = _load('deit_mnist5k')
+  args = study.parse_args([f'--workdir={tmp_path}', '--seeds=1,2'])
+  runs = study.plan_runs(args)
+  assert [r['method'] for r in runs] == ['teacher'] * 2 + [
+      'scratch', 'soft', 'hard'] * 2
+  teachers = {r['seed']: r['workdir'] for r in runs[:2]}
+  for run in runs[2:]:
+    config = study.make(run)
+    assert config.seed == run['seed'] and config.num_epochs == 60
+    assert config.model.name == 'vit_mini'
+    assert config.train_split == 'train[:3600]'
+    assert config.eval_splits == ('train[3600:]', 'test')
+    if run['method'] == 'scratch':
+      assert config.distill.teacher_source == 'none'
+      continue
+    # Each distilled student learns from the teacher of its own seed, with
+    # the architecture that configs/mnist5k_teacher.py trains.
+    (teacher,) = config.teachers
+    assert teacher.workdir == teachers[run['seed']]
+    assert teacher.model == study.make(runs[0]).model
+    assert config.model.distill_token == (run['method'] == 'hard')
+    assert config.distill.soft == ('deit_hard' if run['method'] == 'hard'
+                                   else 'kl')

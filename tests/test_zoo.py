@@ -224,10 +224,11 @@ REFERENCE = {
                  IMAGENET),
     'vit_ti16': (ref_vit(192, 12, 768, 16, 224, 3, 1000), 1000, IMAGENET),
     'vit_s16': (ref_vit(384, 12, 1536, 16, 224, 3, 1000), 1000, IMAGENET),
+    'vit_mini': (ref_vit(64, 4, 128, 7, 28, 1, 10), 10, (1, 28, 28, 1)),
     'vit_tiny': (ref_vit(32, 2, 64, 4, 28, 1, 10), 10, (1, 28, 28, 1)),
 }
 # Models whose size is set by their kwargs, with no one reference count.
-CONFIGURABLE = ('mlp', 'cnn', 'wrn')
+CONFIGURABLE = ('mlp', 'cnn', 'wrn', 'vit')
 
 
 def count(name, num_classes, image_shape, **kwargs):

@@ -83,9 +83,10 @@ class Entry:
 
 
 # The zoo: every model by name at the input of the benchmarks that use it
-# (CIFAR-100 32x32 or ImageNet 224x224; vit_tiny at mnist's 28x28):
+# (CIFAR-100 32x32 or ImageNet 224x224; vit_mini and vit_tiny at mnist's
+# 28x28):
 # (num_classes, image shape). `mlp`, `cnn` and the generic `wrn` are sized
-# by their configs and appear in the pairs above.
+# by their configs (the generic `vit` too) and appear in the pairs above.
 CIFAR100, IMAGENET = (100, (32, 32, 3)), (1000, (224, 224, 3))
 ZOO = {
     **{name: CIFAR100 for name in (
@@ -96,6 +97,7 @@ ZOO = {
     **{name: IMAGENET for name in (
         'resnet18', 'resnet34', 'resnet50', 'mobilenetv1', 'vit_ti16',
         'vit_s16')},
+    'vit_mini': (10, (28, 28, 1)),
     'vit_tiny': (10, (28, 28, 1)),
 }
 

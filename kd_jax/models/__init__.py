@@ -63,8 +63,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'shufflenetv1': shufflenet.shufflenetv1,
     'shufflenetv2': shufflenet.shufflenetv2,
     'mobilenetv1': mobilenet.mobilenetv1,
+    'vit': vit.ViT,
     'vit_ti16': vit.vit_ti16,
     'vit_s16': vit.vit_s16,
+    'vit_mini': vit.vit_mini,
     'vit_tiny': vit.vit_tiny,
 }
 
