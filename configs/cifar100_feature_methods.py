@@ -6,8 +6,9 @@ epochs, batch 64, SGD momentum 0.9, lr 0.05 decayed x0.1 at epochs 150, 180,
 210, weight decay 5e-4, random crop + flip; CE weight 1 (`-r 1`), KD weight 0
 (`-a 0`) except crd_kd), with the features their `train_student.py` reads
 (`feat[k]` of `model(x, is_feat=True)`, here by name:
-kd_jax/models/features.py) and the top-1 Table 1 of the CRD paper reports
-for this pair (teacher 79.42, student 72.50, KD 73.33):
+kd_jax/models/features.py) and the top-1 that RepDistiller's README table
+(the CRD paper's Table 1) reports for this pair (teacher 79.42, student
+72.50, KD 73.33; CRD+KD from the paper's table):
 
 | method | term (config.distill.features) | weight | published top-1 |
 |---|---|---|---|

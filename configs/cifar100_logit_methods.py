@@ -16,8 +16,11 @@ for this pair:
 | ctkd | 0.1 CE + 0.9 KL at a learned global T in (1, 21), reversal strength 0 -> 1 over 10 epochs (Li et al. 2023) | 73.39 |
 
 Sources: mdistiller's configs/cifar100/dkd/res32x4_res8x4.yaml (DKD); DIST's
-CIFAR-100 setting (tau=4, beta=gamma=2, CE weight 1) as the paper states it;
-the logit-standardization README (`--logit-stand --base-temp 2
+official CIFAR-100 setting, hunto/image_classification_sota
+configs/strategies/distill/dist_cifar.yaml (`kd: dist_t4`, DIST with
+beta = gamma = 1 at tau = 4, `kd_loss_weight: 2`, `ori_loss_weight: 1`:
+here beta = gamma = 2, CE weight 1) and the DIST_KD README's CIFAR-100
+table (76.31 +- 0.19); the logit-standardization README (`--logit-stand --base-temp 2
 --kd-weight 9`, which for DKD multiplies alpha and beta by 9) and its table
 for the KD+LS, DKD+LS and CTKD figures; CTKD's scripts/run_cifar_distill.sh
 (-r 0.1 -a 0.9, t_start 1, t_end 20, cosine decay 0 -> -1 over 10 loops).
