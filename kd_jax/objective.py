@@ -939,6 +939,13 @@ def check_feature_shapes(config: ml_collections.ConfigDict, num_classes: int,
   terms = feature_terms(config.distill)
   if not terms:
     return None
+  if config.distill.teacher_source != 'online' or len(config.teachers) != 1:
+    raise ValueError(
+        'config.distill.features needs the teacher\'s features, which only '
+        'one online teacher computes (teacher_source='
+        f'{config.distill.teacher_source!r}, {len(config.teachers)} '
+        'teachers): set distill.teacher_source="online" with one entry in '
+        'config.teachers, or drop distill.features.')
   batch_shape = (2, *image_shape)
   teacher_spec = config.teachers[0].model
   shapes = dict(

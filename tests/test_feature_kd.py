@@ -133,6 +133,19 @@ def test_feature_name_the_model_lacks_is_refused_with_the_valid_names():
     objective.check_feature_shapes(config, 10, IMAGE_SHAPE)
 
 
+@pytest.mark.parametrize('source, num_teachers', [('online', 2),
+                                                   ('cache', 1)])
+def test_features_without_one_online_teacher_are_refused(source,
+                                                         num_teachers):
+  config = distill_config('unused', [dict(
+      method='pkt', student='embedding', teacher='embedding', weight=1.0)])
+  config.distill.teacher_source = source
+  config.teachers = config.teachers * num_teachers
+  with pytest.raises(ValueError, match=f'teacher_source={source!r}, '
+                     f'{num_teachers} teachers.*one entry in config.teachers'):
+    objective.check_feature_shapes(config, 10, IMAGE_SHAPE)
+
+
 def test_shapes_no_connector_maps_are_refused():
   # A [B, 16] embedding cannot be regressed onto a [B, 4, 4, 8] map.
   config = distill_config('unused', [dict(
