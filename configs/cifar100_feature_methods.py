@@ -67,18 +67,7 @@ def _base():
   c.role = 'distill'
   c.method = 'crd'
   c.teacher_workdir = 'workdirs/cifar100_resnet32x4'
-  c.dataset = 'cifar100'
-  c.augment = 'cifar'
-  c.batch_size = 64
-  c.eval_batch_size = 1000
-  c.optimizer = 'sgd'
-  c.learning_rate = 0.05
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.schedule = 'step'
-  c.step_boundaries = (150 / 240, 180 / 240, 210 / 240)
-  c.num_epochs = 240
-  c.checkpoint_every_steps = 2000
+  config_lib.cifar100_recipe(c)
   return c
 
 

@@ -26,23 +26,7 @@ def get_config(arg=None):
   c = config_lib.default_config()
   c.role = 'distill'
   c.teacher_workdir = 'workdirs/imagenet_resnet34'
-  c.dataset = 'imagenet2012'
-  c.eval_splits = ('validation',)
-  c.image_size = (224, 224)
-  c.channels = 3
-  c.augment = 'imagenet'
-  c.cache = False
-  c.batch_size = 256
-  c.eval_batch_size = 1000
-  c.optimizer = 'sgd'
-  c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.weight_decay = 1e-4
-  c.schedule = 'step'
-  c.step_boundaries = (0.3, 0.6, 0.9)
-  c.num_epochs = 100
-  c.dtype = 'bfloat16'
-  c.checkpoint_every_steps = 5000
+  config_lib.imagenet_recipe(c, batch_size=256, learning_rate=0.1)
   c.distill.temperature = 1.0
   c.distill.alpha = 0.5
   config_lib.parse_arg(c, arg, runlocal=_runlocal)
@@ -50,6 +34,4 @@ def get_config(arg=None):
 
 
 def _runlocal(c):
-  config_lib.shrink_for_runlocal(c)
-  c.image_size = (32, 32)
-  c.dtype = 'float32'
+  config_lib.shrink_imagenet_for_runlocal(c)
