@@ -139,23 +139,41 @@ def test_alpha_zero_cell_is_the_scratch_student_and_fills_its_row(hinton):
   _, hinton_workdir, _ = hinton
   workdir = os.path.join(hinton_workdir, 'sweep')
   module = _load('alpha_temperature_sweep')
-  # Two runs (scratch, alpha = 0) as two parallel subprocesses.
+  # Two runs (scratch, alpha = 0) as two parallel subprocesses, reading the
+  # Hinton study's seed-0 teacher.
   record = module.main([
       '--tiny', f'--workdir={workdir}', '--alphas=0', '--temperatures=2,4',
-      '--parallel=2',
-      '--teacher_workdir=' + os.path.join(hinton_workdir, 'teacher_s0')])
+      '--parallel=2', '--seeds=0', f'--teachers_dir={hinton_workdir}'])
   assert sorted(os.listdir(workdir)) == [
-      'alpha0', 'heatmap.png', 'results.json', 'results.md', 'scratch']
-  accuracy = np.asarray(record['accuracy'])
-  assert accuracy.shape == (1, 2) and accuracy[0, 0] == accuracy[0, 1]
-  # alpha = 0 drops the soft term: same init, data and steps as scratch.
-  assert accuracy[0, 0] == pytest.approx(record['scratch'], abs=0.01)
-  with open(os.path.join(workdir, 'alpha0', 'config.json')) as f:
-    assert json.load(f)['distill']['alpha'] == 0.0
+      'alpha0_s0', 'heatmap.png', 'results.json', 'results.md', 'scratch_s0']
+  for split in ('validation', 'test'):
+    row = record['errors'][split][0]
+    assert len(row) == 2 and row[0] == row[1]
+    # alpha = 0 drops the soft term: same init, data and steps as scratch.
+    assert row[0]['mean'] == record['references']['scratch'][split]['mean']
+  assert record['chosen'] == dict(alpha=0.0, temperature=2.0)
+  with open(os.path.join(workdir, 'alpha0_s0', 'config.json')) as f:
+    config = json.load(f)
+  assert config['distill']['alpha'] == 0.0
+  assert config['teachers'][0]['workdir'] == os.path.join(hinton_workdir,
+                                                          'teacher_s0')
   with open(os.path.join(workdir, 'results.md')) as f:
     table = f.read()
   assert '| 0 (T unused) |' in table and '| alpha \\ T | 2 | 4 |' in table
+  assert 'Chosen on validation: alpha = 0, T = 2' in table
   assert os.path.getsize(os.path.join(workdir, 'heatmap.png')) > 0
+
+
+def test_sweep_chooses_the_cell_with_the_fewest_validation_errors():
+  module = _load('alpha_temperature_sweep')
+  args = module.parse_args(['--alphas=0,0.5', '--temperatures=2,4'])
+  grids = {'validation': [[dict(mean=9.0), dict(mean=9.0)],
+                          [dict(mean=7.0), dict(mean=8.0)]],
+           'test': [[dict(mean=1.0), dict(mean=1.0)],
+                    [dict(mean=30.0), dict(mean=2.0)]]}
+  # Test errors never choose: the cell with the fewest validation errors
+  # wins even where its test errors are the worst.
+  assert module.best_cell(args, grids) == (1, 0)
 
 
 def _finished(run, val_errors):

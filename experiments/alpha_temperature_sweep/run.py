@@ -1,20 +1,25 @@
-r"""Test accuracy of the distilled mnist5k student over alpha x temperature.
+r"""Validation and test errors of the distilled mnist5k student over alpha x T.
 
   python experiments/alpha_temperature_sweep/run.py \
-      --workdir=workdirs/alpha_temperature_sweep
+      --workdir=workdirs/alpha_temperature_sweep --parallel=2
 
-Distils the 2x800 student from the 2x1200 teacher (configs/mnist5k_distill.py)
-at every alpha of --alphas (the weight of the soft term; 1 - alpha weights the
-hard labels) and every temperature T of --temperatures. alpha = 0 ignores T,
-so it runs once. References: the same student from scratch
-(configs/mnist5k_student.py) and the teacher (configs/mnist5k_teacher.py,
-trained in <workdir>/teacher unless --teacher_workdir names a finished run).
-Runs go --parallel at a time, each in its own subprocess (default 1: in this
-process, one after another); a run whose workdir holds a summary.json is
-read, not rerun, and an unfinished one resumes. Writes results.json,
-results.md (markdown table of test accuracy) and heatmap.png to --out_dir
-(default: this folder; with --tiny, --workdir). `--tiny` shrinks every run to
-a few steps (for tests).
+For each seed of --seeds, distils the 2x800 student from the 2x1200 teacher
+of that seed (configs/mnist5k_distill.py: train on `train[:3600]`, validate
+on `train[3600:]`, test reported beside) at every alpha of --alphas (the
+weight of the soft term; 1 - alpha weights the hard labels) and every
+temperature T of --temperatures. alpha = 0 ignores T, so it runs once per
+seed. References: the same student from scratch (configs/mnist5k_student.py)
+and the teacher (configs/mnist5k_teacher.py, the recipe chosen on validation,
+in <teachers_dir>/teacher_s<seed>: trained there unless finished, so the
+Hinton study's teachers can be shared). The best cell is the one with the
+fewest mean validation errors; its test errors are reported, never used to
+choose. Runs go --parallel at a time, each in its own subprocess (default 1:
+in this process, one after another); a run whose workdir holds a
+summary.json is read, not rerun, and an unfinished one resumes. Writes
+results.json, results.md (markdown tables of validation and test errors,
+mean +- std over seeds) and heatmap.png to --out_dir (default: this folder;
+with --tiny, --workdir). `--tiny` shrinks every run to a few steps (for
+tests).
 """
 
 from __future__ import annotations
@@ -44,12 +49,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--out_dir', default=None,
                       help='Where results.{json,md} and heatmap.png go '
                       '(default: this folder; with --tiny, --workdir).')
-  parser.add_argument('--teacher_workdir', default=None,
-                      help='A finished mnist5k_teacher run (default: '
-                      '<workdir>/teacher, trained there if unfinished).')
+  parser.add_argument('--teachers_dir', default=None,
+                      help='Where the teachers are, teacher_s<seed> '
+                      '(default: --workdir; trained there if unfinished).')
   parser.add_argument('--alphas', default='0,0.25,0.5,0.75,1')
   parser.add_argument('--temperatures', default='1,2,4,8,16')
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--num_epochs', type=float, default=None,
                       help='Overrides the 60 epochs of the student runs '
                       '(the teacher keeps its config).')
@@ -70,36 +75,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if any(not 0 <= a <= 1 for a in args.alphas):
     raise ValueError(f'--alphas={args.alphas}: alpha weights the soft term '
                      'and must lie in [0, 1].')
+  args.seeds = [int(x) for x in args.seeds.split(',') if x]
+  if not args.seeds:
+    raise ValueError('--seeds is empty; e.g. --seeds=0,1,2.')
   if args.parallel < 1:
     raise ValueError(f'--parallel={args.parallel} must be >= 1.')
   if args.out_dir is None:
     args.out_dir = args.workdir if args.tiny else HERE
-  if args.teacher_workdir is None:
-    args.teacher_workdir = os.path.join(args.workdir, 'teacher')
+  if args.teachers_dir is None:
+    args.teachers_dir = args.workdir
   return args
 
 
-def plan_runs(args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
-  """(teacher run, scratch run, distilled runs): config name, arg, workdir."""
-  common = (['tiny'] if args.tiny else []) + [f'seed={args.seed}']
+def plan_runs(args: argparse.Namespace
+              ) -> tuple[list[dict], list[dict], list[dict]]:
+  """(teachers, scratch runs, distilled runs), one of each per seed:
+  name, seed, config name, arg, workdir."""
+  teachers, scratch, distilled = [], [], []
   epochs = [f'num_epochs={args.num_epochs:g}'] if args.num_epochs else []
-  teacher = dict(name='teacher', config_name='mnist5k_teacher',
-                 arg=','.join(common), workdir=args.teacher_workdir)
-  scratch = dict(name='scratch', config_name='mnist5k_student',
-                 arg=','.join(common + epochs),
-                 workdir=os.path.join(args.workdir, 'scratch'))
-  distilled = []
-  for alpha in args.alphas:
-    for t in ([1.0] if alpha == 0 else args.temperatures):
-      name = 'alpha0' if alpha == 0 else f'alpha{alpha:g}_T{t:g}'
-      distilled.append(dict(
-          name=name, alpha=alpha, temperature=None if alpha == 0 else t,
-          config_name='mnist5k_distill',
-          arg=','.join(common + epochs + [
-              f'teacher_workdir={args.teacher_workdir}',
-              f'distill.alpha={alpha}', f'distill.temperature={t}']),
-          workdir=os.path.join(args.workdir, name)))
-  return teacher, scratch, distilled
+  for seed in args.seeds:
+    common = (['tiny'] if args.tiny else []) + [f'seed={seed}']
+    teacher_workdir = os.path.join(args.teachers_dir, f'teacher_s{seed}')
+    teachers.append(dict(name=f'teacher_s{seed}', seed=seed,
+                         config_name='mnist5k_teacher', arg=','.join(common),
+                         workdir=teacher_workdir))
+    scratch.append(dict(name=f'scratch_s{seed}', seed=seed,
+                        config_name='mnist5k_student',
+                        arg=','.join(common + epochs),
+                        workdir=os.path.join(args.workdir,
+                                             f'scratch_s{seed}')))
+    for alpha in args.alphas:
+      for t in ([1.0] if alpha == 0 else args.temperatures):
+        cell = 'alpha0' if alpha == 0 else f'alpha{alpha:g}_T{t:g}'
+        distilled.append(dict(
+            name=f'{cell}_s{seed}', cell=cell, seed=seed, alpha=alpha,
+            temperature=None if alpha == 0 else t,
+            config_name='mnist5k_distill',
+            arg=','.join(common + epochs + [
+                f'teacher_workdir={teacher_workdir}',
+                f'distill.alpha={alpha}', f'distill.temperature={t}']),
+            workdir=os.path.join(args.workdir, f'{cell}_s{seed}')))
+  return teachers, scratch, distilled
 
 
 def summary_path(run: dict[str, Any]) -> str:
@@ -127,11 +143,10 @@ def run_all(runs: list[dict[str, Any]], parallel: int) -> None:
   def finished(run, seconds):
     nonlocal done
     done += 1
-    with open(summary_path(run)) as f:
-      accuracy = json.load(f)['eval']['test']['accuracy']
-    print(f'[{done}/{len(runs)}] {run["name"]}: {seconds:.0f} s, test '
-          f'accuracy {100 * accuracy:.1f}% ({time.perf_counter() - start:.0f}'
-          ' s elapsed)', flush=True)
+    print(f'[{done}/{len(runs)}] {run["name"]}: {seconds:.0f} s, '
+          + ', '.join(f'{split} errors {errors:g}' for split, errors in zip(
+              ('validation', 'test'), split_errors(run)))
+          + f' ({time.perf_counter() - start:.0f} s elapsed)', flush=True)
 
   if parallel == 1:
     for run in pending:
@@ -171,75 +186,101 @@ def run_all(runs: list[dict[str, Any]], parallel: int) -> None:
       finished(run, time.perf_counter() - t0)
 
 
-def test_accuracy(run: dict[str, Any]) -> float:
-  """Final test accuracy of a finished run."""
+def split_errors(run: dict[str, Any]) -> tuple[float, float]:
+  """(validation, test) errors of a finished run: its first and last eval
+  splits."""
   with open(summary_path(run)) as f:
-    return float(json.load(f)['eval']['test']['accuracy'])
+    results = json.load(f)['eval']
+  splits = list(results)
+  return (float(results[splits[0]]['errors']),
+          float(results[splits[-1]]['errors']))
 
 
-def accuracy_grid(args, distilled) -> np.ndarray:
-  """[alpha, T] test accuracy; the alpha = 0 run fills its whole row."""
-  by_name = {r['name']: test_accuracy(r) for r in distilled}
-  grid = np.zeros((len(args.alphas), len(args.temperatures)))
-  for i, alpha in enumerate(args.alphas):
-    for j, t in enumerate(args.temperatures):
-      grid[i, j] = by_name['alpha0' if alpha == 0 else f'alpha{alpha:g}_T{t:g}']
-  return grid
+def _stats(values) -> dict[str, Any]:
+  v = np.asarray(list(values), float)
+  return dict(values=v.tolist(), mean=float(v.mean()),
+              std=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
 
 
-def markdown(args, grid, scratch, teacher, seconds) -> str:
-  """The accuracy grid as a markdown table, with the references."""
-  lines = ['Test accuracy (%) of the 2x800 student on the 1,000 mnist5k test '
-           'digits; rows: alpha (weight of the soft term), columns: '
-           f'temperature T; seed {args.seed}, '
-           f'{args.num_epochs or 60:g} epochs per student.', '',
-           '| alpha \\ T | ' + ' | '.join(f'{t:g}' for t in args.temperatures)
-           + ' |', '|---' * (len(args.temperatures) + 1) + '|']
-  for i, alpha in enumerate(args.alphas):
-    note = ' (T unused)' if alpha == 0 else ''
-    lines.append(f'| {alpha:g}{note} | ' + ' | '.join(
-        f'{100 * a:.1f}' for a in grid[i]) + ' |')
-  best = np.unravel_index(np.argmax(grid), grid.shape)
-  lines += ['', f'References: student from scratch {100 * scratch:.1f}%, '
-            f'teacher {100 * teacher:.1f}%. Best cell: alpha = '
-            f'{args.alphas[best[0]]:g}, T = {args.temperatures[best[1]]:g} '
-            f'({100 * grid[best]:.1f}%).', '',
-            f'Wall time of this invocation {seconds / 60:.1f} min '
+def _fmt(s: dict[str, Any]) -> str:
+  return f'{s["mean"]:.1f} +- {s["std"]:.1f}'
+
+
+def error_grids(args, distilled) -> dict[str, list[list[dict[str, Any]]]]:
+  """{'validation', 'test'}: [alpha][T] stats over seeds of each cell's
+  errors; the alpha = 0 cell fills its whole row."""
+  by_cell: dict[str, list[tuple[float, float]]] = {}
+  for run in distilled:
+    by_cell.setdefault(run['cell'], []).append(split_errors(run))
+  grids = {}
+  for k, split in enumerate(('validation', 'test')):
+    grids[split] = [[_stats(e[k] for e in by_cell[
+        'alpha0' if alpha == 0 else f'alpha{alpha:g}_T{t:g}'])
+                     for t in args.temperatures] for alpha in args.alphas]
+  return grids
+
+
+def best_cell(args, grids) -> tuple[int, int]:
+  """(alpha index, T index) of the fewest mean validation errors."""
+  means = np.asarray([[c['mean'] for c in row] for row in grids['validation']])
+  return tuple(int(i) for i in np.unravel_index(np.argmin(means),
+                                                means.shape))
+
+
+def markdown(args, grids, references, seconds) -> str:
+  """Validation and test errors over the grid, with the references."""
+  (i, j) = best_cell(args, grids)
+  lines = [f'Errors of the 2x800 student (mean +- std over seeds {args.seeds}'
+           f', {args.num_epochs or 60:g} epochs per student); rows: alpha '
+           '(weight of the soft term), columns: temperature T.']
+  for split, size in (('validation', '400 held-out train digits'),
+                      ('test', '1,000 test digits')):
+    lines += ['', f'{split.capitalize()} errors ({size}):', '',
+              '| alpha \\ T | ' + ' | '.join(f'{t:g}'
+                                             for t in args.temperatures)
+              + ' |', '|---' * (len(args.temperatures) + 1) + '|']
+    for a, alpha in enumerate(args.alphas):
+      note = ' (T unused)' if alpha == 0 else ''
+      lines.append(f'| {alpha:g}{note} | ' + ' | '.join(
+          _fmt(c) for c in grids[split][a]) + ' |')
+  lines += ['', 'References, validation / test errors: student from scratch '
+            f'{_fmt(references["scratch"]["validation"])} / '
+            f'{_fmt(references["scratch"]["test"])}; teacher '
+            f'{_fmt(references["teacher"]["validation"])} / '
+            f'{_fmt(references["teacher"]["test"])}.', '',
+            f'Chosen on validation: alpha = {args.alphas[i]:g}, T = '
+            f'{args.temperatures[j]:g} ({_fmt(grids["validation"][i][j])} '
+            f'validation errors; {_fmt(grids["test"][i][j])} test errors).',
+            '', f'Wall time of this invocation {seconds / 60:.1f} min '
             f'(--parallel={args.parallel}).']
   return '\n'.join(lines)
 
 
-def plot(path: str, args, grid, scratch, teacher) -> None:
-  """Heatmap of the grid, and accuracy against T with reference lines."""
-  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
-  image = left.imshow(100 * grid, cmap='viridis', aspect='auto',
-                      origin='lower')
-  left.set_xticks(range(len(args.temperatures)),
+def plot(path: str, args, grids, references) -> None:
+  """Heatmaps of mean validation and test errors over alpha x T."""
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+  best = best_cell(args, grids)
+  for ax, split in zip(axes, ('validation', 'test')):
+    means = np.asarray([[c['mean'] for c in row] for row in grids[split]])
+    image = ax.imshow(means, cmap='viridis_r', aspect='auto', origin='lower')
+    ax.set_xticks(range(len(args.temperatures)),
                   [f'{t:g}' for t in args.temperatures])
-  left.set_yticks(range(len(args.alphas)),
+    ax.set_yticks(range(len(args.alphas)),
                   [f'{a:g}' + (' (T unused)' if a == 0 else '')
                    for a in args.alphas])
-  for i in range(grid.shape[0]):
-    for j in range(grid.shape[1]):
-      left.text(j, i, f'{100 * grid[i, j]:.1f}', ha='center', va='center',
-                color='w' if grid[i, j] < grid.mean() else 'k', fontsize=9)
-  left.set_xlabel('temperature T (dimensionless)')
-  left.set_ylabel('alpha (weight of the soft term)')
-  left.set_title(f'test accuracy (%); scratch {100 * scratch:.1f}, teacher '
-                 f'{100 * teacher:.1f}', fontsize=10)
-  fig.colorbar(image, ax=left, label='test accuracy (%)')
-  for i, alpha in enumerate(args.alphas):
-    right.plot(args.temperatures, 100 * grid[i], marker='o',
-               ls=':' if alpha == 0 else '-', label=f'alpha = {alpha:g}')
-  right.axhline(100 * scratch, color='tab:gray', ls='--',
-                label='student from scratch')
-  right.axhline(100 * teacher, color='k', ls='-.', label='teacher')
-  right.set_xscale('log', base=2)
-  right.set_xticks(args.temperatures, [f'{t:g}' for t in args.temperatures])
-  right.set_xlabel('temperature T (dimensionless, log scale)')
-  right.set_ylabel('test accuracy (%)')
-  right.set_title('per alpha, with the reference runs', fontsize=10)
-  right.legend(fontsize=8)
+    for a in range(means.shape[0]):
+      for t in range(means.shape[1]):
+        mark = '*' if (a, t) == best else ''
+        ax.text(t, a, f'{means[a, t]:.1f}{mark}', ha='center', va='center',
+                color='w' if means[a, t] > means.mean() else 'k', fontsize=9)
+    ax.set_xlabel('temperature T')
+    ax.set_ylabel('alpha (weight of the soft term)')
+    ref = references['scratch'][split]['mean']
+    teacher = references['teacher'][split]['mean']
+    ax.set_title(f'{split} errors, mean of {len(args.seeds)} seeds (* chosen '
+                 f'on validation)\nscratch {ref:.1f}, teacher {teacher:.1f}',
+                 fontsize=10)
+    fig.colorbar(image, ax=ax, label=f'{split} errors')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -251,22 +292,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     train_run(json.loads(args.run_one))
     return None
   start = time.perf_counter()
-  teacher, scratch, distilled = plan_runs(args)
-  run_all([teacher], 1)  # Every distilled run reads it.
-  run_all([scratch] + distilled, args.parallel)
+  teachers, scratch, distilled = plan_runs(args)
+  run_all(teachers, 1)  # Every distilled run reads its seed's teacher.
+  run_all(scratch + distilled, args.parallel)
   seconds = time.perf_counter() - start
-  grid = accuracy_grid(args, distilled)
-  scratch_accuracy, teacher_accuracy = (test_accuracy(scratch),
-                                        test_accuracy(teacher))
+  grids = error_grids(args, distilled)
+  references = {
+      name: dict(zip(('validation', 'test'), (
+          _stats(e[k] for e in map(split_errors, runs)) for k in (0, 1))))
+      for name, runs in (('scratch', scratch), ('teacher', teachers))}
   os.makedirs(args.out_dir, exist_ok=True)
-  table = markdown(args, grid, scratch_accuracy, teacher_accuracy, seconds)
+  table = markdown(args, grids, references, seconds)
   with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
     f.write(table + '\n')
-  plot(os.path.join(args.out_dir, 'heatmap.png'), args, grid,
-       scratch_accuracy, teacher_accuracy)
-  record = dict(args=vars(args), seconds=seconds, accuracy=grid.tolist(),
-                scratch=scratch_accuracy, teacher=teacher_accuracy,
-                runs=[teacher, scratch] + distilled)
+  plot(os.path.join(args.out_dir, 'heatmap.png'), args, grids, references)
+  i, j = best_cell(args, grids)
+  record = dict(args=vars(args), seconds=seconds, errors=grids,
+                references=references,
+                chosen=dict(alpha=args.alphas[i],
+                            temperature=args.temperatures[j]),
+                runs=teachers + scratch + distilled)
   with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
     json.dump(record, f, indent=2)
   print('\n' + table)
