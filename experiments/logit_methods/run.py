@@ -284,7 +284,10 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
   lines = [
       '# Logit distillation methods on mnist5k and digits', '',
       f'Command: `{command}`', '',
-      f'Wall time: {wall_seconds / 60:.1f} min; seeds {args.seeds}; errors '
+      f'Wall time of this invocation: {wall_seconds / 60:.1f} min '
+      f'({results["trained_now"]} of {results["num_runs"]} runs trained by '
+      f'it, the others read); training time of all runs, summed: '
+      f'{results["train_seconds"] / 60:.1f} min. Seeds {args.seeds}; errors '
       f'are mean +- std over seeds (validation chooses, test reported).', '',
       '| dataset | student | method | val errors | test errors | teacher '
       'test errors |', '|---|---|---|---|---|---|']
@@ -346,8 +349,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if run['method'] == 'teacher':
       teacher_configs[run['workdir']] = study.make_config(
           run['config_name'], run['arg'], run['overrides'])
-  study.run_all(runs, lambda run: make(run, teacher_configs))
+  trained, _ = study.run_all(runs, lambda run: make(run, teacher_configs))
   results = summarise(runs, args)
+  every = {r['workdir']: r for r in candidates + runs}.values()
+  results.update(
+      trained_now=trained, num_runs=len(every),
+      train_seconds=sum(r['summary'].get('train_seconds', 0.0)
+                        for r in every))
   results['teacher_recipes'] = [
       dict(dataset=r['dataset'], recipe=r['recipe'],
            overrides=TEACHER_RECIPES[r['dataset']][r['recipe']],
