@@ -25,7 +25,8 @@ split and writes `OUT/<split>/`:
 * `manifest.json`: teacher fingerprint, dataset, split, transfer filters,
   class names, form (dense / topk, top_k, temperature), preprocessing (image
   size, channels, augment, num_views, view_seed) and dtype, which
-  `teachers.load_cache` checks against the run.
+  `teachers.load_cache` checks against the run (`kd_jax.teachers.cache`
+  owns the format).
 
 --views=V (train split only) runs the teachers on V augmented views of each
 example: view v of example `id` is config.augment (mnist_jitter or cifar)
@@ -56,7 +57,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -72,9 +72,15 @@ import numpy as np
 from kd_jax import input_pipeline
 from kd_jax import losses
 from kd_jax import teachers
+from kd_jax.teachers import cache
 
 DTYPES = ('float32', 'float16')
 PROBABILITY_TOLERANCE = 1e-3
+
+# The cache's writers, also reached as export_logits.<name>.
+_manifest = cache.make_manifest
+sparsify = cache.sparsify
+write_split = cache.write_split
 
 
 def _check_dtype(dtype: str) -> None:
@@ -105,135 +111,6 @@ def _dataset_info(config) -> input_pipeline.DatasetInfo:
 def _default_splits(config) -> list[str]:
   return [config.train_split] + [s for s in config.eval_splits
                                  if s != config.train_split]
-
-
-def _manifest(config, info, split: str, *, fingerprint: str, teacher: str,
-              num_examples: int, dtype: str, views: int = 1,
-              view_seed: int = 0, top_k: int | None = None,
-              temperature: float | None = None) -> dict[str, Any]:
-  transfer = (config.transfer.to_dict() if split == config.train_split
-              else None)
-  if transfer is not None:
-    transfer = {k: list(v) if isinstance(v, tuple) else v
-                for k, v in transfer.items()}
-  preprocessing = dict(image_size=list(info.image_shape[:2]),
-                       channels=int(info.image_shape[2]),
-                       augment=config.augment if views > 1 else 'none',
-                       num_views=int(views))
-  if views > 1:
-    preprocessing['view_seed'] = int(view_seed)
-  manifest = dict(
-      teacher=teacher, teacher_fingerprint=fingerprint, dataset=info.name,
-      split=split, transfer=transfer, num_examples=int(num_examples),
-      num_classes=int(info.num_classes), class_names=list(info.class_names),
-      preprocessing=preprocessing, dtype=dtype,
-      form='dense' if top_k is None else 'topk')
-  if top_k is not None:
-    manifest.update(top_k=int(top_k), temperature=float(temperature))
-  return manifest
-
-
-def sparsify(logits: np.ndarray, top_k: int, temperature: float
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(top-k logits, their class indices, mass of the other classes at T).
-
-  Classes come in decreasing order of logit; ties keep the lower index.
-  """
-  logits = np.asarray(logits, np.float64)
-  indices = np.argsort(-logits, axis=-1, kind='stable')[..., :top_k]
-  top = np.take_along_axis(logits, indices, axis=-1)
-  scaled = logits / temperature
-  scaled = scaled - scaled.max(-1, keepdims=True)
-  in_top = np.zeros(logits.shape, bool)
-  np.put_along_axis(in_top, indices, True, axis=-1)
-  # The mass outside the top k summed directly: 1 - sum(top) loses it to
-  # rounding when it is tiny.
-  unnormalised = np.exp(scaled)
-  rest = (np.where(in_top, 0.0, unnormalised).sum(-1)
-          / unnormalised.sum(-1))
-  index_dtype = np.int16 if logits.shape[-1] <= np.iinfo(np.int16).max else (
-      np.int32)
-  return top, indices.astype(index_dtype), rest.astype(np.float32)
-
-
-def _write_csv(path: str, header: Sequence[str], rows) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows(rows)
-
-
-def _text(v) -> str:
-  # repr of the widened value parses back to exactly the stored number.
-  return repr(float(v))
-
-
-def write_split(directory: str, *, ids: np.ndarray, labels: np.ndarray,
-                class_names: Sequence[str], manifest: dict[str, Any],
-                logits: np.ndarray | None = None,
-                topk: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-                ) -> int:
-  """Writes one split of a cache: npy files, a CSV and the manifest.
-
-  Args:
-    directory: `<cache root>/<split>`.
-    ids, labels: [N] example ids (bytes) and labels.
-    class_names: the dataset's, for the CSV header.
-    manifest: what `_manifest` makes; its dtype stores the logits.
-    logits: dense [N, C], or [N, V, C] for V views; or
-    topk: (top-k logits, class indices, rest mass) from `sparsify`.
-
-  Returns:
-    The bytes of the teacher's arrays on disk (npy payloads).
-  """
-  ids = np.asarray([bytes(i) for i in ids], dtype=np.bytes_)
-  for name, values in ({'logits': logits} if topk is None else
-                       {'topk_logits': topk[0], 'rest_mass': topk[2]}).items():
-    teachers.check_finite(values, ids, f'{name} for {directory}')
-  os.makedirs(directory, exist_ok=True)
-  labels = np.asarray(labels, np.int32)
-  dtype = manifest['dtype']
-  if topk is None:
-    arrays = {'logits': np.asarray(logits, dtype=dtype)}
-  else:
-    top, indices, rest = topk
-    arrays = {'topk_logits': np.asarray(top, dtype=dtype),
-              'topk_indices': indices,
-              'rest_mass': np.asarray(rest, np.float32)}
-  for name, array in {**arrays, 'ids': ids, 'labels': labels}.items():
-    np.save(os.path.join(directory, f'{name}.npy'), array)
-  views = manifest['preprocessing']['num_views']
-  view_columns = ['view'] if views > 1 else []
-
-  def per_view(array):
-    return array if views > 1 else array[:, None]
-
-  def view_rows(make_row):
-    for n, (example_id, label) in enumerate(zip(ids, labels)):
-      for v in range(views):
-        yield [example_id.decode(), *([v] if views > 1 else []), int(label),
-               *make_row(n, v)]
-
-  if topk is None:
-    values = per_view(arrays['logits'])
-    _write_csv(os.path.join(directory, 'logits.csv'),
-               ['id', *view_columns, 'label', *class_names],
-               view_rows(lambda n, v: map(_text, values[n, v])))
-  else:
-    top, indices, rest = (per_view(arrays[k])
-                          for k in teachers.FORM_ARRAYS['topk'])
-    k = top.shape[-1]
-    _write_csv(
-        os.path.join(directory, 'topk.csv'),
-        ['id', *view_columns, 'label',
-         *(f'top{i + 1}_class' for i in range(k)),
-         *(f'top{i + 1}_logit' for i in range(k)), 'rest_mass'],
-        view_rows(lambda n, v: [*map(int, indices[n, v]),
-                                *map(_text, top[n, v]), _text(rest[n, v])]))
-  with open(os.path.join(directory, teachers.MANIFEST), 'w') as f:
-    json.dump(manifest, f, indent=2)
-  return sum(a.nbytes for a in arrays.values())
-
 
 
 def export(config: ml_collections.ConfigDict, out_dir: str,
@@ -274,11 +151,11 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
         'with mean_probs or mean_log_probs, or distil online.')
   if views < 1:
     raise ValueError(f'views={views}; use 1 (un-augmented) or more.')
-  if views > 1 and config.augment not in teachers.VIEW_AUGMENTATIONS:
+  if views > 1 and config.augment not in cache.VIEW_AUGMENTATIONS:
     raise ValueError(
         f'views={views} needs an augmentation to draw them from, but '
         f'config.augment={config.augment!r}; set config.augment to one of '
-        f'{sorted(teachers.VIEW_AUGMENTATIONS)} (e.g. :augment=mnist_jitter).')
+        f'{sorted(cache.VIEW_AUGMENTATIONS)} (e.g. :augment=mnist_jitter).')
   info = _dataset_info(config)
   if top_k is not None and not 1 <= top_k <= info.num_classes:
     raise ValueError(f'top_k={top_k}; use 1 <= top_k <= {info.num_classes} '
@@ -289,7 +166,7 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
                                  info.image_shape)
   method = config.distill.ensemble_method
   weights = jnp.asarray(teacher.weights)
-  fill = teachers.view_fill(info.name, info.image_shape[2])
+  fill = cache.view_fill(info.name, info.image_shape[2])
 
   @jax.jit
   def forward(variables, images):
@@ -309,7 +186,7 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
         out = np.asarray(forward(teacher.variables, batch['image']))
       else:
         out = np.stack([np.asarray(forward(
-            teacher.variables, teachers.augment_views(
+            teacher.variables, cache.augment_views(
                 batch['image'], batch['id'], np.full(len(mask), v),
                 kind=config.augment, view_seed=view_seed, fill=fill)))
                         for v in range(split_views)], axis=1)
@@ -317,17 +194,18 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
       labels.append(batch['label'][mask])
       logits.append(out[mask])
     logits = np.concatenate(logits)
-    manifest = _manifest(
+    manifest = cache.make_manifest(
         config, info, split, fingerprint=teacher.fingerprint,
         teacher=','.join(os.path.abspath(t.workdir) for t in config.teachers),
         num_examples=len(ids), dtype=dtype, views=split_views,
         view_seed=view_seed, top_k=top_k, temperature=temperature)
-    nbytes = write_split(
+    nbytes = cache.write_split(
         os.path.join(out_dir, split), ids=np.asarray(ids, object),
         labels=np.concatenate(labels), class_names=info.class_names,
         manifest=manifest,
         logits=logits if top_k is None else None,
-        topk=None if top_k is None else sparsify(logits, top_k, temperature))
+        topk=None if top_k is None else cache.sparsify(logits, top_k,
+                                                       temperature))
     manifests[split] = dict(manifest, nbytes=nbytes,
                             dense_nbytes=logits.size * np.dtype(dtype).itemsize)
   return manifests
@@ -427,7 +305,7 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
     ids, values = _read_npy_table(table, ids_path, info.num_classes)
   else:
     ids, values = _read_csv_table(table, info.class_names)
-  teachers.check_finite(values, ids, table)
+  cache.check_finite(values, ids, table)
   keys = [bytes(i) for i in ids]
   if len(set(keys)) != len(keys):
     raise ValueError(f'{table}: ids must be unique; '
@@ -451,13 +329,14 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
     if not rows:
       continue
     placed.update(keys[r] for r in rows)
-    manifest = _manifest(config, info, split, fingerprint=fingerprint,
-                         teacher=f'blackbox:{os.path.abspath(table)}',
-                         num_examples=len(rows), dtype=dtype)
+    manifest = cache.make_manifest(
+        config, info, split, fingerprint=fingerprint,
+        teacher=f'blackbox:{os.path.abspath(table)}', num_examples=len(rows),
+        dtype=dtype)
     manifest['transfer'] = None  # The table, not a filter, picks the rows.
-    write_split(os.path.join(out_dir, split), ids=ids[rows], labels=labels,
-                logits=logits[rows], class_names=info.class_names,
-                manifest=manifest)
+    cache.write_split(os.path.join(out_dir, split), ids=ids[rows],
+                      labels=labels, logits=logits[rows],
+                      class_names=info.class_names, manifest=manifest)
     manifests[split] = manifest
   if len(placed) != len(keys):
     stray = [k.decode(errors='replace') for k in keys if k not in placed]

@@ -578,7 +578,10 @@ def _image_shape(config, source) -> tuple[int, int, int]:
   return (size[0], size[1], channels)
 
 
-def _normalization(name: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def normalization(name: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) [channels] float32 that images of dataset `name` are
+  normalised with: `NORMALIZATION[name]`, channel-averaged and repeated when
+  `channels` converts RGB <-> grayscale."""
   mean, std = (np.array(v, np.float32) for v in NORMALIZATION[name])
   if len(mean) != channels:  # RGB <-> grayscale conversion.
     mean, std = (np.full([channels], v.mean(), np.float32) for v in (mean, std))
@@ -1003,7 +1006,7 @@ def _plan(config, topology: _Topology, extra_split: str | None = None) -> _Plan:
   _check_config(config)
   source = _make_source(config, extra_split)
   shape = _image_shape(config, source)
-  mean, std = _normalization(source.name, shape[2])
+  mean, std = normalization(source.name, shape[2])
   head = None
   if config.specialist.index >= 0:
     head = specialist_groups.specialist_head(config, source.class_names)

@@ -49,7 +49,7 @@ with epy.lazy_imports():
 
 State = dict[str, Any]
 
-TEACHER_SOURCES = ('none', 'online', 'ensemble', 'cache', 'specialists')
+TEACHER_SOURCES = tuple(teachers.SOURCES)
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'step')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -497,15 +497,8 @@ def _collapse(step: int, accuracy: float, best: float, collapsed: bool,
 
 
 def _build_teacher(config, info, dtype) -> teachers.Teacher | None:
-  source = config.distill.teacher_source
-  if source == 'none':
-    return None
-  if source in ('online', 'ensemble'):
-    return teachers.load_online(config.teachers, info.num_classes,
-                                info.image_shape, dtype=dtype)
-  if source == 'specialists':
-    return teachers.load_specialists(config, info, dtype=dtype)
-  return teachers.load_cache(config, info)
+  """The run's teacher, from the loader `teachers.SOURCES` names."""
+  return teachers.build(config, info, dtype)
 
 
 def _teacher_summary(config, teacher: teachers.Teacher | None

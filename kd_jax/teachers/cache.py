@@ -1,151 +1,33 @@
-"""Where teacher logits come from.
+"""The logits cache: its format, its writer and its reader.
 
-Every source becomes a `Teacher`: a pytree of arrays (`variables`) and a pure
-`forward(variables, batch) -> logits [K, B, C]` (K teachers) that runs inside
-the compiled train step. Online teachers are restored from the checkpoint of a
-supervised run; an ensemble of teachers with the same architecture is one
-stacked pytree run with `jax.vmap`; a logits cache puts the logits into the
-batch on the host, so its `forward` only reads them.
+`kd_jax.export_logits` writes a cache and `load_cache` turns it into a
+`Teacher`; this module alone knows the files. <cache_dir>/<split>/ holds
+ids.npy [N] bytes, labels.npy [N] int32, manifest.json (`make_manifest`), a
+CSV of the same numbers and, by manifest['form']:
+
+* dense: logits.npy [N, C], or [N, V, C] for V augmented views;
+* topk: topk_logits.npy and topk_indices.npy [N, (V,) k] and rest_mass.npy
+  [N, (V,)], the teacher's mass outside its top k at manifest['temperature']
+  (`sparsify`; see losses.topk_kl_divergence).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import csv
 import hashlib
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from kd_jax import checkpointing
 from kd_jax import input_pipeline
-from kd_jax import models
-from kd_jax import rundir
-from kd_jax import specialist_groups
-from kd_jax import specialists
-from kd_jax.models import features as model_features
-
-
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-  variables: Any
-  forward: Callable[[Any, dict[str, jax.Array]], jax.Array]
-  names: tuple[str, ...]
-  weights: tuple[float, ...]
-  fingerprint: str
-  # Host-side (batch, step=None) -> batch with 'teacher_logits' added (logits
-  # caches); train batches pass their step (it picks multi-view views).
-  host_lookup: Callable[..., dict[str, Any]] | None = None
-  # (variables, batch) -> (logits [K, B, C], {name: [K, B, ...]}): the same
-  # forward pass with the teachers' named features (online teachers of one
-  # architecture), for feature distillation.
-  forward_features: Callable[[Any, dict[str, jax.Array]], Any] | None = None
-
-
-def _check_compatible(index: int, teacher_cfg, run_info: dict[str, Any],
-                      num_classes: int, image_shape: tuple[int, ...]) -> None:
-  where = f'config.teachers[{index}] (workdir {teacher_cfg.workdir!r})'
-  if run_info['num_classes'] != num_classes:
-    raise ValueError(
-        f'{where} was trained with {run_info["num_classes"]} classes but the '
-        f'student dataset has {num_classes}: distil between runs on the same '
-        f'classes, or set the student dataset to match.')
-  if tuple(run_info['image_shape']) != tuple(image_shape):
-    raise ValueError(
-        f'{where} expects images of shape {tuple(run_info["image_shape"])} '
-        f'but the student input pipeline gives {tuple(image_shape)}: set '
-        f'config.image_size/config.channels to match the teacher.')
-  trained_spec = run_info['model']
-  if rundir.spec_dict(teacher_cfg.model) != trained_spec:
-    raise ValueError(
-        f'{where}.model is {rundir.spec_dict(teacher_cfg.model)} but that workdir '
-        f'trained {trained_spec}: make config.teachers[{index}].model match '
-        f'the trained run.')
-
-
-def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
-                dtype=jnp.float32) -> Teacher:
-  """Restores frozen teachers from their runs' latest checkpoints."""
-  if not teacher_cfgs:
-    raise ValueError(
-        'config.distill.teacher_source is online/ensemble but config.teachers '
-        'is empty: add teacher_config(model, workdir) entries.')
-  loaded, specs, fingerprints = [], [], []
-  for i, t in enumerate(teacher_cfgs):
-    run_info = rundir.read_run_info(t.workdir, f'config.teachers[{i}].workdir')
-    _check_compatible(i, t, run_info, num_classes, image_shape)
-    model = models.get_model(t.model, num_classes, dtype=dtype)
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0),
-                           jnp.zeros((1, *image_shape), jnp.float32)))
-    abstract = {'params': abstract['params'],
-                'batch_stats': abstract.get('batch_stats', {})}
-    try:
-      variables, step = checkpointing.restore_model(t.workdir, abstract)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(
-          f'config.teachers[{i}]: {e}. Train the teacher first: '
-          f'{rundir.teacher_train_command(t.workdir)}') from None
-    if step != run_info.get('final_step', step):
-      raise ValueError(
-          f'config.teachers[{i}] (workdir {t.workdir!r}) has not finished '
-          f'training: latest checkpoint step {step}, final step '
-          f'{run_info["final_step"]}. Let it finish, or resume it.')
-    loaded.append((model, variables))
-    specs.append(json.dumps(rundir.spec_dict(t.model), sort_keys=True))
-    fingerprints.append(f'{os.path.abspath(t.workdir)}@{step}')
-
-  names = tuple(f'teacher{i}' for i in range(len(loaded)))
-  weights = tuple(float(t.get('weight', 1.0)) for t in teacher_cfgs)
-  fingerprint = hashlib.sha256('|'.join(fingerprints).encode()).hexdigest()[:16]
-
-  def apply(model, variables, images):
-    logits = model.apply(variables, images, train=False)
-    return jax.lax.stop_gradient(logits.astype(jnp.float32))
-
-  if len(set(specs)) == 1:
-    # Same architecture: one stacked pytree, one vmapped forward pass.
-    model = loaded[0][0]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[v for _, v in loaded])
-
-    def forward(variables, batch):
-      return jax.vmap(apply, in_axes=(None, 0, None))(
-          model, variables, batch['image'])
-
-    def forward_features(variables, batch):
-      def one(v):
-        logits, features = model_features.apply_with_features(
-            model, v, batch['image'], train=False)
-        return jax.lax.stop_gradient((logits.astype(jnp.float32), features))
-      return jax.vmap(one)(variables)
-    return Teacher(stacked, forward, names, weights, fingerprint,
-                   forward_features=forward_features)
-
-  mixed_models = [m for m, _ in loaded]
-
-  def forward_mixed(variables, batch):
-    return jnp.stack([apply(m, v, batch['image'])
-                      for m, v in zip(mixed_models, variables)])
-  return Teacher([v for _, v in loaded], forward_mixed, names, weights,
-                 fingerprint)
-
-
-# ---------------------------------------------------------------------------
-# Logits caches, written by `kd_jax.export_logits`: <cache_dir>/<split>/ holds
-# ids.npy [N] bytes, labels.npy [N], manifest.json and, by manifest['form']:
-#   dense: logits.npy [N, C], or [N, V, C] for V augmented views;
-#   topk:  topk_logits.npy and topk_indices.npy [N, (V,) k] and rest_mass.npy
-#          [N, (V,)], the teacher's mass outside its top k at
-#          manifest['temperature'] (see losses.topk_kl_divergence).
-# ---------------------------------------------------------------------------
+from kd_jax.teachers.base import Teacher
 
 MANIFEST = 'manifest.json'
 FORM_ARRAYS = {'dense': ('logits',),
                'topk': ('topk_logits', 'topk_indices', 'rest_mass')}
-CACHE_FILES = ('ids.npy', 'labels.npy', MANIFEST)
 # Augmentations a multi-view cache reproduces per example from explicit keys:
 # (largest shift in pixels, random horizontal flip), as config.augment.
 VIEW_AUGMENTATIONS = {'mnist_jitter': (2, False), 'cifar': (4, True)}
@@ -166,8 +48,7 @@ def _example_key(view_seed: int, tag: str, example_id) -> int:
 
 def view_fill(dataset: str, channels: int) -> np.ndarray:
   """The normalised value of a black pixel, which shifted views pad with."""
-  mean, std = input_pipeline._normalization(  # pylint: disable=protected-access
-      dataset, channels)
+  mean, std = input_pipeline.normalization(dataset, channels)
   return -mean / std
 
 
@@ -206,6 +87,153 @@ def choose_views(ids, step: int, num_views: int, view_seed: int
   and resuming at any step gives the same choice."""
   return np.asarray([_example_key(view_seed, f'step{step}', i) % num_views
                      for i in ids], np.int64)
+
+
+def make_manifest(config, info, split: str, *, fingerprint: str,
+                  teacher: str, num_examples: int, dtype: str, views: int = 1,
+                  view_seed: int = 0, top_k: int | None = None,
+                  temperature: float | None = None) -> dict[str, Any]:
+  """The manifest.json of one split, which `load_cache` checks against a run.
+
+  Args:
+    config: the exporting run's config (its transfer filters, for the train
+      split, and augment, for views).
+    info: its `input_pipeline.DatasetInfo`.
+    split: the split written.
+    fingerprint: identifies the teacher (`Teacher.fingerprint`, or a hash of
+      a black-box table).
+    teacher: where the logits came from (workdirs, or the table's path).
+    num_examples: rows in the split.
+    dtype: storage of the logits ('float32' or 'float16').
+    views: augmented views per example (1: un-augmented).
+    view_seed: the seed of the views' keys (`augment_views`).
+    top_k: k of a top-k cache; None for a dense one.
+    temperature: where a top-k cache's rest mass is computed.
+
+  Returns:
+    The manifest as a JSON-ready dict.
+  """
+  transfer = (config.transfer.to_dict() if split == config.train_split
+              else None)
+  if transfer is not None:
+    transfer = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in transfer.items()}
+  preprocessing = dict(image_size=list(info.image_shape[:2]),
+                       channels=int(info.image_shape[2]),
+                       augment=config.augment if views > 1 else 'none',
+                       num_views=int(views))
+  if views > 1:
+    preprocessing['view_seed'] = int(view_seed)
+  manifest = dict(
+      teacher=teacher, teacher_fingerprint=fingerprint, dataset=info.name,
+      split=split, transfer=transfer, num_examples=int(num_examples),
+      num_classes=int(info.num_classes), class_names=list(info.class_names),
+      preprocessing=preprocessing, dtype=dtype,
+      form='dense' if top_k is None else 'topk')
+  if top_k is not None:
+    manifest.update(top_k=int(top_k), temperature=float(temperature))
+  return manifest
+
+
+def sparsify(logits: np.ndarray, top_k: int, temperature: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(top-k logits, their class indices, mass of the other classes at T).
+
+  Classes come in decreasing order of logit; ties keep the lower index.
+  """
+  logits = np.asarray(logits, np.float64)
+  indices = np.argsort(-logits, axis=-1, kind='stable')[..., :top_k]
+  top = np.take_along_axis(logits, indices, axis=-1)
+  scaled = logits / temperature
+  scaled = scaled - scaled.max(-1, keepdims=True)
+  in_top = np.zeros(logits.shape, bool)
+  np.put_along_axis(in_top, indices, True, axis=-1)
+  # The mass outside the top k summed directly: 1 - sum(top) loses it to
+  # rounding when it is tiny.
+  unnormalised = np.exp(scaled)
+  rest = (np.where(in_top, 0.0, unnormalised).sum(-1)
+          / unnormalised.sum(-1))
+  index_dtype = np.int16 if logits.shape[-1] <= np.iinfo(np.int16).max else (
+      np.int32)
+  return top, indices.astype(index_dtype), rest.astype(np.float32)
+
+
+def _write_csv(path: str, header: Sequence[str], rows) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def _text(v) -> str:
+  # repr of the widened value parses back to exactly the stored number.
+  return repr(float(v))
+
+
+def write_split(directory: str, *, ids: np.ndarray, labels: np.ndarray,
+                class_names: Sequence[str], manifest: dict[str, Any],
+                logits: np.ndarray | None = None,
+                topk: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                ) -> int:
+  """Writes one split of a cache: npy files, a CSV and the manifest.
+
+  Args:
+    directory: `<cache root>/<split>`.
+    ids, labels: [N] example ids (bytes) and labels.
+    class_names: the dataset's, for the CSV header.
+    manifest: what `make_manifest` makes; its dtype stores the logits.
+    logits: dense [N, C], or [N, V, C] for V views; or
+    topk: (top-k logits, class indices, rest mass) from `sparsify`.
+
+  Returns:
+    The bytes of the teacher's arrays on disk (npy payloads).
+  """
+  ids = np.asarray([bytes(i) for i in ids], dtype=np.bytes_)
+  for name, values in ({'logits': logits} if topk is None else
+                       {'topk_logits': topk[0], 'rest_mass': topk[2]}).items():
+    check_finite(values, ids, f'{name} for {directory}')
+  os.makedirs(directory, exist_ok=True)
+  labels = np.asarray(labels, np.int32)
+  dtype = manifest['dtype']
+  if topk is None:
+    arrays = {'logits': np.asarray(logits, dtype=dtype)}
+  else:
+    top, indices, rest = topk
+    arrays = {'topk_logits': np.asarray(top, dtype=dtype),
+              'topk_indices': indices,
+              'rest_mass': np.asarray(rest, np.float32)}
+  for name, array in {**arrays, 'ids': ids, 'labels': labels}.items():
+    np.save(os.path.join(directory, f'{name}.npy'), array)
+  views = manifest['preprocessing']['num_views']
+  view_columns = ['view'] if views > 1 else []
+
+  def per_view(array):
+    return array if views > 1 else array[:, None]
+
+  def view_rows(make_row):
+    for n, (example_id, label) in enumerate(zip(ids, labels)):
+      for v in range(views):
+        yield [example_id.decode(), *([v] if views > 1 else []), int(label),
+               *make_row(n, v)]
+
+  if topk is None:
+    values = per_view(arrays['logits'])
+    _write_csv(os.path.join(directory, 'logits.csv'),
+               ['id', *view_columns, 'label', *class_names],
+               view_rows(lambda n, v: map(_text, values[n, v])))
+  else:
+    top, indices, rest = (per_view(arrays[k]) for k in FORM_ARRAYS['topk'])
+    k = top.shape[-1]
+    _write_csv(
+        os.path.join(directory, 'topk.csv'),
+        ['id', *view_columns, 'label',
+         *(f'top{i + 1}_class' for i in range(k)),
+         *(f'top{i + 1}_logit' for i in range(k)), 'rest_mass'],
+        view_rows(lambda n, v: [*map(int, indices[n, v]),
+                                *map(_text, top[n, v]), _text(rest[n, v])]))
+  with open(os.path.join(directory, MANIFEST), 'w') as f:
+    json.dump(manifest, f, indent=2)
+  return sum(a.nbytes for a in arrays.values())
 
 
 def _load_npy(path: str) -> np.ndarray:
@@ -592,215 +620,3 @@ def load_cache(config, info) -> Teacher:
   return Teacher(variables=None, forward=forward, names=('cache',),
                  weights=(1.0,), fingerprint=fingerprint,
                  host_lookup=host_lookup)
-
-
-# ---------------------------------------------------------------------------
-# Specialist ensembles (Hinton et al. 2015, sec. 5): a generalist and
-# specialists trained by `config.specialist.index` runs, combined by
-# `specialists.combine` inside the compiled step.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialistEnsemble:
-  """A generalist, its specialists and their groups, as arrays and functions.
-
-  Attributes:
-    variables: {'generalist': its variables (stacked, as `load_online`),
-      'specialists': the specialists' variables (one stacked pytree when they
-      share an architecture, else a list), 'oversampling_factor': [S]}.
-    heads: `(variables, batch) -> (generalist_logits [B, C],
-      specialist_logits [S, B, G + 1])`, pure and jittable; the specialists'
-      heads are padded to G + 1 columns (dustbin last) and their dustbin
-      logits already corrected by `log(oversampling_factor)`.
-    groups: the S groups of class indices.
-    membership: bool [S, C].
-    top_n: the generalist's top classes that pick the active specialists.
-    num_steps: SQUAREM steps of `specialists.combine`.
-    fingerprint: identifies the generalist and specialists.
-  """
-  variables: Any
-  heads: Callable[[Any, dict[str, jax.Array]],
-                  tuple[jax.Array, jax.Array]]
-  groups: specialists.Groups
-  membership: np.ndarray
-  top_n: int
-  num_steps: int
-  fingerprint: str
-
-  def combine(self, variables, batch) -> dict[str, jax.Array]:
-    """log q [B, C] of the combination, and what it was combined from."""
-    generalist_logits, specialist_logits = self.heads(variables, batch)
-    active = specialists.active_specialists(generalist_logits,
-                                            self.membership, self.top_n)
-    log_q = specialists.combine(generalist_logits, specialist_logits,
-                                self.groups, active,
-                                num_steps=self.num_steps)
-    return dict(log_q=log_q, generalist_logits=generalist_logits,
-                specialist_logits=specialist_logits, active=active)
-
-
-def _pad_head(variables, padded_model, image_shape):
-  """A specialist's variables with its head widened to the padded width.
-
-  Columns are inserted (zeros) before the last one, the dustbin, on every
-  leaf whose last axis differs between the two models: the head.
-  """
-  def shapes(m):
-    return jax.eval_shape(lambda: m.init(
-        jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32)))
-
-  padded = shapes(padded_model)
-  padded = {'params': padded['params'],
-            'batch_stats': padded.get('batch_stats', {})}
-
-  def pad(leaf, target):
-    if leaf.shape == target.shape:
-      return leaf
-    width = target.shape[-1] - leaf.shape[-1]
-    zeros = jnp.zeros((*leaf.shape[:-1], width), leaf.dtype)
-    return jnp.concatenate([leaf[..., :-1], zeros, leaf[..., -1:]], axis=-1)
-
-  return jax.tree.map(pad, variables, padded)
-
-
-def _load_specialist(index: int, teacher_cfg, group, info, head_size: int,
-                     dtype):
-  """(padded model, padded variables, run_info) of specialist `index`."""
-  where = f'config.teachers[{index + 1}] (workdir {teacher_cfg.workdir!r})'
-  run_info = rundir.read_run_info(teacher_cfg.workdir,
-                                  f'config.teachers[{index + 1}].workdir')
-  recorded = run_info.get('specialist')
-  if recorded is None:
-    raise ValueError(
-        f'{where} is not a specialist\'s run (its run_info.json has no '
-        '"specialist"): train it with config.specialist.index='
-        f'{index}, or fix the workdir.')
-  names = [str(info.class_names[c]) for c in group]
-  if (recorded['group'] != list(group)
-      or recorded['dataset_class_names'] != list(info.class_names)):
-    raise ValueError(
-        f'{where} trained specialist {recorded["index"]} for classes '
-        f'{recorded["group_names"]}, but group {index} of config.specialist '
-        f'is {names}: list the specialists\' workdirs in group order in '
-        'config.teachers[1:], or retrain this one with the current groups '
-        '(the groups file changed since it was trained).')
-  _check_compatible(index + 1, teacher_cfg, run_info, len(group) + 1,
-                    info.image_shape)
-  model = models.get_model(teacher_cfg.model, len(group) + 1, dtype=dtype)
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, *info.image_shape), jnp.float32)))
-  abstract = {'params': abstract['params'],
-              'batch_stats': abstract.get('batch_stats', {})}
-  try:
-    variables, step = checkpointing.restore_model(teacher_cfg.workdir,
-                                                  abstract)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(
-        f'{where}: {e}. Train the specialist first: python -m kd_jax.main '
-        f'--config=<specialists config>.py:role=specialist,specialist.index='
-        f'{index} --workdir={teacher_cfg.workdir}') from None
-  if step != run_info.get('final_step', step):
-    raise ValueError(f'{where} has not finished training: latest checkpoint '
-                     f'step {step}, final step {run_info["final_step"]}.')
-  padded_model = models.get_model(teacher_cfg.model, head_size, dtype=dtype)
-  variables = _pad_head(variables, padded_model, info.image_shape)
-  return padded_model, variables, run_info, step
-
-
-def load_specialist_ensemble(config, info, dtype=jnp.float32
-                             ) -> SpecialistEnsemble:
-  """The generalist `config.teachers[0]` and specialists `config.teachers[1:]`.
-
-  The groups are `config.specialist`'s (`specialist_groups.config_groups`);
-  specialist s must have been trained for group s (its run_info records the
-  group), and a groups file must have been clustered from this generalist.
-  """
-  groups = specialist_groups.config_groups(config, info.class_names)
-  teacher_cfgs = list(config.teachers)
-  if len(teacher_cfgs) != len(groups) + 1:
-    raise ValueError(
-        f'config.teachers has {len(teacher_cfgs)} entries but '
-        f'teacher_source="specialists" with {len(groups)} groups needs '
-        f'{len(groups) + 1}: the generalist, then one specialist per group in '
-        'group order.')
-  top_n = int(config.specialist.top_n)
-  if not 1 <= top_n <= info.num_classes:
-    raise ValueError(f'config.specialist.top_n={top_n} must be in [1, '
-                     f'{info.num_classes}].')
-  generalist = load_online(teacher_cfgs[:1], info.num_classes,
-                           info.image_shape, dtype=dtype)
-  generalist_print = specialist_groups.params_fingerprint(generalist.variables)
-  if config.specialist.groups_file:
-    recorded = specialist_groups.read_groups_file(
-        config.specialist.groups_file).get('generalist_fingerprint')
-    if recorded not in (None, generalist_print):
-      raise ValueError(
-          f'config.specialist.groups_file={config.specialist.groups_file!r} '
-          'was clustered from another generalist than config.teachers[0] '
-          f'(workdir {teacher_cfgs[0].workdir!r}): cluster again from this '
-          'generalist, or point config.teachers[0] at the one it used.')
-
-  head_size = max(len(g) for g in groups) + 1
-  loaded = [_load_specialist(s, t, groups[s], info, head_size, dtype)
-            for s, t in enumerate(teacher_cfgs[1:])]
-  factors = np.asarray([run_info['specialist']['oversampling_factor']
-                        for _, _, run_info, _ in loaded], np.float32)
-  specs = {json.dumps(rundir.spec_dict(t.model), sort_keys=True)
-           for t in teacher_cfgs[1:]}
-
-  def apply(model, variables, images):
-    return model.apply(variables, images, train=False).astype(jnp.float32)
-
-  if len(specs) == 1:  # One architecture: a stacked pytree, vmapped.
-    model = loaded[0][0]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
-                           *[v for _, v, _, _ in loaded])
-
-    def specialist_forward(variables, images):
-      return jax.vmap(apply, in_axes=(None, 0, None))(model, variables,
-                                                      images)
-  else:
-    mixed = [m for m, _, _, _ in loaded]
-    stacked = [v for _, v, _, _ in loaded]
-
-    def specialist_forward(variables, images):
-      return jnp.stack([apply(m, v, images) for m, v in zip(mixed, variables)])
-
-  def heads(variables, batch):
-    generalist_logits = generalist.forward(variables['generalist'], batch)[0]
-    specialist_logits = specialists.correct_dustbin(
-        specialist_forward(variables['specialists'], batch['image']),
-        variables['oversampling_factor'][:, None])
-    return (jax.lax.stop_gradient(generalist_logits),
-            jax.lax.stop_gradient(specialist_logits))
-
-  variables = dict(generalist=generalist.variables, specialists=stacked,
-                   oversampling_factor=jnp.asarray(factors))
-  prints = [generalist.fingerprint, json.dumps([list(g) for g in groups])]
-  prints += [f'{os.path.abspath(t.workdir)}@{step}'
-             for t, (_, _, _, step) in zip(teacher_cfgs[1:], loaded)]
-  fingerprint = hashlib.sha256('|'.join(prints).encode()).hexdigest()[:16]
-  return SpecialistEnsemble(
-      variables=variables, heads=heads, groups=groups,
-      membership=specialists.group_matrix(groups, info.num_classes),
-      top_n=top_n, num_steps=int(config.specialist.num_steps),
-      fingerprint=fingerprint)
-
-
-def load_specialists(config, info, dtype=jnp.float32) -> Teacher:
-  """The combination of a generalist and its specialists, as one teacher.
-
-  Its forward runs the generalist and every specialist, corrects the
-  dustbins, activates the specialists whose group meets the generalist's
-  top `config.specialist.top_n` classes and returns the combination's
-  log-probabilities (`specialists.combine`) as logits [1, B, C].
-  """
-  ensemble = load_specialist_ensemble(config, info, dtype=dtype)
-
-  def forward(variables, batch):
-    return ensemble.combine(variables, batch)['log_q'][None]
-
-  return Teacher(variables=ensemble.variables, forward=forward,
-                 names=('specialists',), weights=(1.0,),
-                 fingerprint=ensemble.fingerprint)

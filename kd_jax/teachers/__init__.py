@@ -1,0 +1,114 @@
+"""Where teacher logits come from.
+
+Every source becomes a `Teacher`: a pytree of arrays (`variables`) and a pure
+`forward(variables, batch) -> logits [K, B, C]` (K teachers) that runs inside
+the compiled train step. `SOURCES` maps `config.distill.teacher_source` to its
+loader, and `build` calls it:
+
+* 'online', 'ensemble' (`online`): teachers restored from the checkpoints of
+  supervised runs; an ensemble of one architecture is one stacked pytree run
+  with `jax.vmap`.
+* 'cache' (`cache`): a logits cache written by `kd_jax.export_logits` puts the
+  logits into the batch on the host, so its `forward` only reads them.
+* 'specialists' (`specialist_ensemble`): a generalist and its specialists
+  (Hinton et al. 2015, sec. 5), combined inside the step.
+* 'none': no teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from kd_jax.teachers import cache
+from kd_jax.teachers import online
+from kd_jax.teachers import specialist_ensemble
+from kd_jax.teachers.base import Teacher
+from kd_jax.teachers.cache import _split_ids
+from kd_jax.teachers.cache import augment_views
+from kd_jax.teachers.cache import check_finite
+from kd_jax.teachers.cache import choose_views
+from kd_jax.teachers.cache import dense_from_topk
+from kd_jax.teachers.cache import FORM_ARRAYS
+from kd_jax.teachers.cache import load_cache
+from kd_jax.teachers.cache import MANIFEST
+from kd_jax.teachers.cache import pipeline_config
+from kd_jax.teachers.cache import read_cache_arrays
+from kd_jax.teachers.cache import read_cache_labels
+from kd_jax.teachers.cache import read_cache_split
+from kd_jax.teachers.cache import VIEW_AUGMENTATIONS
+from kd_jax.teachers.cache import view_fill
+from kd_jax.teachers.online import load_online
+from kd_jax.teachers.specialist_ensemble import load_specialist_ensemble
+from kd_jax.teachers.specialist_ensemble import load_specialists
+from kd_jax.teachers.specialist_ensemble import SpecialistEnsemble
+
+__all__ = [
+    'FORM_ARRAYS',
+    'MANIFEST',
+    'SOURCES',
+    'SpecialistEnsemble',
+    'Teacher',
+    'VIEW_AUGMENTATIONS',
+    'augment_views',
+    'build',
+    'check_finite',
+    'choose_views',
+    'dense_from_topk',
+    'load_cache',
+    'load_online',
+    'load_specialist_ensemble',
+    'load_specialists',
+    'pipeline_config',
+    'read_cache_arrays',
+    'read_cache_labels',
+    'read_cache_split',
+    'view_fill',
+]
+
+Loader = Callable[[Any, Any, Any], Teacher]
+
+
+def _load_online(config, info, dtype) -> Teacher:
+  return online.load_online(config.teachers, info.num_classes,
+                            info.image_shape, dtype=dtype)
+
+
+def _load_cache(config, info, dtype) -> Teacher:
+  del dtype  # Cached logits are stored values, not computed in the run.
+  return cache.load_cache(config, info)
+
+
+# config.distill.teacher_source -> `(config, info, dtype) -> Teacher`, or None
+# for a run without a teacher.
+SOURCES: dict[str, Loader | None] = {
+    'none': None,
+    'online': _load_online,
+    'ensemble': _load_online,
+    'cache': _load_cache,
+    'specialists': specialist_ensemble.load_specialists,
+}
+
+
+def build(config, info, dtype=jnp.float32) -> Teacher | None:
+  """The teacher `config.distill.teacher_source` names, or None for 'none'.
+
+  Args:
+    config: the run config.
+    info: the run's `input_pipeline.DatasetInfo`.
+    dtype: what restored teachers compute in.
+
+  Returns:
+    The loaded `Teacher`, or None when the run has no teacher.
+
+  Raises:
+    ValueError: a source that `SOURCES` does not name, or what its loader
+      refuses.
+  """
+  source = config.distill.teacher_source
+  if source not in SOURCES:
+    raise ValueError(f'config.distill.teacher_source={source!r}; '
+                     f'choose one of {tuple(SOURCES)}.')
+  loader = SOURCES[source]
+  return None if loader is None else loader(config, info, dtype)

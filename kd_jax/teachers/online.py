@@ -1,0 +1,115 @@
+"""Online teachers: frozen supervised runs restored from their checkpoints.
+
+An ensemble of teachers with the same architecture is one stacked pytree run
+with `jax.vmap`; teachers of different architectures run one after another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax import checkpointing
+from kd_jax import models
+from kd_jax import rundir
+from kd_jax.models import features as model_features
+from kd_jax.teachers.base import Teacher
+
+
+def check_compatible(index: int, teacher_cfg, run_info: dict[str, Any],
+                     num_classes: int, image_shape: tuple[int, ...]) -> None:
+  """Refuses config.teachers[index] if its run cannot teach this student.
+
+  Its `run_info` must record the student's classes and image shape, and the
+  model spec that `teacher_cfg.model` gives.
+  """
+  where = f'config.teachers[{index}] (workdir {teacher_cfg.workdir!r})'
+  if run_info['num_classes'] != num_classes:
+    raise ValueError(
+        f'{where} was trained with {run_info["num_classes"]} classes but the '
+        f'student dataset has {num_classes}: distil between runs on the same '
+        f'classes, or set the student dataset to match.')
+  if tuple(run_info['image_shape']) != tuple(image_shape):
+    raise ValueError(
+        f'{where} expects images of shape {tuple(run_info["image_shape"])} '
+        f'but the student input pipeline gives {tuple(image_shape)}: set '
+        f'config.image_size/config.channels to match the teacher.')
+  trained_spec = run_info['model']
+  if rundir.spec_dict(teacher_cfg.model) != trained_spec:
+    raise ValueError(
+        f'{where}.model is {rundir.spec_dict(teacher_cfg.model)} but that '
+        f'workdir trained {trained_spec}: make config.teachers[{index}].model '
+        f'match the trained run.')
+
+
+def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
+                dtype=jnp.float32) -> Teacher:
+  """Restores frozen teachers from their runs' latest checkpoints."""
+  if not teacher_cfgs:
+    raise ValueError(
+        'config.distill.teacher_source is online/ensemble but config.teachers '
+        'is empty: add teacher_config(model, workdir) entries.')
+  loaded, specs, fingerprints = [], [], []
+  for i, t in enumerate(teacher_cfgs):
+    run_info = rundir.read_run_info(t.workdir, f'config.teachers[{i}].workdir')
+    check_compatible(i, t, run_info, num_classes, image_shape)
+    model = models.get_model(t.model, num_classes, dtype=dtype)
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0),
+                           jnp.zeros((1, *image_shape), jnp.float32)))
+    abstract = {'params': abstract['params'],
+                'batch_stats': abstract.get('batch_stats', {})}
+    try:
+      variables, step = checkpointing.restore_model(t.workdir, abstract)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f'config.teachers[{i}]: {e}. Train the teacher first: '
+          f'{rundir.teacher_train_command(t.workdir)}') from None
+    if step != run_info.get('final_step', step):
+      raise ValueError(
+          f'config.teachers[{i}] (workdir {t.workdir!r}) has not finished '
+          f'training: latest checkpoint step {step}, final step '
+          f'{run_info["final_step"]}. Let it finish, or resume it.')
+    loaded.append((model, variables))
+    specs.append(json.dumps(rundir.spec_dict(t.model), sort_keys=True))
+    fingerprints.append(f'{os.path.abspath(t.workdir)}@{step}')
+
+  names = tuple(f'teacher{i}' for i in range(len(loaded)))
+  weights = tuple(float(t.get('weight', 1.0)) for t in teacher_cfgs)
+  fingerprint = hashlib.sha256('|'.join(fingerprints).encode()).hexdigest()[:16]
+
+  def apply(model, variables, images):
+    logits = model.apply(variables, images, train=False)
+    return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+  if len(set(specs)) == 1:
+    # Same architecture: one stacked pytree, one vmapped forward pass.
+    model = loaded[0][0]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[v for _, v in loaded])
+
+    def forward(variables, batch):
+      return jax.vmap(apply, in_axes=(None, 0, None))(
+          model, variables, batch['image'])
+
+    def forward_features(variables, batch):
+      def one(v):
+        logits, features = model_features.apply_with_features(
+            model, v, batch['image'], train=False)
+        return jax.lax.stop_gradient((logits.astype(jnp.float32), features))
+      return jax.vmap(one)(variables)
+    return Teacher(stacked, forward, names, weights, fingerprint,
+                   forward_features=forward_features)
+
+  mixed_models = [m for m, _ in loaded]
+
+  def forward_mixed(variables, batch):
+    return jnp.stack([apply(m, v, batch['image'])
+                      for m, v in zip(mixed_models, variables)])
+  return Teacher([v for _, v in loaded], forward_mixed, names, weights,
+                 fingerprint)
+
