@@ -162,7 +162,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize('arg, match', [
-    ('model.name="vit"', 'config.model.name'),
+    ('model.name="vgg7"', 'config.model.name'),
     ('optimizer="lamb"', 'config.optimizer'),
     ('distill.alpha=0.5', 'config.distill.alpha'),
     ('batch_size=12', 'batch_size'),
