@@ -61,7 +61,10 @@ def _host_array(leaf) -> np.ndarray:
   if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     leaf = jax.random.key_data(leaf)
   if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-    leaf = leaf.addressable_shards[0].data  # Replicated: any copy will do.
+    if leaf.sharding.is_fully_replicated:
+      leaf = leaf.addressable_shards[0].data  # Any copy will do.
+    else:  # Split over processes (CRD's banks): every process gathers it.
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
   return np.asarray(jax.device_get(leaf))
 
 

@@ -5,8 +5,9 @@ student distilled from teacher logits, whatever their source (an online
 teacher, a stacked ensemble, a logits cache): a `teachers.Teacher` gives the
 logits, `objective.loss` turns them and the labels into the loss.
 Data parallelism: a 1-D `jax.make_mesh` over every device with axis 'data';
-batches are sharded over it, the state and the teachers are replicated, and
-XLA inserts the gradient all-reduce.
+batches are sharded over it, the state and the teachers are replicated (but
+CRD's per-example memory banks, split over 'data' by rows), and XLA inserts
+the gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -203,6 +204,29 @@ def ensemble_prediction(teacher_logits, weights, method: str):
     method = 'mean_probs'
   return jnp.argmax(losses.combine_teachers(
       teacher_logits, method, weights=jnp.asarray(weights)), -1)
+
+
+# Per-example rows of the state (CRD's memory banks and the labels they have
+# seen), split over the 'data' axis so that they scale with the devices.
+ROW_SHARDED_STATE = ('student_memory', 'teacher_memory', 'labels')
+
+
+def state_shardings(abstract_state: State, mesh: jax.sharding.Mesh) -> Any:
+  """The train state's layout on `mesh`: replicated, but for CRD's banks,
+  whose rows (one per train example) are split over 'data' where their count
+  divides evenly (replicated otherwise). XLA partitions the step's gathers
+  and scatters on them; the values are the same either way."""
+  replicated = NamedSharding(mesh, P())
+  rows = NamedSharding(mesh, P('data'))
+  num_shards = mesh.shape['data']
+
+  def layout(path, leaf):
+    keys = [getattr(k, 'key', None) for k in path]
+    if (keys[:1] == ['crd_state'] and keys[-1] in ROW_SHARDED_STATE
+        and leaf.shape and leaf.shape[0] % num_shards == 0):
+      return rows
+    return replicated
+  return jax.tree_util.tree_map_with_path(layout, abstract_state)
 
 
 # Measurements that cost a pass over every parameter: computed on logging
@@ -568,17 +592,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Feature names and shapes are refused here, before anything trains.
   feature_shapes = objective.check_feature_shapes(
       config, info.num_classes, info.image_shape, info.num_train_examples)
-  init_fn = jax.jit(functools.partial(
+  init = functools.partial(
       init_state, model, tx, image_shape=info.image_shape,
       distill=config.distill, num_classes=info.num_classes,
       teacher_feature_shapes=feature_shapes and feature_shapes[1],
-      num_train_examples=info.num_train_examples), out_shardings=replicated)
+      num_train_examples=info.num_train_examples)
   rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(init_fn, rng)
+  abstract = jax.eval_shape(init, rng)
+  state_sharding = state_shardings(abstract, mesh)
+  init_fn = jax.jit(init, out_shardings=state_sharding)
   mngr = checkpointing.manager(workdir, config.keep_checkpoints)
   restored = checkpointing.restore(
-      mngr, jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-          a.shape, a.dtype, sharding=replicated), abstract),
+      mngr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
+          a.shape, a.dtype, sharding=s), abstract, state_sharding),
       workdir, move_broken=is_chief)
   topology = dict(process_count=jax.process_count(),
                   device_count=len(devices))
@@ -591,7 +617,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           info.class_names)
       state = jax.device_put(dict(state, params=params,
                                   batch_stats=batch_stats,
-                                  opt_state=tx.init(params)), replicated)
+                                  opt_state=tx.init(params)),
+                             state_sharding)
   else:
     state = restored[0]
   topology_changes = _resume_checks(workdir, resumed, config, teacher,
@@ -615,7 +642,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                         teacher=teacher, distill=config.distill,
                         steps_per_epoch=steps_per_epoch),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+      out_shardings=(state_sharding, replicated), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(
       eval_step, model=model, teacher=teacher,
       ensemble_method=config.distill.ensemble_method),

@@ -201,19 +201,26 @@ def test_feature_step_on_one_device_equals_eight(teacher_dir):
     mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,))
     replicated = NamedSharding(mesh, P())
-    state = jax.jit(functools.partial(
+    init = functools.partial(
         train.init_state, model, tx, image_shape=IMAGE_SHAPE,
         distill=config.distill, num_classes=10,
-        teacher_feature_shapes=shapes[1], num_train_examples=96),
-                    out_shardings=replicated)(jax.random.key(0))
+        teacher_feature_shapes=shapes[1], num_train_examples=96)
+    # The layout train_and_evaluate uses: CRD's banks split by rows.
+    layout = train.state_shardings(jax.eval_shape(init, jax.random.key(0)),
+                                   mesh)
+    state = jax.jit(init, out_shardings=layout)(jax.random.key(0))
     step = jax.jit(functools.partial(
         train.train_step, model=model, tx=tx, schedule=schedule,
         teacher=teacher, distill=config.distill, steps_per_epoch=6),
-                   out_shardings=(replicated, replicated))
+                   out_shardings=(layout, replicated))
     variables = jax.device_put(teacher.variables, replicated)
     for batch in batches:
       sharded = jax.device_put(batch, NamedSharding(mesh, P('data')))
       state, measurements = step(state, sharded, variables)
+    bank = state['crd_state']['term2']['student_memory']
+    if len(devices) == 8:  # 96 rows of dim 8 over 8 devices: 12 each.
+      assert bank.sharding.spec == P('data')
+      assert {s.data.shape for s in bank.addressable_shards} == {(12, 8)}
     results.append(jax.device_get((state, measurements)))
   (state1, m1), (state8, m8) = results
   assert all(np.isfinite(v) for v in m1.values())
@@ -283,6 +290,28 @@ def test_resumed_crd_run_equals_the_uninterrupted_one(teacher_dir, tmp_path):
   assert int(a['step']) == int(b['step']) == 4
   for key in ('params', 'connector_params', 'crd_state', 'opt_state'):
     jax.tree.map(np.testing.assert_array_equal, a[key], b[key])
+
+
+def test_only_crd_banks_are_split_over_data_and_only_where_rows_divide():
+  config = distill_config('unused', TERMS)
+  shapes = objective.check_feature_shapes(config, 10, IMAGE_SHAPE, 96)
+  model = models.get_model(config.model, 10)
+  tx, _ = train.make_optimizer(config, 4)
+  mesh = jax.make_mesh((8,), ('data',), devices=jax.devices()[:8],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  for rows, split in ((96, True), (90, False)):
+    abstract = jax.eval_shape(functools.partial(
+        train.init_state, model, tx, image_shape=IMAGE_SHAPE,
+        distill=config.distill, num_classes=10,
+        teacher_feature_shapes=shapes[1], num_train_examples=rows),
+                              jax.random.key(0))
+    layout = train.state_shardings(abstract, mesh)
+    crd = layout['crd_state']['term2']
+    for name in ('student_memory', 'teacher_memory', 'labels'):
+      assert crd[name].spec == (P('data') if split else P()), (rows, name)
+    assert crd['normalizers'].spec == P()
+    others = {k: v for k, v in layout.items() if k != 'crd_state'}
+    assert all(s.spec == P() for s in jax.tree.leaves(others))
 
 
 def test_deit_hard_trains_end_to_end(teacher_dir, tmp_path):
