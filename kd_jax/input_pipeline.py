@@ -119,6 +119,11 @@ with epy.lazy_imports(success_callback=_data_libraries_loaded):
 IMAGE_FOLDER = 'image_folder'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 AUGMENTATIONS = ('none', 'mnist_jitter', 'cifar', 'imagenet')
+# The shift-and-flip augmentations: (largest shift in pixels, random
+# horizontal flip). The tf stream draws them per batch; multi-view logits
+# caches (`kd_jax.teachers.cache`) replay them per example in NumPy.
+SHIFT_AUGMENTATIONS = {'mnist_jitter': (2, False),  # Hinton et al. 2015.
+                       'cifar': (4, True)}          # Zero-pad 4, crop, flip.
 
 # Per-channel mean and std of pixel / 255 on each dataset's train split;
 # mnist5k uses MNIST's (its own are 0.1313, 0.3086) and image folders map
@@ -751,10 +756,10 @@ def _augment(images: tf.Tensor, kind: str, seed: tf.Tensor,
   """Batched augmentation `kind` of uint8/float images in [0, 255]."""
   translate_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 2))
-  if kind == 'mnist_jitter':  # Hinton et al. 2015, Sec. 3: up to 2 px.
-    return _random_translate(images, 2, translate_seed)
-  if kind == 'cifar':  # 4-px zero padding, 32x32 random crop, flip.
-    return _random_flip(_random_translate(images, 4, translate_seed), flip_seed)
+  if kind in SHIFT_AUGMENTATIONS:
+    shift, flip = SHIFT_AUGMENTATIONS[kind]
+    images = _random_translate(images, shift, translate_seed)
+    return _random_flip(images, flip_seed) if flip else images
   if kind == 'imagenet':
     if not cropped:
       images = _random_resized_crop(images, translate_seed)

@@ -30,7 +30,7 @@ FORM_ARRAYS = {'dense': ('logits',),
                'topk': ('topk_logits', 'topk_indices', 'rest_mass')}
 # Augmentations a multi-view cache reproduces per example from explicit keys:
 # (largest shift in pixels, random horizontal flip), as config.augment.
-VIEW_AUGMENTATIONS = {'mnist_jitter': (2, False), 'cifar': (4, True)}
+VIEW_AUGMENTATIONS = input_pipeline.SHIFT_AUGMENTATIONS
 
 
 def _export_command(config, split: str) -> str:
