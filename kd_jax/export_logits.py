@@ -77,11 +77,6 @@ from kd_jax.teachers import cache
 DTYPES = ('float32', 'float16')
 PROBABILITY_TOLERANCE = 1e-3
 
-# The cache's writers, also reached as export_logits.<name>.
-_manifest = cache.make_manifest
-sparsify = cache.sparsify
-write_split = cache.write_split
-
 
 def _check_dtype(dtype: str) -> None:
   if dtype not in DTYPES:

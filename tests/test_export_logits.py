@@ -17,6 +17,7 @@ from kd_jax import rundir
 from kd_jax import teachers
 from kd_jax import train
 from kd_jax.config_lib import load_config
+from kd_jax.teachers import cache as logits_cache
 
 
 # One worker builds the module's caches.
@@ -133,7 +134,7 @@ def test_cache_missing_train_ids_is_refused_with_the_count(tmp_path,
   cache = str(tmp_path / 'cache')
   shutil.copytree(cache_dir, cache)
   manifest, ids, logits = teachers.read_cache_split(cache, TRAIN)
-  export_logits.write_split(
+  logits_cache.write_split(
       os.path.join(cache, TRAIN), ids=ids[7:], labels=np.zeros(len(ids) - 7),
       logits=logits[7:], class_names=manifest['class_names'],
       manifest=manifest)

@@ -31,6 +31,7 @@ from kd_jax import models
 from kd_jax import rundir
 from kd_jax import teachers
 from kd_jax import train
+from kd_jax.teachers import cache as logits_cache
 
 ARG = 'runlocal,model.hidden=(8,),keep_checkpoints=3'
 
@@ -285,10 +286,10 @@ def test_nonfinite_error_names_the_last_checkpoint_that_exists(finished):
 
 def _write_cache_split(directory, ids, labels, logits, config, info,
                        split='test'):
-  manifest = export_logits._manifest(config, info, split, fingerprint='f',
+  manifest = logits_cache.make_manifest(config, info, split, fingerprint='f',
                                      teacher='t', num_examples=len(ids),
                                      dtype='float32')
-  export_logits.write_split(directory, ids=np.asarray(ids, object),
+  logits_cache.write_split(directory, ids=np.asarray(ids, object),
                             labels=labels, class_names=info.class_names,
                             manifest=manifest, logits=logits)
 
@@ -304,7 +305,7 @@ def dataset(tmp_path_factory):
   splits = {}
   rng = np.random.default_rng(0)
   for split in export_logits._default_splits(config):
-    ids, labels = teachers._split_ids(config, split)
+    ids, labels = logits_cache._split_ids(config, split)
     splits[split] = (ids, labels)
     _write_cache_split(os.path.join(cache, split), ids, labels,
                        rng.normal(size=(len(ids), 10)).astype(np.float32),

@@ -47,6 +47,7 @@ from kd_jax import input_pipeline
 from kd_jax import models
 from kd_jax import teachers
 from kd_jax import train
+from kd_jax.teachers import cache as logits_cache
 
 
 def _load() -> str:
@@ -97,10 +98,10 @@ def timing(tiny: bool, workdir: str) -> None:
     ids = np.concatenate([b['id'][b['mask']] for b in batches])
     labels = np.concatenate([b['label'][b['mask']] for b in batches])
     logits = rng.normal(size=(len(ids), 10)).astype(np.float32)
-    manifest = export_logits._manifest(  # pylint: disable=protected-access
+    manifest = logits_cache.make_manifest(
         config, info, split, fingerprint='random', teacher='random',
         num_examples=len(ids), dtype='float32')
-    export_logits.write_split(os.path.join(cache_dir, split), ids=ids,
+    logits_cache.write_split(os.path.join(cache_dir, split), ids=ids,
                               labels=labels, logits=logits,
                               class_names=info.class_names, manifest=manifest)
   # Throughput on a larger synthetic split (ids need not exist to write).
@@ -108,11 +109,11 @@ def timing(tiny: bool, workdir: str) -> None:
   ids = np.asarray([f'mnist5k/{i:07d}'.encode() for i in range(num_write)],
                    object)
   logits = rng.normal(size=(num_write, 10)).astype(np.float32)
-  manifest = export_logits._manifest(  # pylint: disable=protected-access
+  manifest = logits_cache.make_manifest(
       config, info, 'big', fingerprint='random', teacher='random',
       num_examples=num_write, dtype='float32')
   start = time.perf_counter()
-  export_logits.write_split(big, ids=ids, labels=np.zeros(num_write),
+  logits_cache.write_split(big, ids=ids, labels=np.zeros(num_write),
                             logits=logits, class_names=info.class_names,
                             manifest=manifest)
   write_s = time.perf_counter() - start

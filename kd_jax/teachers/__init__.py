@@ -25,7 +25,6 @@ from kd_jax.teachers import cache
 from kd_jax.teachers import online
 from kd_jax.teachers import specialist_ensemble
 from kd_jax.teachers.base import Teacher
-from kd_jax.teachers.cache import _split_ids
 from kd_jax.teachers.cache import augment_views
 from kd_jax.teachers.cache import check_finite
 from kd_jax.teachers.cache import choose_views
