@@ -93,6 +93,12 @@ def default_config() -> ml_collections.ConfigDict:
       # student and teacher features (kd_jax.models.features), added to the
       # loss. method: fitnet | at | sp | cc | vid | rkd | pkt | crd.
       features=(),
+      # Online teachers: their compute dtype ('': config.dtype; the soft
+      # term stays float32), and whether their variables are split over the
+      # 'data' axis (FSDP-style, gathered inside the step) instead of
+      # replicated on every device: for teachers too big for one device.
+      teacher_dtype='',          # '' | float32 | bfloat16
+      shard_teacher=False,
   ))
   c.teachers = []                # list of teacher_config(...)
 

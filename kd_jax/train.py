@@ -84,6 +84,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.schedule not in SCHEDULES:
     raise ValueError(f'config.schedule={config.schedule!r}; choose one of '
                      f'{SCHEDULES}.')
+  if d.teacher_dtype and d.teacher_dtype not in DTYPES:
+    raise ValueError(f'config.distill.teacher_dtype={d.teacher_dtype!r}; '
+                     f'choose one of {tuple(DTYPES)} or "" (config.dtype).')
+  if d.shard_teacher and d.teacher_source not in ('online', 'ensemble'):
+    raise ValueError(
+        'config.distill.shard_teacher splits online teachers\' variables '
+        f'over devices; teacher_source={d.teacher_source!r} has none: set '
+        'shard_teacher=False.')
   if config.dtype not in DTYPES:
     raise ValueError(f'config.dtype={config.dtype!r}; choose one of '
                      f'{tuple(DTYPES)}.')
@@ -204,6 +212,26 @@ def ensemble_prediction(teacher_logits, weights, method: str):
     method = 'mean_probs'
   return jnp.argmax(losses.combine_teachers(
       teacher_logits, method, weights=jnp.asarray(weights)), -1)
+
+
+def teacher_shardings(variables: Any, mesh: jax.sharding.Mesh) -> Any:
+  """FSDP-style layout of frozen teacher variables on `mesh`: each array
+  split over 'data' along its largest axis that the device count divides
+  (replicated if none does), so each device holds about 1/n of the
+  teacher; XLA gathers each layer's weights where the forward pass needs
+  them. The teacher's outputs are those of the replicated teacher."""
+  num_shards = mesh.shape['data']
+
+  def layout(leaf):
+    axes = [a for a in range(leaf.ndim) if leaf.shape[a] % num_shards == 0
+            and leaf.shape[a] >= num_shards]
+    if num_shards == 1 or not axes:
+      return NamedSharding(mesh, P())
+    axis = max(axes, key=lambda a: (leaf.shape[a], -a))
+    spec = [None] * leaf.ndim
+    spec[axis] = 'data'
+    return NamedSharding(mesh, P(*spec))
+  return jax.tree.map(layout, variables)
 
 
 # Per-example rows of the state (CRD's memory banks and the labels they have
@@ -585,9 +613,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   model = models.get_model(config.model, info.num_classes, dtype=dtype)
   tx, schedule = make_optimizer(config, total_steps)
-  teacher = _build_teacher(config, info, dtype)
-  teacher_variables = (None if teacher is None else
-                       jax.device_put(teacher.variables, replicated))
+  teacher = _build_teacher(
+      config, info, DTYPES[config.distill.teacher_dtype or config.dtype])
+  teacher_variables = (None if teacher is None else jax.device_put(
+      teacher.variables,
+      teacher_shardings(teacher.variables, mesh)
+      if config.distill.shard_teacher else replicated))
 
   # Feature names and shapes are refused here, before anything trains.
   feature_shapes = objective.check_feature_shapes(
