@@ -31,6 +31,52 @@ FORM_ARRAYS = {'dense': ('logits',),
 # Augmentations a multi-view cache reproduces per example from explicit keys:
 # (largest shift in pixels, random horizontal flip), as config.augment.
 VIEW_AUGMENTATIONS = input_pipeline.SHIFT_AUGMENTATIONS
+# Rows per block when a whole array is scanned (finite checks).
+CHECK_ROWS = 1 << 16
+
+
+class IdIndex:
+  """Where each example id lies in a cache's tables (one per split).
+
+  Sorted NumPy arrays searched by bisection: a few bytes per id and no
+  Python object per example, so an index of millions of ids stays small.
+  """
+
+  def __init__(self, ids_per_table: Sequence[np.ndarray]):
+    ids = [np.asarray(i, np.bytes_) for i in ids_per_table]
+    all_ids = (np.concatenate(ids) if ids else np.zeros((0,), np.bytes_))
+    table = np.concatenate([np.full(len(i), t, np.int64)
+                            for t, i in enumerate(ids)] or [np.zeros(0, int)])
+    row = np.concatenate([np.arange(len(i)) for i in ids]
+                         or [np.zeros(0, int)])
+    order = np.argsort(all_ids, kind='stable')
+    self._ids, self._table, self._row = (all_ids[order], table[order],
+                                         row[order])
+
+  def __len__(self) -> int:
+    return len(self._ids)
+
+  def duplicate(self) -> tuple[bytes, int] | None:
+    """(id, table of its second copy) of the repeat met first in table
+    order, or None if every id is stored once."""
+    repeat = np.flatnonzero(self._ids[1:] == self._ids[:-1]) + 1
+    if not len(repeat):
+      return None
+    first = repeat[np.lexsort((self._row[repeat], self._table[repeat]))[0]]
+    return bytes(self._ids[first]), int(self._table[first])
+
+  def find(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(table, row, found) of each id; table and row are -1 where not
+    found."""
+    query = np.asarray([bytes(i) for i in ids], np.bytes_)
+    width = self._ids.dtype.itemsize
+    fits = np.char.str_len(query) <= width if len(query) else np.zeros(0, bool)
+    query = query.astype(self._ids.dtype)
+    pos = np.minimum(np.searchsorted(self._ids, query), max(len(self) - 1, 0))
+    found = fits & (self._ids[pos] == query) if len(self) else np.zeros(
+        len(query), bool)
+    return (np.where(found, self._table[pos], -1),
+            np.where(found, self._row[pos], -1), found)
 
 
 def _export_command(config, split: str) -> str:
@@ -236,10 +282,11 @@ def write_split(directory: str, *, ids: np.ndarray, labels: np.ndarray,
   return sum(a.nbytes for a in arrays.values())
 
 
-def _load_npy(path: str) -> np.ndarray:
-  """np.load, with an error that names the damaged file."""
+def _load_npy(path: str, mmap: bool = False) -> np.ndarray:
+  """np.load (memory-mapped, read-only, with `mmap`), with an error that
+  names the damaged file."""
   try:
-    return np.load(path)
+    return np.load(path, mmap_mode='r' if mmap else None)
   except FileNotFoundError:
     raise FileNotFoundError(f'{path} is missing: the logits cache is '
                             'incomplete; export it again.') from None
@@ -254,25 +301,33 @@ def check_finite(values: np.ndarray, ids, source: str) -> None:
   A non-finite teacher row would make the distillation loss NaN (or, in
   older code, silently drop the teacher), so it is refused at the door.
   """
-  values = np.asarray(values)
-  bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-  if bad.any():
-    first = int(np.flatnonzero(bad)[0])
+  bad_rows, first = 0, None
+  for start in range(0, len(values), CHECK_ROWS):
+    block = np.asarray(values[start:start + CHECK_ROWS])
+    bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+    if bad.any():
+      bad_rows += int(bad.sum())
+      if first is None:
+        first = start + int(np.flatnonzero(bad)[0])
+  if first is not None:
     example_id = ids[first]
     if isinstance(example_id, (bytes, np.bytes_)):
       example_id = bytes(example_id).decode(errors='replace')
     raise ValueError(
-        f'{source}: {int(bad.sum())} of {len(values)} rows hold NaN or Inf; '
+        f'{source}: {bad_rows} of {len(values)} rows hold NaN or Inf; '
         f'the first is row {first} (id {example_id!r}): '
-        f'{values[first].ravel()[:10].tolist()}. A teacher must give finite '
+        f'{np.asarray(values[first]).ravel()[:10].tolist()}. A teacher must give finite '
         'values for every example: fix the teacher (or the table) and export '
         'again.')
 
 
-def read_cache_arrays(cache_dir: str, split: str
+def read_cache_arrays(cache_dir: str, split: str, mmap: bool = False
                       ) -> tuple[dict[str, Any], np.ndarray,
                                  dict[str, np.ndarray]]:
   """(manifest, ids [N] bytes, the form's arrays) of one exported split.
+
+  With `mmap` the arrays are read-only memory maps: a lookup reads the rows
+  it asks for, and host memory does not grow with the cache.
 
   Raises:
     FileNotFoundError / ValueError: naming the missing, unreadable or
@@ -295,7 +350,7 @@ def read_cache_arrays(cache_dir: str, split: str
     raise ValueError(f'{path}: form {form!r} is none of {list(FORM_ARRAYS)}; '
                      f'export the cache again.')
   ids = _load_npy(os.path.join(directory, 'ids.npy'))
-  arrays = {name: _load_npy(os.path.join(directory, f'{name}.npy'))
+  arrays = {name: _load_npy(os.path.join(directory, f'{name}.npy'), mmap)
             for name in FORM_ARRAYS[form]}
   views = manifest['preprocessing'].get('num_views', 1)
   lead = (len(ids),) if views == 1 else (len(ids), views)
@@ -447,12 +502,14 @@ def _check_labels(ids: np.ndarray, labels: np.ndarray,
                   split: str) -> None:
   """Refuses a cache whose labels.npy disagrees with the dataset's labels of
   the same ids: its rows are no longer aligned with its ids."""
-  label_of = {bytes(i): int(l) for i, l in zip(ids, labels)}
-  wrong = [(bytes(i), int(c), label_of[bytes(i)])
-           for i, c in zip(cached_ids, cached_labels)
-           if bytes(i) in label_of and label_of[bytes(i)] != int(c)]
-  if wrong:
-    example_id, cached, actual = wrong[0]
+  _, rows, found = IdIndex([ids]).find(cached_ids)
+  labels, cached_labels = np.asarray(labels), np.asarray(cached_labels)
+  wrong = np.flatnonzero(found & (labels[np.maximum(rows, 0)]
+                                  != cached_labels))
+  if len(wrong):
+    first = wrong[0]
+    example_id, cached = bytes(cached_ids[first]), int(cached_labels[first])
+    actual = int(labels[rows[first]])
     raise ValueError(
         f'The logits cache {config.distill.cache_dir!r} (split {split!r}) '
         f'gives {len(wrong)} examples another label than the dataset (first: '
@@ -462,10 +519,10 @@ def _check_labels(ids: np.ndarray, labels: np.ndarray,
         f'{_export_command(config, split)}')
 
 
-def _check_ids_cached(ids: np.ndarray, index: dict[bytes, Any], config,
+def _check_ids_cached(ids: np.ndarray, index: IdIndex, config,
                       split: str) -> None:
-  missing = [i for i in ids if bytes(i) not in index]
-  if missing:
+  missing = np.asarray(ids)[~index.find(ids)[2]] if len(ids) else []
+  if len(missing):
     examples = [bytes(i).decode(errors='replace') for i in missing[:5]]
     raise ValueError(
         f'The logits cache {config.distill.cache_dir!r} lacks {len(missing)} '
@@ -492,6 +549,39 @@ def dense_from_topk(topk_logits: np.ndarray, topk_indices: np.ndarray,
   dense = dense.copy()
   np.put_along_axis(dense, topk_indices.astype(np.int64), log_top, axis=-1)
   return (t * dense).astype(np.float32)
+
+
+def lookup_rows(index: IdIndex, tables: Sequence[dict[str, np.ndarray]],
+                batch_ids, views: np.ndarray, *, form: str, top_k, temperature,
+                num_classes: int, cache_dir: str) -> dict[str, np.ndarray]:
+  """The cached teacher values of a batch: view `views[i]` of example
+  `batch_ids[i]`, read from its table (memory maps read only these rows).
+  Empty ids (padding rows) get zeros; an unknown id raises KeyError."""
+  table_of, row_of, found = index.find(batch_ids)
+  padding = np.asarray([not bytes(i) for i in batch_ids], bool)
+  if not np.all(found | padding):
+    missing = bytes(batch_ids[int(np.flatnonzero(~(found | padding))[0])])
+    raise KeyError(f'id {missing!r} is not in the logits cache '
+                   f'{cache_dir!r}; re-export it for this run\'s data.')
+  out = {}
+  for name in FORM_ARRAYS[form]:
+    trailing = tables[0][name].shape[2:]
+    dtype = np.int32 if name == 'topk_indices' else np.float32
+    out[name] = np.zeros((len(batch_ids), *trailing), dtype)
+    if name == 'topk_indices':  # Padding rows: k distinct classes.
+      out[name][:] = np.arange(top_k)
+  for t in np.unique(table_of[found]):
+    sel = table_of == t
+    stored_views = tables[t][FORM_ARRAYS[form][0]].shape[1]
+    view = np.minimum(np.asarray(views)[sel], stored_views - 1)
+    for name in out:
+      out[name][sel] = tables[t][name][row_of[sel], view]
+  if form == 'dense':
+    return {'teacher_logits': out['logits']}
+  return {'teacher_logits': dense_from_topk(
+              out['topk_logits'], out['topk_indices'], out['rest_mass'],
+              num_classes, temperature),
+          **{f'teacher_{k}': v for k, v in out.items()}}
 
 
 def load_cache(config, info) -> Teacher:
@@ -533,10 +623,11 @@ def load_cache(config, info) -> Teacher:
         'is empty: set it to the --out of `python -m kd_jax.export_logits`.')
   splits = [config.train_split] + [s for s in config.eval_splits
                                    if s != config.train_split]
-  manifests, tables, index = {}, [], {}
+  manifests, tables, split_ids = {}, [], []
   for split in splits:
     try:
-      manifests[split], ids, arrays = read_cache_arrays(cache_dir, split)
+      manifests[split], ids, arrays = read_cache_arrays(cache_dir, split,
+                                                        mmap=True)
     except FileNotFoundError as e:
       raise FileNotFoundError(
           f'{e} The cache needs config.train_split and every eval split: '
@@ -546,18 +637,21 @@ def load_cache(config, info) -> Teacher:
       num_views = _check_augmentation(manifests[split], config)
     if manifests[split]['preprocessing'].get('num_views', 1) == 1:
       arrays = {k: v[:, None] for k, v in arrays.items()}  # One view axis.
-    for row, example_id in enumerate(ids):
-      key = bytes(example_id)
-      if key in index:
-        raise ValueError(
-            f'id {key!r} appears twice in the logits cache {cache_dir!r} '
-            f'(last in split {split!r}): ids must be unique across splits.')
-      index[key] = (len(tables), row)
     tables.append(arrays)
-    split_ids, split_labels = _split_ids(config, split)
-    _check_ids_cached(split_ids, index, config, split)
-    _check_labels(split_ids, split_labels, ids,
-                  read_cache_labels(cache_dir, split, len(ids)), config, split)
+    split_ids.append(ids)
+  index = IdIndex(split_ids)
+  repeat = index.duplicate()
+  if repeat is not None:
+    raise ValueError(
+        f'id {repeat[0]!r} appears twice in the logits cache {cache_dir!r} '
+        f'(last in split {splits[repeat[1]]!r}): ids must be unique across '
+        'splits.')
+  for split, ids in zip(splits, split_ids):
+    dataset_ids, dataset_labels = _split_ids(config, split)
+    _check_ids_cached(dataset_ids, index, config, split)
+    _check_labels(dataset_ids, dataset_labels, ids,
+                  read_cache_labels(cache_dir, split, len(ids)), config,
+                  split)
   _check_form(manifests, config)
   train_manifest = manifests[config.train_split]
   form = train_manifest.get('form', 'dense')
@@ -567,39 +661,15 @@ def load_cache(config, info) -> Teacher:
   temperature = train_manifest.get('temperature')
 
   def lookup(batch_ids, views) -> dict[str, np.ndarray]:
-    where = [index.get(bytes(i), (-1, -1) if not bytes(i) else None)
-             for i in batch_ids]
-    for example_id, loc in zip(batch_ids, where):
-      if loc is None:
-        raise KeyError(f'id {bytes(example_id)!r} is not in the logits cache '
-                       f'{cache_dir!r}; re-export it for this run\'s data.')
-    table_of, row_of = (np.asarray(x, np.int64) for x in zip(*where))
-    out = {}
-    for name in FORM_ARRAYS[form]:
-      trailing = tables[0][name].shape[2:]
-      dtype = np.int32 if name == 'topk_indices' else np.float32
-      out[name] = np.zeros((len(batch_ids), *trailing), dtype)
-      if name == 'topk_indices':  # Padding rows: k distinct classes.
-        out[name][:] = np.arange(top_k)
-    for t in np.unique(table_of[table_of >= 0]):
-      sel = table_of == t
-      stored_views = tables[t][FORM_ARRAYS[form][0]].shape[1]
-      view = np.minimum(views[sel], stored_views - 1)
-      for name in out:
-        out[name][sel] = tables[t][name][row_of[sel], view]
-    if form == 'dense':
-      return {'teacher_logits': out['logits']}
-    return {'teacher_logits': dense_from_topk(
-                out['topk_logits'], out['topk_indices'], out['rest_mass'],
-                info.num_classes, temperature),
-            **{f'teacher_{k}': v for k, v in out.items()}}
+    return lookup_rows(index, tables, batch_ids, views, form=form,
+                       top_k=top_k, temperature=temperature,
+                       num_classes=info.num_classes, cache_dir=cache_dir)
 
   def host_lookup(batch: dict[str, Any], step: int | None = None
                   ) -> dict[str, Any]:
     batch_ids = batch['id']
     if num_views == 1 or step is None:
-      if num_views > 1 and any(bytes(i) in index and
-                               index[bytes(i)][0] == 0 for i in batch_ids):
+      if num_views > 1 and np.any(index.find(batch_ids)[0] == 0):
         raise ValueError(
             f'The logits cache {cache_dir!r} holds {num_views} views of each '
             f'{config.train_split!r} example: pass the train step '
