@@ -17,7 +17,7 @@ import functools
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 from etils import epy
