@@ -22,9 +22,11 @@ def model_config(name: str, **kwargs: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(name=name, **kwargs))
 
 
-def teacher_config(model: ml_collections.ConfigDict, workdir: str,
+def teacher_config(model: ml_collections.ConfigDict | None, workdir: str,
                    weight: float = 1.0) -> ml_collections.ConfigDict:
-  """A frozen teacher: its model spec and the workdir of the run that trained it."""
+  """A frozen teacher: the workdir of the run that trained it, and its model
+  spec; with `model=None` the spec is the one that run recorded in its
+  run_info.json (`kd_jax.rundir.teacher_model`)."""
   return ml_collections.ConfigDict(dict(model=model, workdir=workdir,
                                         weight=weight))
 

@@ -70,6 +70,7 @@ import optax
 from kd_jax import connectors
 from kd_jax import feature_losses
 from kd_jax import losses
+from kd_jax import rundir
 from kd_jax.models import features as model_features
 
 SOFT_LOSSES = losses.SOFT_LOSSES + ('dkd', 'dist', 'deit_hard')
@@ -947,7 +948,7 @@ def check_feature_shapes(config: ml_collections.ConfigDict, num_classes: int,
         'teachers): set distill.teacher_source="online" with one entry in '
         'config.teachers, or drop distill.features.')
   batch_shape = (2, *image_shape)
-  teacher_spec = config.teachers[0].model
+  teacher_spec = rundir.teacher_model(config.teachers[0])
   shapes = dict(
       student=model_features.feature_shapes(config.model, num_classes,
                                             batch_shape, train=True),

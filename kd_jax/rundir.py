@@ -169,6 +169,16 @@ def has_run_info(workdir: str) -> bool:
   return os.path.exists(_path(workdir, RUN_INFO))
 
 
+def teacher_model(teacher_cfg, field: str = 'config.teachers[0]'
+                  ) -> ml_collections.ConfigDict:
+  """A teacher entry's model spec: its own, or (model None) the one its run
+  recorded in run_info.json."""
+  if teacher_cfg.model is not None:
+    return teacher_cfg.model
+  return ml_collections.ConfigDict(
+      read_run_info(teacher_cfg.workdir, f'{field}.workdir')['model'])
+
+
 def read_run_info(workdir: str, field: str = 'teacher workdir'
                   ) -> dict[str, Any]:
   """The run_info of the run in `workdir`.

@@ -202,3 +202,23 @@ def test_config_arg_splits_at_commas_outside_brackets():
   assert config.seed == 2 and config.distill.temperature == 4.0
   with pytest.raises(ValueError, match='unknown field'):
     load_config('mnist5k_student', 'modle.hidden=(30,30)')
+
+
+def test_a_teacher_entry_without_a_model_uses_its_runs_architecture(
+    teacher_dir):
+  from kd_jax import teachers  # pylint: disable=g-import-not-at-top
+  config = load_config('mnist5k_distill',
+                       f'runlocal,teacher_workdir={teacher_dir}')
+  explicit = config.teachers[0]
+  implicit = config_lib.teacher_config(None, teacher_dir)
+  assert (rundir.spec_dict(rundir.teacher_model(implicit))
+          == rundir.spec_dict(explicit.model))
+  batch = dict(image=np.random.default_rng(0).normal(
+      size=(4, 28, 28, 1)).astype(np.float32))
+  outputs = [jax.jit(t.forward)(t.variables, batch) for t in (
+      teachers.load_online([entry], 10, (28, 28, 1))
+      for entry in (explicit, implicit))]
+  np.testing.assert_array_equal(*outputs)
+  with pytest.raises(FileNotFoundError,
+                     match=r'config.teachers\[0\].workdir .*nowhere'):
+    rundir.teacher_model(config_lib.teacher_config(None, '/nowhere'))

@@ -40,6 +40,8 @@ def check_compatible(index: int, teacher_cfg, run_info: dict[str, Any],
         f'but the student input pipeline gives {tuple(image_shape)}: set '
         f'config.image_size/config.channels to match the teacher.')
   trained_spec = run_info['model']
+  if teacher_cfg.model is None:  # The run's own spec: nothing to compare.
+    return
   if rundir.spec_dict(teacher_cfg.model) != trained_spec:
     raise ValueError(
         f'{where}.model is {rundir.spec_dict(teacher_cfg.model)} but that '
@@ -58,7 +60,8 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
   for i, t in enumerate(teacher_cfgs):
     run_info = rundir.read_run_info(t.workdir, f'config.teachers[{i}].workdir')
     check_compatible(i, t, run_info, num_classes, image_shape)
-    model = models.get_model(t.model, num_classes, dtype=dtype)
+    spec = rundir.teacher_model(t, f'config.teachers[{i}]')
+    model = models.get_model(spec, num_classes, dtype=dtype)
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(0),
                            jnp.zeros((1, *image_shape), jnp.float32)))
@@ -76,7 +79,7 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
           f'training: latest checkpoint step {step}, final step '
           f'{run_info["final_step"]}. Let it finish, or resume it.')
     loaded.append((model, variables))
-    specs.append(json.dumps(rundir.spec_dict(t.model), sort_keys=True))
+    specs.append(json.dumps(rundir.spec_dict(spec), sort_keys=True))
     fingerprints.append(f'{os.path.abspath(t.workdir)}@{step}')
 
   names = tuple(f'teacher{i}' for i in range(len(loaded)))

@@ -111,7 +111,8 @@ def _load_specialist(index: int, teacher_cfg, group, info, head_size: int,
         '(the groups file changed since it was trained).')
   online.check_compatible(index + 1, teacher_cfg, run_info, len(group) + 1,
                           info.image_shape)
-  model = models.get_model(teacher_cfg.model, len(group) + 1, dtype=dtype)
+  spec = rundir.teacher_model(teacher_cfg, f'config.teachers[{index + 1}]')
+  model = models.get_model(spec, len(group) + 1, dtype=dtype)
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, *info.image_shape), jnp.float32)))
   abstract = {'params': abstract['params'],
@@ -127,7 +128,7 @@ def _load_specialist(index: int, teacher_cfg, group, info, head_size: int,
   if step != run_info.get('final_step', step):
     raise ValueError(f'{where} has not finished training: latest checkpoint '
                      f'step {step}, final step {run_info["final_step"]}.')
-  padded_model = models.get_model(teacher_cfg.model, head_size, dtype=dtype)
+  padded_model = models.get_model(spec, head_size, dtype=dtype)
   variables = _pad_head(variables, padded_model, info.image_shape)
   return padded_model, variables, run_info, step
 
@@ -170,8 +171,8 @@ def load_specialist_ensemble(config, info, dtype=jnp.float32
             for s, t in enumerate(teacher_cfgs[1:])]
   factors = np.asarray([run_info['specialist']['oversampling_factor']
                         for _, _, run_info, _ in loaded], np.float32)
-  specs = {json.dumps(rundir.spec_dict(t.model), sort_keys=True)
-           for t in teacher_cfgs[1:]}
+  specs = {json.dumps(rundir.spec_dict(rundir.teacher_model(t)),
+                      sort_keys=True) for t in teacher_cfgs[1:]}
 
   def apply(model, variables, images):
     return model.apply(variables, images, train=False).astype(jnp.float32)
