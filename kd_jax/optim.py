@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np  # pylint: disable=unused-import  (the doctest uses it)
 import optax
 
 
