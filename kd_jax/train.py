@@ -553,21 +553,6 @@ def _build_teacher(config, info, dtype) -> teachers.Teacher | None:
   return teachers.build(config, info, dtype)
 
 
-def _teacher_summary(config, teacher: teachers.Teacher | None
-                     ) -> list[dict[str, Any]]:
-  """Who each `teacher{k}_accuracy` of the eval results is."""
-  if teacher is None:
-    return []
-  rows = [dict(name=name, weight=weight)
-          for name, weight in zip(teacher.names, teacher.weights)]
-  if config.distill.teacher_source in ('online', 'ensemble'):
-    for row, teacher_cfg in zip(rows, config.teachers):
-      row['workdir'] = teacher_cfg.workdir
-  elif config.distill.teacher_source == 'cache':
-    rows[0]['cache_dir'] = config.distill.cache_dir
-  return rows
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices=None) -> dict[str, Any]:
   """Trains (and distils) as `config` says; returns the final summary.
@@ -772,7 +757,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   summary = dict(
       step=total_steps, model=config.model.name,
       teacher_source=config.distill.teacher_source,
-      teachers=_teacher_summary(config, teacher),
+      teachers=teachers.describe(config, teacher),
       num_params=models.param_count(params),
       param_bytes=models.param_bytes(params),
       train_seconds=seconds_before + time.time() - train_start,

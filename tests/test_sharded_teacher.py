@@ -1,5 +1,6 @@
 """Teachers too big for one device: variables split over 'data' (FSDP-style)
-and a bfloat16 teacher forward, on 8 simulated devices."""
+and a bfloat16 teacher forward, on 8 simulated devices; what summary.json
+says of each teacher."""
 
 import functools
 
@@ -10,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kd_jax import config_lib
 from kd_jax import models
 from kd_jax import teachers
 from kd_jax import train
@@ -123,3 +125,23 @@ def test_bad_teacher_layout_settings_are_named(arg, match):
   config = distill_config('unused', arg)
   with pytest.raises(ValueError, match=match):
     train.validate_config(config)
+
+
+def test_summary_rows_name_each_teachers_origin():
+  config = distill_config('/runs/t0')
+  config.teachers = [config.teachers[0],
+                     config_lib.teacher_config(None, '/runs/t1')]
+  two = teachers.Teacher(variables=None, forward=None,
+                         names=('teacher0', 'teacher1'), weights=(2.0, 1.0),
+                         fingerprint='f')
+  assert teachers.describe(config, two) == [
+      dict(name='teacher0', weight=2.0, workdir='/runs/t0'),
+      dict(name='teacher1', weight=1.0, workdir='/runs/t1')]
+  config.distill.update(teacher_source='cache', cache_dir='/caches/c')
+  one = teachers.Teacher(variables=None, forward=None, names=('cache',),
+                         weights=(1.0,), fingerprint='f')
+  assert teachers.describe(config, one) == [
+      dict(name='cache', weight=1.0, cache_dir='/caches/c')]
+  config.distill.teacher_source = 'specialists'
+  assert teachers.describe(config, one) == [dict(name='cache', weight=1.0)]
+  assert teachers.describe(config, None) == []

@@ -46,6 +46,7 @@ from kd_jax.teachers.specialist_ensemble import SpecialistEnsemble
 __all__ = [
     'FORM_ARRAYS',
     'MANIFEST',
+    'ORIGINS',
     'SOURCES',
     'SpecialistEnsemble',
     'Teacher',
@@ -55,6 +56,7 @@ __all__ = [
     'check_finite',
     'choose_views',
     'dense_from_topk',
+    'describe',
     'load_cache',
     'load_online',
     'load_specialist_ensemble',
@@ -88,6 +90,36 @@ SOURCES: dict[str, Loader | None] = {
     'cache': _load_cache,
     'specialists': specialist_ensemble.load_specialists,
 }
+
+
+def _online_origins(config) -> list[dict[str, Any]]:
+  return [dict(workdir=t.workdir) for t in config.teachers]
+
+
+def _cache_origins(config) -> list[dict[str, Any]]:
+  return [dict(cache_dir=config.distill.cache_dir)]
+
+
+# config.distill.teacher_source -> where each of its teachers came from, for
+# summary.json (sources without an entry record names and weights only).
+ORIGINS: dict[str, Callable[[Any], list[dict[str, Any]]]] = {
+    'online': _online_origins,
+    'ensemble': _online_origins,
+    'cache': _cache_origins,
+}
+
+
+def describe(config, teacher: Teacher | None) -> list[dict[str, Any]]:
+  """Who each `teacher{k}_accuracy` of the eval results is: name, weight
+  and origin (workdir or cache) of every teacher; [] without one."""
+  if teacher is None:
+    return []
+  rows = [dict(name=name, weight=weight)
+          for name, weight in zip(teacher.names, teacher.weights)]
+  origins = ORIGINS.get(config.distill.teacher_source)
+  for row, origin in zip(rows, origins(config) if origins else []):
+    row.update(origin)
+  return rows
 
 
 def build(config, info, dtype=jnp.float32) -> Teacher | None:
