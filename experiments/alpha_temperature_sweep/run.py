@@ -39,6 +39,9 @@ import numpy as np
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+# Statistics only: importing it loads neither JAX nor TensorFlow.
+from kd_jax import study  # pylint: disable=g-import-not-at-top
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -196,16 +199,6 @@ def split_errors(run: dict[str, Any]) -> tuple[float, float]:
           float(results[splits[-1]]['errors']))
 
 
-def _stats(values) -> dict[str, Any]:
-  v = np.asarray(list(values), float)
-  return dict(values=v.tolist(), mean=float(v.mean()),
-              std=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
-
-
-def _fmt(s: dict[str, Any]) -> str:
-  return f'{s["mean"]:.1f} +- {s["std"]:.1f}'
-
-
 def error_grids(args, distilled) -> dict[str, list[list[dict[str, Any]]]]:
   """{'validation', 'test'}: [alpha][T] stats over seeds of each cell's
   errors; the alpha = 0 cell fills its whole row."""
@@ -214,7 +207,7 @@ def error_grids(args, distilled) -> dict[str, list[list[dict[str, Any]]]]:
     by_cell.setdefault(run['cell'], []).append(split_errors(run))
   grids = {}
   for k, split in enumerate(('validation', 'test')):
-    grids[split] = [[_stats(e[k] for e in by_cell[
+    grids[split] = [[study.stats(e[k] for e in by_cell[
         'alpha0' if alpha == 0 else f'alpha{alpha:g}_T{t:g}'])
                      for t in args.temperatures] for alpha in args.alphas]
   return grids
@@ -242,15 +235,16 @@ def markdown(args, grids, references, seconds) -> str:
     for a, alpha in enumerate(args.alphas):
       note = ' (T unused)' if alpha == 0 else ''
       lines.append(f'| {alpha:g}{note} | ' + ' | '.join(
-          _fmt(c) for c in grids[split][a]) + ' |')
+          study.fmt(c) for c in grids[split][a]) + ' |')
   lines += ['', 'References, validation / test errors: student from scratch '
-            f'{_fmt(references["scratch"]["validation"])} / '
-            f'{_fmt(references["scratch"]["test"])}; teacher '
-            f'{_fmt(references["teacher"]["validation"])} / '
-            f'{_fmt(references["teacher"]["test"])}.', '',
+            f'{study.fmt(references["scratch"]["validation"])} / '
+            f'{study.fmt(references["scratch"]["test"])}; teacher '
+            f'{study.fmt(references["teacher"]["validation"])} / '
+            f'{study.fmt(references["teacher"]["test"])}.', '',
             f'Chosen on validation: alpha = {args.alphas[i]:g}, T = '
-            f'{args.temperatures[j]:g} ({_fmt(grids["validation"][i][j])} '
-            f'validation errors; {_fmt(grids["test"][i][j])} test errors).',
+            f'{args.temperatures[j]:g} '
+            f'({study.fmt(grids["validation"][i][j])} validation errors; '
+            f'{study.fmt(grids["test"][i][j])} test errors).',
             '', f'Wall time of this invocation {seconds / 60:.1f} min '
             f'(--parallel={args.parallel}).']
   return '\n'.join(lines)
@@ -299,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
   grids = error_grids(args, distilled)
   references = {
       name: dict(zip(('validation', 'test'), (
-          _stats(e[k] for e in map(split_errors, runs)) for k in (0, 1))))
+          study.stats(e[k] for e in map(split_errors, runs)) for k in (0, 1))))
       for name, runs in (('scratch', scratch), ('teacher', teachers))}
   os.makedirs(args.out_dir, exist_ok=True)
   table = markdown(args, grids, references, seconds)
