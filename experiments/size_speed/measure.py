@@ -256,7 +256,8 @@ def accuracy(entry: Entry) -> tuple[float | None, str]:
 def measure(entry: Entry, batch_sizes: Sequence[int],
             max_repeats: Sequence[int], budget_s: float,
             min_repeats: int) -> dict[str, Any]:
-  """One row: sizes, latencies and accuracy of one model."""
+  """Sizes and latencies of one model (its row, less pair, role and
+  accuracy: `run` adds those)."""
   model = models.get_model(entry.model, entry.num_classes)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(
       (1, *entry.image_shape), jnp.float32))
@@ -280,17 +281,16 @@ def measure(entry: Entry, batch_sizes: Sequence[int],
                                compile_s=compile_s,
                                gflops_per_image=None if flops is None
                                else flops / batch / 1e9)
-  test_accuracy, source = accuracy(entry)
   spec = entry.model.to_dict()
   return dict(
-      pair=entry.pair, role=entry.role, model=spec['name'],
+      model=spec['name'],
       spec={k: list(v) if isinstance(v, tuple) else v
             for k, v in spec.items()},
       input_shape=list(entry.image_shape), num_classes=entry.num_classes,
       num_params=models.param_count(variables['params']),
       param_bytes=models.param_bytes(variables['params']),
       checkpoint_bytes=checkpoint_bytes(variables),
-      latency=latency, test_accuracy=test_accuracy, accuracy_source=source)
+      latency=latency)
 
 
 def model_label(row: dict[str, Any]) -> str:
@@ -386,9 +386,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if key not in measured:
       measured[key] = measure(entry, batch_sizes, max_repeats, args.budget_s,
                               min_repeats)
+    test_accuracy, source = accuracy(entry)
     return dict(measured[key], pair=entry.pair, role=entry.role,
-                **dict(zip(('test_accuracy', 'accuracy_source'),
-                           accuracy(entry))))
+                test_accuracy=test_accuracy, accuracy_source=source)
 
   rows = [measure_once(e)
           for e in entries(args.demo_workdir, args.workdir, args.tiny)]
