@@ -5,7 +5,7 @@ r"""DeiT's distillation of a ViT student on mnist5k: from scratch, soft, hard.
 For each seed in --seeds, with configs/deit_mnist5k.py (AdamW, +-2 px jitter,
 `train[:3600]` to train, `train[3600:]` to validate, the test split reported
 beside) and its `student` (default `vit_mini`: 4 blocks, width 64, 7x7
-patches, 139k params, sized for a CPU; ViT-Ti costs 30x more here):
+patches, 139k params, sized for a CPU; ViT-Ti is about 16x slower here):
 
 * the teacher: configs/mnist5k_teacher.py of the same seed (the 2x1200 MLP
   of the Hinton study, its recipe chosen on validation by
