@@ -64,7 +64,7 @@ def test_hinton_study_reads_finished_runs_instead_of_retraining(
   def refuse(*args, **kwargs):
     raise AssertionError('a finished run was trained again')
 
-  monkeypatch.setattr(module.train, 'train_and_evaluate', refuse)
+  monkeypatch.setattr('kd_jax.train.train_and_evaluate', refuse)
   again = module.main(['--tiny', f'--workdir={workdir}'])
   assert again['groups'] == json.loads(json.dumps(record['groups']))
 

@@ -39,7 +39,9 @@ import numpy as np
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-# Statistics only: importing it loads neither JAX nor TensorFlow.
+from kd_jax import rundir  # pylint: disable=g-import-not-at-top
+# Configs, run-or-read and statistics; the trainer is imported only where a
+# run trains (in its subprocess when --parallel > 1).
 from kd_jax import study  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,22 +123,15 @@ def plan_runs(args: argparse.Namespace
   return teachers, scratch, distilled
 
 
-def summary_path(run: dict[str, Any]) -> str:
-  """Where a finished run's summary lies; its presence marks it done."""
-  return os.path.join(run['workdir'], 'summary.json')
-
-
 def train_run(run: dict[str, Any]) -> None:
-  """Trains one run in this process (imports JAX here, not in the parent)."""
-  from kd_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from kd_jax import train  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config(run['config_name'], run['arg'])
-  train.train_and_evaluate(config, run['workdir'])
+  """Trains one unfinished run in this process (a finished one is read)."""
+  study.run_or_read(study.make_config(run['config_name'], run['arg']),
+                    run['workdir'])
 
 
 def run_all(runs: list[dict[str, Any]], parallel: int) -> None:
   """Trains every unfinished run, `parallel` subprocesses at a time."""
-  pending = [r for r in runs if not os.path.exists(summary_path(r))]
+  pending = [r for r in runs if not rundir.is_finished(r['workdir'])]
   done = len(runs) - len(pending)
   if done:
     print(f'{done} of {len(runs)} runs finished before; reading them.',
@@ -192,8 +187,7 @@ def run_all(runs: list[dict[str, Any]], parallel: int) -> None:
 def split_errors(run: dict[str, Any]) -> tuple[float, float]:
   """(validation, test) errors of a finished run: its first and last eval
   splits."""
-  with open(summary_path(run)) as f:
-    results = json.load(f)['eval']
+  results = study.read_summary(run['workdir'])['eval']
   splits = list(results)
   return (float(results[splits[0]]['errors']),
           float(results[splits[-1]]['errors']))

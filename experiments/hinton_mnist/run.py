@@ -44,8 +44,7 @@ import numpy as np
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from kd_jax import config_lib
-from kd_jax import train
+from kd_jax import study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER = dict(teacher=67, scratch=146, distilled=74, test_digits=10_000)
@@ -103,22 +102,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def make_config(name: str, arg: str, overrides: dict[str, Any]):
-  """`configs/<name>.py:<arg>` with dotted `overrides` set on top.
-
-  Tuple values (model.hidden) go through `overrides`: the config arg splits
-  on every comma.
-  """
-  config = config_lib.load_config(name, arg)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
-
-
 def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
   """Every run of the study, teachers first: name, group, config and workdir."""
   common = ['tiny'] if args.tiny else []
@@ -163,16 +146,6 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
   return runs
 
 
-def run_one(run: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-  """(summary, trained now) of one run; a finished workdir is only read."""
-  path = os.path.join(run['workdir'], 'summary.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f), False
-  config = make_config(run['config_name'], run['arg'], run['overrides'])
-  return train.train_and_evaluate(config, run['workdir']), True
-
-
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
   """Per group: test errors per seed, their mean, sample std, min and max
   (and validation errors per seed where the runs hold out validation)."""
@@ -187,16 +160,9 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     if VAL in run['summary']['eval']:
       g['val_errors'].append(int(run['summary']['eval'][VAL]['errors']))
   for g in groups.values():
-    e = np.asarray(g['errors'], float)
-    g.update(mean=float(e.mean()), std=float(e.std(ddof=1)) if len(e) > 1
-             else 0.0, min=float(e.min()), max=float(e.max()))
+    s = study.stats(g['errors'])
+    g.update({k: s[k] for k in ('mean', 'std', 'min', 'max')})
   return groups
-
-
-def gap_recovered(scratch: float, distilled: float, teacher: float) -> float:
-  """Share of the teacher-student error gap that distillation closes."""
-  gap = scratch - teacher
-  return float('nan') if gap == 0 else (scratch - distilled) / gap
 
 
 def recovered_rows(groups: dict[str, dict[str, Any]]
@@ -207,7 +173,7 @@ def recovered_rows(groups: dict[str, dict[str, Any]]
   for name, g in groups.items():
     if 'distilled' in name:
       scratch = name.split(' distilled')[0] + ' scratch'
-      rows.append((name, scratch, gap_recovered(
+      rows.append((name, scratch, study.gap_recovered(
           groups[scratch]['mean'], g['mean'], teacher)))
   return rows
 
@@ -243,9 +209,7 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
   for name, g in groups.items():
     val = ''
     if with_val:
-      v = np.asarray(g['val_errors'], float)
-      val = (f' {v.mean():.1f} +- '
-             f'{v.std(ddof=1) if len(v) > 1 else 0.0:.1f} |')
+      val = f' {study.fmt(study.stats(g["val_errors"]))} |'
     lines.append(f'| {name} | {", ".join(map(str, g["errors"]))} | '
                  f'{g["mean"]:.1f} | {g["std"]:.1f} | {g["min"]:g}-'
                  f'{g["max"]:g} | {100 * g["mean"] / n:.2f} |' + val)
@@ -255,10 +219,9 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
             '| distilled | vs | per seed | mean +- std | seeds better |',
             '|---|---|---|---:|---:|']
   for name, scratch, diffs, won in paired_rows(groups):
-    d = np.asarray(diffs, float)
+    d = study.stats(diffs)
     lines.append(f'| {name} | {scratch} | {", ".join(f"{x:+d}" for x in diffs)}'
-                 f' | {d.mean():+.1f} +- '
-                 f'{d.std(ddof=1) if len(d) > 1 else 0.0:.1f} | '
+                 f' | {d["mean"]:+.1f} +- {d["std"]:.1f} | '
                  f'{won} of {len(diffs)} |')
   lines += ['', 'Share of the teacher-student gap recovered, (scratch - '
             'distilled) / (scratch - teacher), from the mean errors:', '',
@@ -266,7 +229,7 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
   for name, scratch, share in rows:
     lines.append(f'| {name} | {scratch} | {100 * share:.0f}% |')
   p = PAPER
-  paper_share = gap_recovered(p['scratch'], p['distilled'], p['teacher'])
+  paper_share = study.gap_recovered(p['scratch'], p['distilled'], p['teacher'])
   lines += ['', f'Paper (10,000 MNIST test digits): teacher {p["teacher"]}, '
             f'2x800 scratch {p["scratch"]}, distilled {p["distilled"]} errors: '
             f'{100 * paper_share:.0f}% of the gap recovered.', '',
@@ -313,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f'[{i}/{len(runs)}] {run["name"]} ({run["workdir"]}) ...',
           flush=True)
     t0 = time.perf_counter()
-    run['summary'], trained = run_one(run)
+    run['summary'], trained = study.run_or_read(study.make_config(
+        run['config_name'], run['arg'], run['overrides']), run['workdir'])
     num_trained += trained
     test = run['summary']['eval']['test']
     how = (f'trained in {time.perf_counter() - t0:.0f} s' if trained

@@ -49,11 +49,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from kd_jax import checkpointing
-from kd_jax import config_lib
 from kd_jax import input_pipeline
 from kd_jax import models
 from kd_jax import rundir
-from kd_jax import train
+from kd_jax import study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VAL = 'train[3600:]'
@@ -118,28 +117,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def make_config(name: str, arg: str, overrides: dict[str, Any]):
-  """`configs/<name>.py:<arg>` with dotted `overrides` (tuples) set on top."""
-  config = config_lib.load_config(name, arg)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
-
-
 def ensure_run(config, workdir: str, name: str) -> dict[str, Any]:
-  """The summary of the run in `workdir`, training it first if unfinished."""
-  path = os.path.join(workdir, 'summary.json')
-  if os.path.exists(path):
-    print(f'{name}: finished before, read {path}', flush=True)
-    with open(path) as f:
-      return json.load(f)
+  """`study.run_or_read`, saying whether it reads or trains and how long."""
+  summary = study.read_summary(workdir)
+  if summary is not None:
+    print(f'{name}: finished before, read '
+          f'{os.path.join(workdir, rundir.SUMMARY)}', flush=True)
+    return summary
   print(f'{name}: training in {workdir} ...', flush=True)
   start = time.perf_counter()
-  summary = train.train_and_evaluate(config, workdir)
+  summary, _ = study.run_or_read(config, workdir)
   print(f'{name}: trained in {time.perf_counter() - start:.0f} s', flush=True)
   return summary
 
@@ -240,8 +227,8 @@ def study_variant(name: str, args, teacher_workdir: str) -> dict[str, Any]:
       f'seed={args.seed}',
       f'teacher_workdir={teacher_workdir}', 'distill.temperature=20.0'] + (
           [f'num_epochs={args.num_epochs:g}'] if args.num_epochs else []))
-  config = make_config('mnist5k_distill', arg, spec['overrides'])
-  held_in = transfer_ids(make_config('mnist5k_distill', arg, {}))
+  config = study.make_config('mnist5k_distill', arg, spec['overrides'])
+  held_in = transfer_ids(study.make_config('mnist5k_distill', arg))
   if config.num_train_steps <= 0:
     # The steps of num_epochs over all held-in digits, whatever the filter
     # leaves: a smaller transfer set is seen more often, not for fewer steps.
@@ -290,7 +277,7 @@ def study_variant(name: str, args, teacher_workdir: str) -> dict[str, Any]:
 
 def teacher_errors(teacher_workdir: str) -> dict[str, int]:
   """The teacher's test errors, overall and on the 3s."""
-  config = make_config('mnist5k_teacher', '', {})
+  config = study.make_config('mnist5k_teacher')
   model, variables = restore(config, teacher_workdir)
   logits, labels = split_logits(config, model, variables, 'test')
   return error_counts(logits, labels, VARIANTS['omit3']['unseen'])
@@ -355,8 +342,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   start = time.perf_counter()
   teacher_arg = ','.join((['tiny'] if args.tiny else []) + [
       f'seed={args.seed}'])
-  if not os.path.exists(os.path.join(args.teacher_workdir, 'summary.json')):
-    ensure_run(make_config('mnist5k_teacher', teacher_arg, {}),
+  if not rundir.is_finished(args.teacher_workdir):
+    ensure_run(study.make_config('mnist5k_teacher', teacher_arg),
                args.teacher_workdir, 'teacher')
   variants = [study_variant(name, args, args.teacher_workdir)
               for name in args.variants]
