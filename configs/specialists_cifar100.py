@@ -14,7 +14,7 @@ GPU/TPU with TFDS cifar100:
         --config=configs/specialists_cifar100.py:role=specialist,specialist.index=$k \
         --workdir=$R/specialist_$k
   done
-  python -m kd_jax.evaluate_specialists \
+  python -m kd_jax.specialists.evaluate \
       --config=configs/specialists_cifar100.py:role=distill --out=$R/combination
   python -m kd_jax.main --config=configs/specialists_cifar100.py:role=distill \
       --workdir=$R/distill
@@ -24,7 +24,7 @@ GPU/TPU with TFDS cifar100:
 `group_source=cluster` clusters the generalist's confusions instead (20
 groups of any size): after the generalist, run
 
-  python -m kd_jax.cluster_classes \
+  python -m kd_jax.specialists.cluster \
       --config=configs/specialists_cifar100.py:role=generalist,group_source=cluster \
       --workdir=$R/generalist
 

@@ -8,7 +8,7 @@ workdirs/specialists_mnist5k); the roles, in order:
   R=workdirs/specialists_mnist5k
   python -m kd_jax.main --config=configs/specialists_mnist5k.py:role=generalist \
       --workdir=$R/generalist
-  python -m kd_jax.cluster_classes \
+  python -m kd_jax.specialists.cluster \
       --config=configs/specialists_mnist5k.py:role=generalist \
       --workdir=$R/generalist --out=$R/groups.json
   for k in 0 1 2; do
@@ -16,7 +16,7 @@ workdirs/specialists_mnist5k); the roles, in order:
         --config=configs/specialists_mnist5k.py:role=specialist,specialist.index=$k \
         --workdir=$R/specialist_$k
   done
-  python -m kd_jax.evaluate_specialists \
+  python -m kd_jax.specialists.evaluate \
       --config=configs/specialists_mnist5k.py:role=distill --out=$R/combination
   python -m kd_jax.main --config=configs/specialists_mnist5k.py:role=distill \
       --workdir=$R/distill

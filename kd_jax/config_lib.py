@@ -109,9 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
   # specialists combine (teacher_source='specialists': config.teachers holds
   # the generalist, then the specialists in group order).
   c.specialist = ml_collections.ConfigDict(dict(
-      groups_file='',            # written by kd_jax.cluster_classes.
+      groups_file='',            # written by kd_jax.specialists.cluster.
       groups=ml_collections.FieldReference(None, field_type=tuple),  # by hand
-      num_groups=0,              # clusters that kd_jax.cluster_classes forms.
+      num_groups=0,              # clusters that kd_jax.specialists.cluster forms.
       cluster_temperature=1.0,   # softens the generalist before clustering.
       index=-1,                  # >= 0: train specialist `index` (+ dustbin).
       in_group_fraction=0.5,     # share of its train draws from its group.

@@ -38,7 +38,7 @@ from kd_jax import objective
 from kd_jax import optim
 from kd_jax import progress
 from kd_jax import rundir
-from kd_jax import specialist_groups
+from kd_jax.specialists import groups as specialist_groups
 from kd_jax import teachers
 from kd_jax import warm_start
 from kd_jax.models import features as model_features

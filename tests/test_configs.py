@@ -25,7 +25,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from kd_jax import cluster_classes
+from kd_jax.specialists import cluster as cluster_classes
 from kd_jax import datasets as kd_datasets
 from kd_jax import export_logits
 from kd_jax import input_pipeline

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import cluster_classes
+from kd_jax.specialists import cluster as cluster_classes
 from kd_jax import input_pipeline
 from kd_jax import models
-from kd_jax import specialist_groups
+from kd_jax.specialists import groups as specialist_groups
 from kd_jax import specialists
 from kd_jax import rundir
 from kd_jax import teachers

@@ -5,9 +5,9 @@ r"""Specialist ensembles on mnist5k, end to end (Hinton et al. 2015, sec. 5).
   python experiments/specialists/run.py --arg=specialist.cluster_temperature=2.0
 
 runs every role of configs/specialists_mnist5k.py under --out: the
-generalist, the groups (`kd_jax.cluster_classes`), one specialist per group,
+generalist, the groups (`kd_jax.specialists.cluster`), one specialist per group,
 the combination's evaluation on the test split
-(`kd_jax.evaluate_specialists`), a 2x800 student distilled from the
+(`kd_jax.specialists.evaluate`), a 2x800 student distilled from the
 combination, the same student distilled from the generalist alone, and the
 same student without a teacher. It writes --out/results.json and
 --out/results.md (the accuracies, the coverage breakdown and the run time
@@ -25,8 +25,8 @@ import os
 import time
 from typing import Any
 
-from kd_jax import cluster_classes
-from kd_jax import evaluate_specialists
+from kd_jax.specialists import cluster as cluster_classes
+from kd_jax.specialists import evaluate as evaluate_specialists
 from kd_jax import train
 from kd_jax.config_lib import load_config
 

@@ -10,7 +10,7 @@ loader, and `build` calls it:
   with `jax.vmap`.
 * 'cache' (`cache`): a logits cache written by `kd_jax.export_logits` puts the
   logits into the batch on the host, so its `forward` only reads them.
-* 'specialists' (`specialist_ensemble`): a generalist and its specialists
+* 'specialists' (`kd_jax.specialists.teacher`): a generalist and its specialists
   (Hinton et al. 2015, sec. 5), combined inside the step.
 * 'none': no teacher.
 """
@@ -23,7 +23,6 @@ import jax.numpy as jnp
 
 from kd_jax.teachers import cache
 from kd_jax.teachers import online
-from kd_jax.teachers import specialist_ensemble
 from kd_jax.teachers.base import Teacher
 from kd_jax.teachers.cache import augment_views
 from kd_jax.teachers.cache import check_finite
@@ -39,9 +38,10 @@ from kd_jax.teachers.cache import read_cache_split
 from kd_jax.teachers.cache import VIEW_AUGMENTATIONS
 from kd_jax.teachers.cache import view_fill
 from kd_jax.teachers.online import load_online
-from kd_jax.teachers.specialist_ensemble import load_specialist_ensemble
-from kd_jax.teachers.specialist_ensemble import load_specialists
-from kd_jax.teachers.specialist_ensemble import SpecialistEnsemble
+from kd_jax.specialists import teacher as specialist_teacher
+from kd_jax.specialists.teacher import load_specialist_ensemble
+from kd_jax.specialists.teacher import load_specialists
+from kd_jax.specialists.teacher import SpecialistEnsemble
 
 __all__ = [
     'FORM_ARRAYS',
@@ -88,7 +88,7 @@ SOURCES: dict[str, Loader | None] = {
     'online': _load_online,
     'ensemble': _load_online,
     'cache': _load_cache,
-    'specialists': specialist_ensemble.load_specialists,
+    'specialists': specialist_teacher.load_specialists,
 }
 
 

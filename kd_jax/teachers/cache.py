@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from kd_jax import input_pipeline
+from kd_jax.data import preprocess
+from kd_jax.data import stream as data_stream
 from kd_jax.teachers.base import Teacher
 
 MANIFEST = 'manifest.json'
@@ -30,7 +31,7 @@ FORM_ARRAYS = {'dense': ('logits',),
                'topk': ('topk_logits', 'topk_indices', 'rest_mass')}
 # Augmentations a multi-view cache reproduces per example from explicit keys:
 # (largest shift in pixels, random horizontal flip), as config.augment.
-VIEW_AUGMENTATIONS = input_pipeline.SHIFT_AUGMENTATIONS
+VIEW_AUGMENTATIONS = preprocess.SHIFT_AUGMENTATIONS
 # Rows per block when a whole array is scanned (finite checks).
 CHECK_ROWS = 1 << 16
 
@@ -94,7 +95,7 @@ def _example_key(view_seed: int, tag: str, example_id) -> int:
 
 def view_fill(dataset: str, channels: int) -> np.ndarray:
   """The normalised value of a black pixel, which shifted views pad with."""
-  mean, std = input_pipeline.normalization(dataset, channels)
+  mean, std = preprocess.normalization(dataset, channels)
   return -mean / std
 
 
@@ -488,8 +489,8 @@ def _split_ids(config, split: str) -> tuple[np.ndarray, np.ndarray]:
   """The ids and labels of one pass over `split` (after transfer filters
   for train)."""
   ids, labels = [], []
-  for b in input_pipeline.iterate_split(config, split, num_devices=1,
-                                        process_index=0, process_count=1):
+  for b in data_stream.iterate_split(config, split, num_devices=1,
+                                     process_index=0, process_count=1):
     ids.append(b['id'][b['mask']])
     labels.append(b['label'][b['mask']])
   if not ids:

@@ -19,7 +19,7 @@ import numpy as np
 from kd_jax import checkpointing
 from kd_jax import models
 from kd_jax import rundir
-from kd_jax import specialist_groups
+from kd_jax.specialists import groups as specialist_groups
 from kd_jax import specialists
 from kd_jax.teachers import online
 from kd_jax.teachers.base import Teacher

@@ -1,6 +1,6 @@
 r"""Accuracy of a specialist ensemble: generalist alone vs the combination.
 
-  python -m kd_jax.evaluate_specialists \
+  python -m kd_jax.specialists.evaluate \
       --config=configs/specialists_mnist5k.py:role=distill \
       --out=workdirs/specialists_mnist5k/combination [--split=test]
 

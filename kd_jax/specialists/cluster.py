@@ -1,6 +1,6 @@
 r"""Groups of confusable classes from a trained generalist, for specialists.
 
-  python -m kd_jax.cluster_classes \
+  python -m kd_jax.specialists.cluster \
       --config=configs/specialists_mnist5k.py:role=generalist \
       --workdir=workdirs/specialists_mnist5k/generalist \
       [--out=workdirs/specialists_mnist5k/groups.json]
@@ -11,7 +11,7 @@ covariance of its predicted probabilities at temperature
 `config.specialist.cluster_temperature` and clusters the classes into
 `config.specialist.num_groups` groups (`specialists.cluster_classes`, seeded
 by `config.seed`), as Hinton, Vinyals & Dean (2015, sec. 5) do. The groups
-file (`kd_jax.specialist_groups`) records the groups, the class names and a
+file (`kd_jax.specialists.groups`) records the groups, the class names and a
 fingerprint of the generalist's parameters; specialist runs read it through
 `config.specialist.groups_file`, which is where --out defaults to.
 """
@@ -31,7 +31,7 @@ import numpy as np
 from kd_jax import config_lib
 from kd_jax import input_pipeline
 from kd_jax import rundir
-from kd_jax import specialist_groups
+from kd_jax.specialists import groups as specialist_groups
 from kd_jax import specialists
 from kd_jax import teachers
 

@@ -1,7 +1,7 @@
 """The groups of a specialist ensemble, as runs configure and record them.
 
 Groups come from `config.specialist.groups_file` (a `groups.json` that
-`python -m kd_jax.cluster_classes` writes from a trained generalist) or from
+`python -m kd_jax.specialists.cluster` writes from a trained generalist) or from
 `config.specialist.groups` (by hand: class indices or names, e.g. CIFAR-100's
 coarse classes). Either way `config_groups` checks them against the
 dataset's classes with `specialists.resolve_groups`. `specialist_head`
@@ -32,7 +32,7 @@ from kd_jax import rundir
 from kd_jax import specialists
 
 DUSTBIN = 'dustbin'
-_CLUSTER_COMMAND = ('python -m kd_jax.cluster_classes '
+_CLUSTER_COMMAND = ('python -m kd_jax.specialists.cluster '
                     '--config=<generalist config> --out={path}')
 
 
@@ -123,7 +123,7 @@ def config_groups(config, class_names: Sequence[str]) -> specialists.Groups:
   if s.groups is None and not s.groups_file:
     raise ValueError(
         'Specialists need groups: set config.specialist.groups_file to the '
-        'groups.json of `python -m kd_jax.cluster_classes`, or '
+        'groups.json of `python -m kd_jax.specialists.cluster`, or '
         'config.specialist.groups to class indices or names by hand.')
   if s.groups_file:
     field = f'config.specialist.groups_file={s.groups_file!r}'
