@@ -48,9 +48,26 @@ def _write_json(path: str, value: Any) -> None:
 # ---------------------------------------------------------------------------
 
 
+def launch_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """A config file's own top-level fields: its launch-only variant switches.
+
+  Fields such as `role`, `teacher_workdir`, `root`, `pair` or `method` are
+  not in `config_lib.default_config()`: the trainer never reads them, they
+  only choose the values of the run's fields when `get_config(arg)` runs.
+  """
+  from kd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  known = config_lib.default_config()
+  return sorted(k for k in config.keys() if k not in known)
+
+
 def config_json(config: ml_collections.ConfigDict) -> str:
-  """The resolved config as `config.json` stores it."""
-  return config.to_json_best_effort(indent=2, sort_keys=True)
+  """The resolved config as `config.json` stores it: every field the run
+  reads, without the config file's launch-only fields (`launch_fields`)."""
+  run = config.copy_and_resolve_references()
+  with run.unlocked():
+    for key in launch_fields(config):
+      del run[key]
+  return run.to_json_best_effort(indent=2, sort_keys=True)
 
 
 def check_config(workdir: str, resolved_json: str, *, allow_change: bool,
@@ -104,15 +121,21 @@ def config_diff(previous: dict[str, Any], now: dict[str, Any]) -> list[str]:
   """Dotted fields whose values differ between two resolved configs.
 
   A field that `previous` lacks and `now` holds at its default (one that a
-  later kd_jax added to `default_config()`) is no difference: workdirs of
-  earlier versions resume.
+  later kd_jax added to `default_config()`) is no difference, nor is a
+  top-level field that `default_config()` lacks (a config file's launch-only
+  field, which earlier versions stored): workdirs of earlier versions
+  resume.
   """
   from kd_jax import config_lib  # pylint: disable=g-import-not-at-top
-  defaults = _leaves(json.loads(config_json(config_lib.default_config())))
+  default = config_lib.default_config()
+  defaults = _leaves(json.loads(config_json(default)))
+  launch = {k for k in set(previous) | set(now) if k not in default}
   old, new = _leaves(previous), _leaves(now)
   diff = []
   for key in sorted(set(old) | set(new)):
     if key not in old and key in defaults and new[key] == defaults[key]:
+      continue
+    if key.split('.')[0] in launch:
       continue
     if old.get(key, diff) != new.get(key, diff):
       diff.append(key)

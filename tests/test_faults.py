@@ -478,6 +478,27 @@ def test_workdir_without_checkpoint_accepts_a_changed_config(tmp_path):
                         has_checkpoint=True)
 
 
+def test_launch_only_fields_stay_out_of_config_json_and_old_workdirs_resume(
+    tmp_path):
+  config = config_lib.load_config(
+      'cifar100_crd', 'runlocal,role=distill,teacher_workdir=/x/teacher')
+  assert {'role', 'teacher_workdir'} <= set(rundir.launch_fields(config))
+  stored = json.loads(rundir.config_json(config))
+  assert not {'role', 'teacher_workdir'} & set(stored)
+  assert stored['teachers'][0]['workdir'] == '/x/teacher'
+  # A workdir of an earlier version stored them: it still resumes.
+  rundir.write_config(str(tmp_path), json.dumps(
+      dict(stored, role='distill', teacher_workdir='/x/teacher')))
+  rundir.check_config(str(tmp_path), rundir.config_json(config),
+                      allow_change=False, has_checkpoint=True)
+  # A change of what they chose is still a change.
+  other = config_lib.load_config(
+      'cifar100_crd', 'runlocal,role=distill,teacher_workdir=/y/teacher')
+  with pytest.raises(ValueError, match=r'different config.*teachers'):
+    rundir.check_config(str(tmp_path), rundir.config_json(other),
+                        allow_change=False, has_checkpoint=True)
+
+
 def test_workdir_with_checkpoints_refuses_a_changed_config(finished, tmp_path):
   with pytest.raises(ValueError, match='different config.*learning_rate'):
     train.train_and_evaluate(tiny('learning_rate=0.5'),
