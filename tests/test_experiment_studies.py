@@ -216,6 +216,33 @@ def test_logit_methods_chooses_each_teacher_recipe_on_validation(tmp_path):
   assert study.choose_recipes(args, flipped)['digits'] == recipes[0]
 
 
+def test_feature_methods_choose_each_students_rate_on_validation(tmp_path):
+  study = _load('feature_methods')
+  args = study.parse_args([f'--workdir={tmp_path}', '--seeds=0,1,2',
+                           '--methods=kd,at', '--student_lrs=0.01,0.05'])
+  teachers = {s: f'/t{s}' for s in args.seeds}
+  candidates = study.candidate_runs(args, teachers)
+  assert [(r['method'], r['lr'], r['seed']) for r in candidates] == [
+      (m, lr, 0) for m in ('scratch', 'kd', 'at') for lr in (0.01, 0.05)]
+  assert 'teacher' not in candidates[0] and candidates[2]['teacher'] == '/t0'
+  assert len({r['workdir'] for r in candidates}) == len(candidates)
+  val_errors = {('scratch', 0.01): 9, ('scratch', 0.05): 7,
+                ('kd', 0.01): 5, ('kd', 0.05): 5,   # A tie: the lower rate.
+                ('at', 0.01): 6, ('at', 0.05): 360}
+  finished = [dict(r, summary={'eval': {
+      study.VAL_SPLIT: {'errors': val_errors[r['method'], r['lr']]},
+      # Test errors never choose: they favour the other rate here.
+      'test': {'errors': 100 - val_errors[r['method'], r['lr']]}}})
+              for r in candidates]
+  lrs = study.chosen_lrs(finished)
+  assert lrs == {'scratch': 0.05, 'kd': 0.01, 'at': 0.01}
+  runs = study.seed_runs(args, lrs, teachers)
+  assert [(r['method'], r['lr'], r['seed']) for r in runs] == [
+      (m, lrs[m], s) for s in (1, 2) for m in ('scratch', 'kd', 'at')]
+  assert all(r['overrides']['learning_rate'] == r['lr'] for r in runs)
+  assert runs[1]['teacher'] == '/t1'
+
+
 def test_logit_methods_scale_the_authors_schedules_to_the_study():
   study = _load('logit_methods')
   dkd = study.method_overrides('dkd', 60)

@@ -11,10 +11,17 @@ validation split `train[3600:]` and on `test`:
 * the teacher's learning rate is chosen on validation: one seed-0 teacher
   per value of --teacher_lrs, the one with the fewest validation errors
   wins, and the teachers of the other seeds train with it;
-* per seed in --seeds, the student from scratch, KD (T=4, 0.9 soft, 0.1 CE,
-  RepDistiller's KD) and each method of configs/cifar100_feature_methods.py
-  at RepDistiller's weight and options (CE weight 1, KD weight 0; crd_kd
-  adds KD at weight 1), its features mapped onto this pair by resolution:
+* the student from scratch, KD (T=4, 0.9 soft, 0.1 CE, RepDistiller's KD)
+  and each method of configs/cifar100_feature_methods.py at RepDistiller's
+  weight and options (CE weight 1, KD weight 0; crd_kd adds KD at weight 1),
+  its features mapped onto this pair by resolution (table below);
+* each of these (scratch included) gets its own learning rate, chosen on
+  validation as the teacher's: one seed-0 run per value of --student_lrs,
+  the fewest validation errors wins (ties: the smaller rate), and the
+  other seeds train at that rate. At RepDistiller's lr 0.05 the 7k-param
+  student (no batch norm) never learns under KD's T^2-scaled gradients or
+  AT's weight of 1000: its ReLUs die in the first steps.
+
 
   | method | student -> teacher features |
   |---|---|
@@ -33,8 +40,10 @@ folder; with --tiny, --workdir). Finished runs are read from their
 workdirs, not rerun. `--tiny` shrinks every run to a few steps and one
 seed, to check the script (about a minute per run on a loaded 2-core CPU).
 
-Cost of the full study (3 teacher candidates + 2 teachers, 3 x 11 students,
-30 epochs each): roughly 3-4 hours on an idle 2-core CPU; not run yet.
+Cost of the full study (3 teacher candidates + 2 teachers, 11 methods x
+(3 learning rates + 2 seeds) students, 30 epochs each): about 1.5 CPU hours
+of runs on a 2-core CPU (two runs at a time); results.md gives the sum of
+the runs' training times.
 """
 
 from __future__ import annotations
@@ -120,6 +129,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--teacher_lrs', default='0.02,0.05,0.1',
                       help='Teacher learning rates compared on validation.')
   parser.add_argument('--teacher_epochs', type=float, default=30.0)
+  parser.add_argument('--student_lrs', default='0.01,0.02,0.05',
+                      help='Student learning rates compared on validation, '
+                      'per method.')
   parser.add_argument('--num_epochs', type=float, default=None,
                       help='Overrides the students\' 30 epochs.')
   parser.add_argument('--tiny', action='store_true',
@@ -129,11 +141,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.seeds = [int(s) for s in args.seeds.split(',') if s]
   args.methods = [m for m in args.methods.split(',') if m]
   args.teacher_lrs = [float(x) for x in args.teacher_lrs.split(',') if x]
+  args.student_lrs = [float(x) for x in args.student_lrs.split(',') if x]
   if args.tiny:
     args.seeds, args.teacher_lrs = args.seeds[:1], args.teacher_lrs[:1]
+    args.student_lrs = args.student_lrs[-1:]
   bad = [m for m in args.methods if m not in METHOD_NAMES]
-  if bad or not (args.seeds and args.teacher_lrs):
-    raise ValueError(f'unknown or empty --methods/--seeds/--teacher_lrs '
+  if bad or not (args.seeds and args.teacher_lrs and args.student_lrs):
+    raise ValueError(f'unknown or empty --methods/--seeds/--teacher_lrs/'
+                     f'--student_lrs '
                      f'({bad or "empty"}); methods: {METHOD_NAMES}.')
   if args.out_dir is None:
     args.out_dir = args.workdir if args.tiny else HERE
@@ -154,20 +169,42 @@ def teacher_run(args, lr: float, seed: int) -> dict[str, Any]:
               workdir=os.path.join(args.workdir, name))
 
 
-def student_runs(args, teachers: dict[int, str]) -> list[dict[str, Any]]:
-  runs = []
-  for seed in args.seeds:
-    for method in ('scratch', *args.methods):
-      name = f'student_{method}_s{seed}'
-      overrides = {**STUDENT_RECIPE, **method_overrides(method)}
-      if args.num_epochs is not None:
-        overrides['num_epochs'] = args.num_epochs
-      run = dict(name=name, method=method, seed=seed, arg=_arg(args, seed),
-                 overrides=overrides, workdir=os.path.join(args.workdir, name))
-      if method != 'scratch':
-        run['teacher'] = teachers[seed]
-      runs.append(run)
-  return runs
+def student_run(args, method: str, lr: float, seed: int,
+                teachers: dict[int, str]) -> dict[str, Any]:
+  name = f'student_{method}_lr{lr:g}_s{seed}'
+  overrides = {**STUDENT_RECIPE, **method_overrides(method),
+               'learning_rate': lr}
+  if args.num_epochs is not None:
+    overrides['num_epochs'] = args.num_epochs
+  run = dict(name=name, method=method, seed=seed, lr=lr, arg=_arg(args, seed),
+             overrides=overrides, workdir=os.path.join(args.workdir, name))
+  if method != 'scratch':
+    run['teacher'] = teachers[seed]
+  return run
+
+
+def candidate_runs(args, teachers: dict[int, str]) -> list[dict[str, Any]]:
+  """Seed 0 of every method at every --student_lrs value."""
+  return [student_run(args, method, lr, args.seeds[0], teachers)
+          for method in ('scratch', *args.methods) for lr in args.student_lrs]
+
+
+def chosen_lrs(candidates: list[dict[str, Any]]) -> dict[str, float]:
+  """Per method, the rate with the fewest validation errors (ties: lower)."""
+  chosen = {}
+  for run in candidates:
+    key = (study.errors(run['summary'], VAL_SPLIT), run['lr'])
+    best = chosen.get(run['method'])
+    if best is None or key < best:
+      chosen[run['method']] = key
+  return {method: key[1] for method, key in chosen.items()}
+
+
+def seed_runs(args, lrs: dict[str, float], teachers: dict[int, str]
+              ) -> list[dict[str, Any]]:
+  """The other seeds of every method at its chosen rate."""
+  return [student_run(args, method, lrs[method], seed, teachers)
+          for seed in args.seeds[1:] for method in ('scratch', *args.methods)]
 
 
 def make(run: dict[str, Any]):
@@ -178,7 +215,8 @@ def make(run: dict[str, Any]):
   return config
 
 
-def summarise(candidates, teachers, students, args) -> dict[str, Any]:
+def summarise(candidates, teachers, student_candidates, students, lrs,
+              args) -> dict[str, Any]:
   def row(method, runs):
     return dict(method=method, seeds=[r['seed'] for r in runs],
                 val=study.stats(study.errors(r['summary'], VAL_SPLIT)
@@ -187,15 +225,24 @@ def summarise(candidates, teachers, students, args) -> dict[str, Any]:
                                  for r in runs),
                 num_examples={s: runs[0]['summary']['eval'][s]['num_examples']
                               for s in (VAL_SPLIT, 'test')})
+  every = [*candidates, *teachers[1:], *student_candidates, *students]
   return dict(
       teacher_candidates=[dict(lr=r['lr'], val_errors=study.errors(
           r['summary'], VAL_SPLIT)) for r in candidates],
       teacher_lr=teachers[0]['lr'],
       teacher=row('teacher', teachers),
-      rows=[row(m, [r for r in students if r['method'] == m])
+      student_candidates={
+          m: {f'{r["lr"]:g}': study.errors(r['summary'], VAL_SPLIT)
+              for r in student_candidates if r['method'] == m}
+          for m in ('scratch', *args.methods)},
+      rows=[dict(row(m, [r for r in students if r['method'] == m]),
+                 lr=lrs[m])
             for m in ('scratch', *args.methods)],
       student_params=students[0]['summary']['num_params'],
-      teacher_params=teachers[0]['summary']['num_params'])
+      teacher_params=teachers[0]['summary']['num_params'],
+      train_seconds=sum(r['summary'].get('train_seconds', 0.0)
+                        for r in every),
+      num_runs=len(every))
 
 
 def write_outputs(results: dict[str, Any], args, wall_seconds: float,
@@ -208,7 +255,9 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
   lines = [
       '# Feature distillation on mnist5k: resnet8 -> 3-layer cnn', '',
       f'Command: `{command}`', '',
-      f'Wall time: {wall_seconds / 60:.1f} min; seeds {args.seeds}'
+      f'Wall time of this invocation: {wall_seconds / 60:.1f} min; the '
+      f'{results["num_runs"]} runs trained for '
+      f'{results["train_seconds"] / 60:.1f} min in all. Seeds {args.seeds}'
       + (' (--tiny: a few steps, not a result)' if args.tiny else '') + '.',
       f'Teacher ({results["teacher_params"]:,} params): learning rate '
       f'{results["teacher_lr"]:g}, chosen on {VAL_SPLIT} among '
@@ -217,12 +266,21 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
       + f'; test errors {study.fmt(teacher["test"])}. Student: '
       f'{results["student_params"]:,} params. Errors are mean +- std over '
       'seeds.', '',
-      '| method | val errors | test errors |', '|---|---|---|']
+      '| method | lr (on validation) | val errors | test errors |',
+      '|---|---|---|---|']
   for r in results['rows']:
-    lines.append(f'| {LABELS[r["method"]]} | '
+    lines.append(f'| {LABELS[r["method"]]} | {r["lr"]:g} | '
                  f'{study.fmt(r["val"])} / {r["num_examples"][VAL_SPLIT]:g} '
                  f'| {study.fmt(r["test"])} / '
                  f'{r["num_examples"]["test"]:g} |')
+  lrs = [f'{lr:g}' for lr in args.student_lrs]
+  lines += ['', f'Validation errors of seed 0 per learning rate (of '
+            f'{results["rows"][0]["num_examples"][VAL_SPLIT]:g}):', '',
+            '| method | ' + ' | '.join(lrs) + ' |',
+            '|---|' + '---|' * len(lrs)]
+  for method, errors in results['student_candidates'].items():
+    lines.append(f'| {LABELS[method]} | '
+                 + ' | '.join(str(errors[lr]) for lr in lrs) + ' |')
   with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
 
@@ -255,9 +313,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                key=lambda r: study.errors(r['summary'], VAL_SPLIT))['lr']
   teachers = [teacher_run(args, chosen, seed) for seed in args.seeds]
   study.run_all(teachers, make)
-  students = student_runs(args, {r['seed']: r['workdir'] for r in teachers})
+  teacher_dirs = {r['seed']: r['workdir'] for r in teachers}
+  student_candidates = candidate_runs(args, teacher_dirs)
+  study.run_all(student_candidates, make)
+  lrs = chosen_lrs(student_candidates)
+  students = seed_runs(args, lrs, teacher_dirs)
   study.run_all(students, make)
-  results = summarise(candidates, teachers, students, args)
+  students = [r for r in student_candidates
+              if r['lr'] == lrs[r['method']]] + students
+  results = summarise(candidates, teachers, student_candidates, students,
+                      lrs, args)
   write_outputs(results, args, time.perf_counter() - start, command)
   print(open(os.path.join(args.out_dir, 'results.md')).read())
   return results
