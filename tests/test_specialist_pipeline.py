@@ -60,10 +60,14 @@ def test_groups_partition_the_classes_and_name_their_generalist(pipeline):
 def test_specialist_run_records_its_group_head_and_oversampling(pipeline):
   root, _ = pipeline
   groups = json.load(open(os.path.join(root, 'groups.json')))['groups']
+  config = tiny(root)
+  # The factor comes from the labels of the split the specialists train on.
+  assert config.train_split == 'train[:3600]'
   labels = np.concatenate([b['label'][b['mask']] for b in
                            input_pipeline.iterate_split(
-                               tiny(root), 'train', num_devices=1,
+                               config, config.train_split, num_devices=1,
                                process_index=0, process_count=1)])
+  assert len(labels) == 3600
   for k, group in enumerate(groups):
     info = json.load(open(os.path.join(root, f'specialist_{k}',
                                        'run_info.json')))
@@ -73,6 +77,35 @@ def test_specialist_run_records_its_group_head_and_oversampling(pipeline):
     assert recorded['group'] == group
     assert recorded['oversampling_factor'] == pytest.approx(
         specialists.oversampling_factor(labels, group, 0.5))
+
+
+# The mnist5k config whose run each role makes, and the fields besides the
+# specialist settings and the teachers that differ from it.
+RECIPES = {
+    'generalist': ('mnist5k_teacher', {}),
+    # Fine-tunes the generalist: its weights, 15 epochs at the same lr.
+    'specialist,specialist.index=0': ('mnist5k_teacher', dict(
+        num_epochs=15.0, init_from='workdirs/specialists_mnist5k/generalist')),
+    'distill': ('mnist5k_distill', {}),
+    'distill_generalist': ('mnist5k_distill', {}),
+    'student': ('mnist5k_student', {}),
+}
+
+
+@pytest.mark.parametrize('role', sorted(RECIPES))
+def test_every_role_runs_the_validated_mnist5k_recipe(role):
+  # The generalist is the teacher chosen on validation, the students the
+  # mnist5k student and distilled student: same splits, model, optimiser.
+  name, differ = RECIPES[role]
+  run = json.loads(rundir.config_json(load_config(NAME, f'role={role}')))
+  recipe = json.loads(rundir.config_json(load_config(name)))
+  assert run['train_split'] == 'train[:3600]'
+  assert run['eval_splits'] == ['train[3600:]', 'test']
+  assert {k: run[k] for k in run if run[k] != recipe[k]
+          and k not in ('specialist', 'teachers', 'distill')} == differ
+  # Of the loss, only the source of the teacher may change.
+  assert {k for k in run['distill'] if run['distill'][k] !=
+          recipe['distill'][k]} <= {'teacher_source'}
 
 
 def test_specialist_stream_draws_half_from_its_group_in_head_labels(tmp_path):
@@ -107,15 +140,23 @@ def test_resumed_specialist_stream_continues_where_it_stopped(tmp_path):
 @pytest.mark.slow
 def test_combination_teacher_is_what_the_distilled_student_saw(pipeline):
   _, results = pipeline
-  combination = results['combination']
-  rows = combination['coverage_breakdown']
-  assert sum(r['num_examples'] for r in rows) == 1000
-  assert sum(r['correct_delta'] for r in rows) == (
-      combination['generalist_errors'] - combination['combined_errors'])
-  # The same combination, computed by the train step's teacher forward.
-  assert results['students']['distill']['teacher_accuracy'] == pytest.approx(
-      combination['combined_accuracy'])
-  assert 0.0 <= results['students']['distill']['test_accuracy'] <= 1.0
+  # Validation: the 400 held-out train digits; test: the 1,000 test digits.
+  sizes = dict(validation=400, test=1000)
+  assert results['splits'] == dict(validation='train[3600:]', test='test')
+  for name, split in results['splits'].items():
+    combination = results['combination'][name]
+    assert combination['split'] == split
+    rows = combination['coverage_breakdown']
+    assert sum(r['num_examples'] for r in rows) == sizes[name]
+    assert sum(r['correct_delta'] for r in rows) == (
+        combination['generalist_errors'] - combination['combined_errors'])
+    # The same combination, computed by the train step's teacher forward.
+    student = results['students']['distill'][name]
+    assert student['teacher_accuracy'] == pytest.approx(
+        combination['combined_accuracy'])
+    assert results['generalist'][name]['accuracy'] == pytest.approx(
+        combination['generalist_accuracy'])
+    assert student['errors'] == round((1 - student['accuracy']) * sizes[name])
 
 
 @pytest.mark.slow

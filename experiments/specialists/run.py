@@ -6,15 +6,17 @@ r"""Specialist ensembles on mnist5k, end to end (Hinton et al. 2015, sec. 5).
 
 runs every role of configs/specialists_mnist5k.py under --out: the
 generalist, the groups (`kd_jax.specialists.cluster`), one specialist per group,
-the combination's evaluation on the test split
-(`kd_jax.specialists.evaluate`), a 2x800 student distilled from the
-combination, the same student distilled from the generalist alone, and the
-same student without a teacher. It writes --out/results.json and
---out/results.md (the accuracies, the coverage breakdown and the run time
-with the machine's load). Runs that already finished are reused (each
-workdir resumes), so a rerun only reports. `--tiny` is the seconds-long form
-that tests/test_specialist_pipeline.py runs: every run in its runlocal size,
-two specialists, and no teacher-free or generalist-only students.
+the combination's evaluation (`kd_jax.specialists.evaluate`) on the
+validation split (`train[3600:]`, the 400 train digits no run trains on) and
+on the test split, a 2x800 student distilled from the combination, the same
+student distilled from the generalist alone, and the same student without a
+teacher. It writes --out/results.json and --out/results.md (validation and
+test errors of every model, the coverage breakdown per split and the run
+time with the machine's load) and --out/combination_{validation,test}/.
+Runs that already finished are reused (each workdir resumes), so a rerun
+only reports. `--tiny` is the seconds-long form that
+tests/test_specialist_pipeline.py runs: every run in its runlocal size, two
+specialists, and no teacher-free or generalist-only students.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from kd_jax import train
 from kd_jax.config_lib import load_config
 
 CONFIG = 'specialists_mnist5k'
+# The config's eval splits, in order.
+SPLIT_NAMES = ('validation', 'test')
 
 
 def _load_average() -> str:
@@ -64,29 +68,36 @@ def run(out: str, tiny: bool = False, arg: str = '') -> dict[str, Any]:
     return timed(name, train.train_and_evaluate, config(arg),
                  os.path.join(out, name))
 
+  splits = dict(zip(SPLIT_NAMES, config('role=distill').eval_splits))
   generalist = train_role('generalist', 'role=generalist')
   groups = timed('cluster', cluster_classes.cluster,
                  config('role=generalist'), os.path.join(out, 'generalist'))
   for k in range(groups['num_groups']):
     train_role(f'specialist_{k}', f'role=specialist,specialist.index={k}')
-  combination = timed('evaluate', evaluate_specialists.evaluate,
-                      config('role=distill'))
-  evaluate_specialists.write_report(combination, out)
+  combination = {}
+  for name, split in splits.items():
+    combination[name] = timed(f'evaluate ({name})',
+                              evaluate_specialists.evaluate,
+                              config('role=distill'), split)
+    evaluate_specialists.write_report(combination[name],
+                                      os.path.join(out, f'combination_{name}'))
   students = {'distill': train_role('distill', 'role=distill')}
   if not tiny:
     students['distill_generalist'] = train_role('distill_generalist',
                                                 'role=distill_generalist')
     students['student'] = train_role('student', 'role=student')
 
+  def scores(summary):
+    return {name: dict(accuracy=summary['eval'][split]['accuracy'],
+                       errors=summary['eval'][split]['errors'],
+                       teacher_accuracy=summary['eval'][split].get(
+                           'teacher_accuracy'))
+            for name, split in splits.items()}
+
   results = dict(
-      tiny=tiny, groups=groups['group_names'],
-      generalist_test_accuracy=generalist['eval']['test']['accuracy'],
-      combination=combination,
-      students={name: dict(test_accuracy=s['eval']['test']['accuracy'],
-                           test_errors=s['eval']['test']['errors'],
-                           teacher_accuracy=s['eval']['test'].get(
-                               'teacher_accuracy'))
-                for name, s in students.items()},
+      tiny=tiny, splits=splits, groups=groups['group_names'],
+      generalist=scores(generalist), combination=combination,
+      students={name: scores(s) for name, s in students.items()},
       seconds=seconds, total_seconds=round(time.time() - start, 1),
       load_average_before=load_before, load_average_after=_load_average())
   with open(os.path.join(out, 'results.json'), 'w') as f:
@@ -97,15 +108,36 @@ def run(out: str, tiny: bool = False, arg: str = '') -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-  names = dict(distill='student distilled from generalist + specialists',
-               distill_generalist='student distilled from the generalist',
-               student='student without a teacher')
-  lines = [evaluate_specialists.markdown(results['combination']),
-           '| 2x800 student | test accuracy | test errors |',
-           '|---|---|---|']
+  names = dict(distill='2x800 student distilled from generalist + specialists',
+               distill_generalist='2x800 student distilled from the '
+               'generalist',
+               student='2x800 student without a teacher')
+  combination = results['combination']
+  sizes = {name: combination[name]['num_examples'] for name in SPLIT_NAMES}
+  header = ' | '.join(f'{name} errors (of {sizes[name]}) | {name} accuracy'
+                      for name in SPLIT_NAMES)
+  lines = [f'Validation split `{results["splits"]["validation"]}`, test split '
+           f'`{results["splits"]["test"]}`; every run trains on the rest of '
+           'the train digits.', '',
+           f'| model | {header} |', '|---|' + '---:|---:|' * len(SPLIT_NAMES)]
+
+  def row(label, errors, accuracy):
+    cells = ' | '.join(f'{errors[n]:.0f} | {accuracy[n]:.2%}'
+                       for n in SPLIT_NAMES)
+    lines.append(f'| {label} | {cells} |')
+
+  row('generalist', {n: combination[n]['generalist_errors']
+                     for n in SPLIT_NAMES},
+      {n: combination[n]['generalist_accuracy'] for n in SPLIT_NAMES})
+  row('generalist + specialists', {n: combination[n]['combined_errors']
+                                   for n in SPLIT_NAMES},
+      {n: combination[n]['combined_accuracy'] for n in SPLIT_NAMES})
   for name, s in results['students'].items():
-    lines.append(f'| {names[name]} | {s["test_accuracy"]:.2%} | '
-                 f'{s["test_errors"]:.0f} |')
+    row(names[name], {n: s[n]['errors'] for n in SPLIT_NAMES},
+        {n: s[n]['accuracy'] for n in SPLIT_NAMES})
+  for name in SPLIT_NAMES:
+    lines += ['', f'{name.capitalize()}:', '',
+              evaluate_specialists.markdown(combination[name]).rstrip('\n')]
   parts = ', '.join(f'{k} {v:.0f} s' for k, v in results['seconds'].items())
   lines += ['', f'Run time: {results["total_seconds"]:.0f} s ({parts}); load '
             f'average (1, 5, 15 min) before {results["load_average_before"]}, '
