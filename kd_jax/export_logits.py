@@ -21,12 +21,15 @@ split and writes `OUT/<split>/`:
 * `labels.npy`: [N] int32;
 * `logits.csv` (`id,[view,]label,<class names>`) or `topk.csv`
   (`id,[view,]label,top1_class..,top1_logit..,rest_mass`): the same numbers
-  as text;
+  as text (--nocsv leaves it out: an ImageNet split's CSV is about 10 GB);
 * `manifest.json`: teacher fingerprint, dataset, split, transfer filters,
   class names, form (dense / topk, top_k, temperature), preprocessing (image
   size, channels, augment, num_views, view_seed) and dtype, which
   `teachers.load_cache` checks against the run (`kd_jax.teachers.cache`
   owns the format).
+
+Batches go to disk as they are computed (`cache.SplitWriter`): host memory
+stays constant whatever the split's size.
 
 --views=V (train split only) runs the teachers on V augmented views of each
 example: view v of example `id` is config.augment (mnist_jitter or cifar)
@@ -112,7 +115,8 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
            splits: Sequence[str] | None = None,
            dtype: str = 'float32', *, views: int = 1, view_seed: int = 0,
            top_k: int | None = None, temperature: float | None = None,
-           overwrite: bool = False) -> dict[str, dict[str, Any]]:
+           overwrite: bool = False, write_csv: bool = True
+           ) -> dict[str, dict[str, Any]]:
   """Runs the config's teachers over `splits` and writes a logits cache.
 
   Args:
@@ -131,6 +135,8 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
     temperature: where the top-k rest mass is computed; default
       config.distill.temperature (training must use the same).
     overwrite: replace an existing cache in `out_dir` (else refused).
+    write_csv: also write each split as a CSV (logits.csv / topk.csv); off
+      for large caches (an ImageNet split's CSV is about 10 GB).
 
   Returns:
     The manifest written for each split, plus 'nbytes' (the teacher arrays
@@ -173,36 +179,39 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
   manifests = {}
   for split in splits or _default_splits(config):
     split_views = views if split == config.train_split else 1
-    ids, labels, logits = [], [], []
-    for batch in input_pipeline.iterate_split(config, split,
-                                              **_single_process()):
-      mask = batch['mask']
-      if split_views == 1:
-        out = np.asarray(forward(teacher.variables, batch['image']))
-      else:
-        out = np.stack([np.asarray(forward(
-            teacher.variables, cache.augment_views(
-                batch['image'], batch['id'], np.full(len(mask), v),
-                kind=config.augment, view_seed=view_seed, fill=fill)))
-                        for v in range(split_views)], axis=1)
-      ids.extend(batch['id'][mask])
-      labels.append(batch['label'][mask])
-      logits.append(out[mask])
-    logits = np.concatenate(logits)
+    writer = cache.SplitWriter(
+        os.path.join(out_dir, split), dtype=dtype, topk=top_k is not None,
+        class_names=info.class_names, write_csv=write_csv)
+    try:
+      for batch in input_pipeline.iterate_split(config, split,
+                                                **_single_process()):
+        mask = batch['mask']
+        if split_views == 1:
+          out = np.asarray(forward(teacher.variables, batch['image']))
+        else:
+          out = np.stack([np.asarray(forward(
+              teacher.variables, cache.augment_views(
+                  batch['image'], batch['id'], np.full(len(mask), v),
+                  kind=config.augment, view_seed=view_seed, fill=fill)))
+                          for v in range(split_views)], axis=1)
+        out = out[mask]
+        writer.add(batch['id'][mask], batch['label'][mask],
+                   {'logits': out} if top_k is None else dict(zip(
+                       cache.FORM_ARRAYS['topk'],
+                       cache.sparsify(out, top_k, temperature))))
+    except ValueError:
+      writer.abort()
+      raise
     manifest = cache.make_manifest(
         config, info, split, fingerprint=teacher.fingerprint,
         teacher=','.join(os.path.abspath(t.workdir) for t in config.teachers),
-        num_examples=len(ids), dtype=dtype, views=split_views,
+        num_examples=writer.num_examples, dtype=dtype, views=split_views,
         view_seed=view_seed, top_k=top_k, temperature=temperature)
-    nbytes = cache.write_split(
-        os.path.join(out_dir, split), ids=np.asarray(ids, object),
-        labels=np.concatenate(labels), class_names=info.class_names,
-        manifest=manifest,
-        logits=logits if top_k is None else None,
-        topk=None if top_k is None else cache.sparsify(logits, top_k,
-                                                       temperature))
-    manifests[split] = dict(manifest, nbytes=nbytes,
-                            dense_nbytes=logits.size * np.dtype(dtype).itemsize)
+    nbytes = writer.close(manifest)
+    manifests[split] = dict(
+        manifest, nbytes=nbytes,
+        dense_nbytes=(writer.num_examples * split_views * info.num_classes
+                      * np.dtype(dtype).itemsize))
   return manifests
 
 
@@ -285,6 +294,8 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
     ids_path: the ids `.npy` of an `.npy` table.
     dtype: 'float32' or 'float16' storage.
     overwrite: replace an existing cache in `out_dir` (else refused).
+    write_csv: also write each split as a CSV (logits.csv / topk.csv); off
+      for large caches (an ImageNet split's CSV is about 10 GB).
 
   Returns:
     The manifest written for each split that holds rows of the table.
@@ -366,6 +377,8 @@ def define_flags() -> None:
   flags.DEFINE_float('temperature', None, 'Temperature of the top-k rest '
                      'mass; default config.distill.temperature.')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing cache at --out.')
+  flags.DEFINE_bool('csv', True, 'Also write each split as a CSV (--nocsv '
+                    'for large caches).')
   flags.mark_flags_as_required(['config', 'out'])
 
 
@@ -381,7 +394,8 @@ def main(argv):
   else:
     manifests = export(f.config, f.out, f.splits, f.dtype, views=f.views,
                        view_seed=f.view_seed, top_k=f.top_k,
-                       temperature=f.temperature, overwrite=f.overwrite)
+                       temperature=f.temperature, overwrite=f.overwrite,
+                       write_csv=f.csv)
   for split, m in manifests.items():
     views = m['preprocessing']['num_views']
     print(f'{split}: {m["num_examples"]} examples, {views} '

@@ -119,3 +119,19 @@ def fmt(s: Mapping[str, Any], digits: int = 1) -> str:
   if math.isnan(s['mean']):
     return 'n/a'
   return f'{s["mean"]:.{digits}f} +- {s["std"]:.{digits}f}'
+
+
+def error_bars(ax, rows: Sequence[Mapping[str, Any]],
+               labels: Mapping[str, str], teacher: float,
+               colors: Mapping[str, str] | None = None) -> None:
+  """Draws each row's mean test errors +- std (rows hold 'method' and a
+  'test' `stats` dict) on a matplotlib axis, with the teacher's errors as a
+  dashed line and `labels[method]` under the bars (default colour C0)."""
+  colors = colors or {}
+  ax.bar(range(len(rows)), [r['test']['mean'] for r in rows],
+         yerr=[r['test']['std'] for r in rows], capsize=3,
+         color=[colors.get(r['method'], 'C0') for r in rows])
+  ax.axhline(teacher, color='C3', ls='--', label='teacher')
+  ax.set_xticks(range(len(rows)))
+  ax.set_xticklabels([labels[r['method']] for r in rows], rotation=45)
+  ax.legend()

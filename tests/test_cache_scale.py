@@ -1,6 +1,6 @@
 """Logits caches at ImageNet scale: a synthetic 2M-example x 100-class
-float16 cache, memory-mapped, indexed without a Python object per example,
-read batch by batch at constant host memory."""
+float16 cache, written batch by batch and read memory-mapped, indexed
+without a Python object per example, both at constant host memory."""
 
 import json
 import os
@@ -36,33 +36,42 @@ def row_values(rows: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope='module')
 def big_cache(tmp_path_factory):
-  """A dense cache split 'train' of NUM_IDS rows, written block by block
-  into memory-mapped .npy files (never whole in memory)."""
+  """A dense cache split 'train' of NUM_IDS rows, written batch by batch by
+  `cache.SplitWriter`; returns (root, growth of anonymous memory while
+  writing)."""
   root = tmp_path_factory.mktemp('big_cache')
-  directory = root / 'train'
-  directory.mkdir()
-  logits = npy_format.open_memmap(directory / 'logits.npy', mode='w+',
-                                  dtype=np.float16,
-                                  shape=(NUM_IDS, NUM_CLASSES))
-  ids = npy_format.open_memmap(directory / 'ids.npy', mode='w+',
-                               dtype='S10', shape=(NUM_IDS,))
-  for start in range(0, NUM_IDS, 1 << 18):
-    rows = np.arange(start, min(start + (1 << 18), NUM_IDS))
-    logits[rows] = row_values(rows)
-    ids[rows] = example_ids(rows)
-  logits.flush()
-  ids.flush()
-  del logits, ids
-  with open(directory / cache.MANIFEST, 'w') as f:
-    json.dump(dict(form='dense', num_classes=NUM_CLASSES,
-                   preprocessing=dict(num_views=1)), f)
-  return str(root)
+  writer = cache.SplitWriter(str(root / 'train'), dtype='float16',
+                             topk=False, class_names=[], write_csv=False)
+  before = peak = anonymous_rss_bytes()
+  for start in range(0, NUM_IDS, 1 << 16):
+    rows = np.arange(start, min(start + (1 << 16), NUM_IDS))
+    writer.add(example_ids(rows), np.zeros(len(rows), np.int32),
+               {'logits': row_values(rows)})
+    peak = max(peak, anonymous_rss_bytes())
+  writer.close(dict(form='dense', num_classes=NUM_CLASSES,
+                    num_examples=NUM_IDS, preprocessing=dict(num_views=1)))
+  return str(root), peak - before
+
+
+@pytest.mark.slow
+def test_a_cache_is_written_at_constant_host_memory(big_cache):
+  root, growth = big_cache
+  logits = np.load(os.path.join(root, 'train', 'logits.npy'), mmap_mode='r')
+  assert logits.shape == (NUM_IDS, NUM_CLASSES) and logits.dtype == np.float16
+  # 400 MB of logits went to disk; memory grew by the ids and labels kept
+  # for the index (28 MB) and one batch's temporaries, not by the logits.
+  assert growth < 150e6, growth
+  rows = np.array([0, 1, 999_999, NUM_IDS - 1])
+  np.testing.assert_array_equal(logits[rows], row_values(rows))
+  ids = np.load(os.path.join(root, 'train', 'ids.npy'))
+  np.testing.assert_array_equal(ids[rows], example_ids(rows))
 
 
 @pytest.mark.slow
 def test_two_million_ids_are_read_at_constant_host_memory(big_cache):
+  root, _ = big_cache
   before = anonymous_rss_bytes()
-  _, ids, arrays = cache.read_cache_arrays(big_cache, 'train', mmap=True)
+  _, ids, arrays = cache.read_cache_arrays(root, 'train', mmap=True)
   assert isinstance(arrays['logits'], np.memmap)
   index = cache.IdIndex([ids])
   tables = [{k: v[:, None] for k, v in arrays.items()}]
@@ -77,7 +86,7 @@ def test_two_million_ids_are_read_at_constant_host_memory(big_cache):
     batch_ids = example_ids(rows).astype(object)
     got = cache.lookup_rows(index, tables, batch_ids, np.zeros(BATCH, int),
                             form='dense', top_k=None, temperature=None,
-                            num_classes=NUM_CLASSES, cache_dir=big_cache)
+                            num_classes=NUM_CLASSES, cache_dir=root)
     np.testing.assert_array_equal(got['teacher_logits'],
                                   row_values(rows).astype(np.float32))
 
@@ -93,7 +102,7 @@ def test_two_million_ids_are_read_at_constant_host_memory(big_cache):
 @pytest.mark.slow
 def test_a_damaged_row_is_found_without_loading_the_cache(big_cache,
                                                           tmp_path):
-  _, ids, arrays = cache.read_cache_arrays(big_cache, 'train', mmap=True)
+  _, ids, arrays = cache.read_cache_arrays(big_cache[0], 'train', mmap=True)
   values = np.lib.format.open_memmap(tmp_path / 'v.npy', mode='w+',
                                      dtype=np.float16,
                                      shape=(NUM_IDS, NUM_CLASSES))
@@ -117,3 +126,43 @@ def test_index_finds_rows_across_tables_and_names_repeats():
                             np.asarray([b'z', b'y', b'x'])])
   # The first repeat met in table order: 'y' at table 1, row 1.
   assert repeated.duplicate() == (b'y', 1)
+
+
+@pytest.mark.parametrize('topk', [False, True])
+def test_writing_in_batches_gives_the_files_of_one_write(tmp_path, topk):
+  rng = np.random.default_rng(1)
+  ids = np.asarray([f'ex/{i}'.encode() for i in range(50)], object)
+  labels = rng.integers(0, 5, 50)
+  logits = rng.normal(size=(50, 3, 5)).astype(np.float32)  # 3 views.
+  manifest = dict(dtype='float16', num_examples=50,
+                  preprocessing=dict(num_views=3))
+  arrays = ({'logits': logits} if not topk else dict(zip(
+      cache.FORM_ARRAYS['topk'], cache.sparsify(logits, 2, 4.0))))
+  cache.write_split(str(tmp_path / 'once'), ids=ids, labels=labels,
+                    class_names=list('abcde'), manifest=manifest,
+                    **({'logits': logits} if not topk else
+                       {'topk': tuple(arrays.values())}))
+  writer = cache.SplitWriter(str(tmp_path / 'batches'), dtype='float16',
+                             topk=topk, class_names=list('abcde'))
+  for start in range(0, 50, 16):
+    rows = slice(start, start + 16)
+    writer.add(ids[rows], labels[rows], {k: v[rows] for k, v in arrays.items()})
+  writer.close(manifest)
+  names = sorted(os.listdir(tmp_path / 'once'))
+  assert names == sorted(os.listdir(tmp_path / 'batches'))
+  assert ('topk.csv' if topk else 'logits.csv') in names
+  for name in names:
+    assert (open(tmp_path / 'once' / name, 'rb').read()
+            == open(tmp_path / 'batches' / name, 'rb').read()), name
+
+
+def test_a_nan_batch_stops_the_writer_and_leaves_no_split(tmp_path):
+  logits = np.zeros((4, 3), np.float32)
+  logits[2, 1] = np.nan
+  with pytest.raises(ValueError, match=r"row 2 \(id 'c'\)"):
+    cache.write_split(str(tmp_path / 'split'), ids=[b'a', b'b', b'c', b'd'],
+                      labels=np.zeros(4), class_names=list('xyz'),
+                      logits=logits,
+                      manifest=dict(dtype='float32', num_examples=4,
+                                    preprocessing=dict(num_views=1)))
+  assert not os.path.exists(tmp_path / 'split')

@@ -286,16 +286,10 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
 
   rows = results['rows']
   fig, ax = plt.subplots(figsize=(1 + 0.6 * len(rows), 3.5))
-  ax.bar(range(len(rows)), [r['test']['mean'] for r in rows],
-         yerr=[r['test']['std'] for r in rows], capsize=3,
-         color=['0.6' if r['method'] == 'scratch' else
-                'C1' if r['method'] == 'kd' else 'C0' for r in rows])
-  ax.axhline(teacher['test']['mean'], color='C3', ls='--', label='teacher')
-  ax.set_xticks(range(len(rows)))
-  ax.set_xticklabels([LABELS[r['method']] for r in rows], rotation=45)
+  study.error_bars(ax, rows, LABELS, teacher['test']['mean'],
+                   colors={'scratch': '0.6', 'kd': 'C1'})
   ax.set_ylabel(f'test errors (of {rows[0]["num_examples"]["test"]:g})')
   ax.set_title('mnist5k, resnet8 -> cnn, mean +- std over seeds')
-  ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(args.out_dir, 'methods.png'), dpi=120)
   plt.close(fig)

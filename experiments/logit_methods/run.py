@@ -320,16 +320,10 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
   for ax, (dataset, width) in zip(axes[0], groups):
     rows = [r for r in results['rows']
             if r['dataset'] == dataset and r['width'] == width]
-    ax.bar(range(len(rows)), [r['test']['mean'] for r in rows],
-           yerr=[r['test']['std'] for r in rows], capsize=3,
-           color=['0.6' if r['method'] == 'scratch' else 'C0' for r in rows])
-    ax.axhline(rows[0]['teacher']['test']['mean'], color='C3', ls='--',
-               label='teacher')
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([LABELS[r['method']] for r in rows], rotation=45)
+    study.error_bars(ax, rows, LABELS, rows[0]['teacher']['test']['mean'],
+                     colors={'scratch': '0.6'})
     ax.set_title(f'{dataset}, 2x{width}')
     ax.set_ylabel('test errors')
-    ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(args.out_dir, 'methods.png'), dpi=120)
   plt.close(fig)

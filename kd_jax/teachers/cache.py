@@ -2,13 +2,16 @@
 
 `kd_jax.export_logits` writes a cache and `load_cache` turns it into a
 `Teacher`; this module alone knows the files. <cache_dir>/<split>/ holds
-ids.npy [N] bytes, labels.npy [N] int32, manifest.json (`make_manifest`), a
-CSV of the same numbers and, by manifest['form']:
+ids.npy [N] bytes, labels.npy [N] int32, manifest.json (`make_manifest`),
+optionally a CSV of the same numbers and, by manifest['form']:
 
 * dense: logits.npy [N, C], or [N, V, C] for V augmented views;
 * topk: topk_logits.npy and topk_indices.npy [N, (V,) k] and rest_mass.npy
   [N, (V,)], the teacher's mass outside its top k at manifest['temperature']
   (`sparsify`; see losses.topk_kl_divergence).
+
+`SplitWriter` writes a split batch by batch in constant host memory; the
+reader memory-maps the arrays.
 """
 
 from __future__ import annotations
@@ -217,41 +220,102 @@ def _text(v) -> str:
   return repr(float(v))
 
 
-def write_split(directory: str, *, ids: np.ndarray, labels: np.ndarray,
-                class_names: Sequence[str], manifest: dict[str, Any],
-                logits: np.ndarray | None = None,
-                topk: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-                ) -> int:
-  """Writes one split of a cache: npy files, a CSV and the manifest.
+class SplitWriter:
+  """Writes one split of a cache batch by batch, in constant host memory.
 
-  Args:
-    directory: `<cache root>/<split>`.
-    ids, labels: [N] example ids (bytes) and labels.
-    class_names: the dataset's, for the CSV header.
-    manifest: what `make_manifest` makes; its dtype stores the logits.
-    logits: dense [N, C], or [N, V, C] for V views; or
-    topk: (top-k logits, class indices, rest mass) from `sparsify`.
-
-  Returns:
-    The bytes of the teacher's arrays on disk (npy payloads).
+  `add` checks each batch for NaN/Inf and appends its rows to raw files;
+  `close` turns them into `.npy` files (header, then the rows copied in
+  blocks), writes ids and labels, the CSV (optional; read back from the
+  memory-mapped arrays) and, last, the manifest, whose presence marks a
+  complete split. An ImageNet-sized split (1.28M x 1000 logits) never sits
+  in memory.
   """
-  ids = np.asarray([bytes(i) for i in ids], dtype=np.bytes_)
-  for name, values in ({'logits': logits} if topk is None else
-                       {'topk_logits': topk[0], 'rest_mass': topk[2]}).items():
-    check_finite(values, ids, f'{name} for {directory}')
-  os.makedirs(directory, exist_ok=True)
-  labels = np.asarray(labels, np.int32)
-  dtype = manifest['dtype']
-  if topk is None:
-    arrays = {'logits': np.asarray(logits, dtype=dtype)}
-  else:
-    top, indices, rest = topk
-    arrays = {'topk_logits': np.asarray(top, dtype=dtype),
-              'topk_indices': indices,
-              'rest_mass': np.asarray(rest, np.float32)}
-  for name, array in {**arrays, 'ids': ids, 'labels': labels}.items():
-    np.save(os.path.join(directory, f'{name}.npy'), array)
-  views = manifest['preprocessing']['num_views']
+
+  def __init__(self, directory: str, *, dtype: str, topk: bool,
+               class_names: Sequence[str], write_csv: bool = True):
+    self.directory, self.dtype, self.topk = directory, dtype, topk
+    self.class_names, self.write_csv = list(class_names), write_csv
+    os.makedirs(directory, exist_ok=True)
+    self._names = FORM_ARRAYS['topk' if topk else 'dense']
+    self._dtypes: dict[str, np.dtype] = {}
+    self._shapes: dict[str, tuple[int, ...]] = {}
+    self._raw = {name: open(self._path(name) + '.partial', 'wb')
+                 for name in self._names}
+    self._ids: list[np.ndarray] = []
+    self._labels: list[np.ndarray] = []
+    self.num_examples = 0
+
+  def _path(self, name: str) -> str:
+    return os.path.join(self.directory, f'{name}.npy')
+
+  def add(self, ids, labels, arrays: dict[str, np.ndarray]) -> None:
+    """Appends rows: `arrays` holds dense 'logits' [b, (V,) C], or the
+    'topk_logits', 'topk_indices', 'rest_mass' of `sparsify`."""
+    ids = np.asarray([bytes(i) for i in ids], dtype=np.bytes_)
+    for name in ('logits', 'topk_logits', 'rest_mass'):
+      if name in arrays:
+        check_finite(arrays[name], ids, f'{name} for {self.directory}')
+    for name in self._names:
+      value = np.asarray(arrays[name])
+      if name in ('logits', 'topk_logits'):
+        value = value.astype(self.dtype)
+      elif name == 'rest_mass':
+        value = value.astype(np.float32)
+      if self._shapes.setdefault(name, value.shape[1:]) != value.shape[1:]:
+        raise ValueError(f'{name} rows of shape {value.shape[1:]} after '
+                         f'{self._shapes[name]} in {self.directory}.')
+      self._dtypes.setdefault(name, value.dtype)
+      self._raw[name].write(np.ascontiguousarray(value).tobytes())
+    self._ids.append(ids)
+    self._labels.append(np.asarray(labels, np.int32))
+    self.num_examples += len(ids)
+
+  def _finish_npy(self, name: str) -> int:
+    raw = self._raw[name]
+    raw.close()
+    dtype = self._dtypes.get(name, np.dtype(np.float32))
+    shape = (self.num_examples, *self._shapes.get(name, ()))
+    with open(self._path(name), 'wb') as out, open(raw.name, 'rb') as rows:
+      np.lib.format.write_array_header_1_0(out, dict(
+          descr=np.lib.format.dtype_to_descr(dtype), fortran_order=False,
+          shape=shape))
+      while block := rows.read(64 << 20):
+        out.write(block)
+    os.remove(raw.name)
+    return int(np.prod(shape)) * dtype.itemsize
+
+  def abort(self) -> None:
+    """Removes what a failed export wrote (the split stays absent)."""
+    for raw in self._raw.values():
+      raw.close()
+      if os.path.exists(raw.name):
+        os.remove(raw.name)
+    if os.path.isdir(self.directory) and not os.listdir(self.directory):
+      os.rmdir(self.directory)
+
+  def close(self, manifest: dict[str, Any]) -> int:
+    """Finishes the split; returns the bytes of the teacher's arrays."""
+    nbytes = sum(self._finish_npy(name) for name in self._names)
+    ids = (np.concatenate(self._ids) if self._ids
+           else np.zeros((0,), np.bytes_))
+    labels = (np.concatenate(self._labels) if self._labels
+              else np.zeros((0,), np.int32))
+    np.save(self._path('ids'), ids)
+    np.save(self._path('labels'), labels)
+    if self.write_csv:
+      arrays = {name: np.load(self._path(name), mmap_mode='r')
+                for name in self._names}
+      _write_split_csv(self.directory, ids, labels, self.class_names,
+                       manifest['preprocessing']['num_views'], arrays)
+    with open(os.path.join(self.directory, MANIFEST), 'w') as f:
+      json.dump(manifest, f, indent=2)
+    return nbytes
+
+
+def _write_split_csv(directory: str, ids: np.ndarray, labels: np.ndarray,
+                     class_names: Sequence[str], views: int,
+                     arrays: dict[str, np.ndarray]) -> None:
+  """logits.csv or topk.csv: one row per example (and view)."""
   view_columns = ['view'] if views > 1 else []
 
   def per_view(array):
@@ -263,7 +327,7 @@ def write_split(directory: str, *, ids: np.ndarray, labels: np.ndarray,
         yield [example_id.decode(), *([v] if views > 1 else []), int(label),
                *make_row(n, v)]
 
-  if topk is None:
+  if 'logits' in arrays:
     values = per_view(arrays['logits'])
     _write_csv(os.path.join(directory, 'logits.csv'),
                ['id', *view_columns, 'label', *class_names],
@@ -278,9 +342,37 @@ def write_split(directory: str, *, ids: np.ndarray, labels: np.ndarray,
          *(f'top{i + 1}_logit' for i in range(k)), 'rest_mass'],
         view_rows(lambda n, v: [*map(int, indices[n, v]),
                                 *map(_text, top[n, v]), _text(rest[n, v])]))
-  with open(os.path.join(directory, MANIFEST), 'w') as f:
-    json.dump(manifest, f, indent=2)
-  return sum(a.nbytes for a in arrays.values())
+
+
+def write_split(directory: str, *, ids: np.ndarray, labels: np.ndarray,
+                class_names: Sequence[str], manifest: dict[str, Any],
+                logits: np.ndarray | None = None,
+                topk: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                write_csv: bool = True) -> int:
+  """Writes one split of a cache at once (`SplitWriter` with one batch).
+
+  Args:
+    directory: `<cache root>/<split>`.
+    ids, labels: [N] example ids (bytes) and labels.
+    class_names: the dataset's, for the CSV header.
+    manifest: what `make_manifest` makes; its dtype stores the logits.
+    logits: dense [N, C], or [N, V, C] for V views; or
+    topk: (top-k logits, class indices, rest mass) from `sparsify`.
+    write_csv: also write logits.csv / topk.csv.
+
+  Returns:
+    The bytes of the teacher's arrays on disk (npy payloads).
+  """
+  writer = SplitWriter(directory, dtype=manifest['dtype'],
+                       topk=topk is not None, class_names=class_names,
+                       write_csv=write_csv)
+  try:
+    writer.add(ids, labels, {'logits': logits} if topk is None
+               else dict(zip(FORM_ARRAYS['topk'], topk)))
+  except ValueError:
+    writer.abort()
+    raise
+  return writer.close(manifest)
 
 
 def _load_npy(path: str, mmap: bool = False) -> np.ndarray:
