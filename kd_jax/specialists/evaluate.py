@@ -84,7 +84,7 @@ def markdown(result: dict[str, Any]) -> str:
       f'| generalist + specialists | {result["combined_accuracy"]:.2%} | '
       f'{result["combined_errors"]} |',
       '',
-      '| active specialists covering the true class | test examples | '
+      '| active specialists covering the true class | examples | '
       'generalist | combination | change in # correct | relative change |',
       '|---|---|---|---|---|---|',
   ]
