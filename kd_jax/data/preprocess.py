@@ -55,7 +55,7 @@ def _resize(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
 
 
 def decode(encoded: tf.Tensor, shape: tuple[int, int, int],
-            resize: bool) -> tf.Tensor:
+           resize: bool) -> tf.Tensor:
   """Encoded PNG/JPEG -> uint8 [H, W, C]."""
   image = tf.io.decode_image(encoded, channels=shape[2], dtype=tf.uint8,
                              expand_animations=False)
@@ -65,7 +65,7 @@ def decode(encoded: tf.Tensor, shape: tuple[int, int, int],
 
 
 def decode_jpeg_crop(encoded: tf.Tensor, shape: tuple[int, int, int],
-                      seed: tf.Tensor | None) -> tf.Tensor:
+                     seed: tf.Tensor | None) -> tf.Tensor:
   """JPEG -> float32 [H, W, C] in [0, 255]: random crop, or center if no seed.
 
   The random crop is Inception's (area 8%..100%, aspect 3/4..4/3); the center
@@ -133,7 +133,7 @@ def _random_resized_crop(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 def augment(images: tf.Tensor, kind: str, seed: tf.Tensor,
-             cropped: bool) -> tf.Tensor:
+            cropped: bool) -> tf.Tensor:
   """Batched augmentation `kind` of uint8/float images in [0, 255]."""
   translate_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 2))
@@ -153,7 +153,7 @@ def normalize(images: tf.Tensor, mean: np.ndarray, std: np.ndarray):
 
 
 def mixup(batch: dict[str, tf.Tensor], seed: tf.Tensor, alpha: float,
-           num_classes: int) -> dict[str, tf.Tensor]:
+          num_classes: int) -> dict[str, tf.Tensor]:
   """Mixes each example with the next one in the batch; adds `label_probs`."""
   seeds = tf.random.experimental.stateless_split(seed, 2)
   g1 = tf.random.stateless_gamma([], seeds[0], alpha)

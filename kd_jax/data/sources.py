@@ -352,7 +352,7 @@ def _prepared_builder(name: str, data_dir: str | None):
 
 
 def make_source(config, extra_split: str | None = None
-                 ) -> _TfdsSource | _FolderSource:
+                ) -> _TfdsSource | _FolderSource:
   """The source of config.dataset, checked to have the splits the run reads."""
   if config.dataset not in KNOWN_DATASETS:
     raise ValueError(f'Unknown dataset config.dataset={config.dataset!r}; '
@@ -412,7 +412,7 @@ def _class_indices(values: Sequence[Any], field: str,
 
 
 def transfer_subset(config, source, split: str
-                     ) -> tuple[int | None, np.ndarray | None]:
+                    ) -> tuple[int | None, np.ndarray | None]:
   """(how many first examples to keep, bool [num_classes] classes kept).
 
   Either is None when it keeps everything.
@@ -445,7 +445,7 @@ def transfer_subset(config, source, split: str
 
 
 def share_sizes(source, split: str, first: int | None,
-                 keep: np.ndarray | None, count: int) -> list[int]:
+                keep: np.ndarray | None, count: int) -> list[int]:
   """Examples in each process's share of a split, after the class filter."""
   if keep is None:
     return [source.size(split, first, i, count) for i in range(count)]

@@ -26,8 +26,6 @@ from kd_jax.data import sources
 from kd_jax.data import tf
 
 
-
-
 @dataclasses.dataclass
 class DatasetInfo:
   """What a model and a trainer need to know about the data.
@@ -195,8 +193,8 @@ class Plan:
     """Decodes JPEGs of a large dataset: random crops seeded by position."""
     def decode(position, ex):
       seed = self.seed(-1, position) if random_crop else None
-      return {**ex, 'image': preprocess.decode_jpeg_crop(ex['image'], self.image_shape,
-                                               seed)}
+      return {**ex, 'image': preprocess.decode_jpeg_crop(
+          ex['image'], self.image_shape, seed)}
     return ds.enumerate(start).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
 
   def finish(self, step, batch, augment: str, mixup_alpha: float):
@@ -205,7 +203,7 @@ class Plan:
     augment_seed, mixup_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 2))
     image = preprocess.augment(batch['image'], augment, augment_seed,
-                     cropped=self.source.large)
+                               cropped=self.source.large)
     mask = batch.get('mask', tf.ones_like(batch['label'], tf.bool))
     label = tf.cast(batch['label'], tf.int32)
     if self.plugin is not None:
@@ -215,7 +213,8 @@ class Plan:
     if 'index' in batch:
       out['index'] = batch['index']
     if mixup_alpha > 0:
-      out = preprocess.mixup(out, mixup_seed, mixup_alpha, len(self.class_names))
+      out = preprocess.mixup(out, mixup_seed, mixup_alpha,
+                             len(self.class_names))
     return out
 
 
@@ -364,7 +363,7 @@ def get_datasets(config, *, start_step: int = 0,
   plan = _plan(config, topology)
   first, keep = sources.transfer_subset(config, plan.source, config.train_split)
   sizes = sources.share_sizes(plan.source, config.train_split, first, keep,
-                       topology.process_count)
+                              topology.process_count)
   if not sum(sizes):
     raise ValueError(
         f'The transfer-set filter leaves no examples in split '

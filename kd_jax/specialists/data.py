@@ -87,8 +87,8 @@ class SpecialistData:
       raise ValueError(
           f'config.specialist (index {head.index}, classes '
           f'{list(head.class_names[:-1])}) on split '
-          f'{config.train_split!r}: {e} Check config.specialist.in_group_fraction and config.transfer.'
-          ) from None
+          f'{config.train_split!r}: {e} Check '
+          'config.specialist.in_group_fraction and config.transfer.') from None
     return dict(index=head.index, group=list(head.group),
                 group_names=list(head.class_names[:-1]),
                 dataset_class_names=list(source.class_names),
