@@ -52,11 +52,16 @@ def run_or_read(config, workdir: str) -> tuple[dict[str, Any], bool]:
 
 def run_all(runs: Sequence[dict[str, Any]],
             make: Callable[[dict[str, Any]], Any],
-            log: Callable[[str], None] = print) -> tuple[int, float]:
+            log: Callable[[str], None] = print,
+            record_divergence: bool = False) -> tuple[int, float]:
   """Runs (or reads) each run dict in order; sets run['summary'].
 
   Each run dict has 'name' and 'workdir'; `make(run)` returns its config.
-  Returns (how many were trained now, wall seconds).
+  With `record_divergence`, a run whose loss becomes NaN or Inf (the
+  trainer's FloatingPointError) is a result, not a failure of the study:
+  its run['summary'] is None and run['diverged'] the error (it trains again,
+  and diverges again, when the study is rerun). Returns (how many were
+  trained now, wall seconds).
   """
   start = time.perf_counter()
   trained = 0
@@ -65,7 +70,16 @@ def run_all(runs: Sequence[dict[str, Any]],
     summary = read_summary(run['workdir'])
     now = summary is None
     if now:
-      summary, _ = run_or_read(make(run), run['workdir'])
+      try:
+        summary, _ = run_or_read(make(run), run['workdir'])
+      except FloatingPointError as e:
+        if not record_divergence:
+          raise
+        run['summary'], run['diverged'] = None, str(e)
+        trained += 1
+        log(f'[{i}/{len(runs)}] {run["name"]}: diverged after '
+            f'{time.perf_counter() - t0:.0f} s ({str(e).split(";")[0]})')
+        continue
     run['summary'] = summary
     trained += now
     how = (f'trained in {time.perf_counter() - t0:.0f} s' if now

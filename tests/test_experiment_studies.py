@@ -236,6 +236,13 @@ def test_feature_methods_choose_each_students_rate_on_validation(tmp_path):
               for r in candidates]
   lrs = study.chosen_lrs(finished)
   assert lrs == {'scratch': 0.05, 'kd': 0.01, 'at': 0.01}
+  # A diverged run (summary None) is never chosen; all diverged: no rate.
+  finished[4]['summary'] = None
+  assert study.chosen_lrs(finished)['at'] == 0.05
+  finished[5]['summary'] = None
+  assert 'at' not in study.chosen_lrs(finished)
+  assert [r['method'] for r in study.seed_runs(
+      args, study.chosen_lrs(finished), teachers)] == ['scratch', 'kd'] * 2
   runs = study.seed_runs(args, lrs, teachers)
   assert [(r['method'], r['lr'], r['seed']) for r in runs] == [
       (m, lrs[m], s) for s in (1, 2) for m in ('scratch', 'kd', 'at')]

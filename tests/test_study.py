@@ -47,3 +47,20 @@ def test_finished_runs_are_read_and_never_retrained(tmp_path, monkeypatch):
   assert study.errors(summary, 'test') == 7
   assert json.loads(json.dumps(study.run_or_read(None, str(tmp_path))[0])) \
       == summary
+
+
+def test_a_diverged_run_is_recorded_only_when_asked(tmp_path, monkeypatch):
+  from kd_jax import train  # pylint: disable=g-import-not-at-top
+
+  def diverge(config, workdir):
+    raise FloatingPointError('loss is nan at step 20; no checkpoint')
+
+  monkeypatch.setattr(train, 'train_and_evaluate', diverge)
+  runs = [dict(name='nan', workdir=str(tmp_path / 'nan'))]
+  with pytest.raises(FloatingPointError, match='step 20'):
+    study.run_all(runs, make=lambda run: None, log=lambda line: None)
+  logged = []
+  trained, _ = study.run_all(runs, make=lambda run: None, log=logged.append,
+                             record_divergence=True)
+  assert trained == 1 and runs[0]['summary'] is None
+  assert 'step 20' in runs[0]['diverged'] and 'diverged' in logged[0]

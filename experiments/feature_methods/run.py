@@ -190,9 +190,13 @@ def candidate_runs(args, teachers: dict[int, str]) -> list[dict[str, Any]]:
 
 
 def chosen_lrs(candidates: list[dict[str, Any]]) -> dict[str, float]:
-  """Per method, the rate with the fewest validation errors (ties: lower)."""
+  """Per method, the rate with the fewest validation errors (ties: lower);
+  diverged runs (summary None) are never chosen, and a method whose every
+  rate diverged gets none."""
   chosen = {}
   for run in candidates:
+    if run['summary'] is None:
+      continue
     key = (study.errors(run['summary'], VAL_SPLIT), run['lr'])
     best = chosen.get(run['method'])
     if best is None or key < best:
@@ -204,7 +208,8 @@ def seed_runs(args, lrs: dict[str, float], teachers: dict[int, str]
               ) -> list[dict[str, Any]]:
   """The other seeds of every method at its chosen rate."""
   return [student_run(args, method, lrs[method], seed, teachers)
-          for seed in args.seeds[1:] for method in ('scratch', *args.methods)]
+          for seed in args.seeds[1:] for method in ('scratch', *args.methods)
+          if method in lrs]
 
 
 def make(run: dict[str, Any]):
@@ -218,27 +223,34 @@ def make(run: dict[str, Any]):
 def summarise(candidates, teachers, student_candidates, students, lrs,
               args) -> dict[str, Any]:
   def row(method, runs):
-    return dict(method=method, seeds=[r['seed'] for r in runs],
+    done = [r for r in runs if r['summary'] is not None]
+    nan = study.stats([float('nan')])
+    return dict(method=method, seeds=[r['seed'] for r in done],
+                diverged=[r['seed'] for r in runs if r['summary'] is None],
                 val=study.stats(study.errors(r['summary'], VAL_SPLIT)
-                                for r in runs),
+                                for r in done) if done else nan,
                 test=study.stats(study.errors(r['summary'], 'test')
-                                 for r in runs),
-                num_examples={s: runs[0]['summary']['eval'][s]['num_examples']
-                              for s in (VAL_SPLIT, 'test')})
-  every = [*candidates, *teachers[1:], *student_candidates, *students]
+                                 for r in done) if done else nan)
+  every = [r for r in (*candidates, *teachers[1:], *student_candidates,
+                        *students) if r['summary'] is not None]
+  num_examples = {s: every[0]['summary']['eval'][s]['num_examples']
+                  for s in (VAL_SPLIT, 'test')}
   return dict(
       teacher_candidates=[dict(lr=r['lr'], val_errors=study.errors(
           r['summary'], VAL_SPLIT)) for r in candidates],
       teacher_lr=teachers[0]['lr'],
       teacher=row('teacher', teachers),
       student_candidates={
-          m: {f'{r["lr"]:g}': study.errors(r['summary'], VAL_SPLIT)
+          m: {f'{r["lr"]:g}': (None if r['summary'] is None else
+                               study.errors(r['summary'], VAL_SPLIT))
               for r in student_candidates if r['method'] == m}
           for m in ('scratch', *args.methods)},
       rows=[dict(row(m, [r for r in students if r['method'] == m]),
-                 lr=lrs[m])
+                 lr=lrs.get(m))
             for m in ('scratch', *args.methods)],
-      student_params=students[0]['summary']['num_params'],
+      num_examples=num_examples,
+      student_params=next(r['summary']['num_params'] for r in students
+                          if r['summary'] is not None),
       teacher_params=teachers[0]['summary']['num_params'],
       train_seconds=sum(r['summary'].get('train_seconds', 0.0)
                         for r in every),
@@ -268,19 +280,24 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
       'seeds.', '',
       '| method | lr (on validation) | val errors | test errors |',
       '|---|---|---|---|']
+  n = results['num_examples']
   for r in results['rows']:
-    lines.append(f'| {LABELS[r["method"]]} | {r["lr"]:g} | '
-                 f'{study.fmt(r["val"])} / {r["num_examples"][VAL_SPLIT]:g} '
-                 f'| {study.fmt(r["test"])} / '
-                 f'{r["num_examples"]["test"]:g} |')
+    lr = 'every rate diverged' if r['lr'] is None else f'{r["lr"]:g}'
+    total = len(r['diverged']) + len(r['seeds'])
+    diverged = (f' ({len(r["diverged"])} of {total} seeds diverged)'
+                if r['diverged'] else '')
+    lines.append(f'| {LABELS[r["method"]]} | {lr} | '
+                 f'{study.fmt(r["val"])} / {n[VAL_SPLIT]:g} | '
+                 f'{study.fmt(r["test"])} / {n["test"]:g}{diverged} |')
   lrs = [f'{lr:g}' for lr in args.student_lrs]
   lines += ['', f'Validation errors of seed 0 per learning rate (of '
-            f'{results["rows"][0]["num_examples"][VAL_SPLIT]:g}):', '',
+            f'{n[VAL_SPLIT]:g}; "diverged": the loss became NaN):', '',
             '| method | ' + ' | '.join(lrs) + ' |',
             '|---|' + '---|' * len(lrs)]
   for method, errors in results['student_candidates'].items():
-    lines.append(f'| {LABELS[method]} | '
-                 + ' | '.join(str(errors[lr]) for lr in lrs) + ' |')
+    lines.append(f'| {LABELS[method]} | ' + ' | '.join(
+        'diverged' if errors[lr] is None else str(errors[lr]) for lr in lrs)
+                 + ' |')
   with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
 
@@ -288,7 +305,7 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
   fig, ax = plt.subplots(figsize=(1 + 0.6 * len(rows), 3.5))
   study.error_bars(ax, rows, LABELS, teacher['test']['mean'],
                    colors={'scratch': '0.6', 'kd': 'C1'})
-  ax.set_ylabel(f'test errors (of {rows[0]["num_examples"]["test"]:g})')
+  ax.set_ylabel(f'test errors (of {results["num_examples"]["test"]:g})')
   ax.set_title('mnist5k, resnet8 -> cnn, mean +- std over seeds')
   fig.tight_layout()
   fig.savefig(os.path.join(args.out_dir, 'methods.png'), dpi=120)
@@ -309,10 +326,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   study.run_all(teachers, make)
   teacher_dirs = {r['seed']: r['workdir'] for r in teachers}
   student_candidates = candidate_runs(args, teacher_dirs)
-  study.run_all(student_candidates, make)
+  study.run_all(student_candidates, make, record_divergence=True)
   lrs = chosen_lrs(student_candidates)
   students = seed_runs(args, lrs, teacher_dirs)
-  study.run_all(students, make)
+  study.run_all(students, make, record_divergence=True)
   students = [r for r in student_candidates
               if r['lr'] == lrs[r['method']]] + students
   results = summarise(candidates, teachers, student_candidates, students,
