@@ -190,6 +190,7 @@ def join(*parts):
   return ','.join(filter(None, parts))
 
 
+@pytest.mark.slow  # Every config trained tiny, end to end: 5-45 s each.
 @pytest.mark.parametrize('name', CONFIG_NAMES)
 def test_config_runs_end_to_end_in_runlocal_form(name, tmp_path, monkeypatch,
                                                  data_dir, finished_run):

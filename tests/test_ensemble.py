@@ -135,6 +135,7 @@ def distilled(root, tmp_path_factory):
   return config, train.train_and_evaluate(config, str(workdir))
 
 
+@pytest.mark.slow  # Distils from three teachers: about 30 s.
 def test_summary_reports_each_teacher_the_ensemble_and_the_student(
     root, distilled):
   config, summary = distilled
@@ -162,6 +163,7 @@ def test_summary_reports_each_teacher_the_ensemble_and_the_student(
   assert test['teacher_accuracy'] == pytest.approx(correct / count, abs=1e-6)
 
 
+@pytest.mark.slow  # Uses the distilled run.
 def test_ensemble_exports_to_a_cache_of_its_combined_logits(
     root, distilled, tmp_path, test_batch):
   config, _ = distilled

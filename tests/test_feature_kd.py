@@ -250,6 +250,7 @@ def test_every_method_trains_end_to_end_from_a_config(all_methods_run):
   assert np.isfinite(test['loss']) and 0 <= test['accuracy'] <= 1
 
 
+@pytest.mark.slow  # Uses the ten runs of every method.
 def test_connectors_are_kept_out_of_the_exported_student(all_methods_run):
   config, workdir, summary = all_methods_run
   abstract = abstract_state(config)
@@ -314,6 +315,7 @@ def test_only_crd_banks_are_split_over_data_and_only_where_rows_divide():
     assert all(s.spec == P() for s in jax.tree.leaves(others))
 
 
+@pytest.mark.slow  # A ViT run end to end.
 def test_deit_hard_trains_end_to_end(teacher_dir, tmp_path):
   config = load_config(
       'deit_mnist5k', 'runlocal,distill_token=True,distill.soft=deit_hard,'

@@ -54,6 +54,7 @@ def test_supervised_run_writes_summary_checkpoint_and_config(student_dir):
       '3', '6']
 
 
+@pytest.mark.slow  # Trains to a real accuracy: about 40 s.
 def test_student_learns_on_mnist5k(tmp_path):
   config = tiny('mnist5k_student', 'num_train_steps=60,batch_size=64')
   summary = train.train_and_evaluate(config, str(tmp_path))
@@ -83,6 +84,7 @@ def test_online_distillation_reports_teacher_and_leaves_it_out_of_checkpoint(
   assert sizes < 8e6
 
 
+@pytest.mark.slow  # Two full runs: about 25 s.
 def test_distillation_with_alpha_one_needs_only_the_teacher(tmp_path,
                                                             teacher_dir):
   config = tiny('mnist5k_distill', f'teacher_workdir={teacher_dir},'

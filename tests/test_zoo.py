@@ -418,6 +418,7 @@ def test_unknown_pair_is_refused_with_the_list():
     load_config('cifar100_pairs', 'pair=r8_r8')
 
 
+@pytest.mark.slow  # Two zoo models trained end to end.
 def test_cross_architecture_pair_distills_in_runlocal_form(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   builder = tfds.builder('cifar100', data_dir=data_dir)
