@@ -61,7 +61,8 @@ def test_every_model_maps_images_to_float32_logits_per_class(name):
 
 
 @pytest.mark.parametrize(
-    'name', [n for n in _IMAGE_SHAPES if n not in _SHAPE_ONLY])
+    'name', [pytest.param(n, marks=pytest.mark.slow) if n == 'resnet50' else n
+             for n in _IMAGE_SHAPES if n not in _SHAPE_ONLY])
 def test_forward_pass_gives_finite_float32_logits(name):
   model = models.get_model({'name': name}, NUM_CLASSES)
   images = _images(name)
