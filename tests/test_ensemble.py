@@ -33,15 +33,16 @@ def ensemble_config(root, arg=''):
 
 
 @pytest.fixture(scope='module')
-def root(tmp_path_factory):
-  """Two tiny teachers that differ by seed, in root/teacher{0,1}, and a 2x800
-  student run of another architecture in root/other."""
+def root(tmp_path_factory, finished_run):
+  """Two tiny teachers that differ by seed, linked as root/teacher{0,1}, and
+  a 2x800 student run of another architecture, root/other: trained once per
+  session (`finished_run`), whichever worker runs these tests."""
   root = tmp_path_factory.mktemp('ensemble')
-  for k in range(2):
-    train.train_and_evaluate(ensemble_config(root, f'role=teacher,seed={k}'),
-                             str(root / f'teacher{k}'))
-  train.train_and_evaluate(ensemble_config(root, 'role=student'),
-                           str(root / 'other'))
+  runs = {f'teacher{k}': f'role=teacher,seed={k}' for k in range(2)}
+  runs['other'] = 'role=student'
+  for name, arg in runs.items():
+    os.symlink(finished_run('mnist5k_ensemble',
+                            f'runlocal,num_teachers=2,{arg}'), root / name)
   return root
 
 
