@@ -29,7 +29,7 @@ split and writes `OUT/<split>/`:
   owns the format).
 
 Batches go to disk as they are computed (`cache.SplitWriter`): host memory
-stays constant whatever the split's size.
+holds the split's ids and labels, never its logits.
 
 --views=V (train split only) runs the teachers on V augmented views of each
 example: view v of example `id` is config.augment (mnist_jitter or cifar)
@@ -280,8 +280,8 @@ def probabilities_to_log_probs(probs: np.ndarray, ids: np.ndarray
 
 def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
                     *, probabilities: bool, ids_path: str | None = None,
-                    dtype: str = 'float32', overwrite: bool = False
-                    ) -> dict[str, dict[str, Any]]:
+                    dtype: str = 'float32', overwrite: bool = False,
+                    write_csv: bool = True) -> dict[str, dict[str, Any]]:
   """Converts a black-box teacher's table into the logits-cache layout.
 
   Args:
@@ -342,7 +342,8 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
     manifest['transfer'] = None  # The table, not a filter, picks the rows.
     cache.write_split(os.path.join(out_dir, split), ids=ids[rows],
                       labels=labels, logits=logits[rows],
-                      class_names=info.class_names, manifest=manifest)
+                      class_names=info.class_names, manifest=manifest,
+                      write_csv=write_csv)
     manifests[split] = manifest
   if len(placed) != len(keys):
     stray = [k.decode(errors='replace') for k in keys if k not in placed]
@@ -390,7 +391,7 @@ def main(argv):
     manifests = import_blackbox(f.import_table, f.out, f.config,
                                 probabilities=f.probabilities,
                                 ids_path=f.import_ids, dtype=f.dtype,
-                                overwrite=f.overwrite)
+                                overwrite=f.overwrite, write_csv=f.csv)
   else:
     manifests = export(f.config, f.out, f.splits, f.dtype, views=f.views,
                        view_seed=f.view_seed, top_k=f.top_k,

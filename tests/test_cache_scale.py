@@ -166,3 +166,13 @@ def test_a_nan_batch_stops_the_writer_and_leaves_no_split(tmp_path):
                       manifest=dict(dtype='float32', num_examples=4,
                                     preprocessing=dict(num_views=1)))
   assert not os.path.exists(tmp_path / 'split')
+
+
+def test_write_csv_false_leaves_out_only_the_csv(tmp_path):
+  cache.write_split(str(tmp_path), ids=[b'a', b'b'], labels=[0, 1],
+                    class_names=['x', 'y'], logits=np.eye(2, dtype=np.float32),
+                    manifest=dict(dtype='float32', num_examples=2,
+                                  preprocessing=dict(num_views=1)),
+                    write_csv=False)
+  assert sorted(os.listdir(tmp_path)) == [
+      'ids.npy', 'labels.npy', 'logits.npy', cache.MANIFEST]

@@ -10,8 +10,8 @@ optionally a CSV of the same numbers and, by manifest['form']:
   [N, (V,)], the teacher's mass outside its top k at manifest['temperature']
   (`sparsify`; see losses.topk_kl_divergence).
 
-`SplitWriter` writes a split batch by batch in constant host memory; the
-reader memory-maps the arrays.
+`SplitWriter` writes a split batch by batch (memory holds its ids and
+labels, never its logits); the reader memory-maps the arrays.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def _text(v) -> str:
 
 
 class SplitWriter:
-  """Writes one split of a cache batch by batch, in constant host memory.
+  """Writes one split of a cache batch by batch; memory holds ids and labels.
 
   `add` checks each batch for NaN/Inf and appends its rows to raw files;
   `close` turns them into `.npy` files (header, then the rows copied in
@@ -233,7 +233,7 @@ class SplitWriter:
 
   def __init__(self, directory: str, *, dtype: str, topk: bool,
                class_names: Sequence[str], write_csv: bool = True):
-    self.directory, self.dtype, self.topk = directory, dtype, topk
+    self.directory, self.dtype = directory, dtype
     self.class_names, self.write_csv = list(class_names), write_csv
     os.makedirs(directory, exist_ok=True)
     self._names = FORM_ARRAYS['topk' if topk else 'dense']
