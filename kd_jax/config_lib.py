@@ -96,8 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
       # loss. method: fitnet | at | sp | cc | vid | rkd | pkt | crd.
       features=(),
       # Online teachers: their compute dtype ('': config.dtype; the soft
-      # term stays float32), and whether their variables are split over the
-      # 'data' axis (FSDP-style, gathered inside the step) instead of
+      # term stays float32), and whether their variables are split over
+      # devices (FSDP-style, gathered inside the step; over the mesh's
+      # 'model' axis when mesh_model > 1, else over all devices) instead of
       # replicated on every device: for teachers too big for one device.
       teacher_dtype='',          # '' | float32 | bfloat16
       shard_teacher=False,
@@ -135,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 0.0
   c.max_norm = 0.0               # > 0: max-norm constraint on each unit's weights.
   c.dtype = 'float32'            # float32 | bfloat16 compute.
+  # Devices on the mesh's 'model' axis: the mesh is (devices / mesh_model,
+  # mesh_model) over ('data', 'model'); batches are split over both.
+  c.mesh_model = 1
   c.num_epochs = 10.0
   c.num_train_steps = -1         # > 0 overrides num_epochs.
 

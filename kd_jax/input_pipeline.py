@@ -4,7 +4,7 @@
 iterator, a factory of one-pass eval iterators per eval split, and a
 `DatasetInfo`. `iterate_split` reads one split once (e.g. the train split,
 un-augmented, to export teacher logits) and `prefetch_to_mesh` turns host
-batches into global `jax.Array`s sharded along the mesh axis 'data'.
+batches into global `jax.Array`s split over the mesh's devices.
 
 Sources (`config.dataset`):
 * `mnist5k`, `digits`: TFDS builders in `kd_jax.datasets`, prepared offline
@@ -76,6 +76,7 @@ and `prefetch` (`prefetch_to_mesh`); this module is their entry point.
 """
 
 from kd_jax.data import tfds
+from kd_jax.data.prefetch import batch_spec
 from kd_jax.data.prefetch import prefetch_to_mesh
 from kd_jax.data.preprocess import AUGMENTATIONS
 from kd_jax.data.preprocess import normalization
@@ -92,8 +93,8 @@ from kd_jax.data.stream import iterate_split
 from kd_jax.data.stream import register_plugin
 
 __all__ = [
-    'AUGMENTATIONS', 'Datasets', 'DatasetInfo', 'get_datasets',
-    'IMAGE_FOLDER', 'iterate_split', 'KNOWN_DATASETS', 'normalization',
-    'NORMALIZATION', 'parse_split', 'prefetch_to_mesh', 'register_plugin',
-    'SHIFT_AUGMENTATIONS', 'split_range', 'tfds',
+    'AUGMENTATIONS', 'batch_spec', 'Datasets', 'DatasetInfo',
+    'get_datasets', 'IMAGE_FOLDER', 'iterate_split', 'KNOWN_DATASETS',
+    'normalization', 'NORMALIZATION', 'parse_split', 'prefetch_to_mesh',
+    'register_plugin', 'SHIFT_AUGMENTATIONS', 'split_range', 'tfds',
 ]

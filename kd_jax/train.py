@@ -4,10 +4,13 @@ The same step trains a teacher or a student from scratch (no teacher), and a
 student distilled from teacher logits, whatever their source (an online
 teacher, a stacked ensemble, a logits cache): a `teachers.Teacher` gives the
 logits, `objective.loss` turns them and the labels into the loss.
-Data parallelism: a 1-D `jax.make_mesh` over every device with axis 'data';
-batches are sharded over it, the state and the teachers are replicated (but
-CRD's per-example memory banks, split over 'data' by rows), and XLA inserts
-the gradient all-reduce.
+Data parallelism: a `jax.make_mesh` over every device with axes ('data',
+'model') (`make_mesh`; 'model' has config.mesh_model devices, default 1);
+batches are split over both axes, the state is replicated (but CRD's
+per-example memory banks, split by rows), the teachers too unless
+config.distill.shard_teacher splits them (over 'model' when it has more than
+one device), and XLA inserts the gradient all-reduce and the teacher's
+gathers.
 """
 
 from __future__ import annotations
@@ -214,39 +217,35 @@ def ensemble_prediction(teacher_logits, weights, method: str):
       teacher_logits, method, weights=jnp.asarray(weights)), -1)
 
 
-def teacher_shardings(variables: Any, mesh: jax.sharding.Mesh) -> Any:
-  """FSDP-style layout of frozen teacher variables on `mesh`: each array
-  split over 'data' along its largest axis that the device count divides
-  (replicated if none does), so each device holds about 1/n of the
-  teacher; XLA gathers each layer's weights where the forward pass needs
-  them. The teacher's outputs are those of the replicated teacher."""
-  num_shards = mesh.shape['data']
-
-  def layout(leaf):
-    axes = [a for a in range(leaf.ndim) if leaf.shape[a] % num_shards == 0
-            and leaf.shape[a] >= num_shards]
-    if num_shards == 1 or not axes:
-      return NamedSharding(mesh, P())
-    axis = max(axes, key=lambda a: (leaf.shape[a], -a))
-    spec = [None] * leaf.ndim
-    spec[axis] = 'data'
-    return NamedSharding(mesh, P(*spec))
-  return jax.tree.map(layout, variables)
+def make_mesh(devices, model: int = 1) -> jax.sharding.Mesh:
+  """The run's 2-D device mesh ('data', 'model') of shape
+  (len(devices) // model, model). Batches are split over both axes (each
+  device its own rows); a sharded teacher over 'model' when model > 1
+  (`teachers.teacher_shardings`)."""
+  devices = list(devices)
+  if model < 1 or len(devices) % model:
+    raise ValueError(
+        f'config.mesh_model={model} must be >= 1 and divide the '
+        f'{len(devices)} devices of this run: set it to a divisor of '
+        f'{len(devices)} (1: the teacher split over all devices, or none).')
+  return jax.make_mesh((len(devices) // model, model), ('data', 'model'),
+                       devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 # Per-example rows of the state (CRD's memory banks and the labels they have
-# seen), split over the 'data' axis so that they scale with the devices.
+# seen), split over the devices like batches, so that they scale with them.
 ROW_SHARDED_STATE = ('student_memory', 'teacher_memory', 'labels')
 
 
 def state_shardings(abstract_state: State, mesh: jax.sharding.Mesh) -> Any:
   """The train state's layout on `mesh`: replicated, but for CRD's banks,
-  whose rows (one per train example) are split over 'data' where their count
-  divides evenly (replicated otherwise). XLA partitions the step's gathers
-  and scatters on them; the values are the same either way."""
+  whose rows (one per train example) are split over every mesh axis where
+  their count divides evenly (replicated otherwise). XLA partitions the
+  step's gathers and scatters on them; the values are the same either way."""
   replicated = NamedSharding(mesh, P())
-  rows = NamedSharding(mesh, P('data'))
-  num_shards = mesh.shape['data']
+  rows = NamedSharding(mesh, input_pipeline.batch_spec(mesh))
+  num_shards = mesh.size
 
   def layout(path, leaf):
     keys = [getattr(k, 'key', None) for k in path]
@@ -548,11 +547,6 @@ def _collapse(step: int, accuracy: float, best: float, collapsed: bool,
   return max(best, accuracy), False
 
 
-def _build_teacher(config, info, dtype) -> teachers.Teacher | None:
-  """The run's teacher, from the loader `teachers.SOURCES` names."""
-  return teachers.build(config, info, dtype)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices=None) -> dict[str, Any]:
   """Trains (and distils) as `config` says; returns the final summary.
@@ -570,8 +564,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         devices=None) -> dict[str, Any]:
   devices = list(devices or jax.devices())
-  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = make_mesh(devices, config.mesh_model)
   replicated = NamedSharding(mesh, P())
   is_chief = jax.process_index() == 0
   config_json = rundir.config_json(config)
@@ -598,11 +591,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   model = models.get_model(config.model, info.num_classes, dtype=dtype)
   tx, schedule = make_optimizer(config, total_steps)
-  teacher = _build_teacher(
-      config, info, DTYPES[config.distill.teacher_dtype or config.dtype])
+  teacher = teachers.build(
+      config, info, DTYPES[config.distill.teacher_dtype or config.dtype],
+      mesh=mesh)
   teacher_variables = (None if teacher is None else jax.device_put(
       teacher.variables,
-      teacher_shardings(teacher.variables, mesh)
+      teachers.teacher_shardings(teacher.variables, mesh)
       if config.distill.shard_teacher else replicated))
 
   # Feature names and shapes are refused here, before anything trains.

@@ -264,13 +264,13 @@ def test_a_teacher_probability_of_exactly_zero_stays_finite():
 
 
 def test_nan_teacher_stops_the_trainer_naming_the_step(tmp_path, monkeypatch):
-  def nan_teacher(config, info, dtype):
-    del config, dtype
+  def nan_teacher(config, info, dtype, mesh=None):
+    del config, dtype, mesh
     return teachers.Teacher(
         variables=None, names=('nan',), weights=(1.0,), fingerprint='nan',
         forward=lambda v, b: jnp.full((1, *b['image'].shape[:1],
                                        info.num_classes), jnp.nan))
-  monkeypatch.setattr(train, '_build_teacher', nan_teacher)
+  monkeypatch.setitem(teachers.SOURCES, 'online', nan_teacher)
   config = tiny('distill.teacher_source="online",distill.alpha=0.5')
   with pytest.raises(FloatingPointError,
                      match=r'loss is nan at step 1; no checkpoint was written '

@@ -1,6 +1,7 @@
-"""Teachers too big for one device: variables split over 'data' (FSDP-style)
-and a bfloat16 teacher forward, on 8 simulated devices; what summary.json
-says of each teacher."""
+"""Teachers too big for one device: variables split over the devices
+(FSDP-style, over 'data' or over the 'model' axis of a 2-D mesh) and a
+bfloat16 teacher forward, on 8 simulated devices; what summary.json says of
+each teacher."""
 
 import functools
 
@@ -37,12 +38,11 @@ def random_batch(size=16):
               mask=np.ones(size, bool))
 
 
-def test_sharded_teacher_step_equals_the_replicated_one(mnist5k_teacher_dir):
-  config = distill_config(mnist5k_teacher_dir)
-  teacher = teachers.load_online(config.teachers, 10, IMAGE_SHAPE)
+def two_steps(config, teacher, mesh, variables):
+  """The student's params and measurements after two steps on `mesh`, its
+  batches split over every mesh axis."""
   model = models.get_model(config.model, 10)
   tx, schedule = train.make_optimizer(config, 10)
-  mesh = mesh_of(8)
   replicated = NamedSharding(mesh, P())
   init = jax.jit(functools.partial(train.init_state, model, tx,
                                    image_shape=IMAGE_SHAPE,
@@ -52,30 +52,74 @@ def test_sharded_teacher_step_equals_the_replicated_one(mnist5k_teacher_dir):
       train.train_step, model=model, tx=tx, schedule=schedule,
       teacher=teacher, distill=config.distill),
                  out_shardings=(replicated, replicated))
-  batch = jax.device_put(random_batch(), NamedSharding(mesh, P('data')))
-  layouts = dict(replicated=jax.tree.map(lambda _: replicated,
-                                         teacher.variables),
-                 sharded=train.teacher_shardings(teacher.variables, mesh))
-  results = {}
-  for name, layout in layouts.items():
-    variables = jax.device_put(teacher.variables, layout)
-    state = init(jax.random.key(0))
-    for _ in range(2):
-      state, measurements = step(state, batch, variables, True)
-    results[name] = jax.device_get((state['params'], measurements))
-    if name == 'sharded':
-      # Every kernel is split: each device holds 1/8 of its rows.
-      for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-        if path[-1].key == 'kernel':
-          shard = leaf.addressable_shards[0].data.shape
-          assert np.prod(shard) * 8 == np.prod(leaf.shape), path
-  (params_r, m_r), (params_s, m_s) = results['replicated'], results['sharded']
+  batch = jax.device_put(random_batch(),
+                         NamedSharding(mesh, P(tuple(mesh.axis_names))))
+  state = init(jax.random.key(0))
+  for _ in range(2):
+    state, measurements = step(state, batch, variables, True)
+  return jax.device_get((state['params'], measurements))
+
+
+def assert_same_step(a, b):
   # Equal up to the order of float sums in the split matmuls.
   close = functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-5)
-  jax.tree.map(close, params_r, params_s)
-  for key in m_r:
-    close(m_r[key], m_s[key], err_msg=key)
-  assert m_r['agreement'] > 0
+  (params_a, m_a), (params_b, m_b) = a, b
+  jax.tree.map(close, params_a, params_b)
+  for key in m_a:
+    close(m_a[key], m_b[key], err_msg=key)
+  assert m_a['agreement'] > 0
+
+
+def held_fraction(variables):
+  """{path: fraction of each kernel one device holds}."""
+  return {jax.tree_util.keystr(path): np.prod(
+      leaf.addressable_shards[0].data.shape) / np.prod(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(variables)
+          if path[-1].key == 'kernel'}
+
+
+@pytest.fixture(scope='module')
+def replicated_step(mnist5k_teacher_dir):
+  config = distill_config(mnist5k_teacher_dir)
+  teacher = teachers.load_online(config.teachers, 10, IMAGE_SHAPE)
+  mesh = mesh_of(8)
+  variables = jax.device_put(teacher.variables, NamedSharding(mesh, P()))
+  return config, teacher, two_steps(config, teacher, mesh, variables)
+
+
+def test_sharded_teacher_step_equals_the_replicated_one(replicated_step):
+  config, teacher, expected = replicated_step
+  mesh = mesh_of(8)
+  variables = jax.device_put(teacher.variables,
+                             teachers.teacher_shardings(teacher.variables,
+                                                        mesh))
+  # Every kernel is split: each device holds 1/8 of it.
+  assert set(held_fraction(variables).values()) == {1 / 8}
+  assert_same_step(expected, two_steps(config, teacher, mesh, variables))
+
+
+@pytest.mark.parametrize('model_devices', [2, 4])
+def test_teacher_split_over_model_axis_of_2d_mesh_equals_replicated(
+    replicated_step, mnist5k_teacher_dir, model_devices):
+  """A (8 / m, m) ('data', 'model') mesh: the teacher restored straight into
+  its split over 'model' (each device holds 1/m of it), batches split over
+  all 8 devices."""
+  config, _, expected = replicated_step
+  mesh = train.make_mesh(jax.devices(), model_devices)
+  assert dict(mesh.shape) == {'data': 8 // model_devices,
+                              'model': model_devices}
+  teacher = teachers.load_online(config.teachers, 10, IMAGE_SHAPE, mesh=mesh)
+  assert set(held_fraction(teacher.variables).values()) == {
+      1 / model_devices}
+  for leaf in jax.tree.leaves(teacher.variables):  # Never over 'data'.
+    assert set(leaf.sharding.spec) <= {None, 'model'}, leaf.sharding
+  assert_same_step(expected, two_steps(config, teacher, mesh,
+                                       teacher.variables))
+
+
+def test_mesh_model_must_divide_the_devices():
+  with pytest.raises(ValueError, match=r'config.mesh_model=3 .*divisor of 8'):
+    train.make_mesh(jax.devices(), 3)
 
 
 def test_teacher_layout_splits_the_largest_axis_that_divides():
@@ -83,11 +127,20 @@ def test_teacher_layout_splits_the_largest_axis_that_divides():
   variables = dict(kernel=jnp.zeros((1, 12, 1200)),  # stacked ensemble axis
                    bias=jnp.zeros((1, 1200)), scale=jnp.zeros((5,)),
                    step=jnp.zeros(()))
-  layout = train.teacher_shardings(variables, mesh)
+  layout = teachers.teacher_shardings(variables, mesh)
   assert layout['kernel'].spec == P(None, None, 'data')
   assert layout['bias'].spec == P(None, 'data')
   assert layout['scale'].spec == P() and layout['step'].spec == P()
-  assert train.teacher_shardings(variables, mesh_of(1))['kernel'].spec == P()
+  assert teachers.teacher_shardings(variables, mesh_of(1))['kernel'].spec == P()
+  # A 2-D mesh splits over 'model' (4 devices here: 12 divides), or over
+  # both axes when 'model' has one device.
+  layout = teachers.teacher_shardings(variables, train.make_mesh(
+      jax.devices(), 4))
+  assert layout['kernel'].spec == P(None, None, 'model')
+  assert layout['scale'].spec == P()
+  layout = teachers.teacher_shardings(variables, train.make_mesh(
+      jax.devices(), 1))
+  assert layout['kernel'].spec == P(None, None, ('data', 'model'))
 
 
 def test_bfloat16_teacher_gives_float32_logits_close_to_float32(
@@ -109,7 +162,7 @@ def test_bfloat16_teacher_gives_float32_logits_close_to_float32(
 def test_a_run_with_a_sharded_bfloat16_teacher_trains(mnist5k_teacher_dir,
                                                       tmp_path):
   config = distill_config(mnist5k_teacher_dir,
-                          'distill.shard_teacher=True,'
+                          'distill.shard_teacher=True,mesh_model=2,'
                           'distill.teacher_dtype=bfloat16')
   summary = train.train_and_evaluate(config, str(tmp_path))
   for result in summary['eval'].values():

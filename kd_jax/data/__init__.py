@@ -7,7 +7,7 @@
 * `stream`: a run's train stream and eval passes (`get_datasets`,
   `iterate_split`) and the plug-ins that change a run's labels and train
   stream (`kd_jax.specialists` registers one).
-* `prefetch`: host batches -> global `jax.Array`s sharded over 'data'.
+* `prefetch`: host batches -> global `jax.Array`s split over the mesh.
 
 `kd_jax.input_pipeline` is the entry point and documents the batches.
 TensorFlow and TFDS take seconds to import: only a process that reads data

@@ -17,15 +17,22 @@ def _is_numeric(x: np.ndarray) -> bool:
   return np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_
 
 
+def batch_spec(mesh: jax.sharding.Mesh) -> P:
+  """Rows split over every axis of `mesh`: each device its own rows."""
+  axes = tuple(mesh.axis_names)
+  return P(axes[0] if len(axes) == 1 else axes)
+
+
 def prefetch_to_mesh(iterator: Iterable[dict[str, np.ndarray]],
                      mesh: jax.sharding.Mesh, size: int = 2
                      ) -> Iterator[dict[str, Any]]:
   """Moves batches to devices `size` batches ahead of the consumer.
 
-  Numeric fields become global `jax.Array`s, sharded over the mesh axis
-  'data' from each process's local rows; others (`id`) stay host numpy.
+  Numeric fields become global `jax.Array`s, their rows split over every
+  mesh axis (each device its own rows) from each process's local rows;
+  others (`id`) stay host numpy.
   """
-  sharding = NamedSharding(mesh, P('data'))
+  sharding = NamedSharding(mesh, batch_spec(mesh))
   iterator = iter(iterator)
   queue = collections.deque()
 

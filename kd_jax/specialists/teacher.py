@@ -213,14 +213,16 @@ def load_specialist_ensemble(config, info, dtype=jnp.float32
       fingerprint=fingerprint)
 
 
-def load_specialists(config, info, dtype=jnp.float32) -> Teacher:
-  """The combination of a generalist and its specialists, as one teacher.
+def load_specialists(config, info, dtype=jnp.float32, mesh=None) -> Teacher:
+  """The combination of a generalist and its specialists, as one teacher
+  (replicated on `mesh`: config.distill.shard_teacher is refused for it).
 
   Its forward runs the generalist and every specialist, corrects the
   dustbins, activates the specialists whose group meets the generalist's
   top `config.specialist.top_n` classes and returns the combination's
   log-probabilities (`specialists.combine`) as logits [1, B, C].
   """
+  del mesh
   ensemble = load_specialist_ensemble(config, info, dtype=dtype)
 
   def forward(variables, batch):

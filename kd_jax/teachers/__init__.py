@@ -38,6 +38,7 @@ from kd_jax.teachers.cache import read_cache_split
 from kd_jax.teachers.cache import VIEW_AUGMENTATIONS
 from kd_jax.teachers.cache import view_fill
 from kd_jax.teachers.online import load_online
+from kd_jax.teachers.online import teacher_shardings
 from kd_jax.specialists import teacher as specialist_teacher
 from kd_jax.specialists.teacher import load_specialist_ensemble
 from kd_jax.specialists.teacher import load_specialists
@@ -65,24 +66,26 @@ __all__ = [
     'read_cache_arrays',
     'read_cache_labels',
     'read_cache_split',
+    'teacher_shardings',
     'view_fill',
 ]
 
-Loader = Callable[[Any, Any, Any], Teacher]
+Loader = Callable[..., Teacher]
 
 
-def _load_online(config, info, dtype) -> Teacher:
-  return online.load_online(config.teachers, info.num_classes,
-                            info.image_shape, dtype=dtype)
+def _load_online(config, info, dtype, mesh=None) -> Teacher:
+  return online.load_online(
+      config.teachers, info.num_classes, info.image_shape, dtype=dtype,
+      mesh=mesh if config.distill.shard_teacher else None)
 
 
-def _load_cache(config, info, dtype) -> Teacher:
-  del dtype  # Cached logits are stored values, not computed in the run.
+def _load_cache(config, info, dtype, mesh=None) -> Teacher:
+  del dtype, mesh  # Cached logits are stored values, not computed in the run.
   return cache.load_cache(config, info)
 
 
-# config.distill.teacher_source -> `(config, info, dtype) -> Teacher`, or None
-# for a run without a teacher.
+# config.distill.teacher_source -> `(config, info, dtype, mesh) -> Teacher`,
+# or None for a run without a teacher; `mesh` is where the step runs.
 SOURCES: dict[str, Loader | None] = {
     'none': None,
     'online': _load_online,
@@ -122,13 +125,16 @@ def describe(config, teacher: Teacher | None) -> list[dict[str, Any]]:
   return rows
 
 
-def build(config, info, dtype=jnp.float32) -> Teacher | None:
+def build(config, info, dtype=jnp.float32, mesh=None) -> Teacher | None:
   """The teacher `config.distill.teacher_source` names, or None for 'none'.
 
   Args:
     config: the run config.
     info: the run's `input_pipeline.DatasetInfo`.
     dtype: what restored teachers compute in.
+    mesh: the run's device mesh; online teachers with
+      `config.distill.shard_teacher` are restored split over it
+      (`online.teacher_shardings`).
 
   Returns:
     The loaded `Teacher`, or None when the run has no teacher.
@@ -142,4 +148,4 @@ def build(config, info, dtype=jnp.float32) -> Teacher | None:
     raise ValueError(f'config.distill.teacher_source={source!r}; '
                      f'choose one of {tuple(SOURCES)}.')
   loader = SOURCES[source]
-  return None if loader is None else loader(config, info, dtype)
+  return None if loader is None else loader(config, info, dtype, mesh=mesh)

@@ -13,12 +13,47 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kd_jax import checkpointing
 from kd_jax import models
 from kd_jax import rundir
 from kd_jax.models import features as model_features
 from kd_jax.teachers.base import Teacher
+
+
+def teacher_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+  """The mesh axes a sharded teacher is split over: 'model' where the mesh
+  has a 'model' axis of more than one device (each layer's gather then stays
+  within a group of that many devices), else every axis (all devices)."""
+  if mesh.shape.get('model', 1) > 1:
+    return ('model',)
+  return tuple(mesh.axis_names)
+
+
+def teacher_shardings(variables: Any, mesh: jax.sharding.Mesh) -> Any:
+  """FSDP-style layout of frozen teacher variables on `mesh`: each array
+  split over `teacher_axes(mesh)` along its largest axis that their device
+  count divides (replicated if none does), so each device holds about 1/n
+  of the teacher; XLA gathers each layer's weights where the forward pass
+  needs them. The teacher's outputs are those of the replicated teacher.
+  `variables` may hold arrays or `jax.ShapeDtypeStruct`s."""
+  axes = teacher_axes(mesh)
+  num_shards = int(np.prod([mesh.shape[a] for a in axes]))
+  name = axes[0] if len(axes) == 1 else axes
+
+  def layout(leaf):
+    dims = [a for a in range(leaf.ndim) if leaf.shape[a] % num_shards == 0
+            and leaf.shape[a] >= num_shards]
+    if num_shards == 1 or not dims:
+      return NamedSharding(mesh, P())
+    dim = max(dims, key=lambda a: (leaf.shape[a], -a))
+    spec = [None] * leaf.ndim
+    spec[dim] = name
+    return NamedSharding(mesh, P(*spec))
+  return jax.tree.map(layout, variables)
 
 
 def check_compatible(index: int, teacher_cfg, run_info: dict[str, Any],
@@ -50,8 +85,14 @@ def check_compatible(index: int, teacher_cfg, run_info: dict[str, Any],
 
 
 def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
-                dtype=jnp.float32) -> Teacher:
-  """Restores frozen teachers from their runs' latest checkpoints."""
+                dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None
+                ) -> Teacher:
+  """Restores frozen teachers from their runs' latest checkpoints.
+
+  With `mesh`, each teacher is restored straight into the split layout of
+  `teacher_shardings` (no device ever holds a whole teacher) and the
+  returned variables are laid out so; without, replicated on every device.
+  """
   if not teacher_cfgs:
     raise ValueError(
         'config.distill.teacher_source is online/ensemble but config.teachers '
@@ -67,6 +108,10 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
                            jnp.zeros((1, *image_shape), jnp.float32)))
     abstract = {'params': abstract['params'],
                 'batch_stats': abstract.get('batch_stats', {})}
+    if mesh is not None:
+      abstract = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          abstract, teacher_shardings(abstract, mesh))
     try:
       variables, step = checkpointing.restore_model(t.workdir, abstract)
     except FileNotFoundError as e:
@@ -94,6 +139,8 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
     # Same architecture: one stacked pytree, one vmapped forward pass.
     model = loaded[0][0]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[v for _, v in loaded])
+    if mesh is not None:
+      stacked = jax.device_put(stacked, teacher_shardings(stacked, mesh))
 
     def forward(variables, batch):
       return jax.vmap(apply, in_axes=(None, 0, None))(
