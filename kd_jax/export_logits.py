@@ -31,6 +31,15 @@ split and writes `OUT/<split>/`:
 Batches go to disk as they are computed (`cache.SplitWriter`): host memory
 holds the split's ids and labels, never its logits.
 
+On n > 1 processes (--coordinator_address, --num_processes, --process_id as
+for `kd_jax.main`), each process exports its share of each split, the one
+its data stream reads in training, to `OUT/<split>/shard-i-of-n/` (same
+files), running the teachers split over its own devices; a run on n
+processes then loads on each only its own shard (`teachers.cache_shards`):
+
+  python -m kd_jax.export_logits --config=... --out=DIR --nocsv \
+      --coordinator_address=host0:1234 --num_processes=2 --process_id=0
+
 --views=V (train split only) runs the teachers on V augmented views of each
 example: view v of example `id` is config.augment (mnist_jitter or cifar)
 with its shift and flip drawn from the key (view_seed, v, id)
@@ -71,6 +80,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+from jax.experimental import multihost_utils
 
 from kd_jax import input_pipeline
 from kd_jax import losses
@@ -95,15 +105,26 @@ def _check_out(out_dir: str, overwrite: bool) -> None:
         'another --out.')
 
 
+def _local_mesh() -> jax.sharding.Mesh | None:
+  """This process's own devices, for a multi-process export (teachers run
+  split over them); None in a single process (teachers replicated)."""
+  if jax.process_count() == 1:
+    return None
+  return jax.make_mesh((jax.local_device_count(),), ('data',),
+                       devices=jax.local_devices(),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def _single_process() -> dict[str, int]:
   if jax.process_count() > 1:
-    raise ValueError('export_logits reads whole splits in one process; run it '
-                     'with a single process.')
+    raise ValueError('--import_table reads whole splits in one process; run '
+                     'it with a single process.')
   return dict(num_devices=1, process_index=0, process_count=1)
 
 
 def _dataset_info(config) -> input_pipeline.DatasetInfo:
-  return input_pipeline.get_datasets(config, **_single_process()).info
+  return input_pipeline.get_datasets(
+      config, num_devices=1, process_index=0, process_count=1).info
 
 
 def _default_splits(config) -> list[str]:
@@ -115,7 +136,8 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
            splits: Sequence[str] | None = None,
            dtype: str = 'float32', *, views: int = 1, view_seed: int = 0,
            top_k: int | None = None, temperature: float | None = None,
-           overwrite: bool = False, write_csv: bool = True
+           overwrite: bool = False, write_csv: bool = True,
+           process_index: int | None = None, process_count: int | None = None
            ) -> dict[str, dict[str, Any]]:
   """Runs the config's teachers over `splits` and writes a logits cache.
 
@@ -137,13 +159,26 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
     overwrite: replace an existing cache in `out_dir` (else refused).
     write_csv: also write each split as a CSV (logits.csv / topk.csv); off
       for large caches (an ImageNet split's CSV is about 10 GB).
+    process_index, process_count: write the shard of process `process_index`
+      of `process_count` (default: this JAX process of all): its share of
+      each split, to `<split>/shard-i-of-n/`; one process writes the split
+      itself.
 
   Returns:
-    The manifest written for each split, plus 'nbytes' (the teacher arrays
-    on disk) and 'dense_nbytes' (what dense storage in `dtype` would take).
+    The manifest written for each split (this process's shard), plus
+    'nbytes' (the teacher arrays on disk) and 'dense_nbytes' (what dense
+    storage in `dtype` would take).
   """
   _check_dtype(dtype)
-  _check_out(out_dir, overwrite)
+  if process_index is None:
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, '
+                     f'process_count={process_count}).')
+  if process_index == 0 or jax.process_count() == 1:
+    _check_out(out_dir, overwrite)
+  if jax.process_count() > 1:  # No process writes before the check.
+    multihost_utils.sync_global_devices('kd_jax.export_logits: out checked')
   if config.distill.ensemble_method == 'sum_losses' and len(
       config.teachers) > 1:
     raise ValueError(
@@ -164,7 +199,7 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
   if temperature is None:
     temperature = float(config.distill.temperature)
   teacher = teachers.load_online(config.teachers, info.num_classes,
-                                 info.image_shape)
+                                 info.image_shape, mesh=_local_mesh())
   method = config.distill.ensemble_method
   weights = jnp.asarray(teacher.weights)
   fill = cache.view_fill(info.name, info.image_shape[2])
@@ -179,12 +214,17 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
   manifests = {}
   for split in splits or _default_splits(config):
     split_views = views if split == config.train_split else 1
+    directory = os.path.join(out_dir, split)
+    if process_count > 1:
+      directory = os.path.join(directory,
+                               cache.shard_name(process_index, process_count))
     writer = cache.SplitWriter(
-        os.path.join(out_dir, split), dtype=dtype, topk=top_k is not None,
+        directory, dtype=dtype, topk=top_k is not None,
         class_names=info.class_names, write_csv=write_csv)
     try:
-      for batch in input_pipeline.iterate_split(config, split,
-                                                **_single_process()):
+      for batch in input_pipeline.iterate_split(
+          config, split, num_devices=process_count,
+          process_index=process_index, process_count=process_count):
         mask = batch['mask']
         if split_views == 1:
           out = np.asarray(forward(teacher.variables, batch['image']))
@@ -305,6 +345,7 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
       first bad id).
   """
   _check_dtype(dtype)
+  _single_process()
   _check_out(out_dir, overwrite)
   info = _dataset_info(config)
   if table.endswith('.npy'):
@@ -380,6 +421,14 @@ def define_flags() -> None:
   flags.DEFINE_bool('overwrite', False, 'Replace an existing cache at --out.')
   flags.DEFINE_bool('csv', True, 'Also write each split as a CSV (--nocsv '
                     'for large caches).')
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, multi-process exports only.')
+  flags.DEFINE_integer('num_processes', None,
+                       'Process count, multi-process exports only.')
+  flags.DEFINE_integer('process_id', None,
+                       "This process's index, multi-process exports only.")
+  flags.DEFINE_string('cpu_collectives', None,
+                      "'gloo' for multi-process exports on CPUs.")
   flags.mark_flags_as_required(['config', 'out'])
 
 
@@ -387,6 +436,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', f.cpu_collectives)
+  if f.coordinator_address or f.num_processes:
+    jax.distributed.initialize(f.coordinator_address, f.num_processes,
+                               f.process_id)
   if f.import_table:
     manifests = import_blackbox(f.import_table, f.out, f.config,
                                 probabilities=f.probabilities,
@@ -399,8 +453,11 @@ def main(argv):
                        write_csv=f.csv)
   for split, m in manifests.items():
     views = m['preprocessing']['num_views']
+    shard = ('' if jax.process_count() == 1 else cache.shard_name(
+        jax.process_index(), jax.process_count()))
     print(f'{split}: {m["num_examples"]} examples, {views} '
-          f'view{"s" if views > 1 else ""} -> {os.path.join(f.out, split)}')
+          f'view{"s" if views > 1 else ""} -> '
+          f'{os.path.join(f.out, split, shard)}')
     if m['form'] == 'topk':
       print(f'  top-{m["top_k"]} of {m["num_classes"]} classes: '
             f'{m["nbytes"] / 1e6:.3f} MB vs {m["dense_nbytes"] / 1e6:.3f} MB '

@@ -400,3 +400,86 @@ def test_augmented_run_trains_from_a_multi_view_cache(tmp_path, views_cache):
       cached_config(views_cache, 'augment="mnist_jitter"'), str(tmp_path))
   assert 0 <= summary['eval']['test']['teacher_accuracy'] <= 1
   assert np.isfinite(summary['eval']['test']['loss'])
+
+
+# Caches exported in shards, one per process.
+
+
+@pytest.fixture(scope='module')
+def sharded_cache(tmp_path_factory, teacher_dir):
+  """The cache of `cache_dir` exported as two processes would: process i
+  writes its data share of each split to <split>/shard-i-of-2/."""
+  out = str(tmp_path_factory.mktemp('sharded'))
+  config = tiny('mnist5k_distill_cached', f'teacher_workdir={teacher_dir}')
+  for process in range(2):
+    export_logits.export(config, out, process_index=process, process_count=2,
+                         overwrite=process > 0, write_csv=False)
+  return out
+
+
+def test_shards_hold_each_process_share_with_the_one_process_logits(
+    sharded_cache, cache_dir):
+  for split, size in SPLIT_SIZES.items():
+    shards = teachers.cache_shards(sharded_cache, split)
+    assert shards == ['shard-00000-of-00002', 'shard-00001-of-00002']
+    parts = [teachers.read_cache_arrays(sharded_cache, split, shard=s)
+             for s in shards]
+    share = [set(bytes(i) for i in ids) for _, ids, _ in parts]
+    assert not share[0] & share[1] and len(share[0] | share[1]) == size
+    # Each shard is the share that process's data stream reads.
+    for process, ids in enumerate(share):
+      stream = input_pipeline.iterate_split(
+          cached_config(cache_dir), split, num_devices=2,
+          process_index=process, process_count=2)
+      assert ids == {bytes(i) for b in stream for i in b['id'][b['mask']]}
+    # The one-process export's logits, id by id (up to the float rounding
+    # of batches half as large).
+    _, whole_ids, whole = teachers.read_cache_split(cache_dir, split)
+    _, ids, logits = teachers.read_cache_split(sharded_cache, split)
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(ids[order], np.sort(whole_ids))
+    np.testing.assert_allclose(logits[order], whole[np.argsort(whole_ids)],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_one_process_run_trains_from_every_shard_like_the_whole_cache(
+    tmp_path, sharded_cache, offline_test_metrics):
+  test = train.train_and_evaluate(cached_config(sharded_cache),
+                                  str(tmp_path))['eval']['test']
+  assert set(test) == set(offline_test_metrics)
+  for k, v in offline_test_metrics.items():
+    assert test[k] == pytest.approx(v, rel=1e-5), k
+
+
+def test_each_process_of_a_run_loads_only_its_own_shard(sharded_cache,
+                                                         monkeypatch):
+  config = cached_config(sharded_cache)
+  info = info_of(config)
+  for process in range(2):
+    monkeypatch.setattr(logits_cache, '_process', lambda p=process: (p, 2))
+    own = teachers.load_cache(config, info)
+    for shard in range(2):
+      _, ids, logits = teachers.read_cache_arrays(
+          sharded_cache, 'test', shard=f'shard-0000{shard}-of-00002')
+      batch = dict(id=ids[:4], image=np.zeros((4, 28, 28, 1), np.float32))
+      if shard == process:
+        np.testing.assert_array_equal(
+            own.host_lookup(batch)['teacher_logits'], logits['logits'][:4])
+      else:  # The other process's examples are not in this one's index.
+        with pytest.raises(KeyError, match='is not in the logits cache'):
+          own.host_lookup(batch)
+
+
+def test_missing_or_mixed_shards_are_refused(tmp_path, sharded_cache):
+  out = str(tmp_path / 'cache')
+  shutil.copytree(sharded_cache, out)
+  config = cached_config(out)
+  shutil.rmtree(os.path.join(out, 'test', 'shard-00001-of-00002'))
+  with pytest.raises(FileNotFoundError,
+                     match=r"1 of the 2 shards .*shard-00001-of-00002.*on 2 "
+                           r"processes"):
+    teachers.load_cache(config, info_of(config))
+  shutil.copytree(os.path.join(sharded_cache, 'test', 'shard-00001-of-00002'),
+                  os.path.join(out, 'test', 'shard-00001-of-00003'))
+  with pytest.raises(ValueError, match=r'exports by \[2, 3\] processes'):
+    teachers.load_cache(config, info_of(config))

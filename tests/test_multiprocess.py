@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpointing
+from kd_jax import export_logits
 from kd_jax import models
+from kd_jax import teachers
 from kd_jax import train
 from kd_jax.config_lib import load_config
 
@@ -43,17 +45,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(config_name: str, arg: str, workdir: str) -> None:
-  """Trains `configs/<config_name>.py:arg` on 2 processes x 2 CPU devices."""
+def _run_two_processes(config_name: str, arg: str, workdir: str,
+                       module: str = 'kd_jax.main',
+                       out_flag: str = '--workdir') -> None:
+  """Runs `python -m module --config=configs/<config_name>.py:arg` (default:
+  trains into `workdir`) on 2 processes x 2 CPU devices."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   address = f'localhost:{_free_port()}'
   # Logs go to files: a full pipe would block one process mid-collective.
   logs = [open(f'{workdir}.process{i}.log', 'w+') for i in range(2)]
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'kd_jax.main',
+      [sys.executable, '-m', module,
        f'--config={REPO}/configs/{config_name}.py:{arg}',
-       f'--workdir={workdir}', f'--coordinator_address={address}',
+       f'{out_flag}={workdir}', f'--coordinator_address={address}',
        '--num_processes=2', f'--process_id={i}', '--cpu_collectives=gloo'],
       cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
            for i in range(2)]
@@ -88,7 +93,8 @@ def _final_params(workdir: str, config) -> dict:
   return jax.device_get(variables['params'])
 
 
-def _assert_same_run(one_dir: str, two_dir: str, config) -> None:
+def _assert_same_run(one_dir: str, two_dir: str, config,
+                     ignore=()) -> None:
   one = json.load(open(os.path.join(one_dir, 'summary.json')))
   two = json.load(open(os.path.join(two_dir, 'summary.json')))
   assert two['step'] == one['step'] == config.num_train_steps
@@ -109,7 +115,7 @@ def _assert_same_run(one_dir: str, two_dir: str, config) -> None:
     c = json.load(open(os.path.join(d, 'config.json')))
     # The device layout is no difference between the runs.
     del c['mesh_model'], c['distill']['shard_teacher']
-    configs.append(c)
+    configs.append({k: v for k, v in c.items() if k not in ignore})
   assert configs[0] == configs[1]
 
 
@@ -139,3 +145,34 @@ def test_two_processes_distil_like_one_process_on_four_devices(tmp_path,
   one = train.train_and_evaluate(config, one_dir, devices=jax.devices()[:4])
   assert 'teacher_accuracy' in one['eval']['test']
   _assert_same_run(one_dir, two_dir, config)
+
+
+def test_two_processes_export_a_sharded_cache_each_then_loads_its_own(
+    tmp_path):
+  """Two processes export one shard each (their data shares); a two-process
+  run then loads on each only its own shard and trains like one process
+  on four devices from the one-process export."""
+  teacher_dir = str(tmp_path / 'teacher')
+  train.train_and_evaluate(load_config('mnist5k_teacher', 'runlocal'),
+                           teacher_dir)
+  arg = f'{FULL_BATCH},teacher_workdir={teacher_dir}'
+  whole, sharded = str(tmp_path / 'whole'), str(tmp_path / 'sharded')
+  export_logits.export(load_config('mnist5k_distill_cached', arg), whole,
+                       write_csv=False)
+  _run_two_processes('mnist5k_distill_cached', arg, sharded,
+                     module='kd_jax.export_logits', out_flag='--out')
+  for split in ('train[:1000]', 'test'):
+    assert teachers.cache_shards(sharded, split) == [
+        'shard-00000-of-00002', 'shard-00001-of-00002']
+    _, whole_ids, whole_logits = teachers.read_cache_split(whole, split)
+    _, ids, logits = teachers.read_cache_split(sharded, split)
+    assert sorted(ids) == sorted(whole_ids)
+    np.testing.assert_allclose(logits[np.argsort(ids)],
+                               whole_logits[np.argsort(whole_ids)],
+                               rtol=1e-5, atol=1e-5)
+  one_dir, two_dir = str(tmp_path / 'one'), str(tmp_path / 'two')
+  _run_two_processes('mnist5k_distill_cached', f'{arg},cache_dir={sharded}',
+                     two_dir)
+  config = load_config('mnist5k_distill_cached', f'{arg},cache_dir={whole}')
+  train.train_and_evaluate(config, one_dir, devices=jax.devices()[:4])
+  _assert_same_run(one_dir, two_dir, config, ignore=('distill',))

@@ -25,6 +25,7 @@ from kd_jax.teachers import cache
 from kd_jax.teachers import online
 from kd_jax.teachers.base import Teacher
 from kd_jax.teachers.cache import augment_views
+from kd_jax.teachers.cache import cache_shards
 from kd_jax.teachers.cache import check_finite
 from kd_jax.teachers.cache import choose_views
 from kd_jax.teachers.cache import dense_from_topk
@@ -53,6 +54,7 @@ __all__ = [
     'Teacher',
     'VIEW_AUGMENTATIONS',
     'augment_views',
+    'cache_shards',
     'build',
     'check_finite',
     'choose_views',

@@ -10,6 +10,12 @@ optionally a CSV of the same numbers and, by manifest['form']:
   [N, (V,)], the teacher's mass outside its top k at manifest['temperature']
   (`sparsify`; see losses.topk_kl_divergence).
 
+A split exported by n > 1 processes is n shards, <split>/shard-i-of-n/ (i
+and n as five digits), each holding the files above for the examples of
+process i's data share (`cache_shards`). A run on n processes loads, on
+each, only the shard of its own share (the same split of the data); other
+process counts load every shard.
+
 `SplitWriter` writes a split batch by batch (memory holds its ids and
 labels, never its logits); the reader memory-maps the arrays.
 """
@@ -20,9 +26,11 @@ import csv
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from kd_jax.data import preprocess
@@ -37,6 +45,68 @@ FORM_ARRAYS = {'dense': ('logits',),
 VIEW_AUGMENTATIONS = preprocess.SHIFT_AUGMENTATIONS
 # Rows per block when a whole array is scanned (finite checks).
 CHECK_ROWS = 1 << 16
+_SHARD = re.compile(r'shard-(\d{5})-of-(\d{5})$')
+
+
+def shard_name(index: int, count: int) -> str:
+  """The folder of process `index`'s shard of a split exported by `count`."""
+  return f'shard-{index:05d}-of-{count:05d}'
+
+
+def cache_shards(cache_dir: str, split: str) -> list[str]:
+  """The tables of one exported split, as folders under <cache_dir>/<split>:
+  [''] (the split folder itself) for a one-process export, else every
+  shard-i-of-n in order.
+
+  Raises:
+    FileNotFoundError: no export of `split`, or shards missing (an export
+      that has not finished on every process).
+    ValueError: shards of different exports mixed in one folder.
+  """
+  directory = os.path.join(cache_dir, split)
+  names = sorted(n for n in (os.listdir(directory)
+                             if os.path.isdir(directory) else [])
+                 if _SHARD.match(n))
+  if os.path.exists(os.path.join(directory, MANIFEST)):
+    if names:
+      raise ValueError(
+          f'{directory} holds a one-process export and shards {names[:3]}: '
+          'export again into an empty --out.')
+    return ['']
+  if not names:
+    raise FileNotFoundError(
+        f'config.distill.cache_dir={cache_dir!r} has no logits for split '
+        f'{split!r} ({os.path.join(directory, MANIFEST)} is missing).')
+  counts = {int(_SHARD.match(n).group(2)) for n in names}
+  if len(counts) > 1:
+    raise ValueError(
+        f'{directory} mixes the shards of exports by {sorted(counts)} '
+        'processes: export again into an empty --out.')
+  count = counts.pop()
+  missing = [shard_name(i, count) for i in range(count)
+             if not os.path.exists(os.path.join(directory, shard_name(i, count),
+                                                MANIFEST))]
+  if missing:
+    raise FileNotFoundError(
+        f'{directory}: {len(missing)} of the {count} shards of the export are '
+        f'missing or unfinished (e.g. {missing[0]}): run the export again on '
+        f'{count} processes, each writing its shard.')
+  return [shard_name(i, count) for i in range(count)]
+
+
+def local_shards(shards: Sequence[str], process_index: int,
+                 process_count: int) -> list[str]:
+  """The shards a process loads: its own where the export used as many
+  processes as this run (each holds the examples of one process's data
+  share), else all of them."""
+  if len(shards) > 1 and len(shards) == process_count:
+    return [shards[process_index]]
+  return list(shards)
+
+
+def _process() -> tuple[int, int]:
+  """(index, count) of this process among the run's processes."""
+  return jax.process_index(), jax.process_count()
 
 
 class IdIndex:
@@ -414,10 +484,12 @@ def check_finite(values: np.ndarray, ids, source: str) -> None:
         'again.')
 
 
-def read_cache_arrays(cache_dir: str, split: str, mmap: bool = False
+def read_cache_arrays(cache_dir: str, split: str, mmap: bool = False,
+                      shard: str = ''
                       ) -> tuple[dict[str, Any], np.ndarray,
                                  dict[str, np.ndarray]]:
-  """(manifest, ids [N] bytes, the form's arrays) of one exported split.
+  """(manifest, ids [N] bytes, the form's arrays) of one exported split, or
+  of one of its shards (`shard`, a name `cache_shards` gives).
 
   With `mmap` the arrays are read-only memory maps: a lookup reads the rows
   it asks for, and host memory does not grow with the cache.
@@ -426,7 +498,7 @@ def read_cache_arrays(cache_dir: str, split: str, mmap: bool = False
     FileNotFoundError / ValueError: naming the missing, unreadable or
       inconsistent file, or the first example whose values are not finite.
   """
-  directory = os.path.join(cache_dir, split)
+  directory = os.path.join(cache_dir, split, shard)
   path = os.path.join(directory, MANIFEST)
   if not os.path.exists(path):
     raise FileNotFoundError(
@@ -464,9 +536,10 @@ def read_cache_arrays(cache_dir: str, split: str, mmap: bool = False
   return manifest, ids, arrays
 
 
-def read_cache_labels(cache_dir: str, split: str, num_ids: int) -> np.ndarray:
-  """labels.npy [N] of one exported split."""
-  path = os.path.join(cache_dir, split, 'labels.npy')
+def read_cache_labels(cache_dir: str, split: str, num_ids: int,
+                      shard: str = '') -> np.ndarray:
+  """labels.npy [N] of one exported split (or shard)."""
+  path = os.path.join(cache_dir, split, shard, 'labels.npy')
   labels = _load_npy(path)
   if labels.shape != (num_ids,):
     raise ValueError(f'{path} has shape {labels.shape} but ids.npy holds '
@@ -476,12 +549,18 @@ def read_cache_labels(cache_dir: str, split: str, num_ids: int) -> np.ndarray:
 
 def read_cache_split(cache_dir: str, split: str
                      ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-  """(manifest, ids [N] bytes, logits [N, (V,) C] float32) of a dense split."""
-  manifest, ids, arrays = read_cache_arrays(cache_dir, split)
-  if 'logits' not in arrays:
+  """(manifest, ids [N] bytes, logits [N, (V,) C] float32) of a dense split,
+  its shards (if any) concatenated in memory in shard order (the manifest is
+  the first shard's, with the split's num_examples)."""
+  parts = [read_cache_arrays(cache_dir, split, shard=shard)
+           for shard in cache_shards(cache_dir, split)]
+  if any('logits' not in arrays for _, _, arrays in parts):
     raise ValueError(f'{os.path.join(cache_dir, split)} is a top-k cache; '
                      f'read it with read_cache_arrays.')
-  return manifest, ids, arrays['logits'].astype(np.float32)
+  ids = np.concatenate([ids for _, ids, _ in parts])
+  manifest = dict(parts[0][0], num_examples=len(ids))
+  return manifest, ids, np.concatenate(
+      [arrays['logits'].astype(np.float32) for _, _, arrays in parts])
 
 
 def _check_manifest(manifest: dict[str, Any], config, info, split: str
@@ -498,6 +577,20 @@ def _check_manifest(manifest: dict[str, Any], config, info, split: str
         f'The logits cache {config.distill.cache_dir!r} (split {split!r}) was '
         f'exported for other data than this run ({details}). Re-export it '
         f'with this run\'s data config: {_export_command(config, split)}')
+
+
+# What every shard of one split shares (its own examples aside).
+SHARED_BY_SHARDS = ('teacher_fingerprint', 'form', 'top_k', 'temperature',
+                    'preprocessing', 'dtype', 'transfer')
+
+
+def _check_same_export(first: dict[str, Any], manifest: dict[str, Any],
+                       directory: str) -> None:
+  differ = [k for k in SHARED_BY_SHARDS if first.get(k) != manifest.get(k)]
+  if differ:
+    raise ValueError(
+        f'{directory} was written by another export than the split\'s first '
+        f'shard (they differ in {differ}): export again into an empty --out.')
 
 
 def _check_form(manifests: dict[str, dict[str, Any]], config) -> None:
@@ -566,9 +659,12 @@ def pipeline_config(config):
   if (config.distill.teacher_source != 'cache' or config.augment == 'none'
       or not config.distill.cache_dir):
     return config
-  path = os.path.join(config.distill.cache_dir, config.train_split, MANIFEST)
-  if not os.path.exists(path):
-    return config  # load_cache says what is missing.
+  try:
+    shard = cache_shards(config.distill.cache_dir, config.train_split)[0]
+  except (FileNotFoundError, ValueError):
+    return config  # load_cache says what is wrong.
+  path = os.path.join(config.distill.cache_dir, config.train_split, shard,
+                      MANIFEST)
   with open(path) as f:
     if json.load(f)['preprocessing'].get('num_views', 1) == 1:
       return config
@@ -578,11 +674,12 @@ def pipeline_config(config):
 
 
 def _split_ids(config, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """The ids and labels of one pass over `split` (after transfer filters
-  for train)."""
+  """The ids and labels of this process's share of `split` (after transfer
+  filters for train): the examples its streams read."""
   ids, labels = [], []
-  for b in data_stream.iterate_split(config, split, num_devices=1,
-                                     process_index=0, process_count=1):
+  index, count = _process()
+  for b in data_stream.iterate_split(config, split, num_devices=count,
+                                     process_index=index, process_count=count):
     ids.append(b['id'][b['mask']])
     labels.append(b['label'][b['mask']])
   if not ids:
@@ -716,35 +813,47 @@ def load_cache(config, info) -> Teacher:
         'is empty: set it to the --out of `python -m kd_jax.export_logits`.')
   splits = [config.train_split] + [s for s in config.eval_splits
                                    if s != config.train_split]
-  manifests, tables, split_ids = {}, [], []
+  process_index, process_count = _process()
+  # One table per loaded shard (a one-process export: one per split).
+  manifests, tables, table_ids, table_split = {}, [], [], []
   for split in splits:
     try:
-      manifests[split], ids, arrays = read_cache_arrays(cache_dir, split,
-                                                        mmap=True)
+      shards = local_shards(cache_shards(cache_dir, split), process_index,
+                            process_count)
+      for shard in shards:
+        manifest, ids, arrays = read_cache_arrays(cache_dir, split,
+                                                  mmap=True, shard=shard)
+        _check_manifest(manifest, config, info, split)
+        _check_same_export(manifests.setdefault(split, manifest), manifest,
+                           os.path.join(cache_dir, split, shard))
+        if manifest['preprocessing'].get('num_views', 1) == 1:
+          arrays = {k: v[:, None] for k, v in arrays.items()}  # A view axis.
+        tables.append(arrays)
+        table_ids.append(ids)
+        table_split.append((split, shard))
+      if split == config.train_split:
+        num_views = _check_augmentation(manifest, config)
     except FileNotFoundError as e:
       raise FileNotFoundError(
           f'{e} The cache needs config.train_split and every eval split: '
           f'{_export_command(config, ",".join(splits))}') from None
-    _check_manifest(manifests[split], config, info, split)
-    if split == config.train_split:
-      num_views = _check_augmentation(manifests[split], config)
-    if manifests[split]['preprocessing'].get('num_views', 1) == 1:
-      arrays = {k: v[:, None] for k, v in arrays.items()}  # One view axis.
-    tables.append(arrays)
-    split_ids.append(ids)
-  index = IdIndex(split_ids)
+  index = IdIndex(table_ids)
   repeat = index.duplicate()
   if repeat is not None:
+    split, shard = table_split[repeat[1]]
     raise ValueError(
         f'id {repeat[0]!r} appears twice in the logits cache {cache_dir!r} '
-        f'(last in split {splits[repeat[1]]!r}): ids must be unique across '
-        'splits.')
-  for split, ids in zip(splits, split_ids):
-    dataset_ids, dataset_labels = _split_ids(config, split)
+        f'(last in split {split!r}{" " + shard if shard else ""}): ids must '
+        'be unique across splits and shards.')
+  for split in splits:
+    dataset_ids, _ = split_data = _split_ids(config, split)
     _check_ids_cached(dataset_ids, index, config, split)
-    _check_labels(dataset_ids, dataset_labels, ids,
-                  read_cache_labels(cache_dir, split, len(ids)), config,
-                  split)
+    for t, (table_of, shard) in enumerate(table_split):
+      if table_of == split:
+        _check_labels(*split_data, table_ids[t], read_cache_labels(
+            cache_dir, split, len(table_ids[t]), shard), config, split)
+  train_tables = np.asarray([t for t, (split, _) in enumerate(table_split)
+                             if split == config.train_split])
   _check_form(manifests, config)
   train_manifest = manifests[config.train_split]
   form = train_manifest.get('form', 'dense')
@@ -762,7 +871,8 @@ def load_cache(config, info) -> Teacher:
                   ) -> dict[str, Any]:
     batch_ids = batch['id']
     if num_views == 1 or step is None:
-      if num_views > 1 and np.any(index.find(batch_ids)[0] == 0):
+      if num_views > 1 and np.any(np.isin(index.find(batch_ids)[0],
+                                          train_tables)):
         raise ValueError(
             f'The logits cache {cache_dir!r} holds {num_views} views of each '
             f'{config.train_split!r} example: pass the train step '
