@@ -84,6 +84,7 @@ from jax.experimental import multihost_utils
 
 from kd_jax import input_pipeline
 from kd_jax import losses
+from kd_jax import progress
 from kd_jax import teachers
 from kd_jax.teachers import cache
 
@@ -466,5 +467,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  progress.run_quiet_cli(main, define_flags)

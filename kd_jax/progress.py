@@ -14,8 +14,9 @@ import logging as std_logging
 import os
 import sys
 import time
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -60,15 +61,19 @@ def quiet_native_imports(argv: Sequence[str]) -> Iterator[None]:
   and WARNING lines once TensorFlow is imported, but TensorFlow writes a few
   INFO lines while it is being imported, before any level applies, so stderr
   is closed for the duration of the import. Nothing is hidden when the
-  environment sets TF_CPP_MIN_LOG_LEVEL or `argv` asks for
-  `--log_level=info` or `debug`.
+  environment sets TF_CPP_MIN_LOG_LEVEL=0 or `argv` asks for
+  `--log_level=info` or `debug`; a level above 2 is kept. (JAX's import
+  sets the level to 1 where it is unset, so 1 does not say that a user
+  asked for TensorFlow's warnings.)
   """
   verbose = any(a in (f'--log_level={level}', f'-log_level={level}')
                 for a in argv for level in ('info', 'debug'))
-  if verbose or 'TF_CPP_MIN_LOG_LEVEL' in os.environ:
+  level = os.environ.get('TF_CPP_MIN_LOG_LEVEL', '')
+  if verbose or level == '0':
     yield
     return
-  os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  if not level.isdigit() or int(level) < 2:
+    os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'
   sys.stderr.flush()
   saved = os.dup(2)
   devnull = os.open(os.devnull, os.O_WRONLY)
@@ -80,6 +85,22 @@ def quiet_native_imports(argv: Sequence[str]) -> Iterator[None]:
     os.dup2(saved, 2)
     os.close(saved)
     os.close(devnull)
+
+
+def run_quiet_cli(main: Callable[[list[str]], Any],
+                  define_cli_flags: Callable[[], None]) -> None:
+  """`app.run(main)` for a CLI that reads data: TensorFlow imported without
+  its C++ lines, `--log_level` defined next to `define_cli_flags()`'s flags
+  and applied before `main` runs."""
+  with quiet_native_imports(sys.argv):
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+  define_cli_flags()
+  define_flags()
+
+  def quiet_main(argv):
+    apply_log_level_flag()
+    return main(argv)
+  app.run(quiet_main)
 
 
 def _clock(seconds: float) -> str:

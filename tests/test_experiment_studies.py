@@ -19,9 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.xdist_group('experiment_studies')
 
 
-def _load(study: str):
-  path = os.path.join(ROOT, 'experiments', study, 'run.py')
-  spec = importlib.util.spec_from_file_location(f'{study}_run', path)
+def _load(study: str, script: str = 'run.py'):
+  path = os.path.join(ROOT, 'experiments', study, script)
+  spec = importlib.util.spec_from_file_location(
+      f'{study}_{script[:-3]}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -286,3 +287,26 @@ def test_deit_study_plans_scratch_soft_and_hard_students_per_seed(tmp_path):
     assert config.model.distill_token == (run['method'] == 'hard')
     assert config.distill.soft == ('deit_hard' if run['method'] == 'hard'
                                    else 'kl')
+
+
+@pytest.mark.slow
+def test_transfer_size_study_compares_each_size_at_equal_steps(tmp_path):
+  module = _load('hinton_mnist', 'transfer_size.py')
+  workdir = str(tmp_path)
+  record = module.main(['--tiny', f'--workdir={workdir}'])
+  assert [r['size'] for r in record['rows']] == [1800, 3600]
+  for row in record['rows']:
+    scratch, distilled = row['scratch']['mean'], row['distilled']['mean']
+    teacher = record['teacher']['mean']
+    if scratch != teacher:
+      assert row['gap_recovered'] == pytest.approx(
+          (scratch - distilled) / (scratch - teacher))
+  for run in record['runs']:
+    with open(os.path.join(run['workdir'], 'config.json')) as f:
+      config = json.load(f)
+    if run['kind'] != 'teacher':
+      assert config['train_split'] == f'train[:{run["size"]}]'
+    if run['kind'] == 'distilled':
+      assert config['teachers'][0]['workdir'] == os.path.join(
+          workdir, 'teachers', f'teacher_s{run["seed"]}')
+  assert os.path.exists(os.path.join(workdir, 'transfer_size.png'))

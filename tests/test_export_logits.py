@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -20,6 +22,7 @@ from kd_jax.config_lib import load_config
 from kd_jax.teachers import cache as logits_cache
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One worker builds the module's caches.
 pytestmark = pytest.mark.xdist_group('export_logits')
 
@@ -483,3 +486,19 @@ def test_missing_or_mixed_shards_are_refused(tmp_path, sharded_cache):
                   os.path.join(out, 'test', 'shard-00001-of-00003'))
   with pytest.raises(ValueError, match=r'exports by \[2, 3\] processes'):
     teachers.load_cache(config, info_of(config))
+
+
+@pytest.mark.slow
+def test_export_cli_prints_its_lines_and_no_library_logs(tmp_path,
+                                                         teacher_dir):
+  done = subprocess.run(
+      [sys.executable, '-m', 'kd_jax.export_logits',
+       f'--config={ROOT}/configs/mnist5k_distill_cached.py:runlocal,'
+       f'teacher_workdir={teacher_dir}', f'--out={tmp_path / "cache"}',
+       '--nocsv'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'test: 1000 examples, 1 view' in done.stdout
+  # absl / TensorFlow INFO and WARNING lines start with I or W and the date.
+  noisy = [line for line in done.stderr.splitlines()
+           if re.match(r'[IW]\d{4} ', line)]
+  assert not noisy, noisy[:5]

@@ -48,3 +48,23 @@ def test_compilation_cache_flag_writes_entries(tmp_path):
   # A program this small and quick to compile is below JAX's default
   # thresholds (1 s of compile time); the flag caches it all the same.
   assert [p for p in cache.iterdir() if p.is_file()]
+
+
+def test_cli_import_of_tensorflow_writes_nothing_after_jax_set_its_level(
+    tmp_path):
+  """`import jax` sets TF_CPP_MIN_LOG_LEVEL=1 where it is unset; the CLIs'
+  quiet import still hides TensorFlow's import-time C++ lines."""
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  done = subprocess.run([sys.executable, '-c', textwrap.dedent("""
+      import os, sys
+      import jax
+      from kd_jax import progress
+      assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == '1'
+      with progress.quiet_native_imports(sys.argv):
+        import tensorflow
+      print(os.environ['TF_CPP_MIN_LOG_LEVEL'])
+      """)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split() == ['2']
+  assert done.stderr == ''

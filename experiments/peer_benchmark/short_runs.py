@@ -57,7 +57,8 @@ IMPORTS = {
 
 def import_seconds(statement: str) -> float:
   start = time.perf_counter()
-  subprocess.run([sys.executable, '-c', statement], cwd=ROOT, check=True)
+  subprocess.run([sys.executable, '-c', statement], cwd=ROOT, check=True,
+                 stderr=subprocess.DEVNULL)
   return time.perf_counter() - start
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from kd_jax import config_lib
 from kd_jax import input_pipeline
+from kd_jax import progress
 from kd_jax import rundir
 from kd_jax.specialists import groups as specialist_groups
 from kd_jax import specialists
@@ -122,5 +123,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  progress.run_quiet_cli(main, define_flags)

@@ -29,6 +29,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from kd_jax import input_pipeline
+from kd_jax import progress
 from kd_jax import specialists
 from kd_jax import teachers
 
@@ -126,5 +127,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  progress.run_quiet_cli(main, define_flags)
