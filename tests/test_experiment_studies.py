@@ -124,6 +124,8 @@ def test_unseen_classes_study_tunes_on_held_out_train_digits(hinton):
   chosen = curve['bias'].index(omit3['shift'])
   assert omit3['test']['after']['errors'] == curve['test_errors'][chosen]
   assert omit3['test']['before']['errors'] == curve['test_errors'][0]
+  assert (omit3['test']['after']['unseen_errors']
+          == curve['test_unseen_errors'][chosen])
   assert record['teacher_test']['unseen_examples'] == omit3['test']['before'][
       'unseen_examples']
   with open(os.path.join(workdir, 'student_omit3', 'config.json')) as f:
@@ -310,3 +312,16 @@ def test_transfer_size_study_compares_each_size_at_equal_steps(tmp_path):
       assert config['teachers'][0]['workdir'] == os.path.join(
           workdir, 'teachers', f'teacher_s{run["seed"]}')
   assert os.path.exists(os.path.join(workdir, 'transfer_size.png'))
+
+
+def test_test_reference_reads_the_test_curve_without_choosing_on_it():
+  module = _load('unseen_classes')
+  variant = dict(test=dict(before=dict(unseen_examples=10)), curve=dict(
+      bias=[0.0, 1.0, 2.0, 3.0], test_errors=[30, 20, 25, 40],
+      test_unseen_errors=[9, 4, 1, 0]))
+  r = module.test_reference(variant)
+  assert (r['best_bias'], r['best_errors'], r['best_unseen_right']) == (
+      1.0, 20, 6)
+  assert (r['share_bias'], r['share_errors']) == (2.0, 25)
+  variant['curve']['test_unseen_errors'] = [9, 8, 5, 2]
+  assert module.test_reference(variant)['share_bias'] is None
