@@ -310,6 +310,7 @@ def test_topk_cache_holds_the_largest_logits_and_the_rest_mass(topk_cache,
                                   arrays['rest_mass'])
 
 
+@pytest.mark.slow
 def test_topk_cache_of_every_class_trains_like_the_dense_cache(
     tmp_path, teacher_dir, offline_test_metrics):
   config = tiny('mnist5k_distill_cached', f'teacher_workdir={teacher_dir}')
@@ -445,6 +446,7 @@ def test_shards_hold_each_process_share_with_the_one_process_logits(
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_process_run_trains_from_every_shard_like_the_whole_cache(
     tmp_path, sharded_cache, offline_test_metrics):
   test = train.train_and_evaluate(cached_config(sharded_cache),
