@@ -18,8 +18,10 @@ pytest-xdist workers and by the subprocesses that tests start.
   the first worker that needs it, for every test that distils from it; more
   such runs through `finished_run`.
 - Under pytest-xdist, the tests of a module marked `xdist_group` run on one
-  worker, so that its costly module-scoped fixtures are built once; other
-  tests are spread one by one, as `--dist load` does.
+  worker, so that its costly fixtures are built once; other tests are spread
+  one by one, as `--dist load` does. Those fixtures are session-scoped: the
+  worker may run other modules' tests between a group's, and a
+  module-scoped fixture would be torn down and built again each time.
 """
 
 import contextlib

@@ -32,7 +32,7 @@ def ensemble_config(root, arg=''):
       'runlocal', f'root={root}', 'num_teachers=2', arg])))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def root(tmp_path_factory, finished_run):
   """Two tiny teachers that differ by seed, linked as root/teacher{0,1}, and
   a 2x800 student run of another architecture, root/other: trained once per
@@ -46,7 +46,7 @@ def root(tmp_path_factory, finished_run):
   return root
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def test_batch(root):
   config = ensemble_config(root)
   return next(input_pipeline.iterate_split(config, 'test', num_devices=1))
@@ -128,7 +128,7 @@ def test_ensemble_soft_term_matches_numpy(method):
       rtol=1e-4)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def distilled(root, tmp_path_factory):
   config = ensemble_config(root, 'role=distill,teacher_weights=3+1,'
                            'distill.ensemble_method=mean_log_probs')

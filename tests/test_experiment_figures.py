@@ -29,18 +29,18 @@ def _load_script(relative_path: str, name: str):
   return module
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def plot():
   return _load_script('experiments/temperature/plot.py', 'temperature_plot')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def measure():
   return _load_script('experiments/size_speed/measure.py',
                       'size_speed_measure')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def tiny_runs(tmp_path_factory, plot, measure):
   """Runs plot.py --tiny, then measure.py --tiny on the teacher it trained."""
   root = tmp_path_factory.mktemp('experiments')

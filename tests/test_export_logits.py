@@ -35,13 +35,13 @@ def tiny(name, arg=''):
   return load_config(name, ','.join(filter(None, ['runlocal', arg])))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def teacher_dir(mnist5k_teacher_dir):
   """The session's runlocal mnist5k teacher (conftest): read it only."""
   return mnist5k_teacher_dir
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def cache_dir(tmp_path_factory, teacher_dir):
   out = str(tmp_path_factory.mktemp('cache'))
   export_logits.export(
@@ -58,7 +58,7 @@ def info_of(config):
   return input_pipeline.get_datasets(config, num_devices=1).info
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def offline_test_metrics(tmp_path_factory, cache_dir):
   workdir = str(tmp_path_factory.mktemp('offline'))
   return train.train_and_evaluate(cached_config(cache_dir),
@@ -270,7 +270,7 @@ def test_shuffled_stream_on_two_hosts_looks_up_each_examples_logits(
 # Top-k (sparse) caches.
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def topk_cache(tmp_path_factory, teacher_dir):
   out = str(tmp_path_factory.mktemp('topk'))
   config = tiny('mnist5k_distill_cached', f'teacher_workdir={teacher_dir}')
@@ -350,7 +350,7 @@ def test_topk_lookup_gives_the_sparse_targets_and_the_teachers_argmax(
 # Multi-view caches: K augmented views per train example.
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def views_cache(tmp_path_factory, teacher_dir):
   out = str(tmp_path_factory.mktemp('views'))
   config = tiny('mnist5k_distill_cached',
@@ -409,7 +409,7 @@ def test_augmented_run_trains_from_a_multi_view_cache(tmp_path, views_cache):
 # Caches exported in shards, one per process.
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def sharded_cache(tmp_path_factory, teacher_dir):
   """The cache of `cache_dir` exported as two processes would: process i
   writes its data share of each split to <split>/shard-i-of-2/."""

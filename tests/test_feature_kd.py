@@ -86,14 +86,14 @@ def distill_config(teacher_dir, terms, **fields):
   return c
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def teacher_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('teacher'))
   train.train_and_evaluate(base_config(model=TEACHER), workdir)
   return workdir
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def all_methods_run(teacher_dir, tmp_path_factory):
   """(config, workdir, summary) of a run with every method at once."""
   workdir = str(tmp_path_factory.mktemp('all_methods'))

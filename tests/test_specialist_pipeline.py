@@ -32,7 +32,7 @@ def tiny(root, arg=''):
       'runlocal', 'specialist.num_groups=2', f'root={root}', arg])))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def pipeline(tmp_path_factory):
   """experiments/specialists/run.py --tiny: every run of the pipeline."""
   path = os.path.join(REPO, 'experiments', 'specialists', 'run.py')
