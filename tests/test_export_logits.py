@@ -421,6 +421,30 @@ def sharded_cache(tmp_path_factory, teacher_dir):
   return out
 
 
+@pytest.fixture(scope='session')
+def split_cache(tmp_path_factory, cache_dir):
+  """`cache_dir`'s rows laid out as a two-process export writes them: each
+  process's data share of each split in <split>/shard-i-of-2/ (the reader's
+  fixture; `sharded_cache` is the exporter's, in the slow set)."""
+  out = str(tmp_path_factory.mktemp('split'))
+  for split in SPLIT_SIZES:
+    manifest, ids, arrays = teachers.read_cache_arrays(cache_dir, split)
+    labels = teachers.read_cache_labels(cache_dir, split, len(ids))
+    row_of = {bytes(i): r for r, i in enumerate(ids)}
+    for process in range(2):
+      share = [row_of[bytes(i)] for b in input_pipeline.iterate_split(
+          cached_config(cache_dir), split, num_devices=2,
+          process_index=process, process_count=2) for i in b['id'][b['mask']]]
+      logits_cache.write_split(
+          os.path.join(out, split, logits_cache.shard_name(process, 2)),
+          ids=ids[share], labels=labels[share],
+          logits=np.asarray(arrays['logits'])[share],
+          class_names=manifest['class_names'],
+          manifest=dict(manifest, num_examples=len(share)), write_csv=False)
+  return out
+
+
+@pytest.mark.slow
 def test_shards_hold_each_process_share_with_the_one_process_logits(
     sharded_cache, cache_dir):
   for split, size in SPLIT_SIZES.items():
@@ -456,8 +480,9 @@ def test_one_process_run_trains_from_every_shard_like_the_whole_cache(
     assert test[k] == pytest.approx(v, rel=1e-5), k
 
 
-def test_each_process_of_a_run_loads_only_its_own_shard(sharded_cache,
+def test_each_process_of_a_run_loads_only_its_own_shard(split_cache,
                                                          monkeypatch):
+  sharded_cache = split_cache
   config = cached_config(sharded_cache)
   info = info_of(config)
   for process in range(2):
@@ -475,7 +500,8 @@ def test_each_process_of_a_run_loads_only_its_own_shard(sharded_cache,
           own.host_lookup(batch)
 
 
-def test_missing_or_mixed_shards_are_refused(tmp_path, sharded_cache):
+def test_missing_or_mixed_shards_are_refused(tmp_path, split_cache):
+  sharded_cache = split_cache
   out = str(tmp_path / 'cache')
   shutil.copytree(sharded_cache, out)
   config = cached_config(out)

@@ -60,9 +60,14 @@ def test_every_model_maps_images_to_float32_logits_per_class(name):
   assert logits.dtype == jnp.float32
 
 
+# Deeper variants of nets the default set runs (resnet20, wrn_16_2, ...), and
+# the ImageNet ResNets: seconds each to compile on CPU, run in the slow set.
+_SLOW_FORWARD = ('resnet50', 'resnet18', 'resnet56', 'wrn_40_2')
+
+
 @pytest.mark.parametrize(
-    'name', [pytest.param(n, marks=pytest.mark.slow) if n == 'resnet50' else n
-             for n in _IMAGE_SHAPES if n not in _SHAPE_ONLY])
+    'name', [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_FORWARD
+             else n for n in _IMAGE_SHAPES if n not in _SHAPE_ONLY])
 def test_forward_pass_gives_finite_float32_logits(name):
   model = models.get_model({'name': name}, NUM_CLASSES)
   images = _images(name)
@@ -130,7 +135,9 @@ def test_cnn_features_and_dense_width_are_configurable():
   assert _param_count(spec, 2, (28, 28, 1)) == expected
 
 
-@pytest.mark.parametrize('name', BATCHNORM_MODELS)
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_FORWARD else n
+    for n in BATCHNORM_MODELS])
 def test_train_mode_updates_every_batch_stat_and_eval_mode_none(name):
   model = models.get_model({'name': name}, NUM_CLASSES)
   variables = _variables(name)

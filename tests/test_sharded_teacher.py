@@ -98,7 +98,8 @@ def test_sharded_teacher_step_equals_the_replicated_one(replicated_step):
   assert_same_step(expected, two_steps(config, teacher, mesh, variables))
 
 
-@pytest.mark.parametrize('model_devices', [2, 4])
+@pytest.mark.parametrize('model_devices', [
+    2, pytest.param(4, marks=pytest.mark.slow)])
 def test_teacher_split_over_model_axis_of_2d_mesh_equals_replicated(
     replicated_step, mnist5k_teacher_dir, model_devices):
   """A (8 / m, m) ('data', 'model') mesh: the teacher restored straight into

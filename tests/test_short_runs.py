@@ -21,19 +21,34 @@ def _run(code: str, tmp_path) -> str:
 
 
 def test_library_imports_without_tensorflow_until_data_is_read(tmp_path):
-  out = _run("""
-      import sys
+  """...and the CLIs' quiet import of TensorFlow writes nothing, though
+  `import jax` has set TF_CPP_MIN_LOG_LEVEL=1 (where it was unset)."""
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  done = subprocess.run([sys.executable, '-c', textwrap.dedent("""
+      import os, sys
       import kd_jax.losses, kd_jax.models, kd_jax.train
       print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'clu')
                    if m in sys.modules))
+      print(os.environ['TF_CPP_MIN_LOG_LEVEL'])
+      from kd_jax import progress
+      with progress.quiet_native_imports(sys.argv):
+        import tensorflow
+      print(os.environ['TF_CPP_MIN_LOG_LEVEL'])
+      print('imported', file=sys.stderr, flush=True)
       from kd_jax import input_pipeline
       # The first TFDS use loads it and registers the offline datasets.
       builder = input_pipeline.tfds.builder('mnist5k')
       print(type(builder).__name__, 'tensorflow' in sys.modules)
-      """, tmp_path)
-  imported, used = out.splitlines()[-2:]
+      """)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  imported, jax_level, quiet_level, used = done.stdout.splitlines()[-4:]
   assert imported == '[]'
+  assert (jax_level, quiet_level) == ('1', '2')
   assert used == 'Mnist5k True'
+  # Nothing on stderr before the quiet import ended.
+  assert done.stderr.startswith('imported'), done.stderr[:500]
 
 
 def test_compilation_cache_flag_writes_entries(tmp_path):
@@ -49,22 +64,3 @@ def test_compilation_cache_flag_writes_entries(tmp_path):
   # thresholds (1 s of compile time); the flag caches it all the same.
   assert [p for p in cache.iterdir() if p.is_file()]
 
-
-def test_cli_import_of_tensorflow_writes_nothing_after_jax_set_its_level(
-    tmp_path):
-  """`import jax` sets TF_CPP_MIN_LOG_LEVEL=1 where it is unset; the CLIs'
-  quiet import still hides TensorFlow's import-time C++ lines."""
-  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
-  done = subprocess.run([sys.executable, '-c', textwrap.dedent("""
-      import os, sys
-      import jax
-      from kd_jax import progress
-      assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == '1'
-      with progress.quiet_native_imports(sys.argv):
-        import tensorflow
-      print(os.environ['TF_CPP_MIN_LOG_LEVEL'])
-      """)], capture_output=True, text=True, env=env, cwd=tmp_path,
-                        timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert done.stdout.split() == ['2']
-  assert done.stderr == ''
