@@ -160,6 +160,7 @@ def test_bfloat16_teacher_gives_float32_logits_close_to_float32(
                              atol=0.05 * scale)
 
 
+@pytest.mark.slow
 def test_a_run_with_a_sharded_bfloat16_teacher_trains(mnist5k_teacher_dir,
                                                       tmp_path):
   config = distill_config(mnist5k_teacher_dir,
