@@ -189,6 +189,7 @@ def _write_probability_csv(path, ids, probs, class_names):
       writer.writerow([example_id.decode(), *map(repr, map(float, row))])
 
 
+@pytest.mark.slow
 def test_blackbox_probabilities_train_the_student_that_their_logits_train(
     tmp_path, cache_dir, offline_test_metrics):
   ids, logits, names = [], [], None
@@ -399,6 +400,7 @@ def test_multi_view_cache_refuses_a_stream_its_views_do_not_describe(
     teachers.load_cache(config, info_of(config))
 
 
+@pytest.mark.slow
 def test_augmented_run_trains_from_a_multi_view_cache(tmp_path, views_cache):
   summary = train.train_and_evaluate(
       cached_config(views_cache, 'augment="mnist_jitter"'), str(tmp_path))

@@ -189,6 +189,7 @@ def random_batch(seed, size=16, num_examples=96):
       mask=np.ones(size, bool))
 
 
+@pytest.mark.slow
 def test_feature_step_on_one_device_equals_eight(teacher_dir):
   config = distill_config(teacher_dir, TERMS)
   model = models.get_model(config.model, 10)
@@ -275,6 +276,7 @@ def test_connectors_are_kept_out_of_the_exported_student(all_methods_run):
       state['crd_state']['term7']['labels'] >= 0], 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resumed_crd_run_equals_the_uninterrupted_one(teacher_dir, tmp_path):
   config = distill_config(teacher_dir, [ALL_TERMS[-1]])
   whole = str(tmp_path / 'whole')

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def _run(code: str, tmp_path) -> str:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
@@ -51,6 +53,7 @@ def test_library_imports_without_tensorflow_until_data_is_read(tmp_path):
   assert done.stderr.startswith('imported'), done.stderr[:500]
 
 
+@pytest.mark.slow
 def test_compilation_cache_flag_writes_entries(tmp_path):
   cache = tmp_path / 'cache'
   out = _run(f"""
