@@ -84,6 +84,7 @@ from jax.experimental import multihost_utils
 
 from kd_jax import input_pipeline
 from kd_jax import losses
+from kd_jax import multihost
 from kd_jax import progress
 from kd_jax import teachers
 from kd_jax.teachers import cache
@@ -422,14 +423,7 @@ def define_flags() -> None:
   flags.DEFINE_bool('overwrite', False, 'Replace an existing cache at --out.')
   flags.DEFINE_bool('csv', True, 'Also write each split as a CSV (--nocsv '
                     'for large caches).')
-  flags.DEFINE_string('coordinator_address', None,
-                      'host:port of process 0, multi-process exports only.')
-  flags.DEFINE_integer('num_processes', None,
-                       'Process count, multi-process exports only.')
-  flags.DEFINE_integer('process_id', None,
-                       "This process's index, multi-process exports only.")
-  flags.DEFINE_string('cpu_collectives', None,
-                      "'gloo' for multi-process exports on CPUs.")
+  multihost.define_flags()
   flags.mark_flags_as_required(['config', 'out'])
 
 
@@ -437,11 +431,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  if f.cpu_collectives:
-    jax.config.update('jax_cpu_collectives_implementation', f.cpu_collectives)
-  if f.coordinator_address or f.num_processes:
-    jax.distributed.initialize(f.coordinator_address, f.num_processes,
-                               f.process_id)
+  multihost.initialize(f)
   if f.import_table:
     manifests = import_blackbox(f.import_table, f.out, f.config,
                                 probabilities=f.probabilities,

@@ -30,6 +30,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from kd_jax import multihost
 from kd_jax import progress
 
 # Seconds without a peer's heartbeat before a multi-process run stops.
@@ -53,14 +54,7 @@ def define_flags() -> None:
       lock_config=True)
   flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and the '
                       'summary go; a rerun resumes there.')
-  flags.DEFINE_string('coordinator_address', None,
-                      'host:port of process 0, multi-host only.')
-  flags.DEFINE_integer('num_processes', None,
-                       'Process count, multi-host only.')
-  flags.DEFINE_integer('process_id', None,
-                       "This process's index, multi-host only.")
-  flags.DEFINE_string('cpu_collectives', None,
-                      "'gloo' for multi-process runs on CPUs.")
+  multihost.define_flags()
   flags.DEFINE_float('peer_timeout_s', PEER_TIMEOUT_S,
                      'Multi-process: seconds without a peer\'s heartbeat '
                      'before the run stops, naming the lost process.')
@@ -185,16 +179,11 @@ def main(argv):
   progress.apply_log_level_flag()
   if f.compilation_cache_dir:
     use_compilation_cache(f.compilation_cache_dir)
-  if f.cpu_collectives:
-    jax.config.update('jax_cpu_collectives_implementation', f.cpu_collectives)
-  multi_process = bool(f.coordinator_address or f.num_processes)
-  if (multi_process and (f.num_processes or 0) > 1
+  if (multihost.requested(f) and (f.num_processes or 0) > 1
       and not os.environ.get('KD_JAX_SUPERVISED')):
     sys.exit(supervise(f.process_id or 0, f.num_processes,
                        f.coordinator_address))
-  if multi_process:
-    jax.distributed.initialize(f.coordinator_address, f.num_processes,
-                               f.process_id)
+  multihost.initialize(f)
   logging.info('JAX process %d of %d, %d local / %d global devices.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
