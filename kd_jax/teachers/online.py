@@ -90,8 +90,8 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
   """Restores frozen teachers from their runs' latest checkpoints.
 
   With `mesh`, each teacher is restored straight into the split layout of
-  `teacher_shardings` (no device ever holds a whole teacher) and the
-  returned variables are laid out so; without, replicated on every device.
+  `teacher_shardings` (not replicated first) and the returned variables are
+  laid out so; without, replicated on every device.
   """
   if not teacher_cfgs:
     raise ValueError(
