@@ -172,6 +172,11 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
     storage in `dtype` would take).
   """
   _check_dtype(dtype)
+  if (process_index is None) != (process_count is None):
+    raise ValueError(
+        f'process_index={process_index}, process_count={process_count}: '
+        'give both (one shard of an export by process_count processes) or '
+        'neither (this JAX process of all).')
   if process_index is None:
     process_index, process_count = jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
@@ -442,10 +447,10 @@ def main(argv):
                        view_seed=f.view_seed, top_k=f.top_k,
                        temperature=f.temperature, overwrite=f.overwrite,
                        write_csv=f.csv)
+  shard = ('' if jax.process_count() == 1 else cache.shard_name(
+      jax.process_index(), jax.process_count()))
   for split, m in manifests.items():
     views = m['preprocessing']['num_views']
-    shard = ('' if jax.process_count() == 1 else cache.shard_name(
-        jax.process_index(), jax.process_count()))
     print(f'{split}: {m["num_examples"]} examples, {views} '
           f'view{"s" if views > 1 else ""} -> '
           f'{os.path.join(f.out, split, shard)}')

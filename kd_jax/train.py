@@ -227,7 +227,7 @@ def make_mesh(devices, model: int = 1) -> jax.sharding.Mesh:
     raise ValueError(
         f'config.mesh_model={model} must be >= 1 and divide the '
         f'{len(devices)} devices of this run: set it to a divisor of '
-        f'{len(devices)} (1: the teacher split over all devices, or none).')
+        f'{len(devices)} (1, the default: no model axis).')
   return jax.make_mesh((len(devices) // model, model), ('data', 'model'),
                        devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)

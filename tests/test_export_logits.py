@@ -502,6 +502,12 @@ def test_each_process_of_a_run_loads_only_its_own_shard(split_cache,
           own.host_lookup(batch)
 
 
+def test_export_of_a_shard_needs_its_index_and_the_process_count(tmp_path):
+  config = tiny('mnist5k_distill_cached', 'teacher_workdir=unused')
+  with pytest.raises(ValueError, match='give both'):
+    export_logits.export(config, str(tmp_path), process_index=1)
+
+
 def test_missing_or_mixed_shards_are_refused(tmp_path, split_cache):
   sharded_cache = split_cache
   out = str(tmp_path / 'cache')
