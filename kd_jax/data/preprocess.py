@@ -28,6 +28,7 @@ SHIFT_AUGMENTATIONS = {'mnist_jitter': (2, False),  # Hinton et al. 2015.
 # pixels to [-1, 1].
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     'mnist5k': ((0.1307,), (0.3081,)),
+    'mnist_full': ((0.1307,), (0.3081,)),
     'digits': ((0.3053,), (0.3759,)),
     'mnist': ((0.1307,), (0.3081,)),
     'fashion_mnist': ((0.2860,), (0.3530,)),

