@@ -6,6 +6,9 @@ BatchNorm statistics live in the 'batch_stats' collection (pass
 `mutable=['batch_stats']` when `train=True`); dropout draws from the
 'dropout' rng stream when `train=True`. Named intermediate features come out
 of `kd_jax.models.features.apply_with_features` (names listed there).
+The language models (`decoder*`, `kd_jax.models.decoder`) take int token
+ids [B, L] instead and return logits [B, L, V]; for them `get_model`'s
+`num_classes` is the vocabulary size.
 
 The CIFAR models are the definitions of RepDistiller (Tian et al. 2020, the
 CRD benchmark), `mobilenetv1` that of the ImageNet ResNet-50 -> MobileNetV1
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.models import decoder
 from kd_jax.models import mobilenet
 from kd_jax.models import resnet
 from kd_jax.models import shufflenet
@@ -68,6 +72,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'vit_s16': vit.vit_s16,
     'vit_mini': vit.vit_mini,
     'vit_tiny': vit.vit_tiny,
+    'decoder': decoder.decoder,
+    'decoder_tiny': decoder.decoder_tiny,
+    'decoder_small': decoder.decoder_small,
+    'decoder_base': decoder.decoder_base,
 }
 
 # Arguments that get_model supplies itself, or that are Flax internals.

@@ -32,6 +32,10 @@ Per model (N stages; shapes at 32x32 inputs via `feature_shapes`):
   head's logits, which DeiT's hard distillation trains on the teacher's
   argmax; the returned logits are the class head's in train mode and the
   mean of both heads in eval mode).
+* decoder*: block1...blockN (the residual stream after each block) and
+  embedding (the final LayerNorm's output), [B, L, D] per position;
+  attn1...attnN, attention probabilities [B, H, L, L] (`feature_shapes`
+  takes images: use `jax.eval_shape` on token ids for these).
 """
 
 from collections.abc import Iterable, Mapping, Sequence
