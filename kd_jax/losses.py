@@ -36,20 +36,31 @@ __all__ = [
     'COMBINE_METHODS',
     'HARD_LOSSES',
     'SOFT_LOSSES',
+    'SPARSE_CONVENTIONS',
+    'TOKEN_DIVERGENCES',
     'combine_teachers',
     'cross_entropy',
     'dist',
     'distillation_loss',
     'dkd',
+    'generalized_jsd',
     'kl_divergence',
     'logit_mse',
     'logit_standardize',
     'masked_mean',
     'mse_to_labels',
+    'reverse_kl_divergence',
+    'skew_kl_divergence',
+    'skew_reverse_kl_divergence',
     'soft_cross_entropy',
+    'sparse_token_divergence',
     'tempered_log_softmax',
     'tempered_softmax',
+    'token_divergence',
+    'token_mean',
+    'token_sum_and_count',
     'topk_kl_divergence',
+    'total_variation',
     'validate_distillation_args',
 ]
 
@@ -357,13 +368,8 @@ def _kl_divergence(student: jax.Array, teacher: jax.Array, temperature: Any,
   dtype = jnp.promote_types(student.dtype, teacher.dtype)
   log_q = _tempered_log_softmax(student.astype(dtype), temperature)
   log_p = _tempered_log_softmax(teacher.astype(dtype), temperature)
-  p = jnp.exp(log_p)
-  # `!= 0`, not `> 0`: NaN teacher values must propagate, not vanish.
-  positive = p != 0
-  # Double `where`: p = 0 terms are 0 in value and in gradient (no 0 * inf).
-  log_ratio = jnp.where(positive, log_p, 0.0) - jnp.where(positive, log_q, 0.0)
-  kl = jnp.sum(jnp.where(positive, p * log_ratio, 0.0), axis=-1)
-  return _scale(kl, temperature, scale_by_temperature_squared)
+  return _scale(_kl_sum(log_p, log_q), temperature,
+                scale_by_temperature_squared)
 
 
 def _scale(loss: jax.Array, temperature: Any,
@@ -1295,37 +1301,10 @@ def topk_kl_divergence(student_logits: ArrayLike, topk_logits: ArrayLike,
   student = _as_float_logits(student_logits, 'student_logits')
   teacher = _as_float_logits(topk_logits, 'topk_logits')
   indices = jnp.asarray(topk_indices)
-  num_classes, k = student.shape[-1], teacher.shape[-1]
-  if indices.shape != teacher.shape or teacher.shape[:-1] != student.shape[:-1]:
-    raise ValueError(
-        f'topk_logits shape {teacher.shape} and topk_indices shape '
-        f'{indices.shape} must both be student_logits.shape[:-1] + (k,) = '
-        f'{student.shape[:-1]} + (k,); pass one row of k classes per example.')
-  if not jnp.issubdtype(indices.dtype, jnp.integer):
-    raise ValueError(f'topk_indices must be integer class indices, got dtype '
-                     f'{indices.dtype}.')
-  if k > num_classes:
-    raise ValueError(f'topk_logits has k={k} classes but the student only '
-                     f'{num_classes}; k must be <= num_classes.')
-  _check_temperature(temperature)
   rest = jnp.asarray(rest_mass)
-  if rest.shape != student.shape[:-1]:
-    raise ValueError(f'rest_mass shape {rest.shape} must be '
-                     f'{student.shape[:-1]}: one mass per example.')
-  value = _concrete_value(indices)
-  if value is not None:
-    value = np.sort(np.asarray(value), axis=-1)
-    if value.size and (value.min() < 0 or value.max() >= num_classes
-                       or np.any(value[..., 1:] == value[..., :-1])):
-      raise ValueError(
-          f'topk_indices must hold k distinct class indices in [0, '
-          f'{num_classes}) per example; got values in [{value.min()}, '
-          f'{value.max()}] or a repeated class.')
-  rest_value = _concrete_value(rest)
-  if rest_value is not None and np.any(
-      (np.asarray(rest_value) < 0) | (np.asarray(rest_value) > 1)):
-    raise ValueError('rest_mass must lie in [0, 1] (a probability mass); '
-                     'store 1 - sum of the top-k probabilities.')
+  _check_sparse_teacher(student, teacher, indices, rest)
+  _check_temperature(temperature)
+  num_classes = student.shape[-1]
 
   dtype = jnp.promote_types(student.dtype, teacher.dtype)
   rest = rest.astype(dtype)
@@ -1347,3 +1326,770 @@ def topk_kl_divergence(student_logits: ArrayLike, topk_logits: ArrayLike,
   if where is not None:
     kl = jnp.where(jnp.asarray(where, bool), kl, 0.0)
   return kl
+
+
+# ----------------------------------------------------------------------------
+# Token-level divergences (language models).
+# ----------------------------------------------------------------------------
+
+TOKEN_DIVERGENCES = ('kl', 'reverse_kl', 'generalized_jsd', 'skew_kl',
+                     'skew_reverse_kl', 'total_variation')
+SPARSE_CONVENTIONS = ('tail', 'renormalize_both', 'student_full')
+
+
+def _check_unit_interval(value: Any, name: str, meaning: str) -> None:
+  if jnp.ndim(value) != 0:
+    raise ValueError(f'{name} must be a scalar, got shape '
+                     f'{jnp.shape(value)}; pass one number in [0, 1].')
+  value = _concrete_value(value)
+  if value is None:
+    return
+  value = float(np.asarray(value))
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f'{name}={value!r} is invalid: it is {meaning} and must '
+                     f'lie in [0, 1]; pass {name} in [0, 1].')
+
+
+def _kl_sum(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """sum_i p_i (log p_i - log q_i) over the last axis; p_i = 0 terms are 0
+  (value and gradient); NaN propagates."""
+  p = jnp.exp(log_p)
+  # `!= 0`, not `> 0`: NaN teacher values must propagate, not vanish.
+  nonzero = p != 0
+  # Double `where`: p = 0 terms are 0 in value and in gradient (no 0 * inf).
+  log_ratio = jnp.where(nonzero, log_p, 0.0) - jnp.where(nonzero, log_q, 0.0)
+  return jnp.sum(jnp.where(nonzero, p * log_ratio, 0.0), axis=-1)
+
+
+def _log_mixture(log_a: jax.Array, log_b: jax.Array,
+                 weight_a: Any) -> jax.Array:
+  """log(w a + (1 - w) b), elementwise, from log a and log b."""
+  weight_a = jnp.asarray(weight_a, log_a.dtype)
+  x = log_a + jnp.log(weight_a)
+  y = log_b + jnp.log1p(-weight_a)
+  hi, lo = jnp.maximum(x, y), jnp.minimum(x, y)
+  # A zero term (-inf) is routed around log1p(exp(lo - hi)): jnp.logaddexp's
+  # gradient overflows to inf there when the other term is very negative.
+  both = lo > -jnp.inf
+  return jnp.where(both, hi + jnp.log1p(jnp.exp(jnp.where(both, lo - hi, 0.0))),
+                   hi)
+
+
+def _generalized_jsd_terms(log_p: jax.Array, log_q: jax.Array,
+                           beta: Any) -> jax.Array:
+  """TRL's JSD(beta) of teacher p and student q; KLs at beta = 0 and 1."""
+
+  def interior(beta, log_p, log_q):
+    log_m = _log_mixture(log_p, log_q, beta)
+    return beta * _kl_sum(log_p, log_m) + (1 - beta) * _kl_sum(log_q, log_m)
+
+  value = _concrete_value(beta)
+  if value is not None:
+    value = float(np.asarray(value))
+    if value == 0.0:
+      return _kl_sum(log_p, log_q)
+    if value == 1.0:
+      return _kl_sum(log_q, log_p)
+    return interior(jnp.asarray(value, log_p.dtype), log_p, log_q)
+  beta = jnp.asarray(beta, log_p.dtype)
+  at_zero, at_one = beta == 0, beta == 1
+  # The branches not taken see p = q (0 with a finite gradient): a KL that is
+  # infinite off its endpoint must not leak NaN into the gradient.
+  forward = _kl_sum(log_p, jnp.where(at_zero, log_q, log_p))
+  reverse = _kl_sum(log_q, jnp.where(at_one, log_p, log_q))
+  inner = interior(jnp.where(at_zero | at_one, 0.5, beta), log_p, log_q)
+  return jnp.where(at_zero, forward, jnp.where(at_one, reverse, inner))
+
+
+def _divergence_terms(log_p: jax.Array, log_q: jax.Array, divergence: str,
+                      beta: Any, skew: Any) -> jax.Array:
+  """Unscaled divergence of student log q from teacher log p, last axis."""
+  if divergence == 'kl':
+    return _kl_sum(log_p, log_q)
+  if divergence == 'reverse_kl':
+    return _kl_sum(log_q, log_p)
+  if divergence == 'generalized_jsd':
+    return _generalized_jsd_terms(log_p, log_q, beta)
+  if divergence == 'skew_kl':
+    return _kl_sum(log_p, _log_mixture(log_p, log_q, skew))
+  if divergence == 'skew_reverse_kl':
+    return _kl_sum(log_q, _log_mixture(log_q, log_p, skew))
+  return 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
+
+
+def _check_divergence_args(divergence: str, temperature: Any, beta: Any,
+                           skew: Any) -> None:
+  _check_name(divergence, TOKEN_DIVERGENCES, 'divergence')
+  _check_temperature(temperature)
+  _check_unit_interval(beta, 'beta', "the teacher's weight in the mixture "
+                       'm = beta p + (1 - beta) q (0: forward KL, 1: reverse '
+                       'KL)')
+  _check_unit_interval(skew, 'skew', 'the weight of the first distribution '
+                       'in the skewed mixture (0: no skew)')
+
+
+def token_divergence(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
+                     divergence: str = 'kl', temperature: ArrayLike = 1.0,
+                     beta: ArrayLike = 0.5, skew: ArrayLike = 0.1,
+                     scale_by_temperature_squared: bool = True,
+                     where: ArrayLike | None = None) -> jax.Array:
+  r"""A divergence between teacher and student, per position, chosen by name.
+
+  The dense form of :func:`sparse_token_divergence`, with the same keywords:
+  ``divergence`` is one of :data:`TOKEN_DIVERGENCES`, computed as
+  ``'kl'`` :math:`\mathrm{KL}(p \| q)` (:func:`kl_divergence`),
+  ``'reverse_kl'`` (:func:`reverse_kl_divergence`), ``'generalized_jsd'``
+  (:func:`generalized_jsd`, uses ``beta``), ``'skew_kl'``
+  (:func:`skew_kl_divergence`, uses ``skew``), ``'skew_reverse_kl'``
+  (:func:`skew_reverse_kl_divergence`, uses ``skew``) and
+  ``'total_variation'`` (:func:`total_variation`), on
+  :math:`p = \mathrm{softmax}(v / T)` (teacher) and
+  :math:`q = \mathrm{softmax}(z / T)` (student), times :math:`T^2` when
+  ``scale_by_temperature_squared``.
+
+  Masked positions (``where=False``) are 0 in value and gradient, whatever
+  their logits hold (their inputs are replaced before the math, so neither
+  NaN nor infinity leaks through).
+
+  Args:
+    student_logits: float array ``[..., vocab]`` (e.g. ``[B, L, V]``).
+    teacher_logits: float array of the same shape.
+    divergence: one of :data:`TOKEN_DIVERGENCES`.
+    temperature: positive scalar :math:`T`.
+    beta: :math:`\beta \in [0, 1]` of ``'generalized_jsd'``.
+    skew: :math:`\alpha \in [0, 1]` of the skewed KLs.
+    scale_by_temperature_squared: multiply by :math:`T^2`.
+    where: optional bool mask of the leading shape (e.g. ``[B, L]``).
+
+  Returns:
+    Per-position divergence, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])  # [1, 2, 3]
+    >>> teacher = jnp.array([[[3.0, 2.0, 1.0], [5.0, 0.0, 0.0]]])
+    >>> kl = losses.token_divergence(student, teacher, temperature=2.0)
+    >>> bool(jnp.allclose(kl, losses.kl_divergence(student, teacher, 2.0)))
+    True
+    >>> padding = jnp.array([[True, False]])  # The second token is padding.
+    >>> rkl = losses.token_divergence(student, teacher, divergence='reverse_kl',
+    ...                               where=padding)
+    >>> [round(x, 3) for x in rkl[0].tolist()]
+    [1.15, 0.0]
+
+  References:
+    See the function of each divergence.
+  """
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+  _check_same_shape(student, teacher)
+  _check_divergence_args(divergence, temperature, beta, skew)
+  valid = _valid_mask(where, student.shape[:-1])
+  dtype = jnp.promote_types(student.dtype, teacher.dtype)
+  # Masked positions compute on zeros: no NaN or inf reaches the gradient.
+  student = jnp.where(valid[..., None], student.astype(dtype), 0.0)
+  teacher = jnp.where(valid[..., None], teacher.astype(dtype), 0.0)
+  log_q = _tempered_log_softmax(student, temperature)
+  log_p = _tempered_log_softmax(teacher, temperature)
+  loss = _divergence_terms(log_p, log_q, divergence, beta, skew)
+  loss = _scale(loss, temperature, scale_by_temperature_squared)
+  return jnp.where(valid, loss, 0.0)
+
+
+def reverse_kl_divergence(student_logits: ArrayLike, teacher_logits: ArrayLike,
+                          temperature: ArrayLike = 1.0, *,
+                          scale_by_temperature_squared: bool = True,
+                          where: ArrayLike | None = None) -> jax.Array:
+  r"""Reverse KL: the student's tempered softmax from the teacher's.
+
+  .. math::
+    \ell = T^2 \, \mathrm{KL}(q \,\|\, p)
+         = T^2 \sum_i q_i \left(\log q_i - \log p_i\right),
+    \quad p = \mathrm{softmax}(v / T),\; q = \mathrm{softmax}(z / T)
+
+  Mode-seeking: the student is penalised for mass where the teacher has
+  little, not for missing some of the teacher's modes, which suits a small
+  student of a generative teacher (Gu et al., 2024). Terms with
+  :math:`q_i = 0` contribute exactly 0; a teacher probability that
+  underflows to 0 at a finite logit gives a large but finite value (the
+  log-probabilities are used, not the probabilities); a teacher logit of
+  :math:`-\infty` where the student has mass gives :math:`+\infty`.
+
+  Args:
+    student_logits: float array ``[..., vocab]``, :math:`z` (e.g.
+      ``[B, L, V]``).
+    teacher_logits: float array of the same shape, :math:`v`.
+    temperature: positive scalar :math:`T`.
+    scale_by_temperature_squared: multiply by :math:`T^2`.
+    where: optional bool mask of the leading shape; False positions give 0
+      (value and gradient).
+
+  Returns:
+    Per-position divergence, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    >>> teacher = jnp.array([[3.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    >>> kl = losses.reverse_kl_divergence(student, teacher)
+    >>> [round(x, 3) for x in kl.tolist()]
+    [1.227, 0.0]
+
+  References:
+    Gu et al., `MiniLLM: Knowledge Distillation of Large Language Models
+    <https://arxiv.org/abs/2306.08543>`_, ICLR 2024.
+  """
+  return token_divergence(
+      student_logits, teacher_logits, divergence='reverse_kl',
+      temperature=temperature,
+      scale_by_temperature_squared=scale_by_temperature_squared, where=where)
+
+
+def generalized_jsd(student_logits: ArrayLike, teacher_logits: ArrayLike,
+                    beta: ArrayLike = 0.5, temperature: ArrayLike = 1.0, *,
+                    scale_by_temperature_squared: bool = True,
+                    where: ArrayLike | None = None) -> jax.Array:
+  r"""Generalized Jensen-Shannon divergence, in TRL's convention.
+
+  With the teacher :math:`p = \mathrm{softmax}(v / T)`, the student
+  :math:`q = \mathrm{softmax}(z / T)` and the mixture
+  :math:`m = \beta p + (1 - \beta) q`:
+
+  .. math::
+    \mathrm{JSD}_\beta = \begin{cases}
+      \mathrm{KL}(p \,\|\, q) & \beta = 0, \\
+      \beta\, \mathrm{KL}(p \,\|\, m) + (1 - \beta)\, \mathrm{KL}(q \,\|\, m)
+        & 0 < \beta < 1, \\
+      \mathrm{KL}(q \,\|\, p) & \beta = 1,
+    \end{cases}
+    \qquad \ell = T^2\, \mathrm{JSD}_\beta
+
+  as ``GKDTrainer.generalized_jsd_loss`` of TRL computes it (Agarwal et al.,
+  2024, Eq. 1), with :math:`\log m` from a log-sum-exp of the two
+  log-probabilities. ``beta = 0.5`` is the symmetric JSD, at most
+  :math:`\log 2`.
+
+  **The endpoints jump.** The interior form tends to 0 at both ends: near
+  :math:`\beta = 0` it is :math:`\beta\, \mathrm{KL}(p \| q) + O(\beta^2)`,
+  near :math:`\beta = 1` it is :math:`(1 - \beta)\, \mathrm{KL}(q \| p) +
+  O((1 - \beta)^2)`; TRL (and this function) define the endpoints as the full
+  forward and reverse KL instead, the limits of :math:`\mathrm{JSD}_\beta /
+  \beta` and :math:`\mathrm{JSD}_\beta / (1 - \beta)`. A sweep over
+  :math:`\beta` therefore changes scale by a factor of about
+  :math:`1/\beta` at the ends. A traced ``beta`` (under ``jit``/``vmap``)
+  selects the same three cases.
+
+  DistiLLM's ``js_distance(lam)`` is this with :math:`\beta = 1 - \lambda`.
+  TRL does not multiply by :math:`T^2`: pass
+  ``scale_by_temperature_squared=False`` to reproduce its values at
+  :math:`T \ne 1`.
+
+  Args:
+    student_logits: float array ``[..., vocab]``, :math:`z` (e.g.
+      ``[B, L, V]``).
+    teacher_logits: float array of the same shape, :math:`v`.
+    beta: :math:`\beta \in [0, 1]`, the teacher's weight in :math:`m`.
+    temperature: positive scalar :math:`T`.
+    scale_by_temperature_squared: multiply by :math:`T^2`.
+    where: optional bool mask of the leading shape; False positions give 0
+      (value and gradient).
+
+  Returns:
+    Per-position divergence, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0]])
+    >>> teacher = jnp.array([[3.0, 1.0, 1.0]])
+    >>> [round(float(losses.generalized_jsd(student, teacher, beta)[0]), 4)
+    ...  for beta in (0.0, 0.001, 0.5, 0.999, 1.0)]
+    [1.4225, 0.0014, 0.2854, 0.0012, 1.2271]
+
+  References:
+    Agarwal et al., `On-Policy Distillation of Language Models: Learning
+    from Self-Generated Mistakes <https://arxiv.org/abs/2306.13649>`_,
+    ICLR 2024; TRL, ``trl/experimental/gkd/gkd_trainer.py``.
+  """
+  return token_divergence(
+      student_logits, teacher_logits, divergence='generalized_jsd', beta=beta,
+      temperature=temperature,
+      scale_by_temperature_squared=scale_by_temperature_squared, where=where)
+
+
+def skew_kl_divergence(student_logits: ArrayLike, teacher_logits: ArrayLike,
+                       skew: ArrayLike = 0.1, temperature: ArrayLike = 1.0, *,
+                       scale_by_temperature_squared: bool = True,
+                       where: ArrayLike | None = None) -> jax.Array:
+  r"""Skew KL: the teacher from a mixture of teacher and student (DistiLLM).
+
+  .. math::
+    \ell = T^2 \, \mathrm{KL}\big(p \,\|\, \alpha p + (1 - \alpha) q\big),
+    \quad p = \mathrm{softmax}(v / T),\; q = \mathrm{softmax}(z / T)
+
+  with the skew :math:`\alpha` (Ko et al., 2024, Eq. 3). Mixing some of
+  the teacher into the student's side bounds the log-ratio by
+  :math:`-\log \alpha` and so the gradient, where the student gives the
+  teacher's tokens almost no mass. :math:`\alpha = 0` is
+  :func:`kl_divergence`; :math:`\alpha = 1` is 0. DistiLLM's
+  ``skewed_forward_kl`` returns the cross-entropy
+  :math:`-\sum_i p_i \log m_i`, which is this plus the teacher's entropy
+  (same gradient w.r.t. the student).
+
+  Args:
+    student_logits: float array ``[..., vocab]``, :math:`z` (e.g.
+      ``[B, L, V]``).
+    teacher_logits: float array of the same shape, :math:`v`.
+    skew: :math:`\alpha \in [0, 1]` (DistiLLM uses 0.1).
+    temperature: positive scalar :math:`T`.
+    scale_by_temperature_squared: multiply by :math:`T^2`.
+    where: optional bool mask of the leading shape; False positions give 0
+      (value and gradient).
+
+  Returns:
+    Per-position divergence, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0]])
+    >>> teacher = jnp.array([[3.0, 1.0, 1.0]])
+    >>> [round(float(losses.skew_kl_divergence(student, teacher, skew)[0]), 3)
+    ...  for skew in (0.0, 0.1, 1.0)]
+    [1.423, 0.987, 0.0]
+
+  References:
+    Ko et al., `DistiLLM: Towards Streamlined Distillation for Large
+    Language Models <https://arxiv.org/abs/2402.03898>`_, ICML 2024.
+  """
+  return token_divergence(
+      student_logits, teacher_logits, divergence='skew_kl', skew=skew,
+      temperature=temperature,
+      scale_by_temperature_squared=scale_by_temperature_squared, where=where)
+
+
+def skew_reverse_kl_divergence(student_logits: ArrayLike,
+                               teacher_logits: ArrayLike,
+                               skew: ArrayLike = 0.1,
+                               temperature: ArrayLike = 1.0, *,
+                               scale_by_temperature_squared: bool = True,
+                               where: ArrayLike | None = None) -> jax.Array:
+  r"""Skew reverse KL: the student from a mixture (DistiLLM).
+
+  .. math::
+    \ell = T^2 \, \mathrm{KL}\big(q \,\|\, (1 - \alpha) p + \alpha q\big),
+    \quad p = \mathrm{softmax}(v / T),\; q = \mathrm{softmax}(z / T)
+
+  with the skew :math:`\alpha` (Ko et al., 2024, Eq. 4; DistiLLM's
+  ``skewed_reverse_kl``). :math:`\alpha = 0` is
+  :func:`reverse_kl_divergence`; :math:`\alpha = 1` is 0; for
+  :math:`\alpha > 0` the value is at most :math:`-\log \alpha` even where the
+  teacher gives the student's tokens no mass.
+
+  Args:
+    student_logits: float array ``[..., vocab]``, :math:`z` (e.g.
+      ``[B, L, V]``).
+    teacher_logits: float array of the same shape, :math:`v`.
+    skew: :math:`\alpha \in [0, 1]` (DistiLLM uses 0.1).
+    temperature: positive scalar :math:`T`.
+    scale_by_temperature_squared: multiply by :math:`T^2`.
+    where: optional bool mask of the leading shape; False positions give 0
+      (value and gradient).
+
+  Returns:
+    Per-position divergence, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0]])
+    >>> teacher = jnp.array([[3.0, 1.0, 1.0]])
+    >>> [round(float(losses.skew_reverse_kl_divergence(
+    ...     student, teacher, skew)[0]), 3) for skew in (0.0, 0.1, 1.0)]
+    [1.227, 0.925, 0.0]
+
+  References:
+    Ko et al., `DistiLLM: Towards Streamlined Distillation for Large
+    Language Models <https://arxiv.org/abs/2402.03898>`_, ICML 2024.
+  """
+  return token_divergence(
+      student_logits, teacher_logits, divergence='skew_reverse_kl', skew=skew,
+      temperature=temperature,
+      scale_by_temperature_squared=scale_by_temperature_squared, where=where)
+
+
+def total_variation(student_logits: ArrayLike, teacher_logits: ArrayLike,
+                    temperature: ArrayLike = 1.0, *,
+                    scale_by_temperature_squared: bool = True,
+                    where: ArrayLike | None = None) -> jax.Array:
+  r"""Total variation distance between teacher and student.
+
+  .. math::
+    \ell = T^2 \cdot \tfrac12 \sum_i |p_i - q_i|,
+    \quad p = \mathrm{softmax}(v / T),\; q = \mathrm{softmax}(z / T)
+
+  In [0, 1] before the :math:`T^2` factor, which is kept (on by default)
+  so that the token divergences are interchangeable in one objective; its
+  rationale (Hinton et al., 2015) is for the KL family, whose gradient
+  scales as :math:`1/T^2`. Identical inputs have a zero, finite gradient.
+
+  Args:
+    student_logits: float array ``[..., vocab]``, :math:`z` (e.g.
+      ``[B, L, V]``).
+    teacher_logits: float array of the same shape, :math:`v`.
+    temperature: positive scalar :math:`T`.
+    scale_by_temperature_squared: multiply by :math:`T^2`.
+    where: optional bool mask of the leading shape; False positions give 0
+      (value and gradient).
+
+  Returns:
+    Per-position distance, shape ``student_logits.shape[:-1]``, in
+    :math:`[0, T^2]` (:math:`[0, 1]` unscaled).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.log(jnp.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]))
+    >>> teacher = jnp.log(jnp.array([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]]))
+    >>> [round(x, 3) for x in losses.total_variation(student, teacher).tolist()]
+    [0.5, 0.0]
+
+  References:
+    Wen et al., `f-Divergence Minimization for Sequence-Level Knowledge
+    Distillation <https://arxiv.org/abs/2307.15190>`_, ACL 2023.
+  """
+  return token_divergence(
+      student_logits, teacher_logits, divergence='total_variation',
+      temperature=temperature,
+      scale_by_temperature_squared=scale_by_temperature_squared, where=where)
+
+
+def _check_sparse_teacher(student: jax.Array, teacher: jax.Array,
+                          indices: jax.Array, rest: jax.Array | None,
+                          where: Any = None) -> None:
+  """Shapes always; index and rest-mass values when concrete (and valid)."""
+  num_classes, k = student.shape[-1], teacher.shape[-1]
+  if indices.shape != teacher.shape or teacher.shape[:-1] != student.shape[:-1]:
+    raise ValueError(
+        f'topk_logits shape {teacher.shape} and topk_indices shape '
+        f'{indices.shape} must both be student_logits.shape[:-1] + (k,) = '
+        f'{student.shape[:-1]} + (k,); pass one row of k classes per example.')
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise ValueError(f'topk_indices must be integer class indices, got dtype '
+                     f'{indices.dtype}.')
+  if k > num_classes:
+    raise ValueError(f'topk_logits has k={k} classes but the student only '
+                     f'{num_classes}; k must be <= num_classes.')
+  if rest is not None and rest.shape != student.shape[:-1]:
+    raise ValueError(f'rest_mass shape {rest.shape} must be '
+                     f'{student.shape[:-1]}: one mass per example.')
+  valid = True if where is None else _concrete_value(where)
+  if valid is None:
+    return
+  valid = np.broadcast_to(np.asarray(valid, bool), student.shape[:-1])
+  value = _concrete_value(indices)
+  if value is not None:
+    value = np.sort(np.asarray(value), axis=-1)[valid]
+    if value.size and (value.min() < 0 or value.max() >= num_classes
+                       or np.any(value[..., 1:] == value[..., :-1])):
+      raise ValueError(
+          f'topk_indices must hold k distinct class indices in [0, '
+          f'{num_classes}) per example; got values in [{value.min()}, '
+          f'{value.max()}] or a repeated class.')
+  rest_value = None if rest is None else _concrete_value(rest)
+  if rest_value is not None:
+    rest_value = np.asarray(rest_value)[valid]
+  if rest_value is not None and np.any((rest_value < 0) | (rest_value > 1)):
+    raise ValueError('rest_mass must lie in [0, 1] (a probability mass); '
+                     'store 1 - sum of the top-k probabilities.')
+
+
+def _sparse_log_probs(student: jax.Array, teacher: jax.Array,
+                      indices: jax.Array, rest: jax.Array, convention: str,
+                      temperature: Any) -> tuple[jax.Array, jax.Array]:
+  """(log P, log Q): teacher and student over the buckets of `convention`."""
+  num_classes, k = student.shape[-1], teacher.shape[-1]
+  log_p_top = _tempered_log_softmax(teacher, temperature)
+  if convention == 'renormalize_both':
+    student_top = jnp.take_along_axis(student, indices, axis=-1)
+    return log_p_top, _tempered_log_softmax(student_top, temperature)
+  log_q = _tempered_log_softmax(student, temperature)
+  log_q_top = jnp.take_along_axis(log_q, indices, axis=-1)
+  if k == num_classes:  # S holds every class: there is no rest bucket.
+    return log_p_top, log_q_top
+  in_top = jnp.put_along_axis(jnp.zeros(student.shape, bool), indices, True,
+                              axis=-1, inplace=False)
+  outside = jnp.where(in_top, -jnp.inf, log_q)
+  has_rest = jnp.any(outside > -jnp.inf, axis=-1)
+  # Guarded logsumexp: a row with no student mass outside S is -inf, and its
+  # gradient stays finite.
+  log_q_rest = jnp.where(
+      has_rest,
+      jax.nn.logsumexp(jnp.where(has_rest[..., None], outside, 0.0), axis=-1),
+      -jnp.inf)
+  if convention == 'student_full':
+    log_p_rest = jnp.full_like(log_q_rest, -jnp.inf)
+  else:
+    positive = rest > 0
+    # A rest mass that underflowed to 0 where the student still has mass
+    # outside S is the smallest normal float: reverse-type divergences stay
+    # finite (the tail's point), forward ones change by ~1e-36.
+    log_p_rest = jnp.where(
+        positive, jnp.log(jnp.where(positive, rest, 1.0)),
+        jnp.where(has_rest, np.log(np.finfo(np.float32).tiny), -jnp.inf)
+    ).astype(log_q.dtype)
+    log_p_top = log_p_top + jnp.log1p(-jnp.minimum(rest, 1.0))[..., None]
+  return (jnp.concatenate([log_p_top, log_p_rest[..., None]], axis=-1),
+          jnp.concatenate([log_q_top, log_q_rest[..., None]], axis=-1))
+
+
+def sparse_token_divergence(student_logits: ArrayLike, topk_logits: ArrayLike,
+                            topk_indices: ArrayLike,
+                            rest_mass: ArrayLike | None = None, *,
+                            divergence: str = 'kl', convention: str = 'tail',
+                            temperature: ArrayLike = 1.0,
+                            beta: ArrayLike = 0.5, skew: ArrayLike = 0.1,
+                            scale_by_temperature_squared: bool = True,
+                            where: ArrayLike | None = None) -> jax.Array:
+  r"""A token divergence to a teacher known by its top k (a cached teacher).
+
+  The teacher is stored sparsely per position: the logits (or
+  log-probabilities: a shift does not matter) :math:`v_S` of its k most
+  likely tokens :math:`S = \{c_1, \dots, c_k\}` and the mass :math:`r =
+  \sum_{j \notin S} p_j` of the others at temperature :math:`T`. With
+  :math:`\hat p = \mathrm{softmax}(v_S / T)` and the student
+  :math:`q = \mathrm{softmax}(z / T)` over the full vocabulary, the
+  codebases that distil from such caches disagree on what the two
+  distributions are; ``convention`` picks one:
+
+  - ``'tail'`` (default): k + 1 buckets :math:`c_1, \dots, c_k,
+    \text{rest}`, :math:`P = ((1 - r)\hat p,\; r)`, :math:`Q = (q_S,\;
+    \sum_{j \notin S} q_j)`. :math:`P` is exactly the teacher's distribution
+    coarsened, so every divergence here is a lower bound on the dense one
+    (data processing) and equals it at k = V. ``divergence='kl'`` is
+    :func:`topk_kl_divergence` (but for the underflow floor below). TRL's
+    ``ServerDistillationTrainer`` (``loss_add_tail=True``, its default; it
+    takes both tails as one minus the summed top-k probabilities, floored
+    near :math:`10^{-7}`) and DistillKit with
+    ``missing_probability_handling=SYMMETRIC_UNIFORM`` use this form.
+  - ``'renormalize_both'``: k buckets, :math:`P = \hat p`, :math:`Q =
+    \mathrm{softmax}(z_S / T)`, both renormalised over S. The student's mass
+    outside S is invisible (with k = 1 every divergence is 0). MaxText's
+    offline distillation (``post_train/distillation/distillation_utils.py``,
+    forward KL only) and TRL's server path with ``loss_add_tail=False`` use
+    this form.
+  - ``'student_full'``: the full-vocabulary student against :math:`\hat p`
+    extended by zeros, :math:`\sum_{i \in S} \hat p_i \log(\hat p_i / q_i)`
+    for the KL. Each divergence here is a sum of
+    :math:`g(p_j, q_j)` with :math:`g` homogeneous of degree 1, so the
+    classes outside S are summed exactly as one bucket
+    :math:`P_\text{rest} = 0`, :math:`Q_\text{rest} = \sum_{j \notin S} q_j`.
+    DistillKit's sparse KL and TVD (its default
+    ``missing_probability_handling=ZERO``) use this form; its sparse JSD
+    also leaves out the student's term outside S, so it matches here only
+    for the KL and TVD. The reverse KL (and ``generalized_jsd`` at
+    ``beta=1``, ``skew_reverse_kl`` at ``skew=0``) is :math:`+\infty` in
+    this form for k < V and is refused when those arguments are concrete.
+
+  The reverse KL against a top-k teacher without the tail is known to be
+  unstable: renormalised on both sides it does not see the mass the
+  student moves outside S (and is 0 for k = 1); against the full student
+  it is infinite. The tail bucket is what keeps it finite and meaningful,
+  which is why TRL adds it by default. In the tail form, a rest mass that
+  underflowed to 0 (k < V) is taken as the smallest normal float32
+  (~1.2e-38) where the student has mass outside S, so the reverse KL stays
+  finite.
+
+  ``divergence`` is one of :data:`TOKEN_DIVERGENCES`, applied to
+  :math:`(P, Q)` as the dense function of the same name does to
+  :math:`(p, q)` (:func:`token_divergence`), times :math:`T^2` when
+  ``scale_by_temperature_squared``. With k = V every convention equals the
+  dense divergence. ``rest_mass`` must be the teacher's at the same
+  :math:`T` (`kd_jax.export_logits --top_k` stores it at the export
+  temperature); only ``'tail'`` with k < V needs it, the other conventions
+  ignore it.
+
+  Args:
+    student_logits: float array ``[..., vocab]``, :math:`z` (e.g.
+      ``[B, L, V]``).
+    topk_logits: float array ``[..., k]``, the teacher's logits (or
+      log-probabilities) of its top k tokens, :math:`v_S`.
+    topk_indices: int array ``[..., k]`` of distinct token indices, :math:`S`.
+    rest_mass: float array ``[...]`` in [0, 1], :math:`r`; needed by
+      ``'tail'`` when k < V.
+    divergence: one of :data:`TOKEN_DIVERGENCES`.
+    convention: one of :data:`SPARSE_CONVENTIONS`.
+    temperature: positive scalar :math:`T`.
+    beta: :math:`\beta \in [0, 1]` of ``'generalized_jsd'``.
+    skew: :math:`\alpha \in [0, 1]` of the skewed KLs.
+    scale_by_temperature_squared: multiply by :math:`T^2`.
+    where: optional bool mask of the leading shape; False positions give 0
+      (value and gradient) and are not checked (padding may hold any index).
+
+  Returns:
+    Per-position divergence, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Raises:
+    ValueError: for bad shapes, repeated or out-of-range indices or a rest
+      mass outside [0, 1] (concrete values only), a missing ``rest_mass``
+      for ``'tail'``, or a reverse-type divergence with ``'student_full'``.
+
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0, 0.0]])
+    >>> teacher = jnp.array([[3.0, 2.0, 1.0, 0.0]])
+    >>> rest = jax.nn.softmax(teacher)[:, 2:].sum(-1)
+    >>> top, idx = jnp.array([[3.0, 2.0]]), jnp.array([[0, 1]])
+    >>> for convention in losses.SPARSE_CONVENTIONS:
+    ...   kl = losses.sparse_token_divergence(student, top, idx, rest,
+    ...                                       convention=convention)
+    ...   print(convention, round(float(kl[0]), 3))
+    tail 1.081
+    renormalize_both 0.462
+    student_full 1.589
+    >>> rkl = losses.sparse_token_divergence(student, top, idx, rest,
+    ...                                      divergence='reverse_kl')
+    >>> round(float(rkl[0]), 3)
+    0.999
+
+  References:
+    TRL, ``trl/experimental/server_distillation/`` (tail bucket); MaxText,
+    ``post_train/distillation/distillation_utils.py`` (renormalised top k);
+    DistillKit, ``distillkit/lossfuncs/`` (full student); Shen and Xing,
+    `A Fast Knowledge Distillation Framework for Visual Recognition
+    <https://arxiv.org/abs/2112.01528>`_, ECCV 2022 (top-k + rest).
+  """
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(topk_logits, 'topk_logits')
+  indices = jnp.asarray(topk_indices)
+  rest = None if rest_mass is None else jnp.asarray(rest_mass)
+  _check_name(convention, SPARSE_CONVENTIONS, 'convention')
+  _check_divergence_args(divergence, temperature, beta, skew)
+  valid = _valid_mask(where, student.shape[:-1])
+  _check_sparse_teacher(student, teacher, indices, rest, valid)
+  num_classes, k = student.shape[-1], teacher.shape[-1]
+  if convention == 'tail' and k < num_classes and rest is None:
+    raise ValueError(
+        f"convention='tail' needs rest_mass (the teacher's mass outside its "
+        f'top k={k} of {num_classes} classes, at the same temperature); pass '
+        f"it, or pick convention='renormalize_both' or 'student_full'.")
+  if convention == 'student_full' and k < num_classes:
+    beta_value, skew_value = _concrete_value(beta), _concrete_value(skew)
+    if (divergence == 'reverse_kl'
+        or (divergence == 'generalized_jsd' and beta_value is not None
+            and float(np.asarray(beta_value)) == 1.0)
+        or (divergence == 'skew_reverse_kl' and skew_value is not None
+            and float(np.asarray(skew_value)) == 0.0)):
+      raise ValueError(
+          f"divergence={divergence!r} is infinite with convention="
+          f"'student_full': the teacher renormalised on its top k has no "
+          f'mass outside it, where the student has some; use '
+          f"convention='tail' (with rest_mass) or 'renormalize_both'.")
+
+  dtype = jnp.promote_types(student.dtype, teacher.dtype)
+  # Masked positions compute on zeros and the classes 0..k-1: no NaN, inf or
+  # out-of-range index reaches the value or the gradient.
+  student = jnp.where(valid[..., None], student.astype(dtype), 0.0)
+  teacher = jnp.where(valid[..., None], teacher.astype(dtype), 0.0)
+  indices = jnp.where(valid[..., None], indices,
+                      jnp.arange(k, dtype=indices.dtype))
+  rest = (jnp.zeros(valid.shape, dtype) if rest is None else
+          jnp.where(valid, rest.astype(dtype), 0.0))
+  log_p, log_q = _sparse_log_probs(student, teacher, indices, rest,
+                                   convention, temperature)
+  loss = _divergence_terms(log_p, log_q, divergence, beta, skew)
+  loss = _scale(loss, temperature, scale_by_temperature_squared)
+  return jnp.where(valid, loss, 0.0)
+
+
+# ----------------------------------------------------------------------------
+# Token reductions.
+# ----------------------------------------------------------------------------
+
+
+def token_sum_and_count(values: ArrayLike, where: ArrayLike | None = None,
+                        axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+  r"""The sum of per-token values and the number of valid tokens.
+
+  .. math::
+    (S, N) = \Big(\sum_t [\text{valid}_t]\, \ell_t,\;
+                  \sum_t [\text{valid}_t]\Big)
+
+  Pairs add: the pairs of micro-batches (gradient accumulation), devices or
+  hosts summed, then :func:`token_mean`, give the mean over all their valid
+  tokens, the same however the tokens were split or padded. (Averaging
+  per-batch means instead weights a short batch's tokens more.) Masked
+  entries count in neither (a masked NaN stays out).
+
+  Args:
+    values: float array of per-token values, e.g. ``[B, L]``.
+    where: optional bool mask of the same shape; None counts every entry.
+    axis_name: optional mapped axis name (inside ``shard_map``): both sums
+      run over all shards.
+
+  Returns:
+    ``(total, count)``: the scalar sum (float32 or wider) and the int32
+    count.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> values = jnp.array([[1.0, 2.0, jnp.nan], [4.0, 5.0, 6.0]])
+    >>> valid = jnp.array([[True, True, False], [True, True, True]])
+    >>> whole = losses.token_sum_and_count(values, valid)
+    >>> halves = [losses.token_sum_and_count(values[i:i + 1], valid[i:i + 1])
+    ...           for i in (0, 1)]
+    >>> total = sum(h[0] for h in halves)
+    >>> count = sum(h[1] for h in halves)
+    >>> float(total), int(count), float(whole[0]), int(whole[1])
+    (18.0, 5, 18.0, 5)
+    >>> round(float(losses.token_mean(total, count)), 3)
+    3.6
+  """
+  values = jnp.asarray(values)
+  if not jnp.issubdtype(values.dtype, jnp.floating):
+    values = values.astype(jnp.float32)
+  values = values.astype(jnp.promote_types(values.dtype, jnp.float32))
+  if where is None:
+    valid = jnp.ones(values.shape, bool)
+  else:
+    valid = jnp.asarray(where)
+    if valid.shape != values.shape:
+      raise ValueError(f'where shape {valid.shape} does not match values '
+                       f'shape {values.shape}; pass one bool per token.')
+    valid = valid.astype(bool)
+  total = jnp.sum(jnp.where(valid, values, 0.0))
+  count = jnp.sum(valid, dtype=jnp.int32)
+  if axis_name is not None:
+    total, count = jax.lax.psum((total, count), axis_name)
+  return total, count
+
+
+def token_mean(total: ArrayLike, count: ArrayLike) -> jax.Array:
+  r"""The mean :math:`S / N` of a :func:`token_sum_and_count` pair; 0 when
+  :math:`N = 0`.
+
+  Args:
+    total: the summed values :math:`S` (a scalar, or any shape).
+    count: the number of valid tokens :math:`N`, same shape.
+
+  Returns:
+    :math:`S / N`, or 0 where :math:`N = 0` (value and gradient).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> float(losses.token_mean(jnp.array(7.0), jnp.array(2)))
+    3.5
+    >>> float(losses.token_mean(jnp.array(0.0), jnp.array(0)))
+    0.0
+  """
+  total = jnp.asarray(total)
+  if not jnp.issubdtype(total.dtype, jnp.floating):
+    total = total.astype(jnp.float32)
+  count = jnp.asarray(count).astype(total.dtype)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
