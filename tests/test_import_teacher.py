@@ -1,0 +1,520 @@
+"""Imported torchvision / timm weights: layouts, refusals, the run they make.
+
+The fixtures are state dicts with the libraries' names and shapes, generated
+here from the architectures as torchvision's and timm's constructors build
+them (independently of `kd_jax.interop.layouts`), with random values; the
+imported models' logits are compared with NumPy forwards written as PyTorch
+computes (NCHW, OIHW weights, the libraries' module order), so no PyTorch is
+needed. experiments/interop/verify_torch.py checks the real libraries.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import checkpointing
+from kd_jax import config_lib
+from kd_jax import import_teacher
+from kd_jax import models
+from kd_jax import rundir
+from kd_jax import teachers
+from kd_jax import warm_start
+from kd_jax.interop import layouts
+
+safetensors_numpy = pytest.importorskip('safetensors.numpy')
+scipy_special = pytest.importorskip('scipy.special')
+
+
+# ---------------------------------------------------------------------------
+# State dicts as torchvision and timm name them
+# ---------------------------------------------------------------------------
+
+
+class StateDict(dict):
+  """name -> float32 array, filled in a torch constructor's order."""
+
+  def __init__(self, seed):
+    super().__init__()
+    self.rng = np.random.default_rng(seed)
+
+  def conv(self, name, cout, cin, k, groups=1, bias=False):
+    fan_in = cin // groups * k * k
+    self[f'{name}.weight'] = self.rng.normal(
+        0, np.sqrt(2 / fan_in), (cout, cin // groups, k, k)).astype(np.float32)
+    if bias:
+      self[f'{name}.bias'] = self.rng.normal(0, 0.1, cout).astype(np.float32)
+
+  def bn(self, name, c):
+    self[f'{name}.weight'] = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+    self[f'{name}.bias'] = self.rng.normal(0, 0.1, c).astype(np.float32)
+    self[f'{name}.running_mean'] = self.rng.normal(0, 0.1, c).astype(
+        np.float32)
+    self[f'{name}.running_var'] = self.rng.uniform(0.5, 2, c).astype(
+        np.float32)
+    self[f'{name}.num_batches_tracked'] = np.array(7, np.int64)
+
+  def linear(self, name, fan_out, fan_in):
+    self[f'{name}.weight'] = self.rng.normal(
+        0, np.sqrt(1 / fan_in), (fan_out, fan_in)).astype(np.float32)
+    self[f'{name}.bias'] = self.rng.normal(0, 0.1, fan_out).astype(np.float32)
+
+  def layernorm(self, name, c):
+    self[f'{name}.weight'] = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+    self[f'{name}.bias'] = self.rng.normal(0, 0.1, c).astype(np.float32)
+
+  def tensor(self, name, shape, scale=0.1):
+    self[name] = self.rng.normal(0, scale, shape).astype(np.float32)
+
+
+RESNET_BLOCKS = {'resnet18': ((2, 2, 2, 2), False),
+                 'resnet34': ((3, 4, 6, 3), False),
+                 'resnet50': ((3, 4, 6, 3), True)}
+
+
+def torchvision_resnet(name, num_classes=1000, seed=0):
+  """torchvision.models.resnet's ResNet(BasicBlock / Bottleneck, layers)."""
+  blocks, bottleneck = RESNET_BLOCKS[name]
+  sd = StateDict(seed)
+  sd.conv('conv1', 64, 3, 7)
+  sd.bn('bn1', 64)
+  inplanes = 64
+  for stage, (num, planes) in enumerate(zip(blocks, (64, 128, 256, 512)), 1):
+    for b in range(num):
+      stride = 2 if stage > 1 and b == 0 else 1
+      p = f'layer{stage}.{b}'
+      if bottleneck:
+        sd.conv(f'{p}.conv1', planes, inplanes, 1)
+        sd.bn(f'{p}.bn1', planes)
+        sd.conv(f'{p}.conv2', planes, planes, 3)
+        sd.bn(f'{p}.bn2', planes)
+        sd.conv(f'{p}.conv3', planes * 4, planes, 1)
+        sd.bn(f'{p}.bn3', planes * 4)
+        out = planes * 4
+      else:
+        sd.conv(f'{p}.conv1', planes, inplanes, 3)
+        sd.bn(f'{p}.bn1', planes)
+        sd.conv(f'{p}.conv2', planes, planes, 3)
+        sd.bn(f'{p}.bn2', planes)
+        out = planes
+      if stride != 1 or inplanes != out:
+        sd.conv(f'{p}.downsample.0', out, inplanes, 1)
+        sd.bn(f'{p}.downsample.1', out)
+      inplanes = out
+  sd.linear('fc', num_classes, inplanes)
+  return dict(sd)
+
+
+# torchvision mobilenetv2.py: (t, c, n, s).
+MOBILENET_V2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2),
+                        (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                        (6, 320, 1, 1))
+
+
+def torchvision_mobilenet_v2(num_classes=1000, seed=0):
+  """torchvision.models.mobilenetv2's MobileNetV2() (width 1.0)."""
+  sd = StateDict(seed)
+  sd.conv('features.0.0', 32, 3, 3)
+  sd.bn('features.0.1', 32)
+  cin, i = 32, 1
+  for t, c, n, _ in MOBILENET_V2_SETTING:
+    for _ in range(n):
+      hidden, p, layer = cin * t, f'features.{i}.conv', 0
+      if t != 1:
+        sd.conv(f'{p}.0.0', hidden, cin, 1)
+        sd.bn(f'{p}.0.1', hidden)
+        layer = 1
+      sd.conv(f'{p}.{layer}.0', hidden, hidden, 3, groups=hidden)
+      sd.bn(f'{p}.{layer}.1', hidden)
+      sd.conv(f'{p}.{layer + 1}', c, hidden, 1)
+      sd.bn(f'{p}.{layer + 2}', c)
+      cin, i = c, i + 1
+  sd.conv(f'features.{i}.0', 1280, cin, 1)
+  sd.bn(f'features.{i}.1', 1280)
+  sd.linear('classifier.1', num_classes, 1280)
+  return dict(sd)
+
+
+VIT = {'vit_tiny_patch16_224': (192, 3), 'vit_small_patch16_224': (384, 6),
+       'deit_tiny_distilled_patch16_224': (192, 3)}
+
+
+def timm_vit(name, image=32, num_classes=1000, seed=0):
+  """timm VisionTransformer (depth 12, patch 16, MLP 4x), or
+  VisionTransformerDistilled for a distilled DeiT."""
+  width, _ = VIT[name]
+  tokens = 2 if 'distilled' in name else 1
+  sd = StateDict(seed)
+  sd.conv('patch_embed.proj', width, 3, 16, bias=True)
+  sd.tensor('cls_token', (1, 1, width))
+  if tokens == 2:
+    sd.tensor('dist_token', (1, 1, width))
+  sd.tensor('pos_embed', (1, (image // 16) ** 2 + tokens, width))
+  for i in range(12):
+    p = f'blocks.{i}'
+    sd.layernorm(f'{p}.norm1', width)
+    sd.linear(f'{p}.attn.qkv', 3 * width, width)
+    sd.linear(f'{p}.attn.proj', width, width)
+    sd.layernorm(f'{p}.norm2', width)
+    sd.linear(f'{p}.mlp.fc1', 4 * width, width)
+    sd.linear(f'{p}.mlp.fc2', width, 4 * width)
+  sd.layernorm('norm', width)
+  sd.linear('head', num_classes, width)
+  if tokens == 2:
+    sd.linear('head_dist', num_classes, width)
+  return dict(sd)
+
+
+# ---------------------------------------------------------------------------
+# NumPy forwards as PyTorch computes them (NCHW)
+# ---------------------------------------------------------------------------
+
+
+def np_conv(x, w, b=None, stride=1, padding=0, groups=1):
+  n, c, _, _ = x.shape
+  o, _, kh, kw = w.shape
+  x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+  win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
+  win = win[:, :, ::stride, ::stride]  # [n, c, ho, wo, kh, kw]
+  win = win.reshape(n, groups, c // groups, *win.shape[2:])
+  w = w.reshape(groups, o // groups, c // groups, kh, kw)
+  y = np.einsum('ngchwij,goc ij->ngohw'.replace(' ', ''), win, w)
+  y = y.reshape(n, o, *y.shape[3:])
+  return y if b is None else y + b[:, None, None]
+
+
+def np_bn(x, sd, name):
+  scale = sd[f'{name}.weight'] / np.sqrt(sd[f'{name}.running_var'] + 1e-5)
+  shift = sd[f'{name}.bias'] - sd[f'{name}.running_mean'] * scale
+  return x * scale[:, None, None] + shift[:, None, None]
+
+
+def np_max_pool(x):  # MaxPool2d(3, 2, padding=1)
+  x = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+  win = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))
+  return win[:, :, ::2, ::2].max(axis=(-2, -1))
+
+
+def relu(x):
+  return np.maximum(x, 0)
+
+
+def np_resnet(sd, name, x):
+  blocks, bottleneck = RESNET_BLOCKS[name]
+  x = relu(np_bn(np_conv(x, sd['conv1.weight'], stride=2, padding=3), sd,
+                 'bn1'))
+  x = np_max_pool(x)
+  for stage, num in enumerate(blocks, 1):
+    for b in range(num):
+      stride, p = (2 if stage > 1 and b == 0 else 1), f'layer{stage}.{b}'
+      if bottleneck:
+        y = relu(np_bn(np_conv(x, sd[f'{p}.conv1.weight']), sd, f'{p}.bn1'))
+        y = relu(np_bn(np_conv(y, sd[f'{p}.conv2.weight'], stride=stride,
+                               padding=1), sd, f'{p}.bn2'))
+        y = np_bn(np_conv(y, sd[f'{p}.conv3.weight']), sd, f'{p}.bn3')
+      else:
+        y = relu(np_bn(np_conv(x, sd[f'{p}.conv1.weight'], stride=stride,
+                               padding=1), sd, f'{p}.bn1'))
+        y = np_bn(np_conv(y, sd[f'{p}.conv2.weight'], padding=1), sd,
+                  f'{p}.bn2')
+      if f'{p}.downsample.0.weight' in sd:
+        x = np_bn(np_conv(x, sd[f'{p}.downsample.0.weight'], stride=stride),
+                  sd, f'{p}.downsample.1')
+      x = relu(x + y)
+  return x.mean(axis=(2, 3)) @ sd['fc.weight'].T + sd['fc.bias']
+
+
+def np_mobilenet_v2(sd, x):
+  relu6 = lambda v: np.clip(v, 0, 6)
+  x = relu6(np_bn(np_conv(x, sd['features.0.0.weight'], stride=2,
+                          padding=1), sd, 'features.0.1'))
+  i = 1
+  for t, _, n, s in MOBILENET_V2_SETTING:
+    for k in range(n):
+      p, layer, y = f'features.{i}.conv', 0, x
+      if t != 1:
+        y = relu6(np_bn(np_conv(y, sd[f'{p}.0.0.weight']), sd, f'{p}.0.1'))
+        layer = 1
+      w = sd[f'{p}.{layer}.0.weight']
+      y = relu6(np_bn(np_conv(y, w, stride=s if k == 0 else 1, padding=1,
+                              groups=w.shape[0]), sd, f'{p}.{layer}.1'))
+      y = np_bn(np_conv(y, sd[f'{p}.{layer + 1}.weight']), sd,
+                f'{p}.{layer + 2}')
+      x = x + y if y.shape == x.shape else y
+      i += 1
+  x = relu6(np_bn(np_conv(x, sd[f'features.{i}.0.weight']), sd,
+                  f'features.{i}.1'))
+  return (x.mean(axis=(2, 3)) @ sd['classifier.1.weight'].T
+          + sd['classifier.1.bias'])
+
+
+def np_layernorm(x, sd, name):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-6) * sd[f'{name}.weight'] + sd[
+      f'{name}.bias']
+
+
+def np_vit(sd, name, x):
+  _, heads = VIT[name]
+  x = np_conv(x, sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'],
+              stride=16)
+  n, width = x.shape[:2]
+  x = x.reshape(n, width, -1).transpose(0, 2, 1)  # [n, patches, width]
+  tokens = [sd['cls_token']] + ([sd['dist_token']] if 'dist_token' in sd
+                                else [])
+  x = np.concatenate([np.broadcast_to(t, (n, 1, width)) for t in tokens]
+                     + [x], axis=1) + sd['pos_embed']
+  linear = lambda v, p: v @ sd[f'{p}.weight'].T + sd[f'{p}.bias']
+  for i in range(12):
+    p = f'blocks.{i}'
+    y = np_layernorm(x, sd, f'{p}.norm1')
+    qkv = linear(y, f'{p}.attn.qkv').reshape(n, -1, 3, heads, width // heads)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [n, heads, tokens, head_dim]
+    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(width // heads)
+    att = np.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    y = (att @ v).transpose(0, 2, 1, 3).reshape(n, -1, width)
+    x = x + linear(y, f'{p}.attn.proj')
+    y = linear(np_layernorm(x, sd, f'{p}.norm2'), f'{p}.mlp.fc1')
+    y = 0.5 * y * (1 + scipy_special.erf(y / np.sqrt(2)))  # nn.GELU()
+    x = x + linear(y, f'{p}.mlp.fc2')
+  x = np_layernorm(x, sd, 'norm')
+  logits = linear(x[:, 0], 'head')
+  if 'head_dist.weight' in sd:  # Eval mode: the mean of the two heads.
+    logits = (logits + linear(x[:, 1], 'head_dist')) / 2
+  return logits
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def images(size, n=2, seed=1):
+  """Normalised float images, NHWC for kd_jax and NCHW for the references."""
+  x = np.random.default_rng(seed).normal(0, 1, (n, size, size, 3)).astype(
+      np.float32)
+  return x, x.transpose(0, 3, 1, 2).astype(np.float64)
+
+
+def zoo_logits(fmt, name, sd, size, num_classes=None):
+  arch = layouts.architecture(fmt, name)
+  variables, _ = import_teacher.convert(arch, sd, num_classes,
+                                        (size, size, 3))
+  model = models.get_model(arch.spec, num_classes or len(sd[arch.head[0]]))
+  nhwc, nchw = images(size)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return np.asarray(apply(variables, nhwc)), nchw
+
+
+def assert_close(got, want, rtol=1e-4):
+  scale = max(1.0, np.abs(want).max())
+  np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
+
+
+def save(tmp_path, sd, name='weights.safetensors'):
+  path = str(tmp_path / name)
+  safetensors_numpy.save_file(sd, path)
+  return path
+
+
+# ---------------------------------------------------------------------------
+# Layouts: the imported model computes what the library's computes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
+def test_torchvision_resnet_logits_equal_the_numpy_forward(name):
+  sd = torchvision_resnet(name, num_classes=10)
+  got, nchw = zoo_logits('torchvision', name, sd, 32)
+  assert_close(got, np_resnet(sd, name, nchw))
+
+
+def test_torchvision_resnet34_names_and_shapes_are_its_state_dicts():
+  arch = layouts.architecture('torchvision', 'resnet34')
+  variables, classes = import_teacher.convert(
+      arch, torchvision_resnet('resnet34', num_classes=10), None, (32, 32, 3))
+  assert classes == 10
+  assert models.param_count(variables['params']) == 21_289_802  # At 10.
+
+
+def test_torchvision_mobilenet_v2_logits_equal_the_numpy_forward():
+  sd = torchvision_mobilenet_v2(num_classes=10)
+  got, nchw = zoo_logits('torchvision', 'mobilenet_v2', sd, 32)
+  assert_close(got, np_mobilenet_v2(sd, nchw))
+
+
+def test_torchvision_mobilenet_v2_has_torchvisions_parameter_count():
+  model = models.get_model({'name': 'mobilenetv2', 'layout': 'torchvision'},
+                           1000)
+  variables = jax.eval_shape(model.init, jax.random.key(0),
+                             jax.ShapeDtypeStruct((1, 224, 224, 3),
+                                                  jnp.float32))
+  assert models.param_count(variables['params']) == 3_504_872
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_patch16_224',
+                                  'deit_tiny_distilled_patch16_224'])
+def test_timm_vit_logits_equal_the_numpy_forward(name):
+  sd = timm_vit(name, image=32, num_classes=10)
+  got, nchw = zoo_logits('timm', name, sd, 32)
+  assert_close(got, np_vit(sd, name, nchw))
+
+
+def test_timm_pretrained_tag_picks_weights_not_layout():
+  assert (layouts.architecture('timm', 'vit_small_patch16_224.augreg_in1k')
+          is layouts.architecture('timm', 'vit_small_patch16_224'))
+
+
+# ---------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_named_with_shapes():
+  sd = torchvision_resnet('resnet18', num_classes=10)
+  del sd['layer1.0.bn1.running_var']
+  sd['layer5.0.conv1.weight'] = np.zeros((8, 8, 3, 3), np.float32)
+  sd['layer2.0.conv1.weight'] = np.zeros((128, 64, 1, 1), np.float32)
+  arch = layouts.architecture('torchvision', 'resnet18')
+  with pytest.raises(import_teacher.WeightsMismatch) as e:
+    import_teacher.convert(arch, sd, None, (32, 32, 3))
+  message = str(e.value)
+  assert '1 missing' in message and 'layer1.0.bn1.running_var [64]' in message
+  assert '1 unexpected' in message
+  assert 'layer5.0.conv1.weight [8, 8, 3, 3]' in message
+  assert ('layer2.0.conv1.weight: file [128, 64, 1, 1], expected '
+          '[128, 64, 3, 3]') in message
+
+
+def test_a_resnet34_file_is_refused_as_a_resnet18():
+  arch = layouts.architecture('torchvision', 'resnet18')
+  with pytest.raises(import_teacher.WeightsMismatch,
+                     match=r'unexpected .*layer1\.2\.conv1\.weight'):
+    import_teacher.convert(arch, torchvision_resnet('resnet34', 10), None,
+                           (32, 32, 3))
+
+
+def test_a_vit_at_another_image_size_names_the_position_embedding():
+  arch = layouts.architecture('timm', 'vit_tiny_patch16_224')
+  with pytest.raises(import_teacher.WeightsMismatch,
+                     match=r'pos_embed: file \[1, 5, 192\], expected '
+                     r'\[1, 17, 192\].*--image_size'):
+    import_teacher.convert(arch, timm_vit('vit_tiny_patch16_224', 32, 10),
+                           None, (64, 64, 3))
+
+
+def test_unknown_models_and_big_vision_are_refused_by_name(tmp_path):
+  with pytest.raises(ValueError, match=r"'resnet101'.*'mobilenet_v2'"):
+    layouts.architecture('torchvision', 'resnet101')
+  with pytest.raises(ValueError, match='no big_vision model has an exact'):
+    import_teacher.import_weights('big_vision', 'bit_m_r50x1', 'w.npz',
+                                  str(tmp_path / 'run'))
+
+
+def test_a_pytorch_pickle_without_pytorch_says_how_to_convert(tmp_path):
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    pytest.skip('PyTorch is installed: it reads .pth files.')
+  except ImportError:
+    pass
+  path = tmp_path / 'resnet18.pth'
+  path.write_bytes(b'not read')
+  with pytest.raises(ImportError, match='only PyTorch reads.*safetensors'):
+    import_teacher.read_state_dict(str(path))
+
+
+# ---------------------------------------------------------------------------
+# The run directory
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def imported_resnet18(tmp_path_factory):
+  """A torchvision resnet18 state dict (10 classes) imported at 32x32."""
+  root = tmp_path_factory.mktemp('imported')
+  sd = torchvision_resnet('resnet18', num_classes=10)
+  workdir = str(root / 'resnet18')
+  record = import_teacher.import_weights(
+      'torchvision', 'resnet18', save(root, sd), workdir, image_size=32)
+  return workdir, sd, record
+
+
+def test_imported_run_has_a_finished_runs_files(imported_resnet18):
+  workdir, _, record = imported_resnet18
+  assert rundir.is_finished(workdir)
+  info = rundir.read_run_info(workdir)
+  assert info['model'] == {'name': 'resnet18'}
+  assert info['num_classes'] == 10 and info['image_shape'] == [32, 32, 3]
+  assert info['class_names'] == [str(i) for i in range(10)]
+  assert checkpointing.latest_step(workdir) == info['final_step'] == 0
+  with open(os.path.join(workdir, rundir.CONFIG)) as f:
+    assert json.load(f)['model'] == {'name': 'resnet18'}
+  assert record['head'] == 'kept'
+  mean, std = import_teacher.input_normalization(workdir, info)
+  np.testing.assert_allclose(mean, [0.485, 0.456, 0.406], rtol=1e-6)
+  np.testing.assert_allclose(std, [0.229, 0.224, 0.225], rtol=1e-6)
+
+
+def test_imported_run_is_a_teacher_with_the_files_logits(imported_resnet18):
+  workdir, sd, _ = imported_resnet18
+  teacher = teachers.load_online(
+      [config_lib.teacher_config(None, workdir)], 10, (32, 32, 3))
+  nhwc, nchw = images(32)
+  logits = jax.jit(teacher.forward)(teacher.variables, {'image': nhwc})
+  assert_close(np.asarray(logits[0]), np_resnet(sd, 'resnet18', nchw))
+
+
+def test_another_class_count_replaces_the_head_and_says_so(tmp_path):
+  sd = torchvision_resnet('resnet18', num_classes=10)
+  names = tmp_path / 'classes.txt'
+  names.write_text('NORMAL\nPNEUMONIA\n')
+  workdir = str(tmp_path / 'run')
+  record = import_teacher.import_weights(
+      'torchvision', 'resnet18', save(tmp_path, sd), workdir,
+      class_names=import_teacher.read_class_names(str(names)), image_size=32)
+  assert record['head'].startswith("replaced: the checkpoint's 10 classes "
+                                   '-> 2, initialised')
+  info = rundir.read_run_info(workdir)
+  assert info['num_classes'] == 2
+  assert info['class_names'] == ['NORMAL', 'PNEUMONIA']
+  variables, _ = warm_start.restore_run(workdir)
+  params = variables['params']
+  assert params['head']['kernel'].shape == (512, 2)
+  np.testing.assert_array_equal(params['stem_conv']['kernel'],
+                                sd['conv1.weight'].transpose(2, 3, 1, 0))
+
+
+def test_a_workdir_holding_a_run_is_refused(imported_resnet18, tmp_path):
+  workdir, sd, _ = imported_resnet18
+  with pytest.raises(FileExistsError, match='already holds a run'):
+    import_teacher.import_weights('torchvision', 'resnet18',
+                                  save(tmp_path, sd), workdir, image_size=32)
+
+
+@pytest.mark.slow
+def test_a_student_distils_from_an_imported_teacher(tmp_path):
+  """mnist5k as RGB (channels=3) taught by an imported resnet18: the distill
+  config takes the run as teacher_workdir (its spec from run_info), and
+  export_logits caches its logits (64 test images: the unoptimised CPU
+  compiles of the tests make a ResNet slow)."""
+  from kd_jax import export_logits  # pylint: disable=g-import-not-at-top
+  from kd_jax import train  # pylint: disable=g-import-not-at-top
+  teacher = str(tmp_path / 'teacher')
+  import_teacher.import_weights(
+      'torchvision', 'resnet18',
+      save(tmp_path, torchvision_resnet('resnet18', 10)), teacher,
+      image_size=28)
+  config = config_lib.load_config(
+      'mnist5k_distill', f'runlocal,teacher_workdir={teacher},'
+      "teacher_model=None,channels=3,eval_splits=('test[:64]',)")
+  summary = train.train_and_evaluate(config, str(tmp_path / 'student'))
+  assert summary['step'] == 6
+  assert 'teacher_accuracy' in summary['eval']['test[:64]']
+  manifests = export_logits.export(config, str(tmp_path / 'cache'),
+                                   splits=['test[:64]'], write_csv=False)
+  assert manifests['test[:64]']['num_examples'] == 64
