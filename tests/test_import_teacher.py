@@ -496,6 +496,43 @@ def test_a_workdir_holding_a_run_is_refused(imported_resnet18, tmp_path):
                                   save(tmp_path, sd), workdir, image_size=32)
 
 
+def test_export_normalises_as_the_imported_weights_expect(imported_resnet18):
+  """kd_jax.export_model's serving function takes uint8 pixels and applies
+  the normalisation recorded for the weights (torchvision's ImageNet mean
+  and std), not a dataset's."""
+  from kd_jax import export_model  # pylint: disable=g-import-not-at-top
+  workdir, sd, _ = imported_resnet18
+  run = export_model.load_run(workdir)
+  pixels = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3),
+                                             np.uint8)
+  got = jax.jit(export_model.serving_function(run))(pixels)
+  mean = np.array(layouts.IMAGENET_MEAN)
+  std = np.array(layouts.IMAGENET_STD)
+  normalised = ((pixels / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+  assert_close(np.asarray(got), np_resnet(sd, 'resnet18', normalised))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('fmt,name,state', [
+    ('torchvision', 'resnet18', lambda: torchvision_resnet('resnet18', 10)),
+    ('torchvision', 'mobilenet_v2', lambda: torchvision_mobilenet_v2(10)),
+    ('timm', 'deit_tiny_distilled_patch16_224',
+     lambda: timm_vit('deit_tiny_distilled_patch16_224', 32, 10))])
+def test_imported_architectures_export_to_onnx_and_tflite(fmt, name, state,
+                                                           tmp_path):
+  from kd_jax import export_model  # pylint: disable=g-import-not-at-top
+  pytest.importorskip('jax2onnx')
+  pytest.importorskip('onnxruntime')
+  workdir = str(tmp_path / 'run')
+  import_teacher.import_weights(fmt, name, save(tmp_path, state()), workdir,
+                                image_size=32)
+  for out_format in export_model.FORMATS:
+    report = export_model.export(workdir, out_format,
+                                 str(tmp_path / f'model.{out_format}'))
+    assert report['check'] == '64 random uint8 images (seed 0)'
+    assert report['max_abs_difference'] <= report['tolerance']
+
+
 @pytest.mark.slow
 def test_a_student_distils_from_an_imported_teacher(tmp_path):
   """mnist5k as RGB (channels=3) taught by an imported resnet18: the distill
