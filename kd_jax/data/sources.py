@@ -8,7 +8,8 @@ per process:
 * `mnist`, `fashion_mnist`, `cifar10`, `cifar100`, `imagenet2012`: standard
   TFDS datasets, read from `config.data_dir` and downloaded there when
   missing and the network is reachable.
-* `image_folder`: `config.image_folder/{train,val,test}/<class>/*.png|jpg|jpeg`.
+* `image_folder`: `config.image_folder/{train,val,test}/<class>/*.png|jpg|jpeg`
+  (a folder inside a class folder is refused, naming it).
 
 `transfer_subset` and `share_sizes` apply `config.transfer`'s filters.
 """
@@ -293,8 +294,20 @@ def _list_class_folders(root: str, split: str) -> dict[str, list[str]]:
                      f'{split_dir}/<class>/*.png|jpg|jpeg.')
   found = {}
   for cls in classes:
-    names = sorted(f for f in tf.io.gfile.listdir(os.path.join(split_dir, cls))
-                   if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS))
+    class_dir = os.path.join(split_dir, cls)
+    entries = [f.rstrip('/') for f in tf.io.gfile.listdir(class_dir)
+               if _visible(f)]
+    nested = [f for f in entries if not f.lower().endswith(IMAGE_EXTENSIONS)
+              and _isdir(class_dir, f)]
+    if nested:
+      # Their images would be left out silently, or a class split in two.
+      raise ValueError(
+          f'{os.path.join(class_dir, nested[0])} is a folder inside the class '
+          f'folder {class_dir}: image_folder reads the images directly in '
+          f'each class folder ({split_dir}/<class>/*.png|jpg|jpeg), so its '
+          'images would be left out. Move them up into the class folder, or '
+          'make it a class folder of its own.')
+    names = sorted(f for f in entries if f.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
       raise ValueError(f'Empty class folder {os.path.join(split_dir, cls)}: it '
                        f'holds no {"/".join(IMAGE_EXTENSIONS)} image. Add '
