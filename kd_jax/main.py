@@ -12,7 +12,11 @@ child of a small supervisor, which outlives the coordination service's
 native abort).
 
 Prints a progress bar per run on stderr and the run's summary lines; library
-INFO logs come back with --log_level=info.
+INFO logs come back with --log_level=info. A run that is refused (a bad
+config field, workdir or teacher) ends with exit code 1 and one paragraph
+that names the cause and the fix; --log_level=debug adds the traceback. A
+finished run whose checkpoints were deleted is trained again over its
+summary.json only with --overwrite_finished.
 """
 
 import gc
@@ -58,6 +62,10 @@ def define_flags() -> None:
   flags.DEFINE_float('peer_timeout_s', PEER_TIMEOUT_S,
                      'Multi-process: seconds without a peer\'s heartbeat '
                      'before the run stops, naming the lost process.')
+  flags.DEFINE_bool('overwrite_finished', False,
+                    'Train a finished run (its summary.json) whose '
+                    'checkpoints are gone again from step 0, replacing its '
+                    'summary.json (kept as summary.replaced-<n>.json).')
   flags.DEFINE_string('compilation_cache_dir', None,
                       'A folder where compiled programs persist, so that a '
                       'rerun or a resume skips its compiles (any size).')
@@ -189,16 +197,19 @@ def main(argv):
                jax.local_device_count(), jax.device_count())
   if jax.process_count() > 1:
     watch_peers(timeout_s=f.peer_timeout_s)
-  try:
-    summary = train.train_and_evaluate(f.config, f.workdir)
-  except Exception:  # pylint: disable=broad-except
-    if jax.process_count() > 1:
-      # A collective that failed because a peer died: give the watcher time
-      # to name it (it ends the process); any other error is re-raised.
-      logging.exception('the run failed; checking that every peer process '
-                        'is alive.')
-      time.sleep(f.peer_timeout_s + 5)
-    raise
+  with progress.exit_on_refusal('kd_jax.main'):
+    try:
+      summary = train.train_and_evaluate(
+          f.config, f.workdir, overwrite_finished=f.overwrite_finished)
+    except Exception:  # pylint: disable=broad-except
+      if jax.process_count() > 1:
+        # A collective that failed because a peer died: give the watcher
+        # time to name it (it ends the process); any other error is
+        # re-raised.
+        logging.exception('the run failed; checking that every peer process '
+                          'is alive.')
+        time.sleep(f.peer_timeout_s + 5)
+      raise
   if jax.process_index() == 0:
     print(f'{summary["model"]}, {summary["num_params"]:,} params, '
           f'{summary["step"]} steps: {f.workdir}')

@@ -4,12 +4,15 @@ Everything a run measures goes to TensorBoard and its workdir; the terminal
 gets a progress bar per run (steps, rate, ETA and the latest loss and eval
 accuracy), redrawn in place on a TTY and printed as an occasional line in a
 log file, then the CLI's result table. Library INFO logs (absl, orbax, TFDS,
-JAX) are off unless a CLI is given `--log_level=info`.
+JAX) are off unless a CLI is given `--log_level=info`. A refusal (a bad
+field, file or state, raised by kd_jax with its fix) ends a CLI with its
+message alone (`exit_on_refusal`); `--log_level=debug` shows its traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import linecache
 import logging as std_logging
 import os
 import sys
@@ -91,7 +94,8 @@ def run_quiet_cli(main: Callable[[list[str]], Any],
                   define_cli_flags: Callable[[], None]) -> None:
   """`app.run(main)` for a CLI that reads data: TensorFlow imported without
   its C++ lines, `--log_level` defined next to `define_cli_flags()`'s flags
-  and applied before `main` runs."""
+  and applied before `main` runs, refusals shown as their message
+  (`exit_on_refusal`)."""
   with quiet_native_imports(sys.argv):
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
   define_cli_flags()
@@ -99,8 +103,54 @@ def run_quiet_cli(main: Callable[[list[str]], Any],
 
   def quiet_main(argv):
     apply_log_level_flag()
-    return main(argv)
+    with exit_on_refusal(os.path.basename(argv[0])):
+      return main(argv)
   app.run(quiet_main)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def refusal(error: BaseException) -> bool:
+  """Whether `error` is a refusal: a ValueError, OSError, FloatingPointError
+  or kd_jax exception that a `raise` statement in kd_jax's own code raised,
+  whose message names the field, file or state and the fix. Anything else
+  (a library's error, a bug) is not, and keeps its traceback."""
+  if not (isinstance(error, (ValueError, OSError, FloatingPointError))
+          or type(error).__module__.split('.')[0] == 'kd_jax'):
+    return False
+  tb = error.__traceback__
+  if tb is None:
+    return False
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+  return (filename.startswith(_PACKAGE + os.sep)
+          and linecache.getline(filename, tb.tb_lineno).lstrip().startswith(
+              'raise'))
+
+
+@contextlib.contextmanager
+def exit_on_refusal(program: str,
+                    advice: Callable[[BaseException], str] | None = None
+                    ) -> Iterator[None]:
+  """Ends the process (exit code 1) with `program: <message>` on stderr,
+  and nothing else, when the body raises a `refusal`; `advice(error)` may
+  add to the message. With --log_level=debug (where defined) the error is
+  raised with its traceback instead, as is anything that is not a refusal."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    debug = 'log_level' in flags.FLAGS and flags.FLAGS.log_level == 'debug'
+    if debug or not refusal(e):
+      raise
+    message = ' '.join(str(e).split())
+    if advice is not None:
+      message += advice(e)
+    logging.flush()
+    sys.stderr.flush()
+    print(f'{program}: {message}', file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def _clock(seconds: float) -> str:

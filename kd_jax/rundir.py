@@ -9,6 +9,9 @@ in its workdir besides checkpoints (`kd_jax.checkpointing`) and metrics.
 * `summary.json`: the final results; its presence marks a finished run.
 * `LOCK`: held while a run trains there (`lock`): host, pid and start time of
   the holder, so that a second run on the same workdir is refused by name.
+
+`prepare` creates a workdir, refusing a path that is a file or that this
+process cannot write, before anything is written there.
 """
 
 from __future__ import annotations
@@ -70,18 +73,36 @@ def config_json(config: ml_collections.ConfigDict) -> str:
   return run.to_json_best_effort(indent=2, sort_keys=True)
 
 
+class RunFinished(FileExistsError):
+  """The workdir holds a finished run that this one would replace."""
+
+
 def check_config(workdir: str, resolved_json: str, *, allow_change: bool,
-                 has_checkpoint: bool) -> None:
-  """Refuses to resume a workdir whose checkpoints another config wrote.
+                 has_checkpoint: bool, overwrite_finished: bool = False
+                 ) -> None:
+  """Refuses to resume a workdir whose checkpoints another config wrote, and
+  to train afresh over a finished run.
 
   A workdir without a checkpoint accepts any config (a first attempt that
   failed before its first checkpoint must not lock out its fix); the change
-  is logged.
+  is logged. A finished run (summary.json) whose checkpoints are gone would
+  be trained again from step 0 and its summary.json and config.json
+  replaced: refused unless `overwrite_finished` (then the caller retires
+  its summary, `retire_summary`).
 
   Raises:
     ValueError: the workdir holds checkpoints of a different config and
       `allow_change` is False.
+    RunFinished: the workdir holds a finished run without checkpoints and
+      `overwrite_finished` is False.
   """
+  if is_finished(workdir) and not has_checkpoint and not overwrite_finished:
+    raise RunFinished(
+        f'workdir {workdir!r} holds a finished run ({_path(workdir, SUMMARY)}) '
+        'whose checkpoints are gone: this run would train from step 0 and '
+        'replace its summary.json and config.json. Use a fresh --workdir, or '
+        'pass --overwrite_finished (train_and_evaluate(..., '
+        'overwrite_finished=True)) to replace it.')
   path = _path(workdir, CONFIG)
   if not os.path.exists(path):
     return
@@ -260,6 +281,16 @@ def is_finished(workdir: str) -> bool:
   return os.path.exists(_path(workdir, SUMMARY))
 
 
+def retire_summary(workdir: str) -> str:
+  """Renames summary.json to summary.replaced-<n>.json (the first free n),
+  so that the workdir no longer reads as finished; returns the new path."""
+  n = 0
+  while os.path.exists(target := _path(workdir, f'summary.replaced-{n}.json')):
+    n += 1
+  os.rename(_path(workdir, SUMMARY), target)
+  return target
+
+
 # ---------------------------------------------------------------------------
 # LOCK
 # ---------------------------------------------------------------------------
@@ -280,13 +311,43 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _read_lock(path: str) -> dict[str, Any] | None:
+  """The lock's holder; None if there is no lock, {} if it names none (it
+  is being written, or holds something other than kd_jax's JSON object)."""
   try:
     with open(path) as f:
-      return json.load(f)
+      held = json.load(f)
   except FileNotFoundError:
     return None
   except (OSError, ValueError):
     return {}
+  if not isinstance(held, dict) or not isinstance(held.get('host'), str):
+    return {}
+  try:
+    held['pid'] = int(held.get('pid'))
+  except (TypeError, ValueError):
+    return {}
+  return held if held['pid'] > 0 else {}
+
+
+def _process_start(pid: int) -> str | None:
+  """When process `pid` started (clock ticks since boot; Linux's /proc), or
+  None where that is unknown. With the pid it names one process: pids are
+  reused."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _process_command(pid: int) -> str:
+  """' (it runs `<command line>`)' of process `pid`, or '' if unknown."""
+  try:
+    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+      command = f.read().replace(b'\0', b' ').decode(errors='replace').strip()
+  except OSError:
+    return ''
+  return f' (it runs `{command[:200]}`)' if command else ''
 
 
 def _holder(info: dict[str, Any]) -> str:
@@ -294,25 +355,56 @@ def _holder(info: dict[str, Any]) -> str:
           f'{info.get("started")}')
 
 
+class WorkdirUnusable(OSError):
+  """--workdir is a file, or a folder this process cannot write."""
+
+
+def prepare(workdir: str) -> None:
+  """Creates `workdir` (and its parents) if missing.
+
+  Raises:
+    WorkdirUnusable: `workdir` is a file, or cannot be created.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirUnusable(
+        f'--workdir={workdir!r} is a file, not a folder: give the path of a '
+        'folder (it is created if missing).')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirUnusable(
+        f'cannot create --workdir={workdir!r} ({e.strerror}): give a path '
+        'where this process can create a folder.') from None
+
+
 def acquire_lock(workdir: str) -> dict[str, Any]:
   """Takes `workdir/LOCK` for this process; returns what it wrote.
 
-  A lock left by a dead process of this host is taken over (logged). Created
-  by hard-linking a complete file into place, which is atomic on local and
+  A lock left by a dead process of this host (or one whose pid now belongs
+  to another process: the lock records its holder's start time) is taken
+  over (logged). Created by hard-linking a complete file into place, which is atomic on local and
   network filesystems alike.
 
   Raises:
     WorkdirLocked: a live run (or one on another host) holds it; the message
       names the holder and how to remove a stale lock.
+    WorkdirUnusable: `workdir` is a file or cannot be written.
   """
-  os.makedirs(workdir, exist_ok=True)
+  prepare(workdir)
   path = _path(workdir, LOCK)
   host = socket.gethostname()
   mine = dict(host=host, pid=os.getpid(),
-              started=datetime.datetime.now().isoformat(timespec='seconds'))
+              started=datetime.datetime.now().isoformat(timespec='seconds'),
+              process_start=_process_start(os.getpid()))
   tmp = f'{path}.{host}.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(mine, f)
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(mine, f)
+  except OSError as e:
+    raise WorkdirUnusable(
+        f'cannot write in --workdir={workdir!r} ({e.strerror}): give a folder '
+        'this process can write (check its permissions, or a read-only '
+        'filesystem).') from None
   try:
     for _ in range(10):
       try:
@@ -337,19 +429,30 @@ def acquire_lock(workdir: str) -> dict[str, Any]:
       if not held:
         raise WorkdirLocked(
             f'workdir {workdir!r} is locked by {path}, which names no holder '
-            f'(a run may be creating it). If no run is using this workdir, '
-            f'remove {path} and start again.')
-      if held.get('host') == host and not _pid_alive(int(held.get('pid', -1))):
+            f'(a run may be creating it, or it is not a kd_jax lock: one holds '
+            f'a JSON object with host and pid). If no run is using this '
+            f'workdir, remove {path} and start again.')
+      pid = held['pid']
+      if held['host'] == host and (
+          not _pid_alive(pid) or held.get('process_start') not in (
+              None, _process_start(pid))):
         logging.warning('workdir %r: taking over the stale lock of %s (that '
-                        'process is gone).', workdir, _holder(held))
+                        'process is gone%s).', workdir, _holder(held),
+                        '' if not _pid_alive(pid) else
+                        '; its pid now belongs to another process')
         if _read_lock(path) == held:
           with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         continue
-      if held.get('host') == host:
+      if held['host'] == host:
+        # A lock without the holder's start time (an older kd_jax's) cannot
+        # tell a live holder from another process that got its pid.
+        unsure = ('' if held.get('process_start') else
+                  f' If pid {pid} is not that run{_process_command(pid)}, '
+                  f'the lock is stale: remove {path} and start again.')
         raise WorkdirLocked(
             f'workdir {workdir!r} is in use by another run ({_holder(held)}). '
-            f'Wait for it to finish, or use another --workdir.')
+            f'Wait for it to finish, or use another --workdir.{unsure}')
       raise WorkdirLocked(
           f'workdir {workdir!r} is in use by a run on another host '
           f'({_holder(held)}). If that run is gone (the host crashed), remove '

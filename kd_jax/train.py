@@ -70,6 +70,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'config.distill.alpha={d.alpha} weights a teacher term, but '
         f'config.distill.teacher_source is "none": set alpha=0 for '
         f'supervised training, or name a teacher source.')
+  if not 0 <= d.label_smoothing <= 1:
+    raise ValueError(
+        f'config.distill.label_smoothing={d.label_smoothing} must lie in '
+        '[0, 1]: 0 for one-hot targets, or a small value such as 0.1.')
+  _validate_model(config.model, 'config.model')
+  for i, t in enumerate(config.get('teachers') or ()):
+    if t.get('model') is not None:
+      _validate_model(t.model, f'config.teachers[{i}].model')
   objective.validate(config)
   if d.teacher_source == 'specialists' and config.specialist.index >= 0:
     raise ValueError(
@@ -113,6 +121,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'unknown config fields: {"; ".join(unknown)}. Every '
                      'field and its default is in '
                      'kd_jax/config_lib.py:default_config().')
+
+
+def _validate_model(spec, field: str) -> None:
+  """Refuses layer sizes below 1 (e.g. model.hidden=(0,)), which would fail
+  deep in the initializers."""
+  for key, value in spec.items():
+    if (isinstance(value, (tuple, list)) and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and min(value) < 1):
+      raise ValueError(
+          f'{field}.{key}={tuple(value)}: every layer needs at least one '
+          f'unit; give sizes >= 1, e.g. {key}=(800, 800).')
 
 
 def _validate_loop(config: ml_collections.ConfigDict) -> None:
@@ -548,30 +568,39 @@ def _collapse(step: int, accuracy: float, best: float, collapsed: bool,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None) -> dict[str, Any]:
+                       devices=None, *, overwrite_finished: bool = False
+                       ) -> dict[str, Any]:
   """Trains (and distils) as `config` says; returns the final summary.
 
   Resumes from the latest checkpoint in `workdir`, which the run holds
   locked (`rundir.lock`): a second run on it is refused. `devices` (default:
-  all) sets the data-parallel mesh.
+  all) sets the data-parallel mesh. A finished run whose checkpoints are
+  gone is trained again from step 0 (its summary.json kept aside) only with
+  `overwrite_finished` (`rundir.check_config`).
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  rundir.prepare(workdir)
   with _workdir_lock(workdir):
-    return _train_and_evaluate(config, workdir, devices)
+    return _train_and_evaluate(config, workdir, devices, overwrite_finished)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        devices=None) -> dict[str, Any]:
+                        devices=None, overwrite_finished: bool = False
+                        ) -> dict[str, Any]:
   devices = list(devices or jax.devices())
   mesh = make_mesh(devices, config.mesh_model)
   replicated = NamedSharding(mesh, P())
   is_chief = jax.process_index() == 0
   config_json = rundir.config_json(config)
+  has_checkpoint = checkpointing.latest_step(workdir) is not None
   rundir.check_config(workdir, config_json,
                       allow_change=config.allow_config_change,
-                      has_checkpoint=checkpointing.latest_step(workdir)
-                      is not None)
+                      has_checkpoint=has_checkpoint,
+                      overwrite_finished=overwrite_finished)
+  if is_chief and not has_checkpoint and rundir.is_finished(workdir):
+    logging.warning('workdir %r: training the finished run there again from '
+                    'step 0 (overwrite_finished=True); its summary is kept as '
+                    '%s.', workdir, rundir.retire_summary(workdir))
 
   dtype = DTYPES[config.dtype]
   # Checkpoints are written at the step the data stream has reached.
