@@ -10,11 +10,14 @@ Teachers are never part of a student's checkpoint. Orbax writes each step into
 a temporary folder and renames it when complete, so a run killed mid-save
 keeps its previous checkpoint.
 
-`meta` also records a checksum of the saved values, the state's structure
-(paths, shapes, dtypes) and whatever the trainer adds (topology, teacher
-fingerprint). `restore` starts from the newest step and falls back to the
-newest one that restores cleanly with a matching checksum; damaged steps are
-moved to `workdir/checkpoints_broken/`, never deleted.
+`meta` also records a checksum of the saved values and one of the model
+alone (`model_checksum`), the state's structure (paths, shapes, dtypes) and
+whatever the trainer adds (topology, teacher fingerprint). `restore`
+starts from the newest step and falls back to the newest one that restores
+cleanly with a matching checksum; damaged steps are moved to
+`workdir/checkpoints_broken/`, never deleted. `restore_model` (a finished
+run as a teacher or a warm start) checks the model against its checksum
+too, and its checksum is that model's identity.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 from absl import logging
@@ -32,6 +36,8 @@ import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
 BROKEN_DIR = 'checkpoints_broken'
+# The state entries a trained model consists of (the rest resumes training).
+MODEL_KEYS = ('params', 'batch_stats')
 
 
 class NoUsableCheckpoint(RuntimeError):
@@ -40,6 +46,10 @@ class NoUsableCheckpoint(RuntimeError):
 
 class ModelChanged(ValueError):
   """The checkpoints hold a state of other paths, shapes or dtypes."""
+
+
+class CheckpointDamaged(ValueError):
+  """A checkpoint does not restore, or its values miss their checksum."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -68,14 +78,54 @@ def _host_array(leaf) -> np.ndarray:
   return np.asarray(jax.device_get(leaf))
 
 
+def _hash_leaf(h, key: str, leaf) -> None:
+  a = np.ascontiguousarray(_host_array(leaf))
+  h.update(f'{key}:{a.dtype}:{a.shape}'.encode())
+  h.update(a.tobytes())
+
+
 def checksum(tree) -> str:
   """A hash of every leaf's path, dtype and bytes."""
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    a = np.ascontiguousarray(_host_array(leaf))
-    h.update(f'{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}'.encode())
-    h.update(a.tobytes())
+    _hash_leaf(h, jax.tree_util.keystr(path), leaf)
   return h.hexdigest()[:32]
+
+
+def state_checksums(state: dict[str, Any]) -> tuple[str, str]:
+  """(checksum(state), checksum of its model {'params', 'batch_stats'}), in
+  one pass over the state: the model's leaves come in the same order and
+  under the same paths in both."""
+  whole, model = hashlib.sha256(), hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    key = jax.tree_util.keystr(path)
+    a = np.ascontiguousarray(_host_array(leaf))
+    for h in (whole, model) if path[0].key in MODEL_KEYS else (whole,):
+      h.update(f'{key}:{a.dtype}:{a.shape}'.encode())
+      h.update(a.tobytes())
+  return whole.hexdigest()[:32], model.hexdigest()[:32]
+
+
+def _path_tokens(key: str) -> tuple[str, ...]:
+  """A leaf's path as tokens, whatever containers hold it (orbax restores a
+  NamedTuple without a target as a dict): "['a'][0].b" -> ('a', '0', 'b')."""
+  return tuple(''.join(t) for t in re.findall(
+      r"\['((?:[^'\\]|\\.)*)'\]|\[(\d+)\]|\.(\w+)", key))
+
+
+def _checksum_in_stored_order(tree, structure: dict[str, str]) -> str | None:
+  """checksum() of the saved state, from `tree` restored without a target:
+  its leaves hashed in the order and under the paths that the saved state's
+  `structure` (meta) records; None if the leaves are not those."""
+  leaves = {_path_tokens(jax.tree_util.keystr(p)): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  h = hashlib.sha256()
+  for key in structure:
+    leaf = leaves.pop(_path_tokens(key), None)
+    if leaf is None:
+      return None
+    _hash_leaf(h, key, leaf)
+  return None if leaves else h.hexdigest()[:32]
 
 
 def structure(tree) -> dict[str, str]:
@@ -90,7 +140,7 @@ def structure(tree) -> dict[str, str]:
 
 
 def _split(state):
-  model = {k: state[k] for k in ('params', 'batch_stats')}
+  model = {k: state[k] for k in MODEL_KEYS}
   # Everything else resumes training only (e.g. a learned temperature).
   train = {k: v for k, v in state.items() if k not in model}
   return model, train
@@ -101,7 +151,8 @@ def save(mngr: ocp.CheckpointManager, state: dict[str, Any],
   """Saves `state` at its step, with `meta` plus checksum and structure."""
   step = int(jax.device_get(state['step']))
   model, train = _split(state)
-  meta = dict(meta, step=step, checksum=checksum(state),
+  whole, model_checksum = state_checksums(state)
+  meta = dict(meta, step=step, checksum=whole, model_checksum=model_checksum,
               structure=structure(state))
   mngr.save(step, args=ocp.args.Composite(
       model=ocp.args.StandardSave(model),
@@ -228,9 +279,31 @@ def latest_step(workdir: str) -> int | None:
 
 def restore_model(workdir: str, abstract_model: dict[str, Any],
                   step: int | None = None) -> tuple[dict[str, Any], int]:
-  """The {'params', 'batch_stats'} of a finished run, and its step.
+  """The {'params', 'batch_stats'} of a finished run, and its step, checked
+  against the checksum recorded when it was saved (`restore_model_checked`).
 
-  Raises FileNotFoundError when `workdir` holds no checkpoint.
+  Raises FileNotFoundError when `workdir` holds no checkpoint, and
+  CheckpointDamaged when it does not restore or misses its checksum.
+  """
+  variables, step, _ = restore_model_checked(workdir, abstract_model, step)
+  return variables, step
+
+
+def restore_model_checked(workdir: str, abstract_model: dict[str, Any],
+                          step: int | None = None
+                          ) -> tuple[dict[str, Any], int, str]:
+  """`restore_model`'s (variables, step) and the variables' checksum, which
+  identifies the model by content (the same wherever the run lies).
+
+  A checkpoint of this version records the model's checksum; one of an
+  earlier version only the whole state's, which is checked by restoring the
+  rest of the state too (logged when even that cannot be checked).
+
+  Raises:
+    FileNotFoundError: `workdir` holds no checkpoint.
+    ModelChanged: `abstract_model` has other shapes than the stored model.
+    CheckpointDamaged: the step does not restore, or its values miss their
+      checksum.
   """
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
@@ -249,9 +322,52 @@ def restore_model(workdir: str, abstract_model: dict[str, Any],
         lambda a: a if getattr(a, 'sharding', None) is not None
         else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
         abstract_model)
-    out = m.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(abstract_model)))
-  return out['model'], step
+    where = f'checkpoint step {step} in {path}'
+    try:
+      meta = dict(m.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta'])
+      model = m.restore(step, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(abstract_model)))['model']
+    except Exception as e:  # pylint: disable=broad-except
+      if 'not compatible with the stored shape' in str(e) or 'strict' in str(
+          e):
+        raise ModelChanged(f'{where} holds a model of other shapes than '
+                           f'this config builds ({_short(e)}).') from None
+      raise CheckpointDamaged(f'{where} does not restore ({_short(e)}): its '
+                              'files are damaged or incomplete') from None
+    model_checksum = checksum(model)
+    if 'model_checksum' in meta:
+      matches = model_checksum == meta['model_checksum']
+    elif 'checksum' in meta and 'structure' in meta:
+      matches = _matches_state_checksum(m, step, model, meta, where)
+    else:
+      matches = True  # Saved before checkpoints carried checksums.
+  if not matches:
+    raise CheckpointDamaged(
+        f'{where} does not match the checksum recorded when it was saved: '
+        'its files were altered or damaged')
+  return model, step, model_checksum
+
+
+def _matches_state_checksum(mngr, step: int, model, meta: dict[str, Any],
+                            where: str) -> bool:
+  """Whether `model` and the rest of the state, restored as saved, match the
+  whole state's recorded checksum (a checkpoint of an earlier version); True,
+  logged, when the rest cannot be restored to check."""
+  try:
+    train = mngr.restore(step, args=ocp.args.Composite(
+        train=ocp.args.StandardRestore()))['train']
+    found = _checksum_in_stored_order({**model, **train}, meta['structure'])
+  except Exception as e:  # pylint: disable=broad-except
+    found, reason = None, _short(e)
+  else:
+    reason = 'its state\'s leaves are not the ones it records'
+  if found is None:
+    logging.warning('%s predates model checksums and its state cannot be '
+                    'checked (%s): its model is used unchecked.', where,
+                    reason)
+    return True
+  return found == meta['checksum']
 
 
 def read_json(path: str) -> Any:

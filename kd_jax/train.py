@@ -525,13 +525,18 @@ def _resume_checks(workdir: str, meta: dict[str, Any], config, teacher,
   step = meta.get('step')
   recorded = meta.get('teacher_fingerprint')
   current = None if teacher is None else teacher.fingerprint
-  if recorded is not None and recorded != current:
+  if recorded is not None and recorded != current and (
+      teacher is None or recorded not in teacher.legacy_fingerprints):
+    origins = '; '.join(', '.join(f'{k}={v!r}' for k, v in row.items()
+                                  if k not in ('name', 'weight'))
+                        for row in teachers.describe(config, teacher))
     message = (
         f'workdir {workdir!r} was trained up to step {step} with another '
         f'teacher (fingerprint {recorded}) than this run has ({current}'
-        + (f', from the logits cache {config.distill.cache_dir!r}, '
-           're-exported since?' if config.distill.teacher_source == 'cache'
-           else '') + ')')
+        + (f': {origins}' if origins else '')
+        + (', re-exported since?' if config.distill.teacher_source == 'cache'
+           else ', retrained since?' if config.distill.teacher_source
+           in ('online', 'ensemble') else '') + ')')
     if not config.allow_config_change:
       raise ValueError(
           f'{message}. Use a fresh --workdir, restore the original teacher, '

@@ -416,9 +416,9 @@ def test_export_refuses_an_existing_out_unless_overwrite(dataset, tmp_path):
   assert manifests['test']['num_examples'] == 1
 
 
-class _FakeTeacher:
-  def __init__(self, fingerprint):
-    self.fingerprint = fingerprint
+def _FakeTeacher(fingerprint):  # pylint: disable=invalid-name
+  return teachers.Teacher(variables=None, forward=None, names=('cache',),
+                          weights=(1.0,), fingerprint=fingerprint)
 
 
 def test_resume_with_another_teacher_is_refused(tmp_path):

@@ -87,7 +87,9 @@ def check_compatible(index: int, teacher_cfg, run_info: dict[str, Any],
 def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
                 dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None
                 ) -> Teacher:
-  """Restores frozen teachers from their runs' latest checkpoints.
+  """Restores frozen teachers from their runs' latest checkpoints, each
+  checked against its checksum (`checkpointing.restore_model_checked`) and
+  for NaN or Inf; their fingerprint is a digest of those checksums.
 
   With `mesh`, each teacher is restored straight into the split layout of
   `teacher_shardings` (not replicated first) and the returned variables are
@@ -97,7 +99,7 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
     raise ValueError(
         'config.distill.teacher_source is online/ensemble but config.teachers '
         'is empty: add teacher_config(model, workdir) entries.')
-  loaded, specs, fingerprints = [], [], []
+  loaded, specs, fingerprints, legacy = [], [], [], []
   for i, t in enumerate(teacher_cfgs):
     run_info = rundir.read_run_info(t.workdir, f'config.teachers[{i}].workdir')
     check_compatible(i, t, run_info, num_classes, image_shape)
@@ -112,24 +114,43 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
       abstract = jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
           abstract, teacher_shardings(abstract, mesh))
+    where = f'config.teachers[{i}] (workdir {t.workdir!r})'
     try:
-      variables, step = checkpointing.restore_model(t.workdir, abstract)
+      variables, step, checksum = checkpointing.restore_model_checked(
+          t.workdir, abstract)
     except FileNotFoundError as e:
       raise FileNotFoundError(
           f'config.teachers[{i}]: {e}. Train the teacher first: '
           f'{rundir.teacher_train_command(t.workdir)}') from None
+    except checkpointing.CheckpointDamaged as e:
+      raise checkpointing.CheckpointDamaged(
+          f'{where}: {e}. Restore that checkpoint folder from a copy, or '
+          f'train the teacher again: {rundir.teacher_train_command(t.workdir)}'
+      ) from None
     if step != run_info.get('final_step', step):
       raise ValueError(
-          f'config.teachers[{i}] (workdir {t.workdir!r}) has not finished '
+          f'{where} has not finished '
           f'training: latest checkpoint step {step}, final step '
           f'{run_info["final_step"]}. Let it finish, or resume it.')
+    nonfinite = [jax.tree_util.keystr(p) for p, v in
+                 jax.tree_util.tree_flatten_with_path(variables)[0]
+                 if not bool(jnp.isfinite(v).all())]
+    if nonfinite:
+      raise ValueError(
+          f'{where}: checkpoint step {step} holds NaN or Inf in '
+          f'{len(nonfinite)} arrays (e.g. {nonfinite[0]}): that teacher '
+          'diverged; train it again with a lower learning rate.')
     loaded.append((model, variables))
     specs.append(json.dumps(rundir.spec_dict(spec), sort_keys=True))
-    fingerprints.append(f'{os.path.abspath(t.workdir)}@{step}')
+    fingerprints.append(checksum)
+    legacy.append(f'{os.path.abspath(t.workdir)}@{step}')
 
   names = tuple(f'teacher{i}' for i in range(len(loaded)))
   weights = tuple(float(t.get('weight', 1.0)) for t in teacher_cfgs)
+  # By content: the same teachers wherever they lie, others if retrained.
   fingerprint = hashlib.sha256('|'.join(fingerprints).encode()).hexdigest()[:16]
+  legacy_fingerprints = (
+      hashlib.sha256('|'.join(legacy).encode()).hexdigest()[:16],)
 
   def apply(model, variables, images):
     logits = model.apply(variables, images, train=False)
@@ -153,7 +174,8 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
         return jax.lax.stop_gradient((logits.astype(jnp.float32), features))
       return jax.vmap(one)(variables)
     return Teacher(stacked, forward, names, weights, fingerprint,
-                   forward_features=forward_features)
+                   forward_features=forward_features,
+                   legacy_fingerprints=legacy_fingerprints)
 
   mixed_models = [m for m, _ in loaded]
 
@@ -161,5 +183,5 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
     return jnp.stack([apply(m, v, batch['image'])
                       for m, v in zip(mixed_models, variables)])
   return Teacher([v for _, v in loaded], forward_mixed, names, weights,
-                 fingerprint)
+                 fingerprint, legacy_fingerprints=legacy_fingerprints)
 
