@@ -60,9 +60,10 @@ table and leave in the same layout:
 
 The table is a CSV with a header `id,<class name>,...` (an optional `label`
 column is ignored), or an `.npy` [N, C] in class-index order with
-`--import_ids=ids.npy`. Probabilities become log-probabilities; rows go to
-the split of the config (train split, unfiltered, and eval splits) that holds
-their id.
+`--import_ids=ids.npy`. Probabilities become log-probabilities (a table
+whose rows all look like probabilities is refused without --probabilities);
+rows go to the split of the config (train split, unfiltered, and eval
+splits) that holds their id. A failed import leaves no usable cache.
 """
 
 from __future__ import annotations
@@ -158,7 +159,11 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
       mass of the others (at `temperature`) instead of all C logits.
     temperature: where the top-k rest mass is computed; default
       config.distill.temperature (training must use the same).
-    overwrite: replace an existing cache in `out_dir` (else refused).
+    overwrite: replace an existing cache in `out_dir` (else refused); the
+      old manifest of each split written goes first and the new one is
+      written last, so an export cut short leaves those splits unfinished
+      (refused by training), never old manifests over new arrays; a failed
+      export removes the manifests it wrote.
     write_csv: also write each split as a CSV (logits.csv / topk.csv); off
       for large caches (an ImageNet split's CSV is about 10 GB).
     process_index, process_count: write the shard of process `process_index`
@@ -184,6 +189,12 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
                      f'process_count={process_count}).')
   if process_index == 0 or jax.process_count() == 1:
     _check_out(out_dir, overwrite)
+  split_dirs = {}
+  for split in splits or _default_splits(config):
+    split_dirs[split] = os.path.join(out_dir, split)
+    if process_count > 1:
+      split_dirs[split] = os.path.join(
+          split_dirs[split], cache.shard_name(process_index, process_count))
   if jax.process_count() > 1:  # No process writes before the check.
     multihost_utils.sync_global_devices('kd_jax.export_logits: out checked')
   if config.distill.ensemble_method == 'sum_losses' and len(
@@ -218,56 +229,81 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
       return logits[0]
     return losses.combine_teachers(logits, method, weights=weights)
 
+  # An export cut short must leave no split whose manifest describes other
+  # arrays than it holds: the old manifests go first, each new one last.
+  cache.remove_manifests(list(split_dirs.values()) + (
+      [os.path.join(out_dir, split) for split in split_dirs]
+      if process_index == 0 else []))
   manifests = {}
-  for split in splits or _default_splits(config):
-    split_views = views if split == config.train_split else 1
-    directory = os.path.join(out_dir, split)
-    if process_count > 1:
-      directory = os.path.join(directory,
-                               cache.shard_name(process_index, process_count))
-    writer = cache.SplitWriter(
-        directory, dtype=dtype, topk=top_k is not None,
-        class_names=info.class_names, write_csv=write_csv)
-    try:
-      for batch in input_pipeline.iterate_split(
-          config, split, num_devices=process_count,
-          process_index=process_index, process_count=process_count):
-        mask = batch['mask']
-        if split_views == 1:
-          out = np.asarray(forward(teacher.variables, batch['image']))
-        else:
-          out = np.stack([np.asarray(forward(
-              teacher.variables, cache.augment_views(
-                  batch['image'], batch['id'], np.full(len(mask), v),
-                  kind=config.augment, view_seed=view_seed, fill=fill)))
-                          for v in range(split_views)], axis=1)
-        out = out[mask]
-        writer.add(batch['id'][mask], batch['label'][mask],
-                   {'logits': out} if top_k is None else dict(zip(
-                       cache.FORM_ARRAYS['topk'],
-                       cache.sparsify(out, top_k, temperature))))
-    except ValueError:
-      writer.abort()
-      raise
-    manifest = cache.make_manifest(
-        config, info, split, fingerprint=teacher.fingerprint,
-        teacher=','.join(os.path.abspath(t.workdir) for t in config.teachers),
-        num_examples=writer.num_examples, dtype=dtype, views=split_views,
-        view_seed=view_seed, top_k=top_k, temperature=temperature)
-    nbytes = writer.close(manifest)
-    manifests[split] = dict(
-        manifest, nbytes=nbytes,
-        dense_nbytes=(writer.num_examples * split_views * info.num_classes
-                      * np.dtype(dtype).itemsize))
+  try:
+    for split, directory in split_dirs.items():
+      manifests[split] = _export_split(
+          config, split, directory, info=info, teacher=teacher,
+          forward=forward, dtype=dtype,
+          views=views if split == config.train_split else 1,
+          view_seed=view_seed, top_k=top_k, temperature=temperature,
+          write_csv=write_csv, fill=fill, process_index=process_index,
+          process_count=process_count)
+  except BaseException:
+    # Nothing of a failed export is usable: its finished splits too.
+    cache.remove_manifests([split_dirs[split] for split in manifests])
+    raise
   return manifests
+
+
+def _export_split(config, split: str, directory: str, *, info, teacher,
+                  forward, dtype: str, views: int, view_seed: int,
+                  top_k: int | None, temperature: float, write_csv: bool,
+                  fill, process_index: int, process_count: int
+                  ) -> dict[str, Any]:
+  """Writes one split (this process's share of it, with `views` views) to
+  `directory`; its manifest, with 'nbytes' and 'dense_nbytes' (see
+  `export`)."""
+  writer = cache.SplitWriter(
+      directory, dtype=dtype, topk=top_k is not None,
+      class_names=info.class_names, write_csv=write_csv)
+  try:
+    for batch in input_pipeline.iterate_split(
+        config, split, num_devices=process_count,
+        process_index=process_index, process_count=process_count):
+      mask = batch['mask']
+      if views == 1:
+        out = np.asarray(forward(teacher.variables, batch['image']))
+      else:
+        out = np.stack([np.asarray(forward(
+            teacher.variables, cache.augment_views(
+                batch['image'], batch['id'], np.full(len(mask), v),
+                kind=config.augment, view_seed=view_seed, fill=fill)))
+                        for v in range(views)], axis=1)
+      out = out[mask]
+      writer.add(batch['id'][mask], batch['label'][mask],
+                 {'logits': out} if top_k is None else dict(zip(
+                     cache.FORM_ARRAYS['topk'],
+                     cache.sparsify(out, top_k, temperature))))
+  except ValueError:
+    writer.abort()
+    raise
+  manifest = cache.make_manifest(
+      config, info, split, fingerprint=teacher.fingerprint,
+      teacher=','.join(os.path.abspath(t.workdir) for t in config.teachers),
+      num_examples=writer.num_examples, dtype=dtype, views=views,
+      view_seed=view_seed, top_k=top_k, temperature=temperature)
+  nbytes = writer.close(manifest)
+  return dict(manifest, nbytes=nbytes,
+              dense_nbytes=(writer.num_examples * views * info.num_classes
+                            * np.dtype(dtype).itemsize))
 
 
 def _read_csv_table(path: str, class_names: Sequence[str]
                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, values [N, C] in class-index order) of a CSV table; a malformed
+  one is refused naming the file and the line."""
   with open(path, newline='') as f:
-    reader = csv.reader(f)
-    header = next(reader)
-    rows = list(reader)
+    lines = list(csv.reader(f))
+  if not lines:
+    raise ValueError(f'{path} is empty: it needs a header "id,<class name>,'
+                     '..." and one row per example.')
+  header, rows = lines[0], lines[1:]
   if not header or header[0] != 'id':
     raise ValueError(f'{path}: the header must start with "id", then one '
                      f'column per class; it is {header[:5]}.')
@@ -284,9 +320,20 @@ def _read_csv_table(path: str, class_names: Sequence[str]
         f'{len(class_names)} classes {list(class_names)}: give one column '
         f'per class.')
   order = [columns[names.index(c)][0] for c in class_names]
+  values = np.zeros((len(rows), len(class_names)), np.float64)
+  for n, row in enumerate(rows):
+    line = n + 2  # The header is line 1.
+    if len(row) != len(header):
+      raise ValueError(f'{path}, line {line}: {len(row)} values, but the '
+                       f'header has {len(header)} columns.')
+    for k, j in enumerate(order):
+      try:
+        values[n, k] = float(row[j])
+      except ValueError:
+        raise ValueError(f'{path}, line {line} (id {row[0]!r}), column '
+                         f'{header[j]!r}: {row[j]!r} is not a number.'
+                         ) from None
   ids = np.asarray([r[0].encode() for r in rows], object)
-  values = np.asarray([[float(r[j]) for j in order] for r in rows],
-                      np.float64).reshape(len(rows), len(class_names))
   return ids, values
 
 
@@ -306,6 +353,13 @@ def _read_npy_table(path: str, ids_path: str | None, num_classes: int
     raise ValueError(f'{ids_path} holds {len(ids)} ids but {path} '
                      f'{len(values)} rows.')
   return ids, values
+
+
+def _looks_like_probabilities(values: np.ndarray) -> bool:
+  """Every row in [0, 1] and summing to 1: probabilities, not logits."""
+  return bool(len(values)) and bool(
+      np.all((values >= 0) & (values <= 1))
+      and np.all(np.abs(values.sum(axis=1) - 1.0) <= PROBABILITY_TOLERANCE))
 
 
 def probabilities_to_log_probs(probs: np.ndarray, ids: np.ndarray
@@ -331,6 +385,11 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
                     write_csv: bool = True) -> dict[str, dict[str, Any]]:
   """Converts a black-box teacher's table into the logits-cache layout.
 
+  Nothing is written until every row has found its split; the manifests of
+  the splits in `out_dir` go first (with `overwrite`) and each new one
+  last, and a failure removes the ones it wrote: a failed or interrupted
+  import leaves no usable cache of its own.
+
   Args:
     table: a CSV (`id,<class name>,...`) or an `.npy` [N, C] of logits or
       probabilities.
@@ -348,8 +407,10 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
     The manifest written for each split that holds rows of the table.
 
   Raises:
-    ValueError: a malformed table, or one holding NaN or Inf (naming the
-      first bad id).
+    ValueError: a malformed table (naming the file and line), one holding
+      NaN or Inf (naming the first bad id), ids in no split, or a table of
+      probabilities given as logits (every row in [0, 1] summing to 1
+      without `probabilities`).
   """
   _check_dtype(dtype)
   _single_process()
@@ -364,12 +425,18 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
   if len(set(keys)) != len(keys):
     raise ValueError(f'{table}: ids must be unique; '
                      f'{len(keys) - len(set(keys))} repeat.')
+  if not probabilities and _looks_like_probabilities(values):
+    raise ValueError(
+        f'{table}: every row lies in [0, 1] and sums to 1: these look like '
+        'probabilities, which would be taken as logits. Pass --probabilities '
+        '(probabilities=True); if they really are logits, add a constant to '
+        'every value (the softmax does not change).')
   logits = probabilities_to_log_probs(values, ids) if probabilities else values
   row_of = {k: i for i, k in enumerate(keys)}
   with open(table, 'rb') as f:
     fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
 
-  placed, manifests = set(), {}
+  placed, rows_of = set(), {}
   for split in _default_splits(config):
     rows, labels = [], []
     for batch in input_pipeline.iterate_split(config, split, transfer=False,
@@ -380,19 +447,9 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
         if row is not None:
           rows.append(row)
           labels.append(label)
-    if not rows:
-      continue
-    placed.update(keys[r] for r in rows)
-    manifest = cache.make_manifest(
-        config, info, split, fingerprint=fingerprint,
-        teacher=f'blackbox:{os.path.abspath(table)}', num_examples=len(rows),
-        dtype=dtype)
-    manifest['transfer'] = None  # The table, not a filter, picks the rows.
-    cache.write_split(os.path.join(out_dir, split), ids=ids[rows],
-                      labels=labels, logits=logits[rows],
-                      class_names=info.class_names, manifest=manifest,
-                      write_csv=write_csv)
-    manifests[split] = manifest
+    if rows:
+      placed.update(keys[r] for r in rows)
+      rows_of[split] = (rows, labels)
   if len(placed) != len(keys):
     stray = [k.decode(errors='replace') for k in keys if k not in placed]
     raise ValueError(
@@ -400,6 +457,26 @@ def import_blackbox(table: str, out_dir: str, config: ml_collections.ConfigDict,
         f'{_default_splits(config)} of {info.name!r} (e.g. {stray[:5]}); ids '
         f'must be the pipeline\'s example ids, e.g. the `id` column of an '
         f'exported logits.csv.')
+
+  cache.remove_manifests([os.path.join(out_dir, split)
+                          for split in _default_splits(config)])
+  manifests = {}
+  try:
+    for split, (rows, labels) in rows_of.items():
+      manifest = cache.make_manifest(
+          config, info, split, fingerprint=fingerprint,
+          teacher=f'blackbox:{os.path.abspath(table)}', num_examples=len(rows),
+          dtype=dtype)
+      manifest['transfer'] = None  # The table, not a filter, picks the rows.
+      cache.write_split(os.path.join(out_dir, split), ids=ids[rows],
+                        labels=labels, logits=logits[rows],
+                        class_names=info.class_names, manifest=manifest,
+                        write_csv=write_csv)
+      manifests[split] = manifest
+  except BaseException:
+    cache.remove_manifests([os.path.join(out_dir, split)
+                            for split in manifests])
+    raise
   return manifests
 
 

@@ -371,7 +371,8 @@ def _copy_cache(cache, tmp_path):
   return target
 
 
-def test_permuted_ids_are_caught_by_the_labels(dataset, tmp_path):
+def test_permuted_ids_are_caught_by_the_digest_and_by_the_labels(dataset,
+                                                                 tmp_path):
   config, info, _, cache = dataset
   cache = _copy_cache(cache, tmp_path)
   path = os.path.join(cache, config.train_split, 'ids.npy')
@@ -379,6 +380,13 @@ def test_permuted_ids_are_caught_by_the_labels(dataset, tmp_path):
   np.save(path, np.random.default_rng(1).permutation(ids))
   config = config.copy_and_resolve_references()
   config.distill.cache_dir = cache
+  with pytest.raises(ValueError, match='do not match the digest'):
+    teachers.load_cache(config, info)
+  # A cache exported before digests: the labels still catch it.
+  manifest_path = os.path.join(cache, config.train_split, teachers.MANIFEST)
+  manifest = json.load(open(manifest_path))
+  del manifest['digest']
+  json.dump(manifest, open(manifest_path, 'w'))
   with pytest.raises(ValueError, match=re.escape(
       f"split '{config.train_split}') gives") + r' \d+ examples another label '
                                      'than the dataset'):

@@ -171,3 +171,216 @@ def test_a_teacher_with_nan_weights_is_refused_naming_it(teacher_runs,
   with pytest.raises(ValueError, match=(
       r'config.teachers\[0\] .*: checkpoint step 6 holds NaN or Inf')):
     online(workdir)
+
+
+# ---------------------------------------------------------------------------
+# Cache rows tied to their ids (item 5), caches known by content (item 3).
+# ---------------------------------------------------------------------------
+
+
+def write_cache(root, config, info, splits, fingerprint, seed=0):
+  rng = np.random.default_rng(seed)
+  for split, (ids, labels) in splits.items():
+    manifest = logits_cache.make_manifest(
+        config, info, split, fingerprint=fingerprint, teacher='t',
+        num_examples=len(ids), dtype='float32')
+    logits_cache.write_split(
+        os.path.join(root, split), ids=np.asarray(ids, object),
+        labels=labels, class_names=info.class_names, manifest=manifest,
+        logits=rng.normal(size=(len(ids), 10)).astype(np.float32),
+        write_csv=False)
+  return root
+
+
+@pytest.fixture(scope='module')
+def caches(tmp_path_factory):
+  """(config, info, {split: (ids, labels)}) of the cached-distillation
+  config, and two random caches of it: teachers 'f' and 'g'."""
+  root = tmp_path_factory.mktemp('caches')
+  config = cached_config(str(root / 'f'))
+  info = export_logits._dataset_info(config)  # pylint: disable=protected-access
+  splits = {s: logits_cache._split_ids(config, s)  # pylint: disable=protected-access
+            for s in export_logits._default_splits(config)}  # pylint: disable=protected-access
+  write_cache(str(root / 'f'), config, info, splits, 'f')
+  write_cache(str(root / 'g'), config, info, splits, 'g', seed=1)
+  return config, info, splits, str(root)
+
+
+def load(cache_dir, caches):
+  config, info, _, _ = caches
+  config = config.copy_and_resolve_references()
+  config.distill.cache_dir = cache_dir
+  return teachers.load_cache(config, info)
+
+
+def test_permuted_logits_rows_are_refused(caches, tmp_path):
+  cache = copy(os.path.join(caches[3], 'f'), tmp_path, 'cache')
+  path = os.path.join(cache, TRAIN, 'logits.npy')
+  np.save(path, np.random.default_rng(2).permutation(np.load(path)))
+  with pytest.raises(ValueError, match=re.escape(os.path.join(cache, TRAIN))
+                     + ': its ids and teacher arrays do not match the digest'):
+    load(cache, caches)
+
+
+def test_splits_of_two_teachers_exports_are_refused(caches, tmp_path):
+  cache = copy(os.path.join(caches[3], 'f'), tmp_path, 'cache')
+  shutil.rmtree(os.path.join(cache, 'test'))
+  shutil.copytree(os.path.join(caches[3], 'g', 'test'),
+                  os.path.join(cache, 'test'))
+  with pytest.raises(ValueError, match=r"mixes the exports of different "
+                     r"teachers .*'test': 'g'.*export every split from one "
+                     'teacher in one command'):
+    load(cache, caches)
+
+
+def fingerprint(cache_dir, caches):
+  """What load_cache calls the cache (`cache._fingerprint`, which it uses)."""
+  return logits_cache._fingerprint(cache_dir, list(caches[2]))  # pylint: disable=protected-access
+
+
+def test_a_cache_is_the_same_wherever_it_lies_and_another_if_rewritten(
+    caches, tmp_path):
+  original = os.path.join(caches[3], 'f')
+  moved = copy(original, tmp_path, 'moved')
+  assert fingerprint(moved, caches) == fingerprint(original, caches)
+  # Same teacher fingerprint, other values (e.g. re-exported as float16).
+  rewritten = write_cache(str(tmp_path / 'rewritten'), caches[0], caches[1],
+                          {'test': caches[2]['test']}, 'f', seed=5)
+  for split in caches[2]:
+    if split != 'test':
+      shutil.copytree(os.path.join(original, split),
+                      os.path.join(rewritten, split))
+  assert fingerprint(rewritten, caches) != fingerprint(original, caches)
+
+
+def test_a_cache_without_digests_loads_with_a_warning(caches, tmp_path,
+                                                      caplog):
+  cache = copy(os.path.join(caches[3], 'f'), tmp_path, 'cache')
+  for path in glob.glob(os.path.join(cache, '*', teachers.MANIFEST)):
+    manifest = json.load(open(path))
+    del manifest['digest']
+    json.dump(manifest, open(path, 'w'))
+  for split in caches[2]:
+    teachers.read_cache_arrays(cache, split)  # Unchecked, but read.
+  assert fingerprint(cache, caches) != fingerprint(
+      os.path.join(caches[3], 'f'), caches)
+  assert 'before caches recorded digests' in caplog.text
+
+
+def test_a_manifest_missing_a_key_is_refused_naming_it(caches, tmp_path):
+  cache = copy(os.path.join(caches[3], 'f'), tmp_path, 'cache')
+  path = os.path.join(cache, 'test', teachers.MANIFEST)
+  manifest = json.load(open(path))
+  del manifest['preprocessing']
+  json.dump(manifest, open(path, 'w'))
+  with pytest.raises(ValueError, match=re.escape(path) + r" lacks "
+                     r"\['preprocessing'\].*export it again"):
+    load(cache, caches)
+
+
+# ---------------------------------------------------------------------------
+# An export or an import cut short (items 2 and 6).
+# ---------------------------------------------------------------------------
+
+
+def cut_export_after_first_split(monkeypatch, cleanup: bool):
+  """Makes the next export fail as it starts its second split; without
+  `cleanup`, as a killed process would (its except clauses never run)."""
+  export_split = export_logits._export_split  # pylint: disable=protected-access
+  remove = logits_cache.remove_manifests
+  calls = []
+
+  def cut(config, split, *args, **kwargs):
+    if calls:
+      raise KeyboardInterrupt
+    calls.append(split)
+    return export_split(config, split, *args, **kwargs)
+  monkeypatch.setattr(export_logits, '_export_split', cut)
+  if not cleanup:
+    monkeypatch.setattr(logits_cache, 'remove_manifests',
+                        lambda dirs: None if calls else remove(dirs))
+
+
+@pytest.fixture(scope='module')
+def exported(teacher_runs, tmp_path_factory):
+  """A cache exported from the first teacher (copy it to change it)."""
+  out = str(tmp_path_factory.mktemp('exported') / 'cache')
+  export_logits.export(cached_config(out, teacher_runs[0]), out,
+                       write_csv=False)
+  return out
+
+
+@pytest.mark.parametrize('cleanup', [True, False],
+                         ids=['interrupted', 'killed'])
+def test_an_overwrite_cut_short_leaves_no_cache_that_trains(
+    teacher_runs, exported, tmp_path, monkeypatch, cleanup):
+  other = teacher_runs[1]
+  out = copy(exported, tmp_path, 'cache')
+  cut_export_after_first_split(monkeypatch, cleanup)
+  with pytest.raises(KeyboardInterrupt):
+    export_logits.export(cached_config(out, other), out, overwrite=True,
+                         write_csv=False)
+  monkeypatch.undo()
+  config = cached_config(out, other)
+  written = sorted(os.path.dirname(os.path.relpath(p, out)) for p in
+                   glob.glob(os.path.join(out, '*', teachers.MANIFEST)))
+  # The old manifests are gone; the new train split's stays only if the
+  # export could not clean up after itself.
+  assert written == ([] if cleanup else [TRAIN])
+  with pytest.raises(FileNotFoundError, match=(
+      'has no logits for split' if cleanup else
+      f"has no logits for split '{re.escape(VAL)}'")):
+    teachers.load_cache(config, export_logits._dataset_info(config))  # pylint: disable=protected-access
+
+
+def write_table(path, rows, header=None):
+  with open(path, 'w') as f:
+    f.write(','.join(header or ['id', *map(str, range(10))]) + '\n')
+    for row in rows:
+      f.write(','.join(map(str, row)) + '\n')
+  return path
+
+
+def test_a_failed_import_leaves_nothing_usable(caches, tmp_path):
+  config, _, splits, _ = caches
+  ids = [i.decode() for i in splits['test'][0][:3]]
+  table = write_table(str(tmp_path / 't.csv'),
+                      [[i, *range(10)] for i in ids] + [['nowhere/1',
+                                                         *range(10)]])
+  out = str(tmp_path / 'out')
+  with pytest.raises(ValueError, match=r'1 of 4 ids are in none of the '
+                     r"splits .*\['nowhere/1'\]"):
+    export_logits.import_blackbox(table, out, config, probabilities=False)
+  assert not glob.glob(os.path.join(out, '**', teachers.MANIFEST),
+                       recursive=True)
+
+
+def test_probabilities_given_as_logits_are_refused(caches, tmp_path):
+  config, _, splits, _ = caches
+  ids = [i.decode() for i in splits['test'][0][:3]]
+  table = write_table(str(tmp_path / 'p.csv'),
+                      [[i, *[0.1] * 10] for i in ids])
+  with pytest.raises(ValueError, match=r'look like probabilities.*Pass '
+                     r'--probabilities'):
+    export_logits.import_blackbox(table, str(tmp_path / 'out'), config,
+                                  probabilities=False)
+  manifests = export_logits.import_blackbox(
+      table, str(tmp_path / 'out'), config, probabilities=True)
+  assert manifests['test']['num_examples'] == 3
+
+
+@pytest.mark.parametrize('lines, match', [
+    ([], r'is empty'),
+    (['id,0,1,2,3,4,5,6,7,8,9', 'x,1,2'], r'line 2: 3 values, but the header '
+     r'has 11 columns'),
+    (['id,0,1,2,3,4,5,6,7,8,9', 'x,1,2,3,4,5,6,7,8,9,10', 'y,1,2,3,four,5,6,'
+      '7,8,9,10'], r"line 3 \(id 'y'\), column '3': 'four' is not a number"),
+])
+def test_malformed_tables_name_the_file_and_line(caches, tmp_path, lines,
+                                                 match):
+  table = str(tmp_path / 'bad.csv')
+  with open(table, 'w') as f:
+    f.write('\n'.join(lines))
+  with pytest.raises(ValueError, match=re.escape(table) + '.*' + match):
+    export_logits.import_blackbox(table, str(tmp_path / 'out'), caches[0],
+                                  probabilities=False)

@@ -17,7 +17,14 @@ each, only the shard of its own share (the same split of the data); other
 process counts load every shard.
 
 `SplitWriter` writes a split batch by batch (memory holds its ids and
-labels, never its logits); the reader memory-maps the arrays.
+labels, never its logits); the reader memory-maps the arrays. The manifest
+is written last (a split without one is unfinished) and records a digest of
+the ids and the teacher's arrays in row order (`digest`), which the reader
+checks: rows permuted or replaced after the export are refused, and a
+cache's fingerprint is a digest of its manifests' teacher fingerprints and
+digests, so the same cache is recognised wherever it lies. A cache written
+before digests existed loads with a warning (its rows cannot be checked
+against its ids); exporting it again adds them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -43,8 +51,11 @@ FORM_ARRAYS = {'dense': ('logits',),
 # Augmentations a multi-view cache reproduces per example from explicit keys:
 # (largest shift in pixels, random horizontal flip), as config.augment.
 VIEW_AUGMENTATIONS = preprocess.SHIFT_AUGMENTATIONS
-# Rows per block when a whole array is scanned (finite checks).
+# Rows per block when a whole array is scanned (finite checks, digests).
 CHECK_ROWS = 1 << 16
+# What every manifest holds (`make_manifest` has written them all along).
+MANIFEST_KEYS = ('teacher_fingerprint', 'dataset', 'split', 'num_examples',
+                 'num_classes', 'class_names', 'preprocessing', 'dtype')
 _SHARD = re.compile(r'shard-(\d{5})-of-(\d{5})$')
 
 
@@ -290,6 +301,36 @@ def _text(v) -> str:
   return repr(float(v))
 
 
+def digest(ids: np.ndarray, arrays: dict[str, np.ndarray],
+           hashes: dict[str, Any] | None = None) -> str:
+  """The digest of a split's ids and teacher arrays, in row order: any
+  permutation of one of them, or values of another export, changes it.
+
+  `hashes` (name -> hashlib sha256 of the array's row bytes, as `SplitWriter`
+  and `read_cache_arrays` compute them while they pass over the rows)
+  spares a pass over `arrays`, of which only dtype and shape are then read.
+  """
+  ids = np.asarray(ids)
+  parts = [f'ids:{ids.dtype.str}:{ids.shape}:'
+           f'{hashlib.sha256(ids.tobytes()).hexdigest()}']
+  for name in sorted(arrays):
+    a = arrays[name]
+    h = (hashes or {}).get(name)
+    if h is None:
+      h = hashlib.sha256()
+      _scan_rows(a, h)
+    parts.append(f'{name}:{np.dtype(a.dtype).str}:{tuple(a.shape)}:'
+                 f'{h.hexdigest()}')
+  return hashlib.sha256('\n'.join(parts).encode()).hexdigest()[:32]
+
+
+def _scan_rows(values: np.ndarray, h) -> None:
+  """Feeds `values`' row bytes to the hash `h`, a block of rows at a time
+  (a memory map is read, never held)."""
+  for start in range(0, len(values), CHECK_ROWS):
+    h.update(np.ascontiguousarray(values[start:start + CHECK_ROWS]).tobytes())
+
+
 class SplitWriter:
   """Writes one split of a cache batch by batch; memory holds ids and labels.
 
@@ -311,6 +352,7 @@ class SplitWriter:
     self._shapes: dict[str, tuple[int, ...]] = {}
     self._raw = {name: open(self._path(name) + '.partial', 'wb')
                  for name in self._names}
+    self._hashes = {name: hashlib.sha256() for name in self._names}
     self._ids: list[np.ndarray] = []
     self._labels: list[np.ndarray] = []
     self.num_examples = 0
@@ -335,7 +377,9 @@ class SplitWriter:
         raise ValueError(f'{name} rows of shape {value.shape[1:]} after '
                          f'{self._shapes[name]} in {self.directory}.')
       self._dtypes.setdefault(name, value.dtype)
-      self._raw[name].write(np.ascontiguousarray(value).tobytes())
+      data = np.ascontiguousarray(value).tobytes()
+      self._raw[name].write(data)
+      self._hashes[name].update(data)
     self._ids.append(ids)
     self._labels.append(np.asarray(labels, np.int32))
     self.num_examples += len(ids)
@@ -364,10 +408,14 @@ class SplitWriter:
       os.rmdir(self.directory)
 
   def close(self, manifest: dict[str, Any]) -> int:
-    """Finishes the split; returns the bytes of the teacher's arrays."""
+    """Finishes the split, adding its `digest` to `manifest` (written last);
+    returns the bytes of the teacher's arrays."""
     nbytes = sum(self._finish_npy(name) for name in self._names)
     ids = (np.concatenate(self._ids) if self._ids
            else np.zeros((0,), np.bytes_))
+    manifest['digest'] = digest(
+        ids, {name: np.load(self._path(name), mmap_mode='r')
+              for name in self._names}, self._hashes)
     labels = (np.concatenate(self._labels) if self._labels
               else np.zeros((0,), np.int32))
     np.save(self._path('ids'), ids)
@@ -377,9 +425,21 @@ class SplitWriter:
                 for name in self._names}
       _write_split_csv(self.directory, ids, labels, self.class_names,
                        manifest['preprocessing']['num_views'], arrays)
-    with open(os.path.join(self.directory, MANIFEST), 'w') as f:
+    tmp = os.path.join(self.directory, f'{MANIFEST}.tmp')
+    with open(tmp, 'w') as f:
       json.dump(manifest, f, indent=2)
+    os.replace(tmp, os.path.join(self.directory, MANIFEST))
     return nbytes
+
+
+def remove_manifests(directories: Sequence[str]) -> None:
+  """Marks the splits (or shards) in `directories` unfinished before they are
+  written again, so that an export cut short leaves no split whose manifest
+  describes other arrays than it holds."""
+  for directory in directories:
+    path = os.path.join(directory, MANIFEST)
+    if os.path.exists(path):
+      os.remove(path)
 
 
 def _write_split_csv(directory: str, ids: np.ndarray, labels: np.ndarray,
@@ -458,15 +518,19 @@ def _load_npy(path: str, mmap: bool = False) -> np.ndarray:
                      'damaged; export it again.') from None
 
 
-def check_finite(values: np.ndarray, ids, source: str) -> None:
+def check_finite(values: np.ndarray, ids, source: str, digest_of=None
+                 ) -> None:
   """Refuses NaN or Inf teacher values, naming the first bad example's id.
 
   A non-finite teacher row would make the distillation loss NaN (or, in
   older code, silently drop the teacher), so it is refused at the door.
+  `digest_of` (a hashlib hash) is fed the row bytes on the way.
   """
   bad_rows, first = 0, None
   for start in range(0, len(values), CHECK_ROWS):
     block = np.asarray(values[start:start + CHECK_ROWS])
+    if digest_of is not None:
+      digest_of.update(np.ascontiguousarray(block).tobytes())
     bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
     if bad.any():
       bad_rows += int(bad.sum())
@@ -510,6 +574,12 @@ def read_cache_arrays(cache_dir: str, split: str, mmap: bool = False,
   except (OSError, ValueError) as e:
     raise ValueError(f'{path} is unreadable ({e}): the logits cache is '
                      'damaged; export it again.') from None
+  missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict)
+             or k not in manifest]
+  if missing:
+    raise ValueError(f'{path} lacks {missing}, which every kd_jax cache '
+                     'manifest holds: the logits cache is damaged; export it '
+                     'again.')
   form = manifest.get('form', 'dense')
   if form not in FORM_ARRAYS:
     raise ValueError(f'{path}: form {form!r} is none of {list(FORM_ARRAYS)}; '
@@ -531,8 +601,19 @@ def read_cache_arrays(cache_dir: str, split: str, mmap: bool = False,
           f'ids.npy ({len(ids)} ids) and the manifest ({views} views, '
           f'{width} values per row) make it {shape}: the cache is corrupt; '
           f'export it again.')
+  hashes = {name: hashlib.sha256() for name in expected}
   for name in expected:
-    check_finite(arrays[name], ids, os.path.join(directory, f'{name}.npy'))
+    if name == 'topk_indices':
+      _scan_rows(arrays[name], hashes[name])
+    else:
+      check_finite(arrays[name], ids, os.path.join(directory, f'{name}.npy'),
+                   digest_of=hashes[name])
+  if 'digest' in manifest and digest(ids, arrays, hashes) != manifest['digest']:
+    raise ValueError(
+        f'{os.path.normpath(directory)}: its ids and teacher arrays do not '
+        f'match the digest its {MANIFEST} recorded at export (rows permuted, or files of '
+        'another export copied in): the logits cache is damaged; export it '
+        'again.')
   return manifest, ids, arrays
 
 
@@ -837,6 +918,7 @@ def load_cache(config, info) -> Teacher:
       raise FileNotFoundError(
           f'{e} The cache needs config.train_split and every eval split: '
           f'{_export_command(config, ",".join(splits))}') from None
+  _check_same_teacher(manifests, config)
   index = IdIndex(table_ids)
   repeat = index.duplicate()
   if repeat is not None:
@@ -887,9 +969,44 @@ def load_cache(config, info) -> Teacher:
     del variables
     return batch['teacher_logits'][None]
 
-  fingerprint = hashlib.sha256('|'.join(sorted(
+  # What earlier versions called this cache: its splits' teachers only.
+  legacy = hashlib.sha256('|'.join(sorted(
       m['teacher_fingerprint'] for m in manifests.values())).encode()
-                               ).hexdigest()[:16]
+                          ).hexdigest()[:16]
   return Teacher(variables=None, forward=forward, names=('cache',),
-                 weights=(1.0,), fingerprint=fingerprint,
-                 host_lookup=host_lookup)
+                 weights=(1.0,), fingerprint=_fingerprint(cache_dir, splits),
+                 host_lookup=host_lookup, legacy_fingerprints=(legacy,))
+
+
+def _fingerprint(cache_dir: str, splits: Sequence[str]) -> str:
+  """The cache's identity by content: a digest of every split's (and
+  shard's, on every process alike) teacher fingerprint and row digest. A
+  cache without digests (an earlier export) is named by its teachers only,
+  and its splits are logged as unchecked."""
+  prints, unchecked = [], []
+  for split in splits:
+    for shard in cache_shards(cache_dir, split):
+      with open(os.path.join(cache_dir, split, shard, MANIFEST)) as f:
+        manifest = json.load(f)
+      prints.append(f'{split}/{shard}:{manifest["teacher_fingerprint"]}:'
+                    f'{manifest.get("digest")}')
+      if 'digest' not in manifest:
+        unchecked.append(os.path.join(split, shard))
+  if unchecked:
+    logging.warning(
+        'The logits cache %r was exported before caches recorded digests of '
+        'their rows (%s): its values cannot be checked against its ids. '
+        'Export it again to have them checked.', cache_dir,
+        ', '.join(unchecked))
+  return hashlib.sha256('|'.join(prints).encode()).hexdigest()[:16]
+
+
+def _check_same_teacher(manifests: dict[str, dict[str, Any]], config) -> None:
+  """Refuses splits that different teachers' exports wrote."""
+  teachers = {split: m['teacher_fingerprint'] for split, m in manifests.items()}
+  if len(set(teachers.values())) > 1:
+    raise ValueError(
+        f'The logits cache {config.distill.cache_dir!r} mixes the exports of '
+        f'different teachers (teacher fingerprint per split: {teachers}): '
+        'export every split from one teacher in one command: '
+        f'{_export_command(config, ",".join(manifests))}')
