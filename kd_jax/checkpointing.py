@@ -12,16 +12,21 @@ keeps its previous checkpoint.
 
 `meta` also records a checksum of the saved values and one of the model
 alone (`model_checksum`), the state's structure (paths, shapes, dtypes) and
-whatever the trainer adds (topology, teacher fingerprint). `restore`
+whatever the trainer adds (topology, teacher fingerprint, health). `restore`
 starts from the newest step and falls back to the newest one that restores
 cleanly with a matching checksum; damaged steps are moved to
 `workdir/checkpoints_broken/`, never deleted. `restore_model` (a finished
 run as a teacher or a warm start) checks the model against its checksum
 too, and its checksum is that model's identity.
+
+The manager keeps the newest `keep` steps and any step the trainer pins (the
+last healthy one of a diverging run, `kd_jax.divergence`); a run that
+diverged moves the steps after it to `workdir/checkpoints_diverged/`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,6 +41,7 @@ import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
 BROKEN_DIR = 'checkpoints_broken'
+DIVERGED_DIR = 'checkpoints_diverged'
 # The state entries a trained model consists of (the rest resumes training).
 MODEL_KEYS = ('params', 'batch_stats')
 
@@ -60,11 +66,30 @@ def config_fingerprint(config_json: str) -> str:
   return hashlib.sha256(config_json.encode()).hexdigest()[:16]
 
 
-def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+@dataclasses.dataclass
+class _Pinned:
+  """An orbax preservation policy: keeps the steps in `steps`, a set that
+  its owner changes while the manager runs."""
+  steps: set[int]
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    return [info.step in self.steps for info in checkpoints]
+
+
+def manager(workdir: str, keep: int, pinned: set[int] | None = None
+            ) -> ocp.CheckpointManager:
+  """The run's checkpoint manager: keeps the newest `keep` steps, and the
+  steps in `pinned` (a set the caller may change between saves) however
+  old."""
+  policies = ocp.checkpoint_managers
   return ocp.CheckpointManager(
       checkpoint_dir(workdir),
       item_names=('model', 'train', 'meta'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      options=ocp.CheckpointManagerOptions(
+          create=True, preservation_policy=policies.AnyPreservationPolicy(
+              [policies.LatestN(n=keep), _Pinned(
+                  pinned if pinned is not None else set())])))
 
 
 def _host_array(leaf) -> np.ndarray:
@@ -207,15 +232,24 @@ def _restore_step(mngr, step: int, abstract_state, workdir: str):
   return state, meta
 
 
-def _move_aside(workdir: str, step: int) -> str:
-  broken = os.path.join(os.path.abspath(workdir), BROKEN_DIR)
-  os.makedirs(broken, exist_ok=True)
-  target, n = os.path.join(broken, str(step)), 0
+def _move_aside(workdir: str, step: int, folder: str = BROKEN_DIR) -> str:
+  aside = os.path.join(os.path.abspath(workdir), folder)
+  os.makedirs(aside, exist_ok=True)
+  target, n = os.path.join(aside, str(step)), 0
   while os.path.exists(target):
     n += 1
-    target = os.path.join(broken, f'{step}.{n}')
+    target = os.path.join(aside, f'{step}.{n}')
   os.rename(os.path.join(checkpoint_dir(workdir), str(step)), target)
   return target
+
+
+def move_diverged(workdir: str, steps) -> str:
+  """Moves the checkpoints of `steps` (saved while a run diverged) to
+  `workdir/checkpoints_diverged/`, so that the run resumes from an earlier
+  one; returns that folder. Call it with no save in flight."""
+  for step in steps:
+    _move_aside(workdir, step, DIVERGED_DIR)
+  return os.path.join(os.path.abspath(workdir), DIVERGED_DIR)
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: dict[str, Any],

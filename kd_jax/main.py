@@ -13,10 +13,11 @@ native abort).
 
 Prints a progress bar per run on stderr and the run's summary lines; library
 INFO logs come back with --log_level=info. A run that is refused (a bad
-config field, workdir or teacher) ends with exit code 1 and one paragraph
-that names the cause and the fix; --log_level=debug adds the traceback. A
-finished run whose checkpoints were deleted is trained again over its
-summary.json only with --overwrite_finished.
+config field, workdir or teacher) or that diverges ends with exit code 1 and
+one paragraph that names the cause and the fix (for a divergence, the exact
+command that resumes from the last healthy checkpoint); --log_level=debug
+adds the traceback. A finished run whose checkpoints were deleted is trained
+again over its summary.json only with --overwrite_finished.
 """
 
 import gc
@@ -34,6 +35,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from kd_jax import divergence
 from kd_jax import multihost
 from kd_jax import progress
 
@@ -180,6 +182,13 @@ def watch_peers(interval_s: float = 2.0, timeout_s: float = PEER_TIMEOUT_S
   return thread
 
 
+def _rerun_advice(error: BaseException) -> str:
+  """The command that resumes a diverged run with the settings it needs."""
+  if isinstance(error, divergence.Diverged) and error.changes:
+    return f' Command: {divergence.rerun_command(sys.argv, error.changes)}'
+  return ''
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -197,7 +206,7 @@ def main(argv):
                jax.local_device_count(), jax.device_count())
   if jax.process_count() > 1:
     watch_peers(timeout_s=f.peer_timeout_s)
-  with progress.exit_on_refusal('kd_jax.main'):
+  with progress.exit_on_refusal('kd_jax.main', _rerun_advice):
     try:
       summary = train.train_and_evaluate(
           f.config, f.workdir, overwrite_finished=f.overwrite_finished)

@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from kd_jax import checkpointing
 from kd_jax import config_lib
+from kd_jax import divergence
 from kd_jax import input_pipeline
 from kd_jax import losses
 from kd_jax import models
@@ -496,21 +497,32 @@ def _workdir_lock(workdir: str):
   return held()
 
 
-def _nonfinite_error(what: str, mngr, config) -> FloatingPointError:
-  """The non-finite-loss error, naming the checkpoint a rerun resumes from."""
-  last = mngr.latest_step()
-  if last is None:
-    kept = ('no checkpoint was written yet (the first comes at step '
-            f'{config.checkpoint_every_steps}, config.checkpoint_every_steps), '
-            'so the workdir accepts a changed config: rerun the same command '
-            'with')
-  else:
-    kept = (f'the last checkpoint, step {last}, is kept and a rerun resumes '
-            'from it; to resume with changed settings set '
-            'config.allow_config_change=True and')
-  return FloatingPointError(
-      f'{what}; {kept} a lower config.learning_rate or a '
-      'config.grad_clip_norm > 0.')
+def _diverged(what: str, step: int, mngr, workdir: str, config,
+              health: divergence.Health, start_step: int, is_chief: bool
+              ) -> divergence.Diverged:
+  """Stops a run that diverged at `step`: waits for the saves in flight,
+  moves the checkpoints saved after the last healthy one to
+  checkpoints_diverged/ (so that a rerun resumes from it) and returns the
+  error naming it and what to change."""
+  mngr.wait_until_finished()
+  resume = health.last_healthy_step
+  moved = sorted(s for s in mngr.all_steps()
+                 if resume is None or s > resume)
+  moved_to = os.path.join(os.path.abspath(workdir),
+                          checkpointing.DIVERGED_DIR)
+  if moved and is_chief:
+    checkpointing.move_diverged(workdir, moved)
+  if jax.process_count() > 1:  # Every process sees them moved.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('kd_jax_diverged')
+  message, changes = divergence.message(
+      what, resume_step=resume, moved=moved, moved_to=moved_to,
+      first_warning=next((w for w in health.warnings
+                          if resume is None or w['step'] > resume), None),
+      first_checkpoint=config.checkpoint_every_steps,
+      learning_rate=config.learning_rate,
+      before_any_update=start_step == 0 and step == 1)
+  return divergence.Diverged(message, resume_step=resume, changes=changes)
 
 
 def _resume_checks(workdir: str, meta: dict[str, Any], config, teacher,
@@ -582,6 +594,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   all) sets the data-parallel mesh. A finished run whose checkpoints are
   gone is trained again from step 0 (its summary.json kept aside) only with
   `overwrite_finished` (`rundir.check_config`).
+
+  Raises:
+    divergence.Diverged: the loss or the parameters stopped being finite;
+      the message names the checkpoint a rerun resumes from.
   """
   validate_config(config)
   rundir.prepare(workdir)
@@ -645,7 +661,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract = jax.eval_shape(init, rng)
   state_sharding = state_shardings(abstract, mesh)
   init_fn = jax.jit(init, out_shardings=state_sharding)
-  mngr = checkpointing.manager(workdir, config.keep_checkpoints)
+  pinned: set[int] = set()  # Steps kept out of rotation (divergence).
+  mngr = checkpointing.manager(workdir, config.keep_checkpoints, pinned)
   restored = checkpointing.restore(
       mngr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
           a.shape, a.dtype, sharding=s), abstract, state_sharding),
@@ -723,7 +740,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   logging.info('Training %s for %d steps (from step %d) on %d devices.',
                config.model.name, total_steps, start_step, len(devices))
+  # The parameters' norm before the run's first step: divergence's reference.
+  initial_norm = resumed.get('reference_param_norm')
+  if initial_norm is None:
+    initial_norm = float(jax.jit(optax.tree.norm)(state['params']))
+  health = (divergence.Health.from_meta(resumed, initial_norm) if resumed
+            else divergence.Health(param_norm=initial_norm))
+  if health.last_healthy_step is not None:
+    pinned.add(health.last_healthy_step)
   pending: list[dict[str, jax.Array]] = []
+  window: list[dict[str, Any]] = []  # Fetched since the last log.
   eval_results: dict[str, Any] = {}
   train_start = time.time()
   seconds_before = float(resumed.get('train_seconds', 0.0))
@@ -732,75 +758,128 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   collapsed = False
   bar = progress.Progress(total_steps, start_step, enabled=is_chief,
                           label=os.path.basename(os.path.normpath(workdir)))
-  for step in range(start_step + 1, total_steps + 1):
-    batch = next(train_iter)
-    log_step = step % config.log_every_steps == 0 or step == total_steps
-    state, measurements = step_fn(state, batch, teacher_variables, log_step)
-    pending.append(measurements)
-    report(step)
-    bar.update(step)
-    if log_step:
-      host = jax.device_get(pending)
-      pending = []
-      for i, m in enumerate(host):
-        if not np.isfinite(m['loss_total']):
-          raise _nonfinite_error(
-              f'loss is {m["loss_total"]} at step {step - len(host) + i + 1}',
-              mngr, config)
-      if 'accuracy' in host[0]:
-        best_accuracy, collapsed = _collapse(
-            step, float(np.mean([m['accuracy'] for m in host])),
-            best_accuracy, collapsed, collapse_warnings)
-      # Per-step measurements are averaged since the last log; the norms
-      # are this step's.
-      writer.write_scalars(step, {f'train/{k}': float(
-          host[-1][k] if k in LOG_STEP_MEASUREMENTS else
-          np.mean([m[k] for m in host])) for k in host[0]})
-      bar.show(loss=float(np.mean([m['loss_total'] for m in host])))
-    if step % eval_every == 0 or step == total_steps:
-      eval_results = run_eval(step)
-    if step % config.checkpoint_every_steps == 0 or step == total_steps:
-      if pending:
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      log_step = step % config.log_every_steps == 0 or step == total_steps
+      save_step = (step % config.checkpoint_every_steps == 0
+                   or step == total_steps)
+      # A checkpoint step measures the norms too, to check them first.
+      state, measurements = step_fn(state, batch, teacher_variables,
+                                    log_step or save_step)
+      pending.append(measurements)
+      report(step)
+      bar.update(step)
+      if log_step or save_step:
         host = jax.device_get(pending)
-        for i, m in enumerate(host):
-          if not np.isfinite(m['loss_total']):
-            raise _nonfinite_error(
-                f'loss is {m["loss_total"]} at step '
-                f'{step - len(host) + i + 1}', mngr, config)
-      checkpointing.save(mngr, state, dict(
-          config_fingerprint=fingerprint,
-          examples_seen=step * config.batch_size, topology=topology,
-          topology_changes=topology_changes,
-          teacher_fingerprint=None if teacher is None else teacher.fingerprint,
-          train_seconds=seconds_before + time.time() - train_start,
-          best_train_accuracy=best_accuracy,
-          collapse_warnings=collapse_warnings))
-  mngr.wait_until_finished()
-  if not eval_results:
-    eval_results = run_eval(total_steps)
-  writer.flush()
-  bar.close()
+        pending = []
+        losses = [float(m['loss_total']) for m in host]
+        if health.loss is None and start_step == 0:
+          health.loss = float(np.mean(losses))
+        health.judge_unconfirmed(step - len(host) + 1, losses)
+        bad = divergence.nonfinite(host, step - len(host) + 1)
+        if bad is not None:
+          raise _diverged(*bad, mngr, workdir, config, health, start_step,
+                          is_chief)
+        window += host
+      if log_step:
+        if 'accuracy' in window[0]:
+          best_accuracy, collapsed = _collapse(
+              step, float(np.mean([m['accuracy'] for m in window])),
+              best_accuracy, collapsed, collapse_warnings)
+        # Per-step measurements are averaged since the last log; the norms
+        # are this step's.
+        writer.write_scalars(step, {f'train/{k}': float(
+            window[-1][k] if k in LOG_STEP_MEASUREMENTS else
+            np.mean([m[k] for m in window])) for k in window[0]})
+        bar.show(loss=float(np.mean([m['loss_total'] for m in window])))
+        window = []
+      if log_step or save_step:
+        _check_health(health, step, host, collapsed)
+      if step % eval_every == 0 or step == total_steps:
+        eval_results = run_eval(step)
+      if save_step:
+        # The last healthy checkpoint stays until a later one is healthy; no
+        # save may be finishing (and rotating) while that changes.
+        keep = ({health.last_healthy_step}
+                if health.last_healthy_step is not None else set())
+        if keep != pinned:
+          mngr.wait_until_finished()
+          pinned.clear()
+          pinned.update(keep)
+        health.saved(step)
+        checkpointing.save(mngr, state, dict(
+            config_fingerprint=fingerprint,
+            examples_seen=step * config.batch_size, topology=topology,
+            topology_changes=topology_changes,
+            teacher_fingerprint=(None if teacher is None
+                                 else teacher.fingerprint),
+            train_seconds=seconds_before + time.time() - train_start,
+            best_train_accuracy=best_accuracy,
+            collapse_warnings=collapse_warnings, **health.meta()))
+    mngr.wait_until_finished()
+    if health.reason is None and pinned:
+      # The run ended healthy: no older checkpoint needs keeping.
+      pinned.clear()
+      for old_step in sorted(mngr.all_steps())[:-config.keep_checkpoints]:
+        mngr.delete(old_step)
+    if not eval_results:
+      eval_results = run_eval(total_steps)
+    writer.flush()
+    bar.close()
+    if health.reason is not None:
+      logging.warning(
+          'the run ended diverging (%s); its last healthy checkpoint, step '
+          '%s, is kept in %s. summary.json lists it in divergence_warnings.',
+          health.reason, health.last_healthy_step,
+          checkpointing.checkpoint_dir(workdir))
 
-  params = jax.device_get(state['params'])
-  summary = dict(
-      step=total_steps, model=config.model.name,
-      teacher_source=config.distill.teacher_source,
-      teachers=teachers.describe(config, teacher),
-      num_params=models.param_count(params),
-      param_bytes=models.param_bytes(params),
-      train_seconds=seconds_before + time.time() - train_start,
-      eval=eval_results, collapse_warnings=collapse_warnings)
-  finished = rundir.read_summary(workdir) if start_step == total_steps else None
-  if finished and 'train_seconds' in finished:
-    # A rerun of a finished run trains nothing: keep the run's own time.
-    summary['train_seconds'] = finished['train_seconds']
-  if topology_changes:
-    summary['topology_changes'] = topology_changes
-  if 'connector_params' in state:
-    # Feature connectors train with the student but are not part of it.
-    summary['num_connector_params'] = models.param_count(
-        state['connector_params'])
-  if is_chief:
-    rundir.write_summary(workdir, summary)
-  mngr.close()
+    params = jax.device_get(state['params'])
+    summary = dict(
+        step=total_steps, model=config.model.name,
+        teacher_source=config.distill.teacher_source,
+        teachers=teachers.describe(config, teacher),
+        num_params=models.param_count(params),
+        param_bytes=models.param_bytes(params),
+        train_seconds=seconds_before + time.time() - train_start,
+        eval=eval_results, collapse_warnings=collapse_warnings)
+    finished = (rundir.read_summary(workdir) if start_step == total_steps
+                else None)
+    if finished and 'train_seconds' in finished:
+      # A rerun of a finished run trains nothing: keep the run's own time.
+      summary['train_seconds'] = finished['train_seconds']
+    if topology_changes:
+      summary['topology_changes'] = topology_changes
+    if health.warnings:
+      summary['divergence_warnings'] = health.warnings
+    if 'connector_params' in state:
+      # Feature connectors train with the student but are not part of it.
+      summary['num_connector_params'] = models.param_count(
+          state['connector_params'])
+    if is_chief:
+      rundir.write_summary(workdir, summary)
+  except BaseException:
+    bar.close()  # Ends the progress line before the error is shown.
+    raise
+  finally:
+    mngr.close()  # Waits for any save in flight: it ends committed.
   return summary
+
+
+def _check_health(health: divergence.Health, step: int,
+                  host: list[dict[str, Any]], collapsed: bool) -> None:
+  """Updates `health` with the measurements fetched at `step` (a log or
+  checkpoint step: its norms were computed), warning when it turns
+  unhealthy."""
+  reason = divergence.unhealthy(
+      float(np.mean([m['loss_total'] for m in host])),
+      float(host[-1]['param_norm']), health, collapsed)
+  turned = reason is not None and health.reason is None
+  health.reason = reason
+  if turned:
+    health.warnings.append(dict(step=int(step), reason=reason))
+    logging.warning(
+        'training is diverging at step %d: %s. The run goes on; its last '
+        'healthy checkpoint (step %s) is kept until a later one is healthy, '
+        'and summary.json lists this in divergence_warnings.', step, reason,
+        health.last_healthy_step)
