@@ -20,9 +20,12 @@ run's input pipeline applies:
 
 Converters: ONNX by jax2onnx from the model's jaxpr, run by onnxruntime;
 TFLite by jax2tf and TensorFlow's TFLite converter, run by LiteRT
-(`ai_edge_litert`, else `tf.lite.Interpreter`). jax2onnx is installed with
---no-deps: its orbax-checkpoint<0.11.37 pin would downgrade the orbax that
-kd_jax checkpoints with.
+(`ai_edge_litert`, else `tf.lite.Interpreter`). A conv net's TFLite file is
+traced at batch 1 (fused convolutions that LiteRT runs in XNNPACK): its
+signature says batch 1 and LiteRT's `resize_tensor_input` sets any other;
+other models' files have a batch of -1 (`to_tflite`). jax2onnx is installed
+with --no-deps: its orbax-checkpoint<0.11.37 pin would downgrade the orbax
+that kd_jax checkpoints with.
 
 The export checks itself before it writes --out: the file's logits on
 --check_examples images of --check_split (default the run's first eval
@@ -152,7 +155,7 @@ def _inline(jaxpr, consts: Sequence[Any], *args) -> list[Any]:
     name, params = eqn.primitive.name, eqn.params
     if name in ('jit', 'pjit'):
       outs = _inline(params['jaxpr'].jaxpr, params['jaxpr'].consts, *values)
-    elif name == 'custom_jvp_call':  # relu, gelu...: the forward is all.
+    elif name in ('custom_jvp_call', 'custom_vjp_call'):  # The forward.
       outs = _inline(params['call_jaxpr'].jaxpr, params['call_jaxpr'].consts,
                      *values)
     elif name == 'reduce_window_max' and _spatial_max_pool(params):
@@ -188,39 +191,6 @@ def to_onnx(serve: Callable, image_shape: Sequence[int]) -> bytes:
   return proto.SerializeToString()
 
 
-def _tflite_convert(fn: Callable, image_shape: Sequence[int]) -> bytes:
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  poly = f'(batch, {", ".join(str(d) for d in image_shape)})'
-  tf_fn = tf.function(
-      jax2tf.convert(fn, polymorphic_shapes=[poly], with_gradient=False),
-      autograph=False, input_signature=[
-          tf.TensorSpec([None, *image_shape], tf.uint8, name='image')])
-  converter = tf.lite.TFLiteConverter.from_concrete_functions(
-      [tf_fn.get_concrete_function()], tf_fn)
-  return converter.convert()
-
-
-def to_tflite(serve: Callable, image_shape: Sequence[int]) -> bytes:
-  """The TFLite flatbuffer of `serve` (uint8 images -> logits).
-
-  The batch-polymorphic function first; where the converter refuses one of
-  its ops (a ViT's class-token slice is a gather of dynamic shape there),
-  the per-example function vmapped over the batch, whose shapes are static
-  but the batch's.
-  """
-  try:
-    # A refusal here prints the converter's MLIR errors to stderr.
-    with progress.quiet_native_imports(sys.argv):
-      return _tflite_convert(serve, image_shape)
-  except Exception as first:  # pylint: disable=broad-except
-    try:
-      return _tflite_convert(
-          jax.vmap(lambda image: serve(image[None])[0]), image_shape)
-    except Exception:  # pylint: disable=broad-except
-      raise first from None
-
-
 def _litert_interpreter():
   try:
     from ai_edge_litert import interpreter  # pylint: disable=g-import-not-at-top
@@ -230,17 +200,90 @@ def _litert_interpreter():
     return tf.lite.Interpreter
 
 
-def load_exported(path: str) -> Callable[[np.ndarray], np.ndarray]:
+def _tflite_convert(fn: Callable, image_shape: Sequence[int],
+                    batch: int | None) -> bytes:
+  """`fn` through jax2tf and TFLite's converter, for `batch` images (None:
+  any number, jax2tf's shape polymorphism)."""
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  poly = None
+  if batch is None:
+    poly = [f'(batch, {", ".join(str(d) for d in image_shape)})']
+  tf_fn = tf.function(
+      jax2tf.convert(fn, polymorphic_shapes=poly, with_gradient=False),
+      autograph=False, input_signature=[
+          tf.TensorSpec([batch, *image_shape], tf.uint8, name='image')])
+  converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      [tf_fn.get_concrete_function()], tf_fn)
+  return converter.convert()
+
+
+def _resizes(blob: bytes, image_shape: Sequence[int]) -> bool:
+  """Whether LiteRT runs the file on a batch of 2 after resizing its input."""
+  with progress.quiet_native_imports(sys.argv):  # XNNPACK's INFO lines.
+    interpreter = _litert_interpreter()(model_content=blob)
+    index = interpreter.get_input_details()[0]['index']
+    try:
+      interpreter.resize_tensor_input(index, (2, *image_shape))
+      interpreter.allocate_tensors()
+      interpreter.set_tensor(index, np.zeros((2, *image_shape), np.uint8))
+      interpreter.invoke()
+    except (RuntimeError, ValueError):  # A reshape to a batch-1 shape.
+      return False
+    return interpreter.get_output_details()[0]['shape'][0] == 2
+
+
+def to_tflite(serve: Callable, image_shape: Sequence[int]) -> bytes:
+  """The TFLite flatbuffer of `serve` (uint8 images -> logits), from the
+  first of three traces that gives a file of any batch size:
+
+  1. at batch 1, if LiteRT resizes the file to other batches (conv nets,
+     whose global pooling holds no batch-1 shape): static shapes let the
+     converter fuse bias and activation into the convolutions and LiteRT
+     run them in XNNPACK. The file's signature says batch 1;
+     `resize_tensor_input` sets any other (`load_exported` does);
+  2. batch-polymorphic (the signature's batch is -1; an MLP's flatten);
+  3. the per-example function vmapped over the batch, where the converter
+     refuses an op of (2) (a ViT's class-token slice is a gather of dynamic
+     shape there).
+  """
+  try:
+    with progress.quiet_native_imports(sys.argv):  # MLIR errors on refusals.
+      blob = _tflite_convert(serve, image_shape, batch=1)
+    if _resizes(blob, image_shape):
+      return blob
+  except Exception:  # pylint: disable=broad-except
+    pass  # The batch-polymorphic traces below, or their error.
+  try:
+    with progress.quiet_native_imports(sys.argv):
+      return _tflite_convert(serve, image_shape, batch=None)
+  except Exception as first:  # pylint: disable=broad-except
+    try:
+      return _tflite_convert(
+          jax.vmap(lambda image: serve(image[None])[0]), image_shape,
+          batch=None)
+    except Exception:  # pylint: disable=broad-except
+      raise first from None
+
+
+def load_exported(path: str, num_threads: int | None = None
+                  ) -> Callable[[np.ndarray], np.ndarray]:
   """A function uint8 images [N, H, W, C] -> logits that runs the file at
-  `path` (.onnx in onnxruntime, .tflite in LiteRT) on the CPU."""
+  `path` (.onnx in onnxruntime, .tflite in LiteRT) on the CPU, on
+  `num_threads` threads (None: the runtime's default)."""
   if path.endswith('.onnx'):
     ort = _require('onnxruntime', 'running ONNX')
-    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    options = ort.SessionOptions()
+    if num_threads is not None:
+      options.intra_op_num_threads = num_threads
+    session = ort.InferenceSession(path, options,
+                                   providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
     return lambda images: session.run(None, {name: images})[0]
   if not path.endswith('.tflite'):
     raise ValueError(f'{path}: name an .onnx or a .tflite file.')
-  interpreter = _litert_interpreter()(model_path=path)
+  interpreter = _litert_interpreter()(model_path=path,
+                                       num_threads=num_threads)
   # Its first allocation prints an INFO line (the XNNPACK delegate) to stderr.
   with progress.quiet_native_imports(sys.argv):
     interpreter.allocate_tensors()
@@ -248,8 +291,9 @@ def load_exported(path: str) -> Callable[[np.ndarray], np.ndarray]:
                     interpreter.get_output_details())
 
   def run(images):
-    interpreter.resize_tensor_input(inp['index'], images.shape)
-    interpreter.allocate_tensors()
+    if tuple(interpreter.get_input_details()[0]['shape']) != images.shape:
+      interpreter.resize_tensor_input(inp['index'], images.shape)
+      interpreter.allocate_tensors()
     interpreter.set_tensor(inp['index'], images)
     interpreter.invoke()
     return np.array(interpreter.get_tensor(out['index']))
@@ -279,7 +323,8 @@ def eval_images(config: ml_collections.ConfigDict, split: str,
                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 images [n, H, W, C], labels [n]) of `split` as the run's eval
   pipeline reads it (decoded, resized), before its normalisation: the
-  pipeline's float images mapped back to the pixels they came from."""
+  pipeline's float images mapped back to the pixels they came from (the
+  nearest pixels for imagenet2012, whose crops are resized in float)."""
   images, labels, count = [], [], 0
   for batch in input_pipeline.iterate_split(
       config, split, transfer=False, num_devices=1, process_index=0,

@@ -4,6 +4,7 @@ Needs the export extra (`pip install -e '.[export]'` and jax2onnx with
 --no-deps); skipped without it.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from kd_jax import export_model
 from kd_jax import input_pipeline
+from kd_jax import models
 from kd_jax import rundir
 
 pytest.importorskip('onnxruntime')
@@ -71,6 +73,33 @@ def test_batch_sizes_one_and_seven_give_the_same_logits(fmt, exported,
   assert seven.shape == (7, 10) and seven.dtype == np.float32
   one = np.concatenate([run(images[i:i + 1]) for i in range(7)])
   np.testing.assert_allclose(one, seven, rtol=0, atol=1e-5)
+
+
+def test_a_conv_nets_tflite_file_is_traced_at_batch_one_and_resizes(
+    tmp_path):
+  """The 3-layer CNN: traced at batch 1 (convolutions fused, in XNNPACK),
+  the file's signature says 1, and LiteRT runs it resized to 7."""
+  from ai_edge_litert import interpreter  # pylint: disable=g-import-not-at-top
+  model = models.get_model({'name': 'cnn', 'features': (4, 8, 8),
+                            'dense': 8}, 10)
+  variables = jax.device_get(jax.jit(model.init)(
+      jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32)))
+  run = export_model.Run('', dict(image_shape=[28, 28, 1], num_classes=10),
+                         model, variables, np.float32(0.1307),
+                         np.float32(0.3081))
+  serve = export_model.serving_function(run)
+  path = str(tmp_path / 'cnn.tflite')
+  with open(path, 'wb') as f:
+    f.write(export_model.to_tflite(serve, (28, 28, 1)))
+  signature = interpreter.Interpreter(model_path=path).get_input_details()[0]
+  assert list(signature['shape_signature']) == [1, 28, 28, 1]
+  images = np.random.default_rng(0).integers(0, 256, (7, 28, 28, 1),
+                                             np.uint8)
+  run_file = export_model.load_exported(path)
+  want = np.asarray(jax.jit(serve)(images))
+  np.testing.assert_allclose(run_file(images), want, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(run_file(images[:1]), want[:1], rtol=0,
+                             atol=1e-5)
 
 
 def test_uint8_serving_function_is_the_pipelines_normalisation(student_dir):
@@ -151,3 +180,19 @@ def test_cli_prints_the_file_and_its_check(student_dir, tmp_path):
   assert re.search(r"s\.tflite: tflite, [\d.]+ MB; image uint8 \['N', 28, "
                    r"28, 1\] -> logits float32 \['N', 10\]", done.stdout)
   assert "checked on 64 images of split 'train[3600:]'" in done.stdout
+
+
+@pytest.mark.slow
+def test_size_speed_script_times_jax_onnx_and_tflite(tmp_path):
+  out = tmp_path / 'exported.json'
+  done = subprocess.run(
+      [sys.executable, 'experiments/size_speed/exported.py',
+       '--models=mnist_small_student', '--budget_s=0.05', f'--out={out}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  (row,) = json.loads(out.read_text())['rows']
+  for key in ('jax', 'onnx', 'onnx_1thread', 'tflite', 'tflite_1thread'):
+    assert row[f'{key}_ms'] > 0
+  for key in ('onnx', 'onnx_1thread', 'tflite', 'tflite_1thread'):
+    assert row[f'{key}_max_abs_difference'] < 1e-4
+  assert '| mnist_small_student | 28x28x1 | 24,790 |' in done.stdout
