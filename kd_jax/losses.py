@@ -35,6 +35,7 @@ import numpy as np
 __all__ = [
     'COMBINE_METHODS',
     'HARD_LOSSES',
+    'MLKD_TEMPERATURES',
     'SOFT_LOSSES',
     'SPARSE_CONVENTIONS',
     'TOKEN_DIVERGENCES',
@@ -48,7 +49,9 @@ __all__ = [
     'logit_mse',
     'logit_standardize',
     'masked_mean',
+    'mlkd_loss',
     'mse_to_labels',
+    'nkd_loss',
     'reverse_kl_divergence',
     'skew_kl_divergence',
     'skew_reverse_kl_divergence',
@@ -61,7 +64,9 @@ __all__ = [
     'token_sum_and_count',
     'topk_kl_divergence',
     'total_variation',
+    'ttm_loss',
     'validate_distillation_args',
+    'wttm_loss',
 ]
 
 SOFT_LOSSES = ('kl', 'soft_ce', 'logit_mse')
@@ -2093,3 +2098,338 @@ def token_mean(total: ArrayLike, count: ArrayLike) -> jax.Array:
     total = total.astype(jnp.float32)
   count = jnp.asarray(count).astype(total.dtype)
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------
+# NKD, TTM/WTTM and MLKD.
+# ----------------------------------------------------------------------------
+
+
+def _target_labels(labels: ArrayLike, logits: jax.Array, method: str,
+                   where: Any) -> jax.Array:
+  """Integer targets from class indices or from (mixed) label probabilities."""
+  labels, is_index = _label_info(labels, logits)
+  if logits.shape[-1] < 2:
+    raise ValueError(
+        f'student_logits has {logits.shape[-1]} class(es); {method} needs at '
+        f'least 2 (a target and a non-target class).')
+  if not is_index:
+    # The authors' code takes the largest entry of soft (mixup/CutMix) labels.
+    return jnp.argmax(labels, axis=-1)
+  _check_label_range(labels, logits.shape[-1], where=where)
+  return labels
+
+
+def nkd_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
+             labels: ArrayLike, *, gamma: ArrayLike = 1.5,
+             temperature: ArrayLike = 1.0,
+             where: ArrayLike | None = None) -> jax.Array:
+  r"""Normalized KD: a target term and a normalized non-target term.
+
+  With the label :math:`t`, the untempered probabilities :math:`p =
+  \mathrm{softmax}(v)` (teacher) and :math:`q = \mathrm{softmax}(z)`
+  (student), and the distributions over the non-target classes at
+  temperature :math:`T`, :math:`\hat p_i = \mathrm{softmax}_{j \ne t}(v_j /
+  T)_i` and :math:`\hat q_i = \mathrm{softmax}_{j \ne t}(z_j / T)_i`:
+
+  .. math::
+    \ell = -p_t \log q_t \;-\; \gamma\, T^2 \sum_{i \ne t} \hat p_i
+        \log \hat q_i
+
+  (Yang et al. 2023, Eq. 8). Classical KD's non-target part weighs
+  :math:`\hat p` by :math:`1 - p_t` and matches it to :math:`\hat q` scaled by
+  :math:`1 - q_t`, masses that differ; NKD renormalises both sides so that
+  the non-target term only asks for the same shape. The non-target term is
+  a cross-entropy, as in the authors' code: :math:`\gamma T^2 (\mathrm{KL}
+  (\hat p \| \hat q) + H(\hat p))`, the KL plus the teacher's entropy (same
+  gradient). The authors add it to the usual cross-entropy on the labels
+  (weight 1); their defaults are :math:`T = 1, \gamma = 1.5` (ImageNet) and
+  :math:`T = 3, \gamma = 3.5` (their CIFAR-100 config).
+
+  Args:
+    student_logits: float array ``[..., num_classes]``, :math:`z`.
+    teacher_logits: float array of the same shape, :math:`v`.
+    labels: integer class indices ``[...]``, or label probabilities of the
+      logits' shape (mixup, CutMix), whose largest entry is the target.
+    gamma: weight :math:`\gamma \ge 0` of the non-target term.
+    temperature: positive scalar :math:`T` of the non-target term (the
+      target term is untempered).
+    where: optional bool mask ``[...]``; False examples give 0 (value and
+      gradient).
+
+  Returns:
+    Per-example loss, shape ``student_logits.shape[:-1]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0]])
+    >>> teacher = jnp.array([[3.0, 2.0, 1.0]])
+    >>> loss = losses.nkd_loss(student, teacher, jnp.array([0]), gamma=1.5)
+    >>> [round(x, 3) for x in loss.tolist()]
+    [3.168]
+
+  References:
+    Yang et al., `From Knowledge Distillation to Self-Knowledge Distillation:
+    A Unified Approach with Normalized Loss and Customized Soft Labels
+    <https://arxiv.org/abs/2303.13005>`_, ICCV 2023; code:
+    https://github.com/yzd-v/cls_KD (``mmcls/models/dis_losses/nkd.py``).
+  """
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+  _check_same_shape(student, teacher)
+  _check_temperature(temperature)
+  _check_scalar_weight(gamma, 'gamma')
+  labels = _target_labels(labels, student, 'NKD', where)
+  valid = _valid_mask(where, student.shape[:-1])
+  dtype = jnp.promote_types(student.dtype, teacher.dtype)
+  student, teacher = student.astype(dtype), teacher.astype(dtype)
+  is_target = jax.nn.one_hot(labels, student.shape[-1], dtype=bool)
+
+  def target_entry(values):
+    return jnp.sum(jnp.where(is_target, values, 0.0), axis=-1)
+
+  p_target = target_entry(jax.nn.softmax(teacher, axis=-1))
+  target_term = -p_target * target_entry(jax.nn.log_softmax(student, axis=-1))
+
+  def non_target_log_probs(logits):
+    scaled = logits / jnp.asarray(temperature, dtype)
+    return jax.nn.log_softmax(jnp.where(is_target, -jnp.inf, scaled), axis=-1)
+
+  log_p_hat = non_target_log_probs(teacher)
+  log_q_hat = jnp.where(is_target, 0.0, non_target_log_probs(student))
+  p_hat = jnp.where(is_target, 0.0, jnp.exp(log_p_hat))
+  non_target = _cross_entropy_with_probs(p_hat, log_q_hat)
+  loss = target_term + jnp.asarray(gamma, dtype) * _scale(
+      non_target, temperature, True)
+  return jnp.where(valid, loss, 0.0)
+
+
+def _power_transform(teacher: jax.Array,
+                     temperature: Any) -> tuple[jax.Array, jax.Array]:
+  """(log of p^gamma / sum p^gamma, log sum_i p_i^gamma), gamma = 1 / T."""
+  gamma = 1.0 / jnp.asarray(temperature, teacher.dtype)
+  scaled = gamma * jax.nn.log_softmax(teacher, axis=-1)
+  log_norm = jax.nn.logsumexp(scaled, axis=-1)
+  return scaled - log_norm[..., None], log_norm
+
+
+def _ttm_terms(student_logits: ArrayLike, teacher_logits: ArrayLike,
+               temperature: Any, where: Any
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(KL(p~ || q), log sum p^gamma, valid) per example, for TTM and WTTM."""
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+  _check_same_shape(student, teacher)
+  _check_temperature(temperature)
+  valid = _valid_mask(where, student.shape[:-1])
+  dtype = jnp.promote_types(student.dtype, teacher.dtype)
+  log_p_tilde, log_norm = _power_transform(teacher.astype(dtype), temperature)
+  log_q = jax.nn.log_softmax(student.astype(dtype), axis=-1)
+  return _kl_sum(log_p_tilde, log_q), log_norm, valid
+
+
+def ttm_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
+             temperature: ArrayLike = 1.0,
+             where: ArrayLike | None = None) -> jax.Array:
+  r"""Transformed teacher matching: the tempered teacher, the plain student.
+
+  With the power transform :math:`\tilde p_i = p_i^\gamma / \sum_j
+  p_j^\gamma` of the teacher's :math:`p = \mathrm{softmax}(v)`, :math:`\gamma
+  = 1 / T`, and the *untempered* student :math:`q = \mathrm{softmax}(z)`:
+
+  .. math::
+    \ell = \mathrm{KL}(\tilde p \,\|\, q)
+
+  Since :math:`\tilde p = \mathrm{softmax}(v / T)`, TTM is KD with the
+  temperature dropped on the student's side and without the :math:`T^2`
+  factor (Zheng & Yang 2024, Eq. 8); compared with KD it carries an extra
+  Rényi-entropy regulariser on the student. At :math:`T = 1` it is
+  :func:`kl_divergence` at temperature 1.
+
+  Args:
+    student_logits: float array ``[..., num_classes]``, :math:`z`.
+    teacher_logits: float array of the same shape, :math:`v`.
+    temperature: positive scalar :math:`T = 1 / \gamma`; the authors'
+      ``--ttm_l`` is :math:`\gamma`.
+    where: optional bool mask ``[...]``; False examples give 0.
+
+  Returns:
+    Per-example loss, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0]])
+    >>> teacher = jnp.array([[3.0, 2.0, 1.0]])
+    >>> [round(x, 3) for x in losses.ttm_loss(student, teacher,
+    ...                                       temperature=2.0).tolist()]
+    [0.708]
+
+  References:
+    Zheng and Yang, `Knowledge Distillation Based on Transformed Teacher
+    Matching <https://arxiv.org/abs/2402.11148>`_, ICLR 2024; code:
+    https://github.com/zkxufo/TTM (``distiller_zoo/ttm.py``).
+  """
+  kl, _, valid = _ttm_terms(student_logits, teacher_logits, temperature, where)
+  return jnp.where(valid, kl, 0.0)
+
+
+def wttm_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
+              temperature: ArrayLike = 1.0,
+              where: ArrayLike | None = None) -> jax.Array:
+  r"""Weighted TTM: TTM weighted by the power sum of the teacher.
+
+  .. math::
+    \ell = U_\gamma(p)\, \mathrm{KL}(\tilde p \,\|\, q), \quad
+    U_\gamma(p) = \sum_i p_i^\gamma, \quad \gamma = 1 / T
+
+  with :math:`\tilde p` and :math:`q` as in :func:`ttm_loss` (Zheng & Yang
+  2024, Eq. 12). For :math:`\gamma < 1`, :math:`U_\gamma(p)` ranges from 1
+  (a one-hot teacher) to :math:`N^{1 - \gamma}` (a uniform one): examples on
+  which the teacher is unsure weigh more. At :math:`T = 1` the weight is 1
+  and WTTM is KD at temperature 1. The authors weigh it (their ``-b``) far
+  above the cross-entropy, e.g. 45 for vgg13 -> vgg8 with :math:`\gamma =
+  0.1`.
+
+  Args:
+    student_logits: float array ``[..., num_classes]``, :math:`z`.
+    teacher_logits: float array of the same shape, :math:`v`.
+    temperature: positive scalar :math:`T = 1 / \gamma`; the authors'
+      ``--ttm_l`` is :math:`\gamma`.
+    where: optional bool mask ``[...]``; False examples give 0.
+
+  Returns:
+    Per-example loss, shape ``student_logits.shape[:-1]``, >= 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0]])
+    >>> teacher = jnp.array([[3.0, 2.0, 1.0]])
+    >>> [round(x, 3) for x in losses.wttm_loss(student, teacher,
+    ...                                        temperature=2.0).tolist()]
+    [1.139]
+
+  References:
+    Zheng and Yang, `Knowledge Distillation Based on Transformed Teacher
+    Matching <https://arxiv.org/abs/2402.11148>`_, ICLR 2024; code:
+    https://github.com/zkxufo/TTM (``distiller_zoo/wttm.py``).
+  """
+  kl, log_norm, valid = _ttm_terms(student_logits, teacher_logits,
+                                   temperature, where)
+  return jnp.where(valid, jnp.exp(log_norm) * kl, 0.0)
+
+
+MLKD_TEMPERATURES = (2.0, 3.0, 4.0, 5.0, 6.0)
+
+
+def mlkd_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
+              temperatures: tuple[float, ...] = MLKD_TEMPERATURES,
+              instance_weight: ArrayLike = 1.0,
+              batch_weight: ArrayLike = 1.0,
+              class_weight: ArrayLike = 1.0,
+              where: ArrayLike | None = None) -> jax.Array:
+  r"""Multi-level logit distillation: instance, batch and class alignment.
+
+  For each temperature :math:`T` of a set :math:`\mathcal{T}` (the
+  "prediction augmentation"), with :math:`P^s = \mathrm{softmax}(Z^s / T)`
+  and :math:`P^t = \mathrm{softmax}(Z^t / T)` of shape ``[B, C]``:
+
+  .. math::
+    \mathcal{L}_\text{ins} = \frac{T^2}{B} \sum_b \mathrm{KL}(P^t_b \,\|\,
+        P^s_b), \quad
+    \mathcal{L}_\text{batch} = \frac{1}{B} \left\| P^t P^{t\top} -
+        P^s P^{s\top} \right\|_F^2, \quad
+    \mathcal{L}_\text{class} = \frac{1}{C} \left\| P^{t\top} P^t -
+        P^{s\top} P^s \right\|_F^2
+
+  .. math::
+    \mathcal{L} = \sum_{T \in \mathcal{T}} \left(w_\text{ins}
+        \mathcal{L}_\text{ins} + w_\text{batch} \mathcal{L}_\text{batch} +
+        w_\text{class} \mathcal{L}_\text{class}\right)
+
+  (Jin et al. 2023, Eq. 3-8): the ``[B, B]`` Gram matrix relates the
+  examples of the batch (input correlation), the ``[C, C]`` one the classes
+  (category correlation). A **batch-level** loss (one scalar); rows with
+  ``where=False`` take no part, :math:`B` counts the valid rows. Under a
+  data-parallel ``jit`` the value is that of the global batch.
+
+  The authors' code (``KD_ours.py``, ``T`` in {4, 3, 5, 2, 6}, KD weight 0.9,
+  cross-entropy 0.1 on each view) applies the three terms to the weakly
+  augmented view and the instance term to the strongly augmented
+  (RandAugment) one, and multiplies each weak-view term by the fraction of
+  examples (classes, for the class term) whose teacher confidence is at or
+  below the median, 1/2 in practice: weights ``0.45, 0.45, 0.45`` on the
+  weak view and ``0.9, 0, 0`` on the strong one reproduce it, except that
+  the code's strong-view terms at ``T = 2`` and ``6`` use the weak view's
+  logits.
+
+  Args:
+    student_logits: float array ``[B, C]``, :math:`Z^s`.
+    teacher_logits: float array ``[B, C]``, :math:`Z^t`.
+    temperatures: the positive temperatures :math:`\mathcal{T}`.
+    instance_weight: :math:`w_\text{ins} \ge 0`.
+    batch_weight: :math:`w_\text{batch} \ge 0`.
+    class_weight: :math:`w_\text{class} \ge 0`.
+    where: optional bool mask ``[B]``.
+
+  Returns:
+    The scalar loss; 0 when no row is valid.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+    >>> float(losses.mlkd_loss(student, student))
+    0.0
+    >>> round(float(losses.mlkd_loss(student, -student, temperatures=(4.0,))),
+    ...       3)
+    0.891
+
+  References:
+    Jin, Wang and Lin, `Multi-Level Logit Distillation
+    <https://openaccess.thecvf.com/content/CVPR2023/html/Jin_Multi-Level_Logit_Distillation_CVPR_2023_paper.html>`_,
+    CVPR 2023; code: https://github.com/Jin-Ying/Multi-Level-Logit-Distillation
+    (``mdistiller/distillers/KD_ours.py``).
+  """
+  student = _as_float_logits(student_logits, 'student_logits')
+  teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+  _check_same_shape(student, teacher)
+  if student.ndim != 2:
+    raise ValueError(
+        f'student_logits must be a batch of shape [B, C] (MLKD relates the '
+        f'examples of a batch), got shape {student.shape}; reshape to '
+        f'[-1, num_classes].')
+  temperatures = tuple(temperatures)
+  if not temperatures:
+    raise ValueError('temperatures is empty; pass at least one, e.g. the '
+                     f'authors\' {MLKD_TEMPERATURES}.')
+  for temperature in temperatures:
+    _check_temperature(temperature)
+  for value, name in ((instance_weight, 'instance_weight'),
+                      (batch_weight, 'batch_weight'),
+                      (class_weight, 'class_weight')):
+    _check_scalar_weight(value, name)
+  valid = _valid_mask(where, student.shape[:-1])
+  dtype = jnp.promote_types(student.dtype, teacher.dtype)
+  student, teacher = student.astype(dtype), teacher.astype(dtype)
+  count = jnp.sum(valid, dtype=dtype)
+  rows = valid.astype(dtype)[:, None]
+  gram = lambda a: jnp.matmul(a, a.T, precision=jax.lax.Precision.HIGHEST)
+  cross = lambda a: jnp.matmul(a.T, a, precision=jax.lax.Precision.HIGHEST)
+  instance = batch = classes = jnp.zeros([], dtype)
+  for temperature in temperatures:
+    log_q = _tempered_log_softmax(student, temperature)
+    log_p = _tempered_log_softmax(teacher, temperature)
+    instance += _scale(jnp.sum(jnp.where(valid, _kl_sum(log_p, log_q), 0.0)),
+                       temperature, True)
+    # Masked rows are zero rows: they add nothing to either Gram matrix.
+    q, p = jnp.exp(log_q) * rows, jnp.exp(log_p) * rows
+    batch += jnp.sum(jnp.square(gram(p) - gram(q)))
+    classes += jnp.sum(jnp.square(cross(p) - cross(q))) / student.shape[-1]
+  per_row = (jnp.asarray(instance_weight, dtype) * instance
+             + jnp.asarray(batch_weight, dtype) * batch)
+  loss = (per_row / jnp.maximum(count, 1.0)
+          + jnp.asarray(class_weight, dtype) * classes)
+  return jnp.where(count > 0, loss, 0.0)
