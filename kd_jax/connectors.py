@@ -11,6 +11,10 @@ state and leave them out of the exported model.
 * :class:`CRDEmbed`: penultimate features -> unit-norm embedding (CRD; one
   head on the student, one on the teacher) or, with ``normalize=False``, the
   linear embedding of correlation congruence.
+* :class:`ReviewKDFusion` (one :class:`ABF` per level): student features ->
+  the teacher's feature shapes, each level fused with the deeper ones
+  (ReviewKD).
+* :class:`OFDConnector`: student pre-ReLU features -> teacher channels (OFD).
 
 Layouts follow RepDistiller's ``models/util.py`` (``ConvReg``, ``Embed``,
 ``LinearEmbed``) and ``distiller_zoo/VID.py``.
@@ -25,7 +29,8 @@ import numpy as np
 
 from kd_jax import feature_losses
 
-__all__ = ['CRDEmbed', 'FitNetRegressor', 'VIDRegressor']
+__all__ = ['ABF', 'CRDEmbed', 'FitNetRegressor', 'OFDConnector',
+           'ReviewKDFusion', 'VIDRegressor', 'nearest_resize']
 
 # Torch's default conv/linear init, which RepDistiller keeps for connectors:
 # uniform with bound 1 / sqrt(fan_in).
@@ -184,3 +189,177 @@ class CRDEmbed(nn.Module):
     squared = jnp.sum(x * x, axis=-1, keepdims=True)
     # A zero output stays zero with a finite gradient (torch would give NaN).
     return x * jax.lax.rsqrt(jnp.maximum(squared, 1e-24))
+
+
+# ----------------------------------------------------------------------------
+# ReviewKD's attention-based fusion and OFD's connector.
+# ----------------------------------------------------------------------------
+
+# torch's kaiming_uniform_(a=1), which ReviewKD gives its ABF convs:
+# uniform with bound sqrt(3 / fan_in).
+_KAIMING_UNIFORM_A1 = nn.initializers.variance_scaling(1.0, 'fan_in',
+                                                       'uniform')
+
+
+def _torch_bias_init(fan_in: int):
+  """Torch's default conv bias: uniform with bound 1 / sqrt(fan_in)."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Resizes NHWC maps as torch's ``F.interpolate(mode='nearest')``: output
+  row ``i`` is input row ``floor(i * H / h)`` (and the same for columns)."""
+  height, width = size
+  rows = (np.arange(height) * x.shape[1]) // height
+  cols = (np.arange(width) * x.shape[2]) // width
+  return x[:, rows][:, :, cols]
+
+
+def _as_map(x: jax.Array, module: str) -> jax.Array:
+  """NHWC maps pass; a pooled embedding [B, D] becomes [B, 1, 1, D]."""
+  x = jnp.asarray(x)
+  if x.ndim == 2:
+    return x[:, None, None, :]
+  _check_nhwc(x, module)
+  return x
+
+
+class ABF(nn.Module):
+  """ReviewKD's attention-based fusion of one level with the deeper ones.
+
+  The student's map goes through a 1x1 conv (to ``mid_features``) and BN.
+  With ``fuse``, the fused map of the deeper level (``residual``) is resized
+  (nearest) to this level's size, and a 1x1 conv with a sigmoid computes two
+  attention maps from both: ``x * a_0 + residual * a_1``. The result is
+  resized (nearest) to ``out_size`` if needed and a 3x3 conv (to
+  ``out_features``) with BN gives the output that the teacher's feature is
+  compared with. Returns ``(output, fused)``; ``fused`` is the next
+  (shallower) level's ``residual``. Layout and init follow the authors'
+  ``ABF``: convs without bias, kaiming-uniform (``a=1``); the attention conv
+  with torch's default init and a bias.
+
+  Attributes:
+    mid_features: channels of the fused maps (the authors: ``min(512,
+      channels of the student's deepest feature)``, shared by all levels).
+    out_features: the teacher feature's channels.
+    fuse: whether this level takes a deeper level's residual (every level
+      but the deepest).
+    dtype: computation dtype.
+  """
+  mid_features: int
+  out_features: int
+  fuse: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, residual: jax.Array | None = None, *,
+               out_size: tuple[int, int] | None = None,
+               train: bool) -> tuple[jax.Array, jax.Array]:
+    """Maps ``[B, H, W, C]`` (and ``residual [B, h, w, mid]``) to
+    ``([B, H', W', out_features], [B, H', W', mid_features])``."""
+    x = _as_map(x, 'ABF')
+    if self.fuse != (residual is not None):
+      given = 'no residual' if residual is None else 'a residual'
+      raise ValueError(
+          f'ABF(fuse={self.fuse}) got {given}; every level but the deepest '
+          f'takes the deeper level\'s fused map, the deepest takes none.')
+    bn = dict(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    x = nn.Conv(self.mid_features, (1, 1), use_bias=False,
+                kernel_init=_KAIMING_UNIFORM_A1, dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, **bn)(x)
+    if self.fuse:
+      residual = nearest_resize(residual, x.shape[1:3])
+      attention = nn.sigmoid(nn.Conv(
+          2, (1, 1), kernel_init=_TORCH_DEFAULT_INIT,
+          bias_init=_torch_bias_init(2 * self.mid_features),
+          dtype=self.dtype, name='attention')(
+              jnp.concatenate([x, residual], axis=-1)))
+      x = x * attention[..., :1] + residual * attention[..., 1:]
+    if out_size is not None and tuple(x.shape[1:3]) != tuple(out_size):
+      x = nearest_resize(x, tuple(out_size))
+    y = nn.Conv(self.out_features, (3, 3), padding=((1, 1), (1, 1)),
+                use_bias=False, kernel_init=_KAIMING_UNIFORM_A1,
+                dtype=self.dtype)(x)
+    return nn.BatchNorm(use_running_average=not train, **bn)(y), x
+
+
+class ReviewKDFusion(nn.Module):
+  """ReviewKD's student side: one :class:`ABF` per level, run deep to shallow.
+
+  Takes the student's features shallow to deep (stage outputs, then the
+  pooled embedding, ``[B, D]`` or ``[B, 1, 1, D]``) and returns one map per
+  level with the shape of the teacher's feature at that level, to compare
+  with :func:`kd_jax.feature_losses.hcl_loss`. Each level's output sees its
+  own and every deeper student feature (the "review"): the deepest ABF maps
+  the embedding alone; each shallower one fuses its feature with the deeper
+  fused map.
+
+  Attributes:
+    teacher_shapes: the teacher's ``(height, width, channels)`` per level,
+      shallow to deep, as many as student features.
+    mid_features: the fused maps' channels; None means the authors'
+      ``min(512, channels of the deepest student feature)``.
+    dtype: computation dtype.
+  """
+  teacher_shapes: tuple[tuple[int, int, int], ...]
+  mid_features: int | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, student_features, train: bool) -> list[jax.Array]:
+    """Returns ``[B, h_i, w_i, c_i]`` per level, shallow to deep."""
+    shapes = [_check_teacher_shape(s) for s in self.teacher_shapes]
+    features = [_as_map(f, 'ReviewKDFusion') for f in student_features]
+    if len(features) != len(shapes) or not shapes:
+      raise ValueError(
+          f'ReviewKDFusion got {len(features)} student feature(s) for '
+          f'{len(shapes)} teacher_shapes; pass one student feature per '
+          f'teacher level, shallow to deep.')
+    mid = self.mid_features or min(512, features[-1].shape[-1])
+    last = len(shapes) - 1
+    outputs = [None] * len(shapes)
+    residual = None
+    for level in range(last, -1, -1):
+      height, width, channels = shapes[level]
+      outputs[level], residual = ABF(
+          mid, channels, fuse=level < last, dtype=self.dtype,
+          name=f'abf{level}')(features[level], residual,
+                              out_size=(height, width), train=train)
+    return outputs
+
+
+class OFDConnector(nn.Module):
+  """OFD's connector: student pre-ReLU features -> teacher channels.
+
+  A bias-free conv (``kernel_size``, same padding) and BN, as the authors'
+  ``build_feature_connector``: the conv drawn from a normal with std
+  ``sqrt(2 / (k * k * features))``, BN scale 1 and bias 0. Its output is
+  compared with the teacher's pre-ReLU features by
+  :func:`kd_jax.feature_losses.ofd_loss`.
+
+  Attributes:
+    features: the teacher feature's channels.
+    kernel_size: the conv's size (1 on CIFAR-100 and ImageNet).
+    dtype: computation dtype.
+  """
+  features: int
+  kernel_size: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, student_features: jax.Array, train: bool) -> jax.Array:
+    """Maps ``[B, H, W, C]`` to ``[B, H, W, features]``."""
+    _check_nhwc(student_features, 'OFDConnector')
+    pad = (self.kernel_size - 1) // 2
+    y = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
+                padding=((pad, pad), (pad, pad)), use_bias=False,
+                kernel_init=nn.initializers.variance_scaling(
+                    2.0, 'fan_out', 'normal'),
+                dtype=self.dtype)(student_features)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                        epsilon=1e-5, dtype=self.dtype)(y)

@@ -40,6 +40,7 @@ import numpy as np
 from kd_jax.losses import _concrete_value
 
 __all__ = [
+    'HCL_LEVELS',
     'adaptive_avg_pool',
     'attention_transfer',
     'correlation_congruence',
@@ -49,6 +50,9 @@ __all__ = [
     'crd_normalizers',
     'crd_sample_negatives',
     'fitnet_hint',
+    'hcl_loss',
+    'ofd_loss',
+    'ofd_margin',
     'pkt',
     'rkd',
     'similarity_preserving',
@@ -1068,3 +1072,215 @@ def crd(student_embeddings: ArrayLike, teacher_embeddings: ArrayLike,
   per_example = (side_loss(logits[0], normalizers[0])
                  + side_loss(logits[1], normalizers[1]))
   return _masked_mean_rows(per_example, mask)
+
+
+# ----------------------------------------------------------------------------
+# OFD (Heo et al. 2019) and ReviewKD's HCL (Chen et al. 2021).
+# ----------------------------------------------------------------------------
+
+
+def ofd_margin(bn_scale: ArrayLike, bn_bias: ArrayLike, *,
+               min_probability: float = 0.001) -> jax.Array:
+  r"""OFD's per-channel margin from the teacher's BN before a ReLU.
+
+  The teacher's pre-ReLU response of a channel is taken to be
+  :math:`x \sim \mathcal{N}(\beta, \gamma^2)`, the BN's shift and (absolute)
+  scale. The margin is the expected negative response,
+
+  .. math::
+    m = \mathbb{E}[x \mid x < 0] = \beta - |\gamma|
+        \frac{\phi(\beta / |\gamma|)}{\Phi(-\beta / |\gamma|)}
+
+  (Heo et al. 2019, Eq. 3), with :math:`\phi, \Phi` the standard normal's
+  density and CDF; when :math:`\Phi(-\beta/|\gamma|) \le` ``min_probability``
+  (a channel that is almost never negative) it is :math:`-3|\gamma|`, as in
+  the authors' ``get_margin_from_BN``. A channel with :math:`\gamma = 0` is
+  constant: its margin is :math:`\min(\beta, 0)`. Computed once from the
+  teacher's params; the margin is always :math:`\le 0`.
+
+  Args:
+    bn_scale: the BN's scale :math:`\gamma`, ``[C]``.
+    bn_bias: the BN's bias :math:`\beta`, ``[C]``.
+    min_probability: the authors' 0.001.
+
+  Returns:
+    The margins, float32 ``[C]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import feature_losses
+    >>> margin = feature_losses.ofd_margin(jnp.array([1.0, 1.0]),
+    ...                                    jnp.array([0.0, 4.0]))
+    >>> [round(x, 4) for x in margin.tolist()]
+    [-0.7979, -3.0]
+
+  References:
+    Heo et al., `A Comprehensive Overhaul of Feature Distillation
+    <https://arxiv.org/abs/1904.01866>`_, ICCV 2019; code:
+    https://github.com/clovaai/overhaul-distillation (``distiller.py``).
+  """
+  scale = jnp.abs(_as_float(bn_scale, 'bn_scale', 1, min_ndim=1))
+  bias = _as_float(bn_bias, 'bn_bias', 1, min_ndim=1)
+  if scale.shape != bias.shape:
+    raise ValueError(
+        f'bn_bias shape {tuple(bias.shape)} does not match bn_scale shape '
+        f'{tuple(scale.shape)}; pass the same BN layer\'s scale and bias.')
+  positive = scale > 0
+  safe_scale = jnp.where(positive, scale, 1.0)
+  ratio = bias / safe_scale
+  probability = jax.scipy.special.ndtr(-ratio)
+  density = jnp.exp(-0.5 * jnp.square(ratio)) / np.sqrt(2.0 * np.pi)
+  conditional = bias - safe_scale * density / jnp.where(
+      probability > 0, probability, 1.0)
+  margin = jnp.where(probability > min_probability, conditional, -3.0 * scale)
+  return jnp.where(positive, margin, jnp.minimum(bias, 0.0))
+
+
+def ofd_loss(student_features: ArrayLike, teacher_features: ArrayLike,
+             margin: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
+  r"""OFD's partial L2 distance to the margin-ReLU'd teacher features.
+
+  The teacher's pre-ReLU features :math:`t` pass through the margin ReLU
+  :math:`\sigma_m(t) = \max(t, m)` (:func:`ofd_margin`, per channel), and the
+  student's connector output :math:`s` is compared with the partial L2
+  distance, which skips the elements where both sit in the ReLU's dead zone:
+
+  .. math::
+    \ell = \frac{1}{B} \sum_{b} \sum_{i}
+        \begin{cases} 0 & s_{b,i} \le \sigma_m(t_{b,i}) \le 0 \\
+        (s_{b,i} - \sigma_m(t_{b,i}))^2 & \text{otherwise} \end{cases}
+
+  (Heo et al. 2019, Eq. 2 and 5): summed over every element of an example,
+  averaged over the valid examples, as the authors' ``loss.sum() /
+  batch_size`` and mdistiller's ``mean(dim=0).sum()``. A teacher map larger
+  than the student's is first average-pooled to its size (mdistiller). The
+  authors weight it 1e-3 beside cross-entropy 1 and sum it over the stages
+  ``i = 1..n`` (pre-ReLU outputs) with weights :math:`2^{-(n - i)}`, so the
+  last stage weighs 1. The student side is
+  :class:`kd_jax.connectors.OFDConnector` (conv + BN) applied to the
+  student's pre-ReLU features.
+
+  Args:
+    student_features: the connector's output, ``[B, H, W, C]``.
+    teacher_features: the teacher's pre-ReLU features, ``[B, H', W', C]``
+      with ``H' >= H``.
+    margin: ``[C]``, from :func:`ofd_margin`.
+    where: optional bool mask ``[B]``, False for padding.
+
+  Returns:
+    The loss, a float32 scalar.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import feature_losses
+    >>> margin = jnp.array([-1.0])
+    >>> teacher = jnp.array([-5.0, -0.5, 2.0]).reshape(1, 1, 3, 1)
+    >>> student = jnp.array([-3.0, 0.5, 1.0]).reshape(1, 1, 3, 1)
+    >>> float(feature_losses.ofd_loss(student, teacher, margin))
+    2.0
+    >>> student = jnp.array([0.0, -1.0, 2.0]).reshape(1, 1, 3, 1)
+    >>> float(feature_losses.ofd_loss(student, teacher, margin))
+    1.0
+
+  References:
+    Heo et al., `A Comprehensive Overhaul of Feature Distillation
+    <https://arxiv.org/abs/1904.01866>`_, ICCV 2019; code:
+    https://github.com/clovaai/overhaul-distillation and mdistiller's
+    ``distillers/OFD.py``.
+  """
+  layout = '(NHWC [batch, height, width, channels])'
+  student = _as_float(student_features, 'student_features', 4, layout=layout)
+  teacher = _as_float(teacher_features, 'teacher_features', 4, layout=layout)
+  _check_batch(student, teacher, 'student_features', 'teacher_features')
+  margin = _as_float(margin, 'margin', 1, min_ndim=1)
+  if teacher.shape[1] > student.shape[1]:
+    teacher = adaptive_avg_pool(teacher, student.shape[1:3])
+  if student.shape != teacher.shape or margin.shape != student.shape[-1:]:
+    raise ValueError(
+        f'ofd_loss needs student_features, teacher_features (pooled) and '
+        f'margin of shapes [B, H, W, C], [B, H, W, C] and [C]; got '
+        f'{tuple(student.shape)}, {tuple(teacher.shape)} and '
+        f'{tuple(margin.shape)}; map the student to the teacher\'s channels '
+        f'with connectors.OFDConnector(features={teacher.shape[-1]}) and '
+        f'take the margin of the BN that feeds this teacher feature.')
+  mask = _row_mask(where, student.shape[0])
+  target = jnp.maximum(teacher, margin)
+  counted = (student > target) | (target > 0)
+  per_example = jnp.sum(
+      jnp.where(counted, jnp.square(student - target), 0.0).reshape(
+          student.shape[0], -1), axis=1)
+  if mask is None:
+    return jnp.mean(per_example)
+  return _safe_divide(jnp.sum(jnp.where(mask > 0, per_example, 0.0)),
+                      jnp.sum(mask))
+
+
+HCL_LEVELS = (4, 2, 1)
+
+
+def hcl_loss(student_features: ArrayLike, teacher_features: ArrayLike,
+             levels: tuple[int, ...] = HCL_LEVELS,
+             where: ArrayLike | None = None) -> jax.Array:
+  r"""ReviewKD's hierarchical context loss: MSE over a pyramid of poolings.
+
+  With :math:`\mathrm{MSE}` the mean squared error over all elements and
+  :math:`\pi_l` adaptive average pooling to :math:`l \times l`:
+
+  .. math::
+    \ell = \frac{\mathrm{MSE}(s, t) + \sum_{k} 2^{-k}\,
+        \mathrm{MSE}(\pi_{l_k}(s), \pi_{l_k}(t))}{1 + \sum_k 2^{-k}}
+
+  over the levels :math:`l_1 = 4, l_2 = 2, l_3 = 1` smaller than the map's
+  height (Chen et al. 2021, Sec. 3.3; the :math:`k`-th *used* level weighs
+  :math:`2^{-k}`, as in the authors' ``hcl``). A 1x1 map (the pooled
+  embedding) gives the plain MSE. ReviewKD sums it over its levels: each
+  student output of :class:`kd_jax.connectors.ReviewKDFusion` against the
+  teacher's pre-ReLU stage outputs and pooled embedding, weight 1 (5 to 8
+  for some pairs) with a linear warm-up over 20 epochs.
+
+  Args:
+    student_features: ``[B, H, W, C]``, an ABF output.
+    teacher_features: ``[B, H, W, C]``, the same shape.
+    levels: pooled sizes, in order; those ``>= H`` are skipped.
+    where: optional bool mask ``[B]``, False for padding.
+
+  Returns:
+    The loss, a float32 scalar.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kd_jax import feature_losses
+    >>> student = jnp.zeros((1, 2, 2, 1))
+    >>> teacher = jnp.array([1.0, -1.0, 1.0, -1.0]).reshape(1, 2, 2, 1)
+    >>> float(feature_losses.hcl_loss(student, teacher))  # (1 + 0 / 2) / 1.5
+    0.6666666865348816
+
+  References:
+    Chen et al., `Distilling Knowledge via Knowledge Review
+    <https://arxiv.org/abs/2104.09044>`_, CVPR 2021; code:
+    https://github.com/dvlab-research/ReviewKD (``model/reviewkd.py``).
+  """
+  layout = '(NHWC [batch, height, width, channels])'
+  student = _as_float(student_features, 'student_features', 4, layout=layout)
+  teacher = _as_float(teacher_features, 'teacher_features', 4, layout=layout)
+  if student.shape != teacher.shape:
+    raise ValueError(
+        f'teacher_features shape {tuple(teacher.shape)} does not match '
+        f'student_features shape {tuple(student.shape)}; build '
+        f'connectors.ReviewKDFusion with the teacher\'s feature shapes.')
+  levels = tuple(int(level) for level in levels)
+  if any(level < 1 for level in levels):
+    raise ValueError(f'levels={levels!r} must be positive pooled sizes; pass '
+                     f'the authors\' {HCL_LEVELS}.')
+  mask = _row_mask(where, student.shape[0])
+  loss = _masked_mean_rows(jnp.square(student - teacher), mask)
+  weight, total = 1.0, 1.0
+  for level in levels:
+    if level >= student.shape[1]:
+      continue
+    weight /= 2.0
+    pooled = (adaptive_avg_pool(student, (level, level))
+              - adaptive_avg_pool(teacher, (level, level)))
+    loss += weight * _masked_mean_rows(jnp.square(pooled), mask)
+    total += weight
+  return loss / total
