@@ -4,6 +4,8 @@
   slices and the transfer-set filters.
 * `preprocess`: decoding, augmentation, normalisation and mixup (TF ops on
   batches) and their constants.
+* `augment`: strong augmentations, RandAugment with Cutout as MLKD uses it
+  and CutMix (seeded TF ops on batches).
 * `stream`: a run's train stream and eval passes (`get_datasets`,
   `iterate_split`) and the plug-ins that change a run's labels and train
   stream (`kd_jax.specialists` registers one).
