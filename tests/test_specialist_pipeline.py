@@ -4,11 +4,14 @@ combination -> one distilled student, and the inputs the pipeline refuses."""
 import importlib.util
 import json
 import os
+import re
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kd_jax import checkpointing
 from kd_jax.specialists import cluster as cluster_classes
 from kd_jax import input_pipeline
 from kd_jax import models
@@ -265,4 +268,40 @@ def test_groups_from_another_generalist_are_refused(pipeline, tmp_path):
   config = tiny(root, f'role=distill,specialist.groups_file={other}')
   info = input_pipeline.get_datasets(config, num_devices=8).info
   with pytest.raises(ValueError, match='clustered from another generalist'):
+    teachers.load_specialist_ensemble(config, info)
+
+
+def _damage(workdir):
+  """Flips bytes in the largest model file of the latest checkpoint."""
+  steps = checkpointing.checkpoint_dir(workdir)
+  latest = max((d for d in os.listdir(steps) if d.isdigit()), key=int)
+  files = [os.path.join(d, f) for d, _, fs in os.walk(
+      os.path.join(steps, latest, 'model')) for f in fs]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, 'rb').read())
+  for i in range(len(data) // 3, len(data) // 3 + 16):
+    data[i] ^= 0xFF
+  open(path, 'wb').write(bytes(data))
+
+
+@pytest.mark.slow
+def test_specialists_are_known_by_content_and_checked_on_restore(
+    pipeline, tmp_path):
+  root, _ = pipeline
+  config = tiny(root, 'role=distill')
+  info = input_pipeline.get_datasets(config, num_devices=8).info
+  first = teachers.load_specialist_ensemble(config, info)
+  # Moved elsewhere: the same combination; what earlier versions called it
+  # (workdir@step) changes with the path.
+  moved = str(tmp_path / 'specialist_1')
+  shutil.copytree(config.teachers[2].workdir, moved)
+  config.teachers[2].workdir = moved
+  again = teachers.load_specialist_ensemble(config, info)
+  assert again.fingerprint == first.fingerprint
+  assert again.legacy_fingerprints != first.legacy_fingerprints
+  # Damaged: refused naming the entry, not used.
+  _damage(moved)
+  with pytest.raises(checkpointing.CheckpointDamaged, match=re.escape(
+      f"config.teachers[2] (workdir '{moved}')") + r'.*Restore that '
+      'checkpoint folder from a copy'):
     teachers.load_specialist_ensemble(config, info)

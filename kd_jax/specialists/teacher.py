@@ -41,7 +41,10 @@ class SpecialistEnsemble:
     membership: bool [S, C].
     top_n: the generalist's top classes that pick the active specialists.
     num_steps: SQUAREM steps of `specialists.combine`.
-    fingerprint: identifies the generalist and specialists.
+    fingerprint: identifies the generalist and specialists by content (a
+      digest of their checkpoints' checksums and the groups).
+    legacy_fingerprints: what earlier versions called the same combination
+      (by workdir and step), so that runs distilled from it resume.
   """
   variables: Any
   heads: Callable[[Any, dict[str, jax.Array]],
@@ -51,6 +54,7 @@ class SpecialistEnsemble:
   top_n: int
   num_steps: int
   fingerprint: str
+  legacy_fingerprints: tuple[str, ...] = ()
 
   def combine(self, variables, batch) -> dict[str, jax.Array]:
     """log q [B, C] of the combination, and what it was combined from."""
@@ -90,7 +94,9 @@ def _pad_head(variables, padded_model, image_shape):
 
 def _load_specialist(index: int, teacher_cfg, group, info, head_size: int,
                      dtype):
-  """(padded model, padded variables, run_info) of specialist `index`."""
+  """(padded model, padded variables, run_info, step, checksum) of
+  specialist `index`, its checkpoint checked against its checksum and for
+  NaN or Inf."""
   where = f'config.teachers[{index + 1}] (workdir {teacher_cfg.workdir!r})'
   run_info = rundir.read_run_info(teacher_cfg.workdir,
                                   f'config.teachers[{index + 1}].workdir')
@@ -117,20 +123,33 @@ def _load_specialist(index: int, teacher_cfg, group, info, head_size: int,
       jax.random.key(0), jnp.zeros((1, *info.image_shape), jnp.float32)))
   abstract = {'params': abstract['params'],
               'batch_stats': abstract.get('batch_stats', {})}
+  train = (f'python -m kd_jax.main --config=<specialists config>.py:role='
+           f'specialist,specialist.index={index} '
+           f'--workdir={teacher_cfg.workdir}')
   try:
-    variables, step = checkpointing.restore_model(teacher_cfg.workdir,
-                                                  abstract)
+    variables, step, checksum = checkpointing.restore_model_checked(
+        teacher_cfg.workdir, abstract)
   except FileNotFoundError as e:
     raise FileNotFoundError(
-        f'{where}: {e}. Train the specialist first: python -m kd_jax.main '
-        f'--config=<specialists config>.py:role=specialist,specialist.index='
-        f'{index} --workdir={teacher_cfg.workdir}') from None
+        f'{where}: {e}. Train the specialist first: {train}') from None
+  except checkpointing.CheckpointDamaged as e:
+    raise checkpointing.CheckpointDamaged(
+        f'{where}: {e}. Restore that checkpoint folder from a copy, or train '
+        f'the specialist again: {train}') from None
   if step != run_info.get('final_step', step):
     raise ValueError(f'{where} has not finished training: latest checkpoint '
                      f'step {step}, final step {run_info["final_step"]}.')
+  nonfinite = [jax.tree_util.keystr(p) for p, v in
+               jax.tree_util.tree_flatten_with_path(variables)[0]
+               if not bool(jnp.isfinite(v).all())]
+  if nonfinite:
+    raise ValueError(
+        f'{where}: checkpoint step {step} holds NaN or Inf in '
+        f'{len(nonfinite)} arrays (e.g. {nonfinite[0]}): that specialist '
+        f'diverged; train it again with a lower learning rate: {train}')
   padded_model = models.get_model(spec, head_size, dtype=dtype)
   variables = _pad_head(variables, padded_model, info.image_shape)
-  return padded_model, variables, run_info, step
+  return padded_model, variables, run_info, step, checksum
 
 
 def load_specialist_ensemble(config, info, dtype=jnp.float32
@@ -170,7 +189,7 @@ def load_specialist_ensemble(config, info, dtype=jnp.float32
   loaded = [_load_specialist(s, t, groups[s], info, head_size, dtype)
             for s, t in enumerate(teacher_cfgs[1:])]
   factors = np.asarray([run_info['specialist']['oversampling_factor']
-                        for _, _, run_info, _ in loaded], np.float32)
+                        for _, _, run_info, _, _ in loaded], np.float32)
   specs = {json.dumps(rundir.spec_dict(rundir.teacher_model(t)),
                       sort_keys=True) for t in teacher_cfgs[1:]}
 
@@ -180,14 +199,14 @@ def load_specialist_ensemble(config, info, dtype=jnp.float32
   if len(specs) == 1:  # One architecture: a stacked pytree, vmapped.
     model = loaded[0][0]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
-                           *[v for _, v, _, _ in loaded])
+                           *[v for _, v, _, _, _ in loaded])
 
     def specialist_forward(variables, images):
       return jax.vmap(apply, in_axes=(None, 0, None))(model, variables,
                                                       images)
   else:
-    mixed = [m for m, _, _, _ in loaded]
-    stacked = [v for _, v, _, _ in loaded]
+    mixed = [m for m, _, _, _, _ in loaded]
+    stacked = [v for _, v, _, _, _ in loaded]
 
     def specialist_forward(variables, images):
       return jnp.stack([apply(m, v, images) for m, v in zip(mixed, variables)])
@@ -202,15 +221,22 @@ def load_specialist_ensemble(config, info, dtype=jnp.float32
 
   variables = dict(generalist=generalist.variables, specialists=stacked,
                    oversampling_factor=jnp.asarray(factors))
-  prints = [generalist.fingerprint, json.dumps([list(g) for g in groups])]
-  prints += [f'{os.path.abspath(t.workdir)}@{step}'
-             for t, (_, _, _, step) in zip(teacher_cfgs[1:], loaded)]
-  fingerprint = hashlib.sha256('|'.join(prints).encode()).hexdigest()[:16]
+  groups_json = json.dumps([list(g) for g in groups])
+  # By content, as online teachers: the same checkpoints wherever they lie.
+  prints = [generalist.fingerprint, groups_json] + [
+      checksum for *_, checksum in loaded]
+  legacy = [*generalist.legacy_fingerprints[:1], groups_json] + [
+      f'{os.path.abspath(t.workdir)}@{step}'
+      for t, (_, _, _, step, _) in zip(teacher_cfgs[1:], loaded)]
   return SpecialistEnsemble(
       variables=variables, heads=heads, groups=groups,
       membership=specialists.group_matrix(groups, info.num_classes),
       top_n=top_n, num_steps=int(config.specialist.num_steps),
-      fingerprint=fingerprint)
+      fingerprint=_digest(prints), legacy_fingerprints=(_digest(legacy),))
+
+
+def _digest(parts: list[str]) -> str:
+  return hashlib.sha256('|'.join(parts).encode()).hexdigest()[:16]
 
 
 def load_specialists(config, info, dtype=jnp.float32, mesh=None) -> Teacher:
@@ -230,4 +256,5 @@ def load_specialists(config, info, dtype=jnp.float32, mesh=None) -> Teacher:
 
   return Teacher(variables=ensemble.variables, forward=forward,
                  names=('specialists',), weights=(1.0,),
-                 fingerprint=ensemble.fingerprint)
+                 fingerprint=ensemble.fingerprint,
+                 legacy_fingerprints=ensemble.legacy_fingerprints)
