@@ -48,22 +48,18 @@ def _kd(d):
 
 
 def _dkd(d, scale=1.0, temperature=4.0):
-  d.soft = 'dkd'
+  d.soft = dict(method='dkd', alpha=1.0 * scale, beta=8.0 * scale,
+                warmup_epochs=20.0)
   d.temperature = temperature
   d.soft_weight = 1.0
   d.hard_weight = 1.0
-  d.dkd_alpha = 1.0 * scale
-  d.dkd_beta = 8.0 * scale
-  d.dkd_warmup_epochs = 20.0
 
 
 def _dist(d):
-  d.soft = 'dist'
+  d.soft = dict(method='dist', beta=2.0, gamma=2.0)
   d.temperature = 4.0
   d.soft_weight = 1.0
   d.hard_weight = 1.0
-  d.dist_beta = 2.0
-  d.dist_gamma = 2.0
 
 
 def _kd_ls(d):
@@ -80,12 +76,8 @@ def _dkd_ls(d):
 
 def _ctkd(d):
   _kd(d)
-  d.ctkd = 'global'
-  d.ctkd_min_temperature = 1.0
-  d.ctkd_temperature_range = 20.0
-  d.ctkd_strength_start = 0.0
-  d.ctkd_strength_end = 1.0
-  d.ctkd_strength_epochs = 10.0
+  d.ctkd = dict(mode='global', min_temperature=1.0, temperature_range=20.0,
+                strength_start=0.0, strength_end=1.0, strength_epochs=10.0)
 
 
 METHODS = {'kd': _kd, 'dkd': _dkd, 'dist': _dist, 'kd_ls': _kd_ls,
@@ -114,5 +106,5 @@ def get_config(arg=None):
     # The teacher and the scratch student train on labels alone.
     c.distill.soft_weight = None
     c.distill.hard_weight = None
-    c.distill.ctkd = 'none'
+    c.distill.ctkd = dict(mode='none')
   return config_lib.apply_role(c, TEACHER, STUDENT)

@@ -72,11 +72,12 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 500
   c.distill.temperature = 3.0
   c.distill.alpha = 0.1
-  if config_lib.parse_arg(c.copy_and_resolve_references(), arg,
-                          runlocal=_runlocal).distill.soft == 'deit_hard':
+  hard = lambda c: config_lib.method_name(c.distill.soft) == 'deit_hard'
+  if hard(config_lib.parse_arg(c.copy_and_resolve_references(), arg,
+                               runlocal=_runlocal)):
     c.distill.alpha = 0.5  # DeiT's hard distillation: labels and teacher.
   config_lib.parse_arg(c, arg, runlocal=_runlocal)
-  if c.distill_token and c.role == 'distill' and c.distill.soft != 'deit_hard':
+  if c.distill_token and c.role == 'distill' and not hard(c):
     raise ValueError(
         'config.distill_token=True trains the distillation head only with '
         "DeiT's hard-label objective: set distill.soft='deit_hard', or "

@@ -205,10 +205,28 @@ def _model_change(workdir: str, step: int, stored: dict[str, str],
       f'config.init_from={workdir!r} to start it from these weights.')
 
 
+# State entries that earlier versions saved under another name: name now ->
+# name then. A checkpoint that used the old name restores under the new one.
+RENAMED = {'example_state': 'crd_state'}
+
+
+def _renamed(state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+  return {names.get(k, k): v for k, v in state.items()}
+
+
+def _stored_names(meta: dict[str, Any], abstract_state) -> dict[str, str]:
+  """{name now: name in this checkpoint} of the entries it saved renamed."""
+  stored = {_path_tokens(k)[0] for k in meta.get('structure', {})}
+  return {new: old for new, old in RENAMED.items()
+          if new in abstract_state and old in stored and new not in stored}
+
+
 def _restore_step(mngr, step: int, abstract_state, workdir: str):
   """(state, meta) of `step`; raises ModelChanged or whatever damage does."""
   meta = dict(mngr.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore()))['meta'])
+  names = _stored_names(meta, abstract_state)
+  abstract_state = _renamed(abstract_state, names)
   wanted = structure(abstract_state)
   if 'structure' in meta and meta['structure'] != wanted:
     raise _model_change(workdir, step, meta['structure'], wanted)
@@ -229,7 +247,7 @@ def _restore_step(mngr, step: int, abstract_state, workdir: str):
   if 'checksum' in meta and checksum(state) != meta['checksum']:
     raise ValueError('its values do not match the checksum recorded when it '
                      'was saved (the files were altered)')
-  return state, meta
+  return _renamed(state, {old: new for new, old in names.items()}), meta
 
 
 def _move_aside(workdir: str, step: int, folder: str = BROKEN_DIR) -> str:

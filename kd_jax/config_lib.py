@@ -12,6 +12,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import warnings
 from typing import Any
 
 import ml_collections
@@ -61,12 +62,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = model_config('mlp', hidden=(800, 800), dropout=0.0)
 
   # Distillation. teacher_source: none | online | cache | ensemble |
-  # specialists.
+  # specialists. Neither type-checked nor converted: `soft` and `ctkd` are a
+  # method's name or a plain dict of it and its options.
   c.distill = ml_collections.ConfigDict(dict(
       teacher_source='none',
       temperature=1.0,
       alpha=0.0,                 # weight of the soft (teacher) term.
-      soft='kl',  # kl | soft_ce | logit_mse | dkd | dist | deit_hard
+      # The soft term (kd_jax.methods.logit): {'method': name, options...},
+      # or the name alone; e.g. {'method': 'dkd', 'beta': 8.0,
+      # 'warmup_epochs': 20.0}. Methods: kl | soft_ce | logit_mse | dkd |
+      # dist | deit_hard.
+      soft={'method': 'kl'},
       hard='ce',                 # ce | mse
       label_smoothing=0.0,
       ensemble_method='mean_probs',  # mean_probs | mean_log_probs | sum_losses
@@ -77,19 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
       soft_weight=ml_collections.FieldReference(None, field_type=float),
       hard_weight=ml_collections.FieldReference(None, field_type=float),
       ensemble_temperature='one',  # one | distillation: T the teachers mix at.
-      dkd_alpha=1.0,             # DKD's TCKD weight (Zhao et al. 2022).
-      dkd_beta=8.0,              # DKD's NCKD weight.
-      dkd_warmup_epochs=0.0,     # linear warm-up of the DKD term (20 in DKD).
-      dist_beta=1.0,             # DIST's inter-class weight (Huang et al.).
-      dist_gamma=1.0,            # DIST's intra-class weight.
       logit_standardization=False,  # z-score logits before the soft loss.
-      ctkd='none',               # none | global | instance learned T (CTKD).
-      ctkd_min_temperature=1.0,  # T = min + range * sigmoid(theta).
-      ctkd_temperature_range=20.0,
-      ctkd_strength_start=0.0,   # gradient-reversal strength: cosine ramp
-      ctkd_strength_end=1.0,     # from start to end over
-      ctkd_strength_epochs=10.0,  # these epochs.
-      ctkd_hidden=256,           # width of the instance-wise module's MLP.
+      # CTKD's learned temperature (kd_jax.methods.ctkd): {'mode': none |
+      # global | instance, options...}, or the mode alone.
+      ctkd={'mode': 'none'},
       # Feature distillation (kd_jax.objective.feature_terms): a tuple of
       # dicts {method, student, teacher, weight, method options}, each naming
       # student and teacher features (kd_jax.models.features), added to the
@@ -102,7 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
       # replicated on every device: for teachers too big for one device.
       teacher_dtype='',          # '' | float32 | bfloat16
       shard_teacher=False,
-  ))
+  ), type_safe=False, convert_dict=False)
   c.teachers = []                # list of teacher_config(...)
 
   # Specialists (Hinton et al. 2015, sec. 5): the groups of confusable
@@ -151,6 +148,124 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# config.distill's flat fields before the soft term and CTKD took option
+# dicts: old field -> (the method that read it, its option now, its default).
+# `upgrade` moves them into `soft` / `ctkd`, warning with the new form.
+DEPRECATED_DISTILL_FIELDS = {
+    'dkd_alpha': ('dkd', 'alpha', 1.0),
+    'dkd_beta': ('dkd', 'beta', 8.0),
+    'dkd_warmup_epochs': ('dkd', 'warmup_epochs', 0.0),
+    'dist_beta': ('dist', 'beta', 1.0),
+    'dist_gamma': ('dist', 'gamma', 1.0),
+    'ctkd_min_temperature': ('ctkd', 'min_temperature', 1.0),
+    'ctkd_temperature_range': ('ctkd', 'temperature_range', 20.0),
+    'ctkd_strength_start': ('ctkd', 'strength_start', 0.0),
+    'ctkd_strength_end': ('ctkd', 'strength_end', 1.0),
+    'ctkd_strength_epochs': ('ctkd', 'strength_epochs', 10.0),
+    'ctkd_hidden': ('ctkd', 'hidden', 256),
+}
+# Dict fields whose keys are a method's options (checked by the method), so
+# that `--config=...:distill.soft.beta=4.0` may set one not yet there.
+OPTION_DICTS = ('distill.soft', 'distill.ctkd')
+
+
+def _as_dict(value: Any, key: str) -> dict[str, Any]:
+  """A method field as a plain dict: a name alone becomes {key: name}."""
+  if isinstance(value, str):
+    return {key: value}
+  if isinstance(value, ml_collections.ConfigDict):
+    return value.to_dict()
+  if isinstance(value, dict):
+    return dict(value)
+  return {key: value}
+
+
+def method_name(value: Any, key: str = 'method') -> Any:
+  """The method a `distill.soft` (or, key='mode', `distill.ctkd`) names."""
+  return _as_dict(value, key).get(key)
+
+
+def translate_distill(distill: dict[str, Any], warn: bool = True
+                      ) -> dict[str, Any]:
+  """`config.distill` as a plain dict, in the current form.
+
+  The flat fields of `DEPRECATED_DISTILL_FIELDS` move into the option dict
+  of the method that read them (`soft` or `ctkd`), with a FutureWarning
+  naming the new form when `warn`; those of a method the run does not use
+  had no effect and are dropped. `soft` and `ctkd` are then written out in
+  full, every option's value included, as config.json records them.
+
+  Raises:
+    ValueError: an old field and the new option disagree, or `soft` /
+      `ctkd` names no method (`kd_jax.methods`).
+  """
+  from kd_jax.methods import ctkd  # pylint: disable=g-import-not-at-top
+  from kd_jax.methods import logit  # pylint: disable=g-import-not-at-top
+  d = dict(distill)
+  old = {k: d.pop(k) for k in DEPRECATED_DISTILL_FIELDS if k in d}
+  specs = dict(soft=_as_dict(d.get('soft', 'kl'), 'method'),
+               ctkd=_as_dict(d.get('ctkd', 'none'), 'mode'))
+  owners = dict(soft=specs['soft'].get('method'),
+                ctkd='ctkd' if specs['ctkd'].get('mode') != 'none' else None)
+  moved, dropped = [], []
+  for field, value in old.items():
+    owner, option, default = DEPRECATED_DISTILL_FIELDS[field]
+    target = next((k for k, v in owners.items() if v == owner), None)
+    if target is None:
+      if value != default:
+        dropped.append(f'config.distill.{field}={value!r}')
+      continue
+    spec = specs[target]
+    if option in spec and spec[option] != value:
+      raise ValueError(
+          f'config.distill.{field}={value!r} (deprecated) and '
+          f'config.distill.{target}[{option!r}]={spec[option]!r} disagree: '
+          f'delete config.distill.{field}.')
+    spec[option] = value
+    moved.append((field, target))
+  d['soft'] = logit.canonical(specs['soft'])
+  d['ctkd'] = ctkd.canonical(specs['ctkd'])
+  if warn and moved:
+    targets = sorted({t for _, t in moved})
+    new_form = '; '.join(f'config.distill.{t} = {d[t]!r}' for t in targets)
+    warnings.warn(
+        f'config.distill.{", config.distill.".join(f for f, _ in moved)} '
+        f'{"is" if len(moved) == 1 else "are"} deprecated: write {new_form}.',
+        FutureWarning, stacklevel=3)
+  if warn and dropped:
+    warnings.warn(
+        f'{", ".join(dropped)}: deprecated, and without effect in this run '
+        f'(config.distill.soft is {d["soft"]["method"]!r}, config.distill.'
+        f'ctkd {d["ctkd"]["mode"]!r}); dropped. Delete '
+        f'{"it" if len(dropped) == 1 else "them"}.', FutureWarning,
+        stacklevel=3)
+  return d
+
+
+def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` in the current form (`translate_distill`): what
+  `train.train_and_evaluate` and `load_config` run; a config already in it
+  comes back equal."""
+  distill = translate_distill(config.distill.to_dict())
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    for key in set(out.distill.keys()) - set(distill):
+      del out.distill[key]
+    for key in ('soft', 'ctkd'):
+      del out.distill[key]
+      out.distill[key] = distill[key]
+  return out
+
+
+def upgrade_json(config: dict[str, Any]) -> dict[str, Any]:
+  """A config.json's contents in the current form, silently: a workdir
+  written before a field moved compares equal to the same run now."""
+  if not isinstance(config.get('distill'), dict):
+    return config
+  return dict(config, distill=translate_distill(config['distill'],
+                                                warn=False))
+
+
 def _parse_value(text: str) -> Any:
   try:
     return ast.literal_eval(text)
@@ -197,16 +312,32 @@ def parse_arg(config: ml_collections.ConfigDict, arg: str | None,
           f'config arg {part!r} is neither runlocal/tiny nor key=value; '
           f'example: --config=configs/x.py:runlocal,seed=1')
     key, value = part.split('=', 1)
+    parent, _, leaf = key.rpartition('.')
+    if parent in OPTION_DICTS:
+      _set_option(config, parent, leaf, _parse_value(value))
+      continue
     node = config
     *parents, leaf = key.split('.')
     for depth, p in enumerate(parents + [leaf]):
-      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node and (
+          key.replace('distill.', '', 1) not in DEPRECATED_DISTILL_FIELDS):
         raise ValueError(f'config arg sets unknown field {key!r}'
                          f'{_did_you_mean(node, parents[:depth], p)}')
       if depth < len(parents):
         node = node[p]
     node[leaf] = _parse_value(value)
   return config
+
+
+def _set_option(config: ml_collections.ConfigDict, field: str, option: str,
+                value: Any) -> None:
+  """Sets one option of a method's dict (`OPTION_DICTS`), as a new dict; a
+  method named alone becomes its dict."""
+  node, name = config, field.split('.')
+  for p in name[:-1]:
+    node = node[p]
+  key = 'mode' if name[-1] == 'ctkd' else 'method'
+  node[name[-1]] = {**_as_dict(node[name[-1]], key), option: value}
 
 
 def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
@@ -315,4 +446,4 @@ def load_config(name: str, arg: str = '') -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(f'configs.{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return upgrade(module.get_config(arg))

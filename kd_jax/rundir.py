@@ -141,13 +141,16 @@ def _leaves(tree: Any, prefix: str = '') -> dict[str, Any]:
 def config_diff(previous: dict[str, Any], now: dict[str, Any]) -> list[str]:
   """Dotted fields whose values differ between two resolved configs.
 
-  A field that `previous` lacks and `now` holds at its default (one that a
+  `previous` is read in the current form first (`config_lib.upgrade_json`:
+  fields that have moved since it was written are where they are now). A
+  field that `previous` lacks and `now` holds at its default (one that a
   later kd_jax added to `default_config()`) is no difference, nor is a
   top-level field that `default_config()` lacks (a config file's launch-only
   field, which earlier versions stored): workdirs of earlier versions
   resume.
   """
   from kd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  previous = config_lib.upgrade_json(previous)
   default = config_lib.default_config()
   defaults = _leaves(json.loads(config_json(default)))
   launch = {k for k in set(previous) | set(now) if k not in default}
@@ -172,17 +175,20 @@ def write_config(workdir: str, resolved_json: str) -> None:
 
 def unknown_fields(config: ml_collections.ConfigDict,
                    reference: ml_collections.ConfigDict,
-                   prefix: str = '') -> list[str]:
+                   prefix: str = '', options: tuple[str, ...] = ()
+                   ) -> list[str]:
   """Messages for fields of `config` that `reference` lacks, with the
-  nearest known name ("did you mean")."""
+  nearest known name ("did you mean"); the dotted fields in `options` are a
+  method's option dicts, whose keys the method checks."""
   out = []
   for key in config.keys():
     name = f'{prefix}{key}'
     if key not in reference:
       out.append(f'config.{name}{did_you_mean(key, reference.keys(), prefix)}')
-    elif (isinstance(config[key], ml_collections.ConfigDict)
+    elif (name not in options
+          and isinstance(config[key], ml_collections.ConfigDict)
           and isinstance(reference[key], ml_collections.ConfigDict)):
-      out += unknown_fields(config[key], reference[key], f'{name}.')
+      out += unknown_fields(config[key], reference[key], f'{name}.', options)
   return out
 
 

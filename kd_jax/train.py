@@ -45,6 +45,7 @@ from kd_jax import rundir
 from kd_jax.specialists import groups as specialist_groups
 from kd_jax import teachers
 from kd_jax import warm_start
+from kd_jax.methods import logit
 from kd_jax.models import features as model_features
 
 # clu's writers import TensorFlow: only a process that trains loads it.
@@ -61,7 +62,12 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad field and how to fix it."""
+  """Raises ValueError naming the first bad field and how to fix it.
+
+  Reads `config` in the current form (`config_lib.upgrade`, which warns
+  about deprecated fields).
+  """
+  config = config_lib.upgrade(config)
   d = config.distill
   if d.teacher_source not in TEACHER_SOURCES:
     raise ValueError(f'config.distill.teacher_source={d.teacher_source!r}; '
@@ -86,10 +92,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         'specialist, but config.distill.teacher_source="specialists" distils '
         'the whole ensemble into a student on all classes: set '
         'config.specialist.index=-1.')
-  if d.ensemble_method not in ('mean_probs', 'mean_log_probs', 'sum_losses'):
-    raise ValueError(
-        f'config.distill.ensemble_method={d.ensemble_method!r}; choose '
-        f'mean_probs, mean_log_probs or sum_losses.')
   if config.optimizer not in OPTIMIZERS:
     raise ValueError(f'config.optimizer={config.optimizer!r}; choose one of '
                      f'{OPTIMIZERS}.')
@@ -117,7 +119,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _validate_loop(config)
   unknown = [m for name in ('distill', 'specialist', 'transfer')
              for m in rundir.unknown_fields(
-                 config[name], config_lib.default_config()[name], f'{name}.')]
+                 config[name], config_lib.default_config()[name], f'{name}.',
+                 config_lib.OPTION_DICTS)]
   if unknown:
     raise ValueError(f'unknown config fields: {"; ".join(unknown)}. Every '
                      'field and its default is in '
@@ -254,23 +257,23 @@ def make_mesh(devices, model: int = 1) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-# Per-example rows of the state (CRD's memory banks and the labels they have
-# seen), split over the devices like batches, so that they scale with them.
-ROW_SHARDED_STATE = ('student_memory', 'teacher_memory', 'labels')
-
-
-def state_shardings(abstract_state: State, mesh: jax.sharding.Mesh) -> Any:
-  """The train state's layout on `mesh`: replicated, but for CRD's banks,
-  whose rows (one per train example) are split over every mesh axis where
-  their count divides evenly (replicated otherwise). XLA partitions the
+def state_shardings(abstract_state: State, mesh: jax.sharding.Mesh,
+                    distill=None) -> Any:
+  """The train state's layout on `mesh`: replicated, but for the entries of
+  per-example state that the feature methods of `distill` split by rows
+  (`objective.row_sharded`: CRD's banks, one row per train example), split
+  over every mesh axis where their count divides evenly (replicated
+  otherwise), so that they scale with the devices. XLA partitions the
   step's gathers and scatters on them; the values are the same either way."""
   replicated = NamedSharding(mesh, P())
   rows = NamedSharding(mesh, input_pipeline.batch_spec(mesh))
+  split = {} if distill is None else objective.row_sharded(distill)
   num_shards = mesh.size
 
   def layout(path, leaf):
     keys = [getattr(k, 'key', None) for k in path]
-    if (keys[:1] == ['crd_state'] and keys[-1] in ROW_SHARDED_STATE
+    if (len(keys) == 3 and keys[0] == 'example_state'
+        and keys[2] in split.get(keys[1], ())
         and leaf.shape and leaf.shape[0] % num_shards == 0):
       return rows
     return replicated
@@ -293,8 +296,8 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
   Teacher forward -> student forward -> `objective.loss` (+
   `objective.feature_loss`) -> update. A learned temperature
   (`state['temperature_params']`, CTKD) and the feature terms' connectors
-  (`state['connector_params']`) are updated by the same optimizer, CRD's
-  banks (`state['crd_state']`) by their momentum rule. The teacher's
+  (`state['connector_params']`) are updated by the same optimizer,
+  per-example state (`state['example_state']`, CRD's banks) by its method. The teacher's
   features come from the forward pass that gives its logits.
   `steps_per_epoch` gives the epoch that DKD's warm-up and CTKD's curriculum
   follow. `log` (a traced bool: one program serves every step) says whether
@@ -303,7 +306,7 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
   """
   rng = jax.random.fold_in(state['rng'], state['step'])
   feature_terms = objective.feature_terms(distill)
-  deit = distill.soft == 'deit_hard'
+  student_head = logit.soft_term(distill).method.student_head
   teacher_features = None
   if teacher is None:
     teacher_logits = None
@@ -323,14 +326,14 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
   epoch = (None if steps_per_epoch is None
            else state['step'].astype(jnp.float32) / steps_per_epoch)
   learned = 'temperature_params' in state
-  dropout_rng, crd_rng = jax.random.split(rng)
+  dropout_rng, example_rng = jax.random.split(rng)
   if not feature_terms:
     dropout_rng = rng  # Runs without feature terms draw as they always have.
 
   def loss_fn(params, temperature_params, connector_params):
     variables = {'params': params, 'batch_stats': state['batch_stats']}
     student_features = {}
-    if feature_terms or deit:
+    if feature_terms or student_head:
       logits, student_features, new_model_state = (
           model_features.apply_with_features(
               model, variables, batch['image'], train=True,
@@ -347,19 +350,19 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
         logits, targets, batch['label'], batch['mask'], distill,
         label_probs=batch.get('label_probs'), epoch=epoch,
         temperature=temperature,
-        distillation_logits=student_features.get('dist_logits'))
+        distillation_logits=student_features.get(student_head))
     feature_state = {}
     if feature_terms:
-      feature_total, feature_values, connector_batch_stats, crd_state = (
+      feature_total, feature_values, connector_batch_stats, example_state = (
           objective.feature_loss(
               feature_terms, connector_params,
               state['connector_batch_stats'], student_features,
-              teacher_features, batch, crd_state=state['crd_state'],
-              rng=crd_rng))
+              teacher_features, batch, example_state=state['example_state'],
+              rng=example_rng))
       loss = loss + feature_total
       terms = {**terms, **feature_values, 'total': loss}
       feature_state = dict(connector_batch_stats=connector_batch_stats,
-                           crd_state=crd_state)
+                           example_state=example_state)
     return loss, (logits, new_model_state, terms, temperature, strength,
                   feature_state)
 
@@ -599,6 +602,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     divergence.Diverged: the loss or the parameters stopped being finite;
       the message names the checkpoint a rerun resumes from.
   """
+  config = config_lib.upgrade(config)
   validate_config(config)
   rundir.prepare(workdir)
   with _workdir_lock(workdir):
@@ -659,7 +663,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       num_train_examples=info.num_train_examples)
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, rng)
-  state_sharding = state_shardings(abstract, mesh)
+  state_sharding = state_shardings(abstract, mesh, config.distill)
   init_fn = jax.jit(init, out_shardings=state_sharding)
   pinned: set[int] = set()  # Steps kept out of rotation (divergence).
   mngr = checkpointing.manager(workdir, config.keep_checkpoints, pinned)

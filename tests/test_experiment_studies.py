@@ -256,12 +256,12 @@ def test_feature_methods_choose_each_students_rate_on_validation(tmp_path):
 def test_logit_methods_scale_the_authors_schedules_to_the_study():
   study = _load('logit_methods')
   dkd = study.method_overrides('dkd', 60)
-  assert dkd['distill.soft'] == 'dkd'
-  assert dkd['distill.dkd_warmup_epochs'] == pytest.approx(20 * 60 / 240)
+  assert dkd['distill.soft']['method'] == 'dkd'
+  assert dkd['distill.soft']['warmup_epochs'] == pytest.approx(20 * 60 / 240)
   ctkd = study.method_overrides('ctkd', 24)
-  assert ctkd['distill.ctkd'] != 'none'
-  assert ctkd['distill.ctkd_strength_epochs'] == pytest.approx(
-      study.method_overrides('ctkd', 240)['distill.ctkd_strength_epochs']
+  assert ctkd['distill.ctkd']['mode'] == 'global'
+  assert ctkd['distill.ctkd']['strength_epochs'] == pytest.approx(
+      study.method_overrides('ctkd', 240)['distill.ctkd']['strength_epochs']
       / 10)
 
 
@@ -287,8 +287,8 @@ def test_deit_study_plans_scratch_soft_and_hard_students_per_seed(tmp_path):
     assert teacher.workdir == teachers[run['seed']]
     assert teacher.model == study.make(runs[0]).model
     assert config.model.distill_token == (run['method'] == 'hard')
-    assert config.distill.soft == ('deit_hard' if run['method'] == 'hard'
-                                   else 'kl')
+    assert config.distill.soft['method'] == (
+        'deit_hard' if run['method'] == 'hard' else 'kl')
 
 
 @pytest.mark.slow

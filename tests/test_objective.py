@@ -21,6 +21,7 @@ from kd_jax import models
 from kd_jax import objective
 from kd_jax import teachers
 from kd_jax import train
+from kd_jax.methods import ctkd
 from kd_jax.config_lib import load_config
 
 B, C = 16, 10
@@ -57,8 +58,8 @@ def test_alpha_configs_give_distillation_loss_exactly():
 
 def test_explicit_weights_and_dkd_warmup():
   student, teacher, labels, mask = random_inputs(1)
-  d = distill_config(alpha=0.0, soft='dkd', soft_weight=2.0, hard_weight=0.5,
-                     dkd_warmup_epochs=4.0)
+  d = distill_config(alpha=0.0, soft=dict(method='dkd', warmup_epochs=4.0),
+                     soft_weight=2.0, hard_weight=0.5)
   targets = objective.teacher_targets(teacher, {}, d, (1.0,))
   soft = losses.masked_mean(losses.dkd(student, teacher[0], labels,
                                        where=mask), mask)
@@ -76,16 +77,17 @@ def test_explicit_weights_and_dkd_warmup():
 
 
 @pytest.mark.parametrize('fields', [
-    dict(soft='dkd'), dict(soft='dist'), dict(logit_standardization=True)])
+    dict(soft='dkd'), dict(soft='dist'), dict(logit_standardization=True),
+    dict(ctkd='global')])
 def test_topk_cache_refuses_losses_it_cannot_serve_exactly(fields):
-  student, teacher, labels, mask = random_inputs(2)
-  batch = dict(teacher_topk_logits=teacher[0, :, :3],
-               teacher_topk_indices=jnp.tile(jnp.arange(3), (B, 1)),
-               teacher_rest_mass=jnp.full((B,), 0.1))
-  d = distill_config(**fields)
-  targets = objective.teacher_targets(teacher, batch, d, (1.0,))
+  config = load_config('mnist5k_distill', 'distill.temperature=4.0')
+  config.distill.update(fields)
+  manifest = dict(form='topk', top_k=3, temperature=4.0)
   with pytest.raises(ValueError, match='top-k'):
-    objective.loss(student, targets, labels, mask, d)
+    teachers.cache.check_form({'train': manifest},
+                              config_lib.upgrade(config))
+  teachers.cache.check_form({'train': manifest}, load_config(
+      'mnist5k_distill', 'distill.temperature=4.0'))
 
 
 @pytest.mark.parametrize('arg, match', [
@@ -93,21 +95,21 @@ def test_topk_cache_refuses_losses_it_cannot_serve_exactly(fields):
     ('distill.soft_weight=1.0', 'config.distill.hard_weight'),
     ('distill.ctkd="yes"', 'config.distill.ctkd'),
     ('distill.ensemble_temperature="2"', 'config.distill.ensemble_temperature'),
-    ('distill.dkd_beta=-1.0', 'config.distill.dkd_beta'),
+    ('distill.soft={"method":"dkd","beta":-1.0}', 'config.distill.soft.beta'),
+    ('distill.soft.beta=1.0', 'does not take'),
     ('distill.soft="dist",distill.ctkd="instance"', 'ctkd="global"'),
     ('distill.soft="dkd",mixup_alpha=0.2', 'mixup_alpha'),
     ('distill.temperature=0.0', 'temperature'),
 ])
 def test_bad_objective_fields_are_named(arg, match):
-  config = load_config('mnist5k_distill', arg)
   with pytest.raises(ValueError, match=match):
-    objective.validate(config)
+    objective.validate(load_config('mnist5k_distill', arg))
 
 
 @pytest.mark.parametrize('mode', ['global', 'instance'])
 def test_ctkd_temperature_gradient_is_reversed_and_scaled(mode):
   student, teacher, labels, mask = random_inputs(3)
-  d = distill_config(ctkd=mode, ctkd_hidden=8)
+  d = distill_config(ctkd=dict(mode=mode, hidden=8))
   targets = objective.teacher_targets(teacher, {}, d, (1.0,))
   state = objective.init_temperature_state(d, C, optax.sgd(0.1),
                                            jax.random.key(0))
@@ -117,7 +119,7 @@ def test_ctkd_temperature_gradient_is_reversed_and_scaled(mode):
     temperature, strength = objective.learned_temperature(
         d, params, student, targets, epoch)
     if not reverse:  # The same temperature without the reversal.
-      raw = objective._temperature_module(d).apply(  # pylint: disable=protected-access
+      raw = ctkd.temperature_module(ctkd.settings(d)).apply(
           {'params': params}, student, targets.logits)
       temperature = 1.0 + 20.0 * jax.nn.sigmoid(raw)
     return objective.loss(student, targets, labels, mask, d,
@@ -145,8 +147,8 @@ def fake_cache_teacher():
 @pytest.mark.parametrize('ctkd', ['none', 'global'])
 def test_dist_step_on_one_device_equals_eight(ctkd):
   config = load_config('mnist5k_distill', '')
-  config.distill.update(soft='dist', alpha=0.0, soft_weight=1.0,
-                        hard_weight=1.0, dist_beta=2.0, dist_gamma=2.0,
+  config.distill.update(soft=dict(method='dist', beta=2.0, gamma=2.0),
+                        alpha=0.0, soft_weight=1.0, hard_weight=1.0,
                         ctkd=ctkd)
   model = models.get_model(dict(name='mlp', hidden=(16,), dropout=0.0), C)
   tx = optax.sgd(0.05, momentum=0.9)

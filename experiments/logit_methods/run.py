@@ -82,22 +82,24 @@ def _methods_module():
 
 
 # The objective's fields; a method's values replace the base config's.
-OBJECTIVE_FIELDS = (
-    'soft', 'temperature', 'alpha', 'soft_weight', 'hard_weight', 'dkd_alpha',
-    'dkd_beta', 'dkd_warmup_epochs', 'dist_beta', 'dist_gamma',
-    'logit_standardization', 'ctkd', 'ctkd_min_temperature',
-    'ctkd_temperature_range', 'ctkd_strength_start', 'ctkd_strength_end',
-    'ctkd_strength_epochs')
+OBJECTIVE_FIELDS = ('soft', 'temperature', 'alpha', 'soft_weight',
+                    'hard_weight', 'logit_standardization', 'ctkd')
+# Options counted in epochs: (field, option), scaled with the run's length.
+EPOCH_OPTIONS = (('soft', 'warmup_epochs'), ('ctkd', 'strength_epochs'))
 
 
 def method_overrides(method: str, num_epochs: float) -> dict[str, Any]:
   """The objective fields of a method of configs/cifar100_logit_methods.py,
   with its epoch schedules scaled from 240 epochs to `num_epochs`."""
-  distill = config_lib.default_config().distill
-  _methods_module().METHODS[method](distill)
+  config = config_lib.default_config()
+  _methods_module().METHODS[method](config.distill)
+  distill = config_lib.upgrade(config).distill.to_dict()
   out = {f'distill.{k}': distill[k] for k in OBJECTIVE_FIELDS}
-  for key in ('distill.dkd_warmup_epochs', 'distill.ctkd_strength_epochs'):
-    out[key] = out[key] * num_epochs / AUTHORS_EPOCHS
+  for field, option in EPOCH_OPTIONS:
+    spec = dict(out[f'distill.{field}'])
+    if option in spec:
+      spec[option] = spec[option] * num_epochs / AUTHORS_EPOCHS
+    out[f'distill.{field}'] = spec
   return out
 
 

@@ -43,6 +43,8 @@ import numpy as np
 
 from kd_jax.data import preprocess
 from kd_jax.data import stream as data_stream
+from kd_jax.methods import ctkd
+from kd_jax.methods import logit
 from kd_jax.teachers.base import Teacher
 
 MANIFEST = 'manifest.json'
@@ -674,7 +676,7 @@ def _check_same_export(first: dict[str, Any], manifest: dict[str, Any],
         f'shard (they differ in {differ}): export again into an empty --out.')
 
 
-def _check_form(manifests: dict[str, dict[str, Any]], config) -> None:
+def check_form(manifests: dict[str, dict[str, Any]], config) -> None:
   """One form (and k, temperature) for all splits, and a loss that reads it."""
   def form_of(m):
     return (m.get('form', 'dense'), m.get('top_k'), m.get('temperature'))
@@ -687,11 +689,20 @@ def _check_form(manifests: dict[str, dict[str, Any]], config) -> None:
   form, top_k, temperature = next(iter(forms.values()))
   if form != 'topk':
     return
-  if config.distill.soft != 'kl':
+  method = logit.soft_term(config.distill).method
+  if method.topk is None:
     raise ValueError(
-        f'config.distill.soft={config.distill.soft!r} with a top-k cache '
-        f'(k={top_k}): a top-k cache trains with losses.topk_kl_divergence; '
-        f'set config.distill.soft="kl", or export a dense cache.')
+        f'config.distill.soft={method.name!r} with a top-k cache (k={top_k}): '
+        f'a top-k cache keeps k classes and one rest bucket, and '
+        f'{method.name} needs every class\'s probability; a top-k cache '
+        f'trains with losses.topk_kl_divergence: set config.distill.soft='
+        f'"kl", or export a dense cache.')
+  if (config.distill.logit_standardization
+      or ctkd.settings(config.distill).learned):
+    raise ValueError(
+        f'config.distill.logit_standardization / ctkd with a top-k cache '
+        f'(k={top_k}): standardizing needs all C logits and the rest mass is '
+        f'stored at one fixed temperature; export a dense cache.')
   if float(config.distill.temperature) != float(temperature):
     raise ValueError(
         f'config.distill.temperature={config.distill.temperature} but the '
@@ -936,7 +947,7 @@ def load_cache(config, info) -> Teacher:
             cache_dir, split, len(table_ids[t]), shard), config, split)
   train_tables = np.asarray([t for t, (split, _) in enumerate(table_split)
                              if split == config.train_split])
-  _check_form(manifests, config)
+  check_form(manifests, config)
   train_manifest = manifests[config.train_split]
   form = train_manifest.get('form', 'dense')
   view_seed = train_manifest['preprocessing'].get('view_seed', 0)
