@@ -59,26 +59,29 @@ class CausalSelfAttention(nn.Module):
     head_dim = width // self.num_heads
     qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype,
                           kernel_init=_INIT, name='qkv')(x)
-    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Heads before positions, [B, H, L, Dh]: (batch, head) lead both
+    # attention matmuls, as XLA's dot wants, so that a decoding step reads
+    # the cache in place instead of transposing all of it in every block.
+    query, key, value = jnp.moveaxis(qkv, (2, 3), (0, 2))
     query_positions = jnp.arange(length)
     if decode:
       key, value, offset = self._append_to_cache(key, value)
       query_positions = query_positions + offset
-    key_positions = jnp.arange(key.shape[1])
+    key_positions = jnp.arange(key.shape[2])
     causal = query_positions[:, None] >= key_positions[None, :]
-    scores = jnp.einsum('bqhd,bkhd->bhqk', query, key).astype(jnp.float32)
+    scores = jnp.einsum('bhqd,bhkd->bhqk', query, key).astype(jnp.float32)
     scores = scores / math.sqrt(head_dim)
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
     dropped = nn.Dropout(self.dropout, deterministic=not train)(weights)
-    y = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), value)
+    y = jnp.einsum('bhqk,bhkd->bqhd', dropped.astype(self.dtype), value)
     y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                         kernel_init=_INIT, name='out')(y)
     return y, weights
 
   def _append_to_cache(self, key: jax.Array, value: jax.Array
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes key/value [B, L, H, Dh] at the cache index; returns the whole
+    """Writes key/value [B, H, L, Dh] at the cache index; returns the whole
     cache and the index the new positions start at."""
     # Initialising (no cache yet) sizes the cache from the input's length.
     initialized = self.has_variable('cache', 'cached_key')
@@ -90,11 +93,11 @@ class CausalSelfAttention(nn.Module):
                           lambda: jnp.zeros((), jnp.int32))
     offset = index.value
     if initialized:
-      start = (0, offset, 0, 0)
+      start = (0, 0, offset, 0)
       cached_key.value = lax.dynamic_update_slice(cached_key.value, key, start)
       cached_value.value = lax.dynamic_update_slice(cached_value.value, value,
                                                     start)
-      index.value = offset + key.shape[1]
+      index.value = offset + key.shape[2]
       return cached_key.value, cached_value.value, offset
     return key, value, offset
 
