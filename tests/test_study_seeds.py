@@ -1,4 +1,4 @@
-"""The unseen-classes study's summary over seeds (no training)."""
+"""The study scripts' plans and summaries over seeds (no training)."""
 
 import importlib.util
 import os
@@ -54,3 +54,27 @@ def test_seeds_give_each_seed_its_teacher_workdir_and_out_dir(tmp_path):
   assert one.out_dir == '/o/seed2'
   with pytest.raises(ValueError, match='--seeds'):
     module.parse_args(['--seeds=,'])
+
+
+def _hinton():
+  path = os.path.join(REPO, 'experiments', 'hinton_mnist', 'run.py')
+  spec = importlib.util.spec_from_file_location('hinton_mnist_run', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_hinton_small_widths_may_name_their_own_temperatures():
+  module = _hinton()
+  args = module.parse_args(['--seeds=0', '--small_widths=30:2.5,300:8/16',
+                            '--tiny_temperatures=4'])
+  names = [r['name'] for r in module.plan_runs(args)]
+  assert names[3:] == ['student30_scratch_s0', 'student30_T2.5_s0',
+                       'student300_scratch_s0', 'student300_T8_s0',
+                       'student300_T16_s0']
+  plain = module.parse_args(['--seeds=0', '--small_widths=30',
+                             '--tiny_temperatures=2.5,4'])
+  assert [r['name'] for r in module.plan_runs(plain)][4:] == [
+      'student30_T2.5_s0', 'student30_T4_s0']
+  with pytest.raises(ValueError, match='--small_widths'):
+    module.parse_args(['--small_widths=30:x'])

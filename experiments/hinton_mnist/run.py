@@ -84,7 +84,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       'distilled.')
   parser.add_argument('--small_widths', default='30',
                       help='Widths w of the small 2xw nets trained from '
-                      'scratch and distilled at --tiny_temperatures.')
+                      'scratch and distilled at --tiny_temperatures; '
+                      'w:T1/T2 distils width w at T1 and T2 instead, e.g. '
+                      '30:2.5,300:8.')
   parser.add_argument('--num_epochs', type=float, default=None,
                       help='Overrides the configs\' 60 epochs for the '
                       'students (the teachers keep theirs).')
@@ -113,7 +115,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.seeds = [int(s) for s in args.seeds.split(',') if s]
   args.tiny_temperatures = [float(t) for t in
                             args.tiny_temperatures.split(',') if t]
-  args.small_widths = [int(w) for w in args.small_widths.split(',') if w]
+  args.small_widths, args.width_temperatures = parse_widths(
+      args.small_widths)
   if args.tiny:
     args.seeds = args.seeds[:1]
     args.tiny_temperatures = args.tiny_temperatures[-1:]
@@ -129,6 +132,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   if args.teachers_dir is None:
     args.teachers_dir = args.workdir
   return args
+
+
+def parse_widths(spec: str) -> tuple[list[int], dict[int, list[float]]]:
+  """'30,300:8/16' -> ([30, 300], {300: [8.0, 16.0]}): the small widths,
+  and the temperatures of those that name their own."""
+  widths, temperatures = [], {}
+  for part in filter(None, spec.split(',')):
+    width, _, temps = part.partition(':')
+    try:
+      widths.append(int(width))
+      if temps:
+        temperatures[int(width)] = [float(t) for t in temps.split('/')]
+    except ValueError:
+      raise ValueError(f'--small_widths={spec!r}: each entry is a width or '
+                       'width:T1/T2, e.g. 30,300:8/16.') from None
+  return widths, temperatures
 
 
 def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -180,7 +199,7 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     for w in args.small_widths:
       add(f'student{w}_scratch_s{seed}', f'2x{w} scratch', 'mnist5k_student',
           [f'seed={seed}'], {'model.hidden': (w, w)}, seed=seed)
-      for t in args.tiny_temperatures:
+      for t in args.width_temperatures.get(w, args.tiny_temperatures):
         add(f'student{w}_T{t:g}_s{seed}', f'2x{w} distilled T={t:g}',
             distill_config, distill + [f'distill.temperature={t}'],
             {'model.hidden': (w, w)}, temperature=t, seed=seed)
