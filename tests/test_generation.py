@@ -1,4 +1,12 @@
-"""Completions of transfer-text prompts: shapes, masks, keys, cache."""
+"""Completions of transfer-text prompts: shapes, masks, keys, cache; and
+the generation speed benchmark's PyTorch decoder and --tiny run."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
 
 import jax
 from jax.sharding import NamedSharding
@@ -10,6 +18,8 @@ import pytest
 from kd_jax import generation
 from kd_jax.models import decoder
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEED_SCRIPT = os.path.join(REPO, 'experiments', 'generation_speed', 'run.py')
 VOCAB = 32
 WINDOW = 12
 PROMPT = 4
@@ -128,3 +138,47 @@ def test_generate_refuses_lengths_it_cannot_serve_by_name(tiny, batch):
     run(prompt_length=4, completion_length=0)
   with pytest.raises(ValueError, match='block_size=32'):
     run(prompt_length=4, completion_length=29)
+
+
+def _speed_script():
+  spec = importlib.util.spec_from_file_location('generation_speed',
+                                                SPEED_SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # Its dataclasses look their module up.
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_the_benchmarks_pytorch_decoder_computes_what_the_jax_one_does(
+    tmp_path):
+  pytest.importorskip('torch')
+  script = _speed_script()
+  setting = script.setting(tiny=True, batch_sizes='')
+  reference = str(tmp_path / 'reference.npz')
+  script.write_reference(setting, reference)
+  _, check = script.load_torch_decoder(setting, reference)
+  assert check['max_abs_logit'] > 0.1  # Logits that a wrong weight would move.
+  assert check['forward_max_abs_diff'] < 1e-5
+  assert check['cache_max_abs_diff'] < 1e-5
+  assert check['greedy_tokens_equal'] == 1.0
+
+
+@pytest.mark.slow  # Three benchmark processes.
+def test_the_speed_benchmark_runs_tiny_and_writes_its_record(tmp_path):
+  pytest.importorskip('torch')
+  out = tmp_path / 'results.json'
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, SPEED_SCRIPT, '--tiny', f'--out={out}'], cwd=REPO,
+      env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert f'wrote {out}' in result.stdout
+  record = json.loads(out.read_text())
+  assert record['tiny'] and record['setting']['batch_sizes'] == [2]
+  assert set(record['round_seconds']) == {
+      'jax cache 2', 'jax no_cache 2', 'torch cache 2'}
+  for times in record['round_seconds'].values():
+    assert len(times) == record['rounds']
+    assert all(math.isfinite(t) and t > 0 for t in times)
+  assert record['check']['forward_max_abs_diff'] <= record['tolerance']
+  assert '| 2 |' in record['table'] and record['table'] in result.stdout
