@@ -302,6 +302,47 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
   return '\n'.join(lines)
 
 
+def eval_curve(workdir: str) -> dict[str, dict[str, list[float]]]:
+  """Per eval split: the steps at which a run evaluated and its errors there,
+  read from the run's TensorBoard event files."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  curves: dict[str, dict[str, list[float]]] = {}
+  for path in sorted(tf.io.gfile.glob(os.path.join(workdir, 'events.out.*'))):
+    for record in tf.data.TFRecordDataset(path):
+      event = event_pb2.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        split, _, metric = value.tag.rpartition('/')
+        if metric != 'errors' or not split:
+          continue
+        c = curves.setdefault(split, dict(steps=[], errors=[]))
+        c['steps'].append(int(event.step))
+        c['errors'].append(float(tf.make_ndarray(value.tensor)))
+  return curves
+
+
+def curve_lines(curves: dict[str, Any], runs: list[dict[str, Any]]
+                ) -> list[str]:
+  """The teachers' errors during training, at every tenth of it."""
+  lines = []
+  for run in runs:
+    c = curves.get(run['name'])
+    if not c:
+      continue
+    steps = run['summary']['step']
+    parts = []
+    for split, curve in c.items():
+      marks = [int(i) for i in np.linspace(0, len(curve['steps']) - 1,
+                                           min(10, len(curve['steps'])))]
+      parts.append(f'{split}: ' + ', '.join(
+          f'{100 * curve["steps"][i] / steps:.0f}% {curve["errors"][i]:g}'
+          for i in marks))
+    lines.append(f'- {run["name"]} (errors at % of its {steps} steps) '
+                 + '; '.join(parts))
+  return (['', "Teachers' errors as they trained (from their event "
+           'files):', ''] + lines) if lines else []
+
+
 def plot(path: str, groups: dict[str, dict[str, Any]], n: int) -> None:
   """Test errors per model: the mean as a bar, each seed as a dot."""
   names = list(groups)
@@ -371,11 +412,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   rows = recovered_rows(groups)
   n = next(iter(groups.values()))['num_examples']
   os.makedirs(args.out_dir, exist_ok=True)
-  table = markdown(groups, rows, args, runs, num_trained, seconds)
+  curves = {r['name']: eval_curve(r['workdir']) for r in runs
+            if r['config_name'] == 'mnist5k_teacher'}
+  table = '\n'.join([markdown(groups, rows, args, runs, num_trained, seconds),
+                     *curve_lines(curves, runs)])
   with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
     f.write(table + '\n')
   plot(os.path.join(args.out_dir, 'errors.png'), groups, n)
-  record = dict(args=vars(args), seconds=seconds,
+  record = dict(args=vars(args), seconds=seconds, teacher_curves=curves,
                 groups=groups, gap_recovered={r[0]: r[2] for r in rows},
                 paired={r[0]: dict(vs=r[1], scratch_minus_distilled=r[2],
                                    seeds_better=r[3])
