@@ -39,6 +39,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kd_jax import train_state
+
 CHECKPOINT_DIR = 'checkpoints'
 BROKEN_DIR = 'checkpoints_broken'
 DIVERGED_DIR = 'checkpoints_diverged'
@@ -171,9 +173,13 @@ def _split(state):
   return model, train
 
 
-def save(mngr: ocp.CheckpointManager, state: dict[str, Any],
+def save(mngr: ocp.CheckpointManager,
+         state: dict[str, Any] | train_state.TrainState,
          meta: dict[str, Any]) -> None:
-  """Saves `state` at its step, with `meta` plus checksum and structure."""
+  """Saves `state` at its step, with `meta` plus checksum and structure; a
+  `TrainState` as the dict `train_state.to_checkpoint` makes of it."""
+  if isinstance(state, train_state.TrainState):
+    state = train_state.to_checkpoint(state)
   step = int(jax.device_get(state['step']))
   model, train = _split(state)
   whole, model_checksum = state_checksums(state)
@@ -270,11 +276,13 @@ def move_diverged(workdir: str, steps) -> str:
   return os.path.join(os.path.abspath(workdir), DIVERGED_DIR)
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: dict[str, Any],
+def restore(mngr: ocp.CheckpointManager,
+            abstract_state: dict[str, Any] | train_state.TrainState,
             workdir: str | None = None, move_broken: bool = True
-            ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+            ) -> tuple[Any, dict[str, Any]] | None:
   """The newest (state, meta) that restores cleanly, laid out like
-  `abstract_state`; None if there is no checkpoint.
+  `abstract_state` (a `TrainState` comes back as one); None if there is no
+  checkpoint.
 
   A step that fails to restore (damaged files, unreadable metadata, values
   that miss their checksum) is logged and skipped for the next older one;
@@ -286,6 +294,11 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: dict[str, Any],
     ModelChanged: the checkpoints hold a state of other shapes.
     NoUsableCheckpoint: no step restores; names each step and its error.
   """
+  if isinstance(abstract_state, train_state.TrainState):
+    restored = restore(mngr, train_state.to_checkpoint(abstract_state),
+                       workdir, move_broken)
+    return restored and (train_state.from_checkpoint(restored[0]),
+                         restored[1])
   workdir = workdir or os.path.dirname(str(mngr.directory))
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:

@@ -32,39 +32,12 @@ def teacher_config(model: ml_collections.ConfigDict | None, workdir: str,
                                         weight=weight))
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """All fields a run may set, with their defaults."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-
-  # Data (kd_jax.input_pipeline).
-  c.dataset = 'mnist5k'          # a TFDS name, or 'image_folder'.
-  c.data_dir = ml_collections.FieldReference(None, field_type=str)
-  c.image_folder = ''            # root of root/{train,val,test}/<class>/*.png
-  c.train_split = 'train'
-  c.eval_splits = ('test',)
-  c.label_key = 'label'          # e.g. 'coarse_label' for cifar100.
-  c.image_size = ml_collections.FieldReference(None, field_type=tuple)
-  c.channels = ml_collections.FieldReference(None, field_type=int)  # 1 or 3
-  c.augment = 'none'             # none | mnist_jitter | cifar | imagenet
-  c.mixup_alpha = 0.0
-  c.shuffle_buffer = 10_000
-  c.cache = True
-  c.transfer = ml_collections.ConfigDict(dict(
-      keep_classes=ml_collections.FieldReference(None, field_type=tuple),
-      omit_classes=(),
-      fraction=1.0,
-  ))
-  c.batch_size = 128             # global, over all devices and processes.
-  c.eval_batch_size = 512
-
-  # Student (the model being trained).
-  c.model = model_config('mlp', hidden=(800, 800), dropout=0.0)
-
+def distill_defaults() -> ml_collections.ConfigDict:
+  """`config.distill`'s fields and defaults: the teachers and the loss."""
   # Distillation. teacher_source: none | online | cache | ensemble |
   # specialists. Neither type-checked nor converted: `soft` and `ctkd` are a
   # method's name or a plain dict of it and its options.
-  c.distill = ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(dict(
       teacher_source='none',
       temperature=1.0,
       alpha=0.0,                 # weight of the soft (teacher) term.
@@ -100,6 +73,38 @@ def default_config() -> ml_collections.ConfigDict:
       teacher_dtype='',          # '' | float32 | bfloat16
       shard_teacher=False,
   ), type_safe=False, convert_dict=False)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All fields a run may set, with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data (kd_jax.input_pipeline).
+  c.dataset = 'mnist5k'          # a TFDS name, or 'image_folder'.
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.image_folder = ''            # root of root/{train,val,test}/<class>/*.png
+  c.train_split = 'train'
+  c.eval_splits = ('test',)
+  c.label_key = 'label'          # e.g. 'coarse_label' for cifar100.
+  c.image_size = ml_collections.FieldReference(None, field_type=tuple)
+  c.channels = ml_collections.FieldReference(None, field_type=int)  # 1 or 3
+  c.augment = 'none'             # none | mnist_jitter | cifar | imagenet
+  c.mixup_alpha = 0.0
+  c.shuffle_buffer = 10_000
+  c.cache = True
+  c.transfer = ml_collections.ConfigDict(dict(
+      keep_classes=ml_collections.FieldReference(None, field_type=tuple),
+      omit_classes=(),
+      fraction=1.0,
+  ))
+  c.batch_size = 128             # global, over all devices and processes.
+  c.eval_batch_size = 512
+
+  # Student (the model being trained).
+  c.model = model_config('mlp', hidden=(800, 800), dropout=0.0)
+
+  c.distill = distill_defaults()
   c.teachers = []                # list of teacher_config(...)
 
   # Specialists (Hinton et al. 2015, sec. 5): the groups of confusable

@@ -135,6 +135,34 @@ def _default_splits(config) -> list[str]:
                                  if s != config.train_split]
 
 
+def _split_dirs(config, out_dir: str, splits, overwrite: bool,
+                process_index: int | None, process_count: int | None
+                ) -> tuple[dict[str, str], int, int]:
+  """({split: the folder this process writes it to}, process_index,
+  process_count), `out_dir` checked (by one process, before any writes)."""
+  if (process_index is None) != (process_count is None):
+    raise ValueError(
+        f'process_index={process_index}, process_count={process_count}: '
+        'give both (one shard of an export by process_count processes) or '
+        'neither (this JAX process of all).')
+  if process_index is None:
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, '
+                     f'process_count={process_count}).')
+  if process_index == 0 or jax.process_count() == 1:
+    _check_out(out_dir, overwrite)
+  split_dirs = {}
+  for split in splits or _default_splits(config):
+    split_dirs[split] = os.path.join(out_dir, split)
+    if process_count > 1:
+      split_dirs[split] = os.path.join(
+          split_dirs[split], cache.shard_name(process_index, process_count))
+  if jax.process_count() > 1:  # No process writes before the check.
+    multihost_utils.sync_global_devices('kd_jax.export_logits: out checked')
+  return split_dirs, process_index, process_count
+
+
 def export(config: ml_collections.ConfigDict, out_dir: str,
            splits: Sequence[str] | None = None,
            dtype: str = 'float32', *, views: int = 1, view_seed: int = 0,
@@ -177,26 +205,8 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
     storage in `dtype` would take).
   """
   _check_dtype(dtype)
-  if (process_index is None) != (process_count is None):
-    raise ValueError(
-        f'process_index={process_index}, process_count={process_count}: '
-        'give both (one shard of an export by process_count processes) or '
-        'neither (this JAX process of all).')
-  if process_index is None:
-    process_index, process_count = jax.process_index(), jax.process_count()
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in [0, '
-                     f'process_count={process_count}).')
-  if process_index == 0 or jax.process_count() == 1:
-    _check_out(out_dir, overwrite)
-  split_dirs = {}
-  for split in splits or _default_splits(config):
-    split_dirs[split] = os.path.join(out_dir, split)
-    if process_count > 1:
-      split_dirs[split] = os.path.join(
-          split_dirs[split], cache.shard_name(process_index, process_count))
-  if jax.process_count() > 1:  # No process writes before the check.
-    multihost_utils.sync_global_devices('kd_jax.export_logits: out checked')
+  split_dirs, process_index, process_count = _split_dirs(
+      config, out_dir, splits, overwrite, process_index, process_count)
   if config.distill.ensemble_method == 'sum_losses' and len(
       config.teachers) > 1:
     raise ValueError(

@@ -14,7 +14,7 @@ run's input pipeline applies:
   pipeline does when the run resizes (bilinear, antialiased, rounded); N is
   dynamic;
 * inside: `(image / 255 - mean) / std` with the run's per-channel constants
-  (`kd_jax.data.preprocess.NORMALIZATION` of its dataset, or the ones that
+  (`kd_jax.data.preprocess.normalization` of its dataset, or the ones that
   imported weights expect, `kd_jax.import_teacher`);
 * output: float32 logits [N, num_classes] (ONNX: `logits`).
 

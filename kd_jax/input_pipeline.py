@@ -20,8 +20,8 @@ Sources (`config.dataset`):
 Batches are dicts of process-local numpy arrays, b = global batch size //
 process count:
 * `image`: float32 [b, H, W, C], `(pixel / 255 - mean) / std` with the
-  per-channel constants of `NORMALIZATION` (channel-averaged or repeated when
-  `config.channels` converts RGB <-> grayscale).
+  per-channel constants the dataset registers (`DATASETS`; channel-averaged
+  or repeated when `config.channels` converts RGB <-> grayscale).
 * `label`: int32 [b].
 * `id`: object array of bytes [b]: the dataset's `id` feature where it has one
   (`b'mnist5k/00042'`, `b'digits/0042'`, cifar's `b'train_16399'`), else the
@@ -80,10 +80,9 @@ from kd_jax.data.prefetch import batch_spec
 from kd_jax.data.prefetch import prefetch_to_mesh
 from kd_jax.data.preprocess import AUGMENTATIONS
 from kd_jax.data.preprocess import normalization
-from kd_jax.data.preprocess import NORMALIZATION
 from kd_jax.data.preprocess import SHIFT_AUGMENTATIONS
+from kd_jax.data.sources import DATASETS
 from kd_jax.data.sources import IMAGE_FOLDER
-from kd_jax.data.sources import KNOWN_DATASETS
 from kd_jax.data.sources import parse_split
 from kd_jax.data.sources import split_range
 from kd_jax.data.stream import Datasets
@@ -93,8 +92,8 @@ from kd_jax.data.stream import iterate_split
 from kd_jax.data.stream import register_plugin
 
 __all__ = [
-    'AUGMENTATIONS', 'batch_spec', 'Datasets', 'DatasetInfo',
-    'get_datasets', 'IMAGE_FOLDER', 'iterate_split', 'KNOWN_DATASETS',
-    'normalization', 'NORMALIZATION', 'parse_split', 'prefetch_to_mesh',
+    'AUGMENTATIONS', 'batch_spec', 'Datasets', 'DatasetInfo', 'DATASETS',
+    'get_datasets', 'IMAGE_FOLDER', 'iterate_split',
+    'normalization', 'parse_split', 'prefetch_to_mesh',
     'register_plugin', 'SHIFT_AUGMENTATIONS', 'split_range', 'tfds',
 ]

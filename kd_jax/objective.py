@@ -37,7 +37,7 @@ names a method (`kd_jax.methods.feature`), student and teacher features and
 a weight; :func:`feature_loss` adds their weighted sum to the loss. Their
 connectors (:class:`FeatureConnectors`) and any per-example state (CRD's
 memory banks) live in the train state like the learned temperature
-(:data:`FEATURE_KEYS`, :func:`init_feature_state`);
+(`kd_jax.train_state`, :func:`init_feature_state`);
 :func:`check_feature_shapes` refuses, before training, features a model
 lacks or shapes no connector maps.
 """
@@ -52,7 +52,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from kd_jax import connectors
 from kd_jax import feature_losses
@@ -63,10 +62,10 @@ from kd_jax.methods import feature
 from kd_jax.methods import logit
 from kd_jax.methods import schedules
 from kd_jax.models import features as model_features
+from kd_jax.teachers import sources as teacher_sources
 
 ENSEMBLE_METHODS = losses.COMBINE_METHODS + ('sum_losses',)
 ENSEMBLE_TEMPERATURES = ('one', 'distillation')
-TEMPERATURE_KEYS = ('temperature_params', 'temperature_opt_state')
 # The hard term: config.distill.hard -> (logits, labels, label_smoothing).
 HARD_LOSSES = {'ce': losses.cross_entropy, 'mse': losses.mse_to_labels}
 
@@ -249,20 +248,8 @@ def teacher_targets(teacher_logits: jax.Array | None,
 
 
 # ----------------------------------------------------------------------------
-# The learned temperature's state (the method: kd_jax.methods.ctkd).
+# The learned temperature (the method: kd_jax.methods.ctkd).
 # ----------------------------------------------------------------------------
-
-
-def init_temperature_state(distill, num_classes: int,
-                           tx: optax.GradientTransformation,
-                           rng: jax.Array) -> dict[str, Any]:
-  """The train-state entries of a learned temperature ({} without CTKD)."""
-  s = ctkd.settings(distill)
-  if not s.learned:
-    return {}
-  params = ctkd.init_params(s, num_classes, rng)
-  return dict(temperature_params=params,
-              temperature_opt_state=tx.init(params))
 
 
 def learned_temperature(distill, temperature_params, student_logits,
@@ -403,11 +390,6 @@ def loss(student_logits: jax.Array, targets: Targets, labels: jax.Array,
 # methods: kd_jax.methods.feature).
 # ----------------------------------------------------------------------------
 
-# Train-state entries of feature distillation, absent without feature terms.
-FEATURE_KEYS = ('connector_params', 'connector_batch_stats',
-                'connector_opt_state', 'example_state')
-
-
 def feature_terms(distill) -> tuple[feature.FeatureTerm, ...]:
   """``config.distill.features`` checked and normalised (`feature.terms`)."""
   return feature.terms(distill)
@@ -419,19 +401,15 @@ def validate_features(config: ml_collections.ConfigDict) -> None:
   Shapes are checked later, by :func:`check_feature_shapes`.
   """
   d = config.distill
-  terms = feature_terms(d)
-  if terms:
-    if d.teacher_source not in ('online', 'ensemble'):
-      raise ValueError(
-          f'config.distill.features needs the teacher\'s features, which '
-          f'only an online teacher computes (teacher_source='
-          f'{d.teacher_source!r}): set teacher_source="online" with one '
-          f'entry in config.teachers.')
-    if len(config.teachers) != 1:
-      raise ValueError(
-          f'config.distill.features matches one teacher\'s features, but '
-          f'config.teachers holds {len(config.teachers)}: keep one teacher, '
-          f'or drop the feature terms.')
+  if feature_terms(d) and not (
+      teacher_sources.get(config).computes_features
+      and len(config.teachers) == 1):
+    raise ValueError(
+        'config.distill.features needs the teacher\'s features, which only '
+        'one online teacher computes (teacher_source='
+        f'{d.teacher_source!r}, {len(config.teachers)} teachers): set '
+        'distill.teacher_source="online" with one entry in config.teachers, '
+        'or drop distill.features.')
 
 
 class FeatureConnectors(nn.Module):
@@ -493,12 +471,10 @@ def row_sharded(distill) -> dict[str, tuple[str, ...]]:
 
 def init_feature_state(distill, student_shapes, teacher_shapes,
                        num_train_examples: int | None,
-                       tx: optax.GradientTransformation,
                        rng: jax.Array) -> dict[str, Any]:
-  """The train-state entries of the feature terms ({} without any).
+  """The train state's feature entries (empty dicts without feature terms).
 
-  ``connector_params`` / ``connector_batch_stats`` (FitNets' BN) and their
-  optimizer state ``connector_opt_state`` (the student's optimizer), and
+  ``connector_params`` / ``connector_batch_stats`` (FitNets' BN), and
   ``example_state``: per term whose method keeps one, its per-example state
   (CRD: both memory banks, the labels seen and the normalizers). All of it
   resumes training; none of it is the student.
@@ -508,22 +484,20 @@ def init_feature_state(distill, student_shapes, teacher_shapes,
     student_shapes: {name: shape} of the student's train-mode features.
     teacher_shapes: {name: shape} of the teacher's eval-mode features.
     num_train_examples: the train split's size N (rows of per-example state).
-    tx: the student's optimizer.
     rng: a PRNG key.
   """
   terms = feature_terms(distill)
   if not terms:
-    return {}
+    return dict(connector_params={}, connector_batch_stats={},
+                example_state={})
   dummy = lambda shapes: {k: jnp.zeros(v.shape, jnp.float32)
                           for k, v in shapes.items()}
   connector_rng, state_rng = jax.random.split(rng)
   variables = FeatureConnectors(terms).init(
       connector_rng, _pairs(terms, dummy(student_shapes),
                             dummy(teacher_shapes)), False)
-  params = variables.get('params', {})
-  return dict(connector_params=params,
+  return dict(connector_params=variables.get('params', {}),
               connector_batch_stats=variables.get('batch_stats', {}),
-              connector_opt_state=tx.init(params),
               example_state=_init_example_state(terms, num_train_examples,
                                                 state_rng))
 
@@ -629,13 +603,6 @@ def check_feature_shapes(config: ml_collections.ConfigDict, num_classes: int,
   terms = feature_terms(config.distill)
   if not terms:
     return None
-  if config.distill.teacher_source != 'online' or len(config.teachers) != 1:
-    raise ValueError(
-        'config.distill.features needs the teacher\'s features, which only '
-        'one online teacher computes (teacher_source='
-        f'{config.distill.teacher_source!r}, {len(config.teachers)} '
-        'teachers): set distill.teacher_source="online" with one entry in '
-        'config.teachers, or drop distill.features.')
   batch_shape = (2, *image_shape)
   teacher_spec = rundir.teacher_model(config.teachers[0])
   shapes = dict(

@@ -60,3 +60,33 @@ def max_norm(limit: float) -> optax.GradientTransformation:
     return updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def per_group(tx: optax.GradientTransformation
+              ) -> optax.GradientTransformation:
+  """`tx` applied to each group of a {group: params} tree on its own.
+
+  One update for every trainable group (the student, a learned temperature,
+  feature connectors), each with its own state of `tx`: a group's gradient
+  clipping and max-norm see that group alone, as if it had its own
+  optimizer.
+
+  >>> tx = per_group(optax.chain(optax.clip_by_global_norm(1.0),
+  ...                            optax.sgd(1.0)))
+  >>> params = {'a': jnp.zeros(1), 'b': jnp.zeros(1)}
+  >>> grads = {'a': jnp.array([3.0]), 'b': jnp.array([-0.5])}
+  >>> updates, _ = tx.update(grads, tx.init(params), params)
+  >>> [float(updates[k][0]) for k in ('a', 'b')]
+  [-1.0, 0.5]
+  """
+  def init_fn(params):
+    return {group: tx.init(p) for group, p in params.items()}
+
+  def update_fn(updates, state, params=None):
+    out = {group: tx.update(u, state[group],
+                            None if params is None else params[group])
+           for group, u in updates.items()}
+    return ({g: u for g, (u, _) in out.items()},
+            {g: s for g, (_, s) in out.items()})
+
+  return optax.GradientTransformation(init_fn, update_fn)

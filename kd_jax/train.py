@@ -1,13 +1,17 @@
-"""State, the one jitted train step, evaluation, and the training loop.
+"""The state's initial values, the one jitted train step, evaluation, and
+the training loop.
 
 The same step trains a teacher or a student from scratch (no teacher), and a
 student distilled from teacher logits, whatever their source (an online
 teacher, a stacked ensemble, a logits cache): a `teachers.Teacher` gives the
-logits, `objective.loss` turns them and the labels into the loss.
+logits, `objective.loss` turns them and the labels into the loss, and one
+update trains every group of the state (`kd_jax.train_state.TrainState`).
+`train_and_evaluate` is setup (`_setup`), restore (`_restore`), the loop
+(`_Loop`: steps, logs, evals, checkpoints) and the summary.
 Data parallelism: a `jax.make_mesh` over every device with axes ('data',
 'model') (`make_mesh`; 'model' has config.mesh_model devices, default 1);
-batches are split over both axes, the state is replicated (but CRD's
-per-example memory banks, split by rows), the teachers too unless
+batches are split over both axes, the state is replicated (but per-example
+state such as CRD's memory banks, split by rows), the teachers too unless
 config.distill.shard_teacher splits them (over 'model' when it has more than
 one device), and XLA inserts the gradient all-reduce and the teacher's
 gathers.
@@ -16,11 +20,12 @@ gathers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 from etils import epy
@@ -45,7 +50,9 @@ from kd_jax import rundir
 from kd_jax.specialists import groups as specialist_groups
 from kd_jax import teachers
 from kd_jax import warm_start
+from kd_jax.methods import ctkd
 from kd_jax.methods import logit
+from kd_jax.train_state import TrainState
 from kd_jax.models import features as model_features
 
 # clu's writers import TensorFlow: only a process that trains loads it.
@@ -53,9 +60,6 @@ with epy.lazy_imports():
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
 
-State = dict[str, Any]
-
-TEACHER_SOURCES = tuple(teachers.SOURCES)
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'step')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -69,9 +73,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """
   config = config_lib.upgrade(config)
   d = config.distill
-  if d.teacher_source not in TEACHER_SOURCES:
-    raise ValueError(f'config.distill.teacher_source={d.teacher_source!r}; '
-                     f'choose one of {TEACHER_SOURCES}.')
+  source = teachers.sources.get(config)
   if d.teacher_source == 'none' and d.alpha != 0:
     raise ValueError(
         f'config.distill.alpha={d.alpha} weights a teacher term, but '
@@ -86,12 +88,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if t.get('model') is not None:
       _validate_model(t.model, f'config.teachers[{i}].model')
   objective.validate(config)
-  if d.teacher_source == 'specialists' and config.specialist.index >= 0:
-    raise ValueError(
-        f'config.specialist.index={config.specialist.index} trains one '
-        'specialist, but config.distill.teacher_source="specialists" distils '
-        'the whole ensemble into a student on all classes: set '
-        'config.specialist.index=-1.')
+  if source.check is not None:
+    source.check(config)
   if config.optimizer not in OPTIMIZERS:
     raise ValueError(f'config.optimizer={config.optimizer!r}; choose one of '
                      f'{OPTIMIZERS}.')
@@ -101,7 +99,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if d.teacher_dtype and d.teacher_dtype not in DTYPES:
     raise ValueError(f'config.distill.teacher_dtype={d.teacher_dtype!r}; '
                      f'choose one of {tuple(DTYPES)} or "" (config.dtype).')
-  if d.shard_teacher and d.teacher_source not in ('online', 'ensemble'):
+  if d.shard_teacher and not source.shardable:
     raise ValueError(
         'config.distill.shard_teacher splits online teachers\' variables '
         f'over devices; teacher_source={d.teacher_source!r} has none: set '
@@ -205,31 +203,36 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
 
 def init_state(model, tx, rng: jax.Array, image_shape, distill=None,
                num_classes: int | None = None, teacher_feature_shapes=None,
-               num_train_examples: int | None = None) -> State:
-  """The train state; with `distill`, also a learned temperature's entries
-  (`objective.init_temperature_state`, none when config.distill.ctkd is
-  'none') and the feature terms' connectors and CRD banks
-  (`objective.init_feature_state`, from the teacher's feature shapes
-  `teacher_feature_shapes` and the train split's size)."""
+               num_train_examples: int | None = None) -> TrainState:
+  """The train state; with `distill`, also a learned temperature (CTKD,
+  `ctkd.init_params`) and the feature terms' connectors and per-example
+  state (`objective.init_feature_state`, from the teacher's feature shapes
+  `teacher_feature_shapes` and the train split's size), each a trained
+  group with its own state of `tx` when the run has it."""
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32))
-  params = variables['params']
-  state = dict(step=jnp.zeros((), jnp.int32), params=params,
-               batch_stats=variables.get('batch_stats', {}),
-               opt_state=tx.init(params), rng=state_rng)
-  if distill is not None:
-    state.update(objective.init_temperature_state(
-        distill, num_classes, tx, jax.random.fold_in(rng, 1)))
+  trainable = {'student': variables['params']}
+  features = dict(connector_params={}, connector_batch_stats={},
+                  example_state={})
+  settings = ctkd.settings(distill if distill is not None else {'ctkd': 'none'})
+  if settings.learned:
+    trainable['temperature'] = ctkd.init_params(
+        settings, num_classes, jax.random.fold_in(rng, 1))
   if distill is not None and objective.feature_terms(distill):
     images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
     student_shapes = jax.eval_shape(
         lambda v, x: model_features.apply_with_features(
             model, v, x, train=True, rngs={'dropout': jax.random.key(0)},
             mutable=['batch_stats'])[1], variables, images)
-    state.update(objective.init_feature_state(
+    features = objective.init_feature_state(
         distill, student_shapes, teacher_feature_shapes, num_train_examples,
-        tx, jax.random.fold_in(rng, 2)))
-  return state
+        jax.random.fold_in(rng, 2))
+    trainable['connectors'] = features['connector_params']
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables['params'],
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=optim.per_group(tx).init(trainable), rng=state_rng,
+      temperature_params=trainable.get('temperature', {}), **features)
 
 
 def ensemble_prediction(teacher_logits, weights, method: str):
@@ -257,7 +260,7 @@ def make_mesh(devices, model: int = 1) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def state_shardings(abstract_state: State, mesh: jax.sharding.Mesh,
+def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
                     distill=None) -> Any:
   """The train state's layout on `mesh`: replicated, but for the entries of
   per-example state that the feature methods of `distill` split by rows
@@ -271,7 +274,7 @@ def state_shardings(abstract_state: State, mesh: jax.sharding.Mesh,
   num_shards = mesh.size
 
   def layout(path, leaf):
-    keys = [getattr(k, 'key', None) for k in path]
+    keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
     if (len(keys) == 3 and keys[0] == 'example_state'
         and keys[2] in split.get(keys[1], ())
         and leaf.shape and leaf.shape[0] % num_shards == 0):
@@ -286,116 +289,75 @@ LOG_STEP_MEASUREMENTS = ('grad_norm', 'param_norm', 'update_norm',
                          'connector_grad_norm')
 
 
-def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
-               log: bool | jax.Array = True,
-               *, model, tx, schedule, teacher: teachers.Teacher | None,
-               distill, steps_per_epoch: int | None = None
-               ) -> tuple[State, dict[str, jax.Array]]:
-  """One SGD step of the student on one global batch; pure and jittable.
-
-  Teacher forward -> student forward -> `objective.loss` (+
-  `objective.feature_loss`) -> update. A learned temperature
-  (`state['temperature_params']`, CTKD) and the feature terms' connectors
-  (`state['connector_params']`) are updated by the same optimizer,
-  per-example state (`state['example_state']`, CRD's banks) by its method. The teacher's
-  features come from the forward pass that gives its logits.
-  `steps_per_epoch` gives the epoch that DKD's warm-up and CTKD's curriculum
-  follow. `log` (a traced bool: one program serves every step) says whether
-  to compute `LOG_STEP_MEASUREMENTS`; they are zeros when it is false, and
-  the state is the same either way.
-  """
-  rng = jax.random.fold_in(state['rng'], state['step'])
-  feature_terms = objective.feature_terms(distill)
-  student_head = logit.soft_term(distill).method.student_head
-  teacher_features = None
+def _teacher_outputs(teacher, teacher_variables, batch, with_features: bool):
+  """(logits [K, B, C] or None, the teacher's features {name: [B, ...]} when
+  `with_features`)."""
   if teacher is None:
-    teacher_logits = None
-  elif feature_terms:
-    if teacher.forward_features is None:
-      raise ValueError(
-          'config.distill.features needs the teacher\'s features, which this '
-          'teacher source does not compute: use one online teacher.')
-    teacher_logits, teacher_features = teacher.forward_features(
-        teacher_variables, batch)
-    teacher_features = {k: v[0] for k, v in teacher_features.items()}
+    return None, None
+  if not with_features:
+    return teacher.forward(teacher_variables, batch), None
+  logits, features = teacher.forward_features(teacher_variables, batch)
+  return logits, {k: v[0] for k, v in features.items()}
+
+
+class _Aux(NamedTuple):
+  """What the step's loss function returns beside the loss."""
+  logits: jax.Array
+  batch_stats: Any
+  terms: dict[str, jax.Array]
+  temperature: jax.Array | None
+  strength: jax.Array | None
+  feature_state: dict[str, Any]
+
+
+def _step_loss(trainable, state: TrainState, batch, *, model, distill,
+               targets, teacher_features, epoch, dropout_rng, example_rng):
+  """The objective of one step as a function of the trained groups."""
+  variables = {'params': trainable['student'],
+               'batch_stats': state.batch_stats}
+  terms = objective.feature_terms(distill)
+  head = logit.soft_term(distill).method.student_head
+  student_features = {}
+  if terms or head:
+    logits, student_features, new_model_state = (
+        model_features.apply_with_features(
+            model, variables, batch['image'], train=True,
+            rngs={'dropout': dropout_rng}, mutable=['batch_stats']))
   else:
-    teacher_logits = teacher.forward(teacher_variables, batch)
-  targets = objective.teacher_targets(
-      teacher_logits, batch, distill,
-      None if teacher is None else teacher.weights)
-  epoch = (None if steps_per_epoch is None
-           else state['step'].astype(jnp.float32) / steps_per_epoch)
-  learned = 'temperature_params' in state
-  dropout_rng, example_rng = jax.random.split(rng)
-  if not feature_terms:
-    dropout_rng = rng  # Runs without feature terms draw as they always have.
+    logits, new_model_state = model.apply(
+        variables, batch['image'], train=True,
+        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+  temperature = strength = None
+  if 'temperature' in trainable:
+    temperature, strength = objective.learned_temperature(
+        distill, trainable['temperature'], logits, targets, epoch)
+  loss, values = objective.loss(
+      logits, targets, batch['label'], batch['mask'], distill,
+      label_probs=batch.get('label_probs'), epoch=epoch,
+      temperature=temperature,
+      distillation_logits=student_features.get(head))
+  feature_state = {}
+  if terms:
+    feature_total, feature_values, connector_batch_stats, example_state = (
+        objective.feature_loss(
+            terms, trainable['connectors'], state.connector_batch_stats,
+            student_features, teacher_features, batch,
+            example_state=state.example_state, rng=example_rng))
+    loss = loss + feature_total
+    values = {**values, **feature_values, 'total': loss}
+    feature_state = dict(connector_batch_stats=connector_batch_stats,
+                         example_state=example_state)
+  return loss, _Aux(logits, new_model_state.get('batch_stats', {}), values,
+                    temperature, strength, feature_state)
 
-  def loss_fn(params, temperature_params, connector_params):
-    variables = {'params': params, 'batch_stats': state['batch_stats']}
-    student_features = {}
-    if feature_terms or student_head:
-      logits, student_features, new_model_state = (
-          model_features.apply_with_features(
-              model, variables, batch['image'], train=True,
-              rngs={'dropout': dropout_rng}, mutable=['batch_stats']))
-    else:
-      logits, new_model_state = model.apply(
-          variables, batch['image'], train=True,
-          rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-    temperature = strength = None
-    if learned:
-      temperature, strength = objective.learned_temperature(
-          distill, temperature_params, logits, targets, epoch)
-    loss, terms = objective.loss(
-        logits, targets, batch['label'], batch['mask'], distill,
-        label_probs=batch.get('label_probs'), epoch=epoch,
-        temperature=temperature,
-        distillation_logits=student_features.get(student_head))
-    feature_state = {}
-    if feature_terms:
-      feature_total, feature_values, connector_batch_stats, example_state = (
-          objective.feature_loss(
-              feature_terms, connector_params,
-              state['connector_batch_stats'], student_features,
-              teacher_features, batch, example_state=state['example_state'],
-              rng=example_rng))
-      loss = loss + feature_total
-      terms = {**terms, **feature_values, 'total': loss}
-      feature_state = dict(connector_batch_stats=connector_batch_stats,
-                           example_state=example_state)
-    return loss, (logits, new_model_state, terms, temperature, strength,
-                  feature_state)
 
-  (grads, temperature_grads, connector_grads), aux = jax.grad(
-      loss_fn, argnums=(0, 1, 2), has_aux=True)(
-          state['params'], state.get('temperature_params'),
-          state.get('connector_params'))
-  logits, new_model_state, terms, temperature, strength, feature_state = aux
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  new_state = dict(state, step=state['step'] + 1, params=params,
-                   opt_state=opt_state,
-                   batch_stats=new_model_state.get('batch_stats', {}))
-  if learned:
-    temperature_updates, temperature_opt_state = tx.update(
-        temperature_grads, state['temperature_opt_state'],
-        state['temperature_params'])
-    new_state.update(
-        temperature_params=optax.apply_updates(state['temperature_params'],
-                                               temperature_updates),
-        temperature_opt_state=temperature_opt_state)
-  if feature_terms:
-    connector_updates, connector_opt_state = tx.update(
-        connector_grads, state['connector_opt_state'],
-        state['connector_params'])
-    new_state.update(
-        connector_params=optax.apply_updates(state['connector_params'],
-                                             connector_updates),
-        connector_opt_state=connector_opt_state, **feature_state)
-
+def _measurements(aux: _Aux, batch, targets, grads, updates, params, log,
+                  learning_rate) -> dict[str, jax.Array]:
+  """The step's flat measurements: losses per term, accuracies, the learned
+  temperature, and on logging steps the norms of `LOG_STEP_MEASUREMENTS`."""
   mask = batch['mask']
-  prediction = jnp.argmax(logits, -1)
-  measurements = {f'loss_{k}': v for k, v in terms.items()}
+  prediction = jnp.argmax(aux.logits, -1)
+  measurements = {f'loss_{k}': v for k, v in aux.terms.items()}
   measurements['accuracy'] = losses.masked_mean(prediction == batch['label'],
                                                 mask)
   if targets.prediction is not None:
@@ -403,21 +365,68 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables,
         targets.prediction == batch['label'], mask)
     measurements['agreement'] = losses.masked_mean(
         prediction == targets.prediction, mask)
-  if learned:
-    measurements['temperature'] = jnp.mean(temperature)
-    measurements['temperature_strength'] = strength
-  norm_of = dict(grad_norm=grads, param_norm=params, update_norm=updates)
-  if feature_terms:
-    norm_of['connector_grad_norm'] = connector_grads
+  if aux.temperature is not None:
+    measurements['temperature'] = jnp.mean(aux.temperature)
+    measurements['temperature_strength'] = aux.strength
+  norm_of = dict(grad_norm=grads['student'], param_norm=params,
+                 update_norm=updates['student'])
+  if 'connectors' in grads:
+    norm_of['connector_grad_norm'] = grads['connectors']
   measurements.update(jax.lax.cond(
       log, lambda trees: {k: optax.tree.norm(t) for k, t in trees.items()},
       lambda trees: {k: jnp.zeros((), jnp.float32) for k in trees},
       norm_of))
-  measurements['learning_rate'] = schedule(state['step'])
-  return new_state, measurements
+  measurements['learning_rate'] = learning_rate
+  return measurements
 
 
-def eval_step(state: State, batch, teacher_variables, *, model,
+def train_step(state: TrainState, batch: dict[str, jax.Array],
+               teacher_variables, log: bool | jax.Array = True,
+               *, model, tx, schedule, teacher: teachers.Teacher | None,
+               distill, steps_per_epoch: int | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step of the student on one global batch; pure and jittable.
+
+  Teacher forward -> student forward -> `objective.loss` (+
+  `objective.feature_loss`) -> one update of every trained group
+  (`optim.per_group(tx)`: the student, CTKD's temperature, the feature
+  connectors); per-example state (CRD's banks) is updated by its method.
+  The teacher's features come from the forward pass that gives its logits.
+  `steps_per_epoch` gives the epoch that warm-ups and CTKD's curriculum
+  follow. `log` (a traced bool: one program serves every step) says whether
+  to compute `LOG_STEP_MEASUREMENTS`; they are zeros when it is false, and
+  the state is the same either way.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  terms = objective.feature_terms(distill)
+  teacher_logits, teacher_features = _teacher_outputs(
+      teacher, teacher_variables, batch, bool(terms))
+  targets = objective.teacher_targets(
+      teacher_logits, batch, distill,
+      None if teacher is None else teacher.weights)
+  epoch = (None if steps_per_epoch is None
+           else state.step.astype(jnp.float32) / steps_per_epoch)
+  dropout_rng, example_rng = jax.random.split(rng)
+  if not terms:
+    dropout_rng = rng  # Runs without feature terms draw as they always have.
+  loss_fn = functools.partial(
+      _step_loss, state=state, batch=batch, model=model, distill=distill,
+      targets=targets, teacher_features=teacher_features, epoch=epoch,
+      dropout_rng=dropout_rng, example_rng=example_rng)
+  trainable = state.trainable()
+  grads, aux = jax.grad(loss_fn, has_aux=True)(trainable)
+  updates, opt_state = optim.per_group(tx).update(grads, state.opt_state,
+                                                   trainable)
+  new_state = state.with_trainable(
+      optax.apply_updates(trainable, updates)).replace(
+          step=state.step + 1, opt_state=opt_state,
+          batch_stats=aux.batch_stats, **aux.feature_state)
+  return new_state, _measurements(aux, batch, targets, grads, updates,
+                                  new_state.params, log,
+                                  schedule(state.step))
+
+
+def eval_step(state: TrainState, batch, teacher_variables, *, model,
               teacher: teachers.Teacher | None,
               ensemble_method: str = 'mean_probs') -> dict[str, jax.Array]:
   """Sums over the valid examples of one eval batch (padding masked out).
@@ -426,8 +435,8 @@ def eval_step(state: State, batch, teacher_variables, *, model,
   by `ensemble_method` (with their weights), and `teacher{k}_correct` of each
   of several teachers (k indexes `teacher.names`).
   """
-  logits = model.apply({'params': state['params'],
-                        'batch_stats': state['batch_stats']},
+  logits = model.apply({'params': state.params,
+                        'batch_stats': state.batch_stats},
                        batch['image'], train=False)
   mask = batch['mask'].astype(jnp.float32)
   prediction = jnp.argmax(logits, -1)
@@ -545,13 +554,12 @@ def _resume_checks(workdir: str, meta: dict[str, Any], config, teacher,
     origins = '; '.join(', '.join(f'{k}={v!r}' for k, v in row.items()
                                   if k not in ('name', 'weight'))
                         for row in teachers.describe(config, teacher))
+    changed = teachers.sources.get(config).changed
     message = (
         f'workdir {workdir!r} was trained up to step {step} with another '
         f'teacher (fingerprint {recorded}) than this run has ({current}'
         + (f': {origins}' if origins else '')
-        + (', re-exported since?' if config.distill.teacher_source == 'cache'
-           else ', retrained since?' if config.distill.teacher_source
-           in ('online', 'ensemble') else '') + ')')
+        + (f', {changed} since?' if changed else '') + ')')
     if not config.allow_config_change:
       raise ValueError(
           f'{message}. Use a fresh --workdir, restore the original teacher, '
@@ -609,12 +617,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return _train_and_evaluate(config, workdir, devices, overwrite_finished)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        devices=None, overwrite_finished: bool = False
-                        ) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Run:
+  """What a run builds before its first step (`_setup`)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  devices: list[Any]
+  mesh: jax.sharding.Mesh
+  is_chief: bool
+  config_json: str
+  info: Any
+  steps_per_epoch: int
+  total_steps: int
+  eval_every: int
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  teacher: teachers.Teacher | None
+  teacher_variables: Any
+  init: Callable[[jax.Array], TrainState]
+  abstract: TrainState
+  state_sharding: Any
+
+  def datasets(self, start_step: int):
+    # A multi-view logits cache augments on the host: its stream is plain.
+    return input_pipeline.get_datasets(
+        teachers.pipeline_config(self.config), start_step=start_step,
+        num_devices=len(self.devices))
+
+
+def _setup(config, workdir: str, devices, overwrite_finished: bool
+           ) -> tuple[_Run, Any]:
+  """The run's config checked against its workdir, its data, model,
+  optimizer, teacher and state layout; and its data stream from the
+  newest checkpoint's step."""
   devices = list(devices or jax.devices())
   mesh = make_mesh(devices, config.mesh_model)
-  replicated = NamedSharding(mesh, P())
   is_chief = jax.process_index() == 0
   config_json = rundir.config_json(config)
   has_checkpoint = checkpointing.latest_step(workdir) is not None
@@ -626,24 +664,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.warning('workdir %r: training the finished run there again from '
                     'step 0 (overwrite_finished=True); its summary is kept as '
                     '%s.', workdir, rundir.retire_summary(workdir))
-
-  dtype = DTYPES[config.dtype]
   # Checkpoints are written at the step the data stream has reached.
-  start_step = checkpointing.latest_step(workdir) or 0
-  # A multi-view logits cache augments on the host: its stream is plain.
-  data = input_pipeline.get_datasets(teachers.pipeline_config(config),
-                                     start_step=start_step,
-                                     num_devices=len(devices))
+  data = input_pipeline.get_datasets(
+      teachers.pipeline_config(config),
+      start_step=checkpointing.latest_step(workdir) or 0,
+      num_devices=len(devices))
   info = data.info
   if info.specialist is not None:
     specialist_groups.check_same_group(workdir, info.specialist)
   steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
   total_steps = (config.num_train_steps if config.num_train_steps > 0 else
                  int(math.ceil(config.num_epochs * steps_per_epoch)))
-  eval_every = (config.eval_every_steps if config.eval_every_steps > 0
-                else steps_per_epoch)
-
-  model = models.get_model(config.model, info.num_classes, dtype=dtype)
+  model = models.get_model(config.model, info.num_classes,
+                           dtype=DTYPES[config.dtype])
   tx, schedule = make_optimizer(config, total_steps)
   teacher = teachers.build(
       config, info, DTYPES[config.distill.teacher_dtype or config.dtype],
@@ -651,8 +684,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   teacher_variables = (None if teacher is None else jax.device_put(
       teacher.variables,
       teachers.teacher_shardings(teacher.variables, mesh)
-      if config.distill.shard_teacher else replicated))
-
+      if config.distill.shard_teacher else NamedSharding(mesh, P())))
   # Feature names and shapes are refused here, before anything trains.
   feature_shapes = objective.check_feature_shapes(
       config, info.num_classes, info.image_shape, info.num_train_examples)
@@ -661,58 +693,65 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       distill=config.distill, num_classes=info.num_classes,
       teacher_feature_shapes=feature_shapes and feature_shapes[1],
       num_train_examples=info.num_train_examples)
-  rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(init, rng)
-  state_sharding = state_shardings(abstract, mesh, config.distill)
-  init_fn = jax.jit(init, out_shardings=state_sharding)
-  pinned: set[int] = set()  # Steps kept out of rotation (divergence).
-  mngr = checkpointing.manager(workdir, config.keep_checkpoints, pinned)
-  restored = checkpointing.restore(
-      mngr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
-          a.shape, a.dtype, sharding=s), abstract, state_sharding),
-      workdir, move_broken=is_chief)
-  topology = dict(process_count=jax.process_count(),
-                  device_count=len(devices))
-  resumed: dict[str, Any] = {} if restored is None else restored[1]
-  if restored is None:
-    state = init_fn(rng)
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  run = _Run(
+      config=config, workdir=workdir, devices=devices, mesh=mesh,
+      is_chief=is_chief, config_json=config_json, info=info,
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+      eval_every=(config.eval_every_steps if config.eval_every_steps > 0
+                  else steps_per_epoch),
+      model=model, tx=tx, schedule=schedule, teacher=teacher,
+      teacher_variables=teacher_variables, init=init, abstract=abstract,
+      state_sharding=state_shardings(abstract, mesh, config.distill))
+  return run, data
+
+
+def _restore(run: _Run, mngr, topology: dict[str, int]
+             ) -> tuple[TrainState, dict[str, Any], list[dict[str, Any]]]:
+  """(state, the restored checkpoint's meta or {}, the topology changes):
+  the newest checkpoint that restores, else a fresh state (warm-started
+  from `config.init_from`)."""
+  config = run.config
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      run.abstract, run.state_sharding)
+  restored = checkpointing.restore(mngr, abstract, run.workdir,
+                                   move_broken=run.is_chief)
+  if restored is not None:
+    state, resumed = restored
+  else:
+    resumed = {}
+    state = jax.jit(run.init, out_shardings=run.state_sharding)(
+        jax.random.key(config.seed))
     if config.init_from:
       params, batch_stats = warm_start.warm_start(
-          config.init_from, state['params'], state['batch_stats'],
-          info.class_names)
-      state = jax.device_put(dict(state, params=params,
-                                  batch_stats=batch_stats,
-                                  opt_state=tx.init(params)),
-                             state_sharding)
-  else:
-    state = restored[0]
-  topology_changes = _resume_checks(workdir, resumed, config, teacher,
-                                    topology)
-  if int(jax.device_get(state['step'])) != start_step:
-    # A damaged newest checkpoint was skipped: the stream restarts where
-    # the restored one stopped.
-    start_step = int(jax.device_get(state['step']))
-    data = input_pipeline.get_datasets(teachers.pipeline_config(config),
-                                       start_step=start_step,
-                                       num_devices=len(devices))
-  if is_chief:
-    rundir.write_config(workdir, config_json)
-    rundir.write_run_info(
-        workdir, model_spec=config.model, num_classes=info.num_classes,
-        class_names=info.class_names, image_shape=info.image_shape,
-        dataset=config.dataset, final_step=total_steps,
-        specialist=info.specialist)
+          config.init_from, state.params, state.batch_stats,
+          run.info.class_names)
+      state = jax.device_put(state.replace(
+          params=params, batch_stats=batch_stats,
+          opt_state={**state.opt_state, 'student': run.tx.init(params)}),
+                             run.state_sharding)
+  changes = _resume_checks(run.workdir, resumed, config, run.teacher,
+                           topology)
+  return state, resumed, changes
 
+
+def _compile(run: _Run):
+  """(step_fn, eval_fn, prefetch): the jitted step (state donated) and eval
+  step, and what turns host batches into arrays on the mesh."""
+  replicated = NamedSharding(run.mesh, P())
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        teacher=teacher, distill=config.distill,
-                        steps_per_epoch=steps_per_epoch),
-      out_shardings=(state_sharding, replicated), donate_argnums=0)
+      functools.partial(train_step, model=run.model, tx=run.tx,
+                        schedule=run.schedule, teacher=run.teacher,
+                        distill=run.config.distill,
+                        steps_per_epoch=run.steps_per_epoch),
+      out_shardings=(run.state_sharding, replicated), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(
-      eval_step, model=model, teacher=teacher,
-      ensemble_method=config.distill.ensemble_method),
+      eval_step, model=run.model, teacher=run.teacher,
+      ensemble_method=run.config.distill.ensemble_method),
                     out_shardings=replicated)
-  add_teacher_logits = None if teacher is None else teacher.host_lookup
+  add_teacher_logits = (None if run.teacher is None
+                        else run.teacher.host_lookup)
 
   def prefetch(it, first_step=None):
     if add_teacher_logits is not None and first_step is None:
@@ -721,153 +760,231 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       it = (add_teacher_logits(b, step=s) for s, b in enumerate(it, first_step))
     # Ids are host-side strings: they key logits caches, never reach devices.
     it = ({k: v for k, v in b.items() if k != 'id'} for b in it)
-    return input_pipeline.prefetch_to_mesh(it, mesh)
+    return input_pipeline.prefetch_to_mesh(it, run.mesh)
+  return step_fn, eval_fn, prefetch
 
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=not is_chief)
-  if start_step == 0:
-    writer.write_hparams({k: v for k, v in config.to_dict().items()
-                          if isinstance(v, (int, float, str, bool))})
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                           writer=writer)
-  train_iter = prefetch(data.train, first_step=start_step + 1)
-  fingerprint = checkpointing.config_fingerprint(config_json)
 
-  def run_eval(step):
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        devices=None, overwrite_finished: bool = False
+                        ) -> dict[str, Any]:
+  run, data = _setup(config, workdir, devices, overwrite_finished)
+  start_step = checkpointing.latest_step(workdir) or 0
+  pinned: set[int] = set()  # Steps kept out of rotation (divergence).
+  mngr = checkpointing.manager(workdir, config.keep_checkpoints, pinned)
+  topology = dict(process_count=jax.process_count(),
+                  device_count=len(run.devices))
+  state, resumed, topology_changes = _restore(run, mngr, topology)
+  if int(jax.device_get(state.step)) != start_step:
+    # A damaged newest checkpoint was skipped: the stream restarts where
+    # the restored one stopped.
+    start_step = int(jax.device_get(state.step))
+    data = run.datasets(start_step)
+  if run.is_chief:
+    info = run.info
+    rundir.write_config(workdir, run.config_json)
+    rundir.write_run_info(
+        workdir, model_spec=config.model, num_classes=info.num_classes,
+        class_names=info.class_names, image_shape=info.image_shape,
+        dataset=config.dataset, final_step=run.total_steps,
+        specialist=info.specialist)
+  loop = _Loop(run, data, state, mngr, pinned, resumed, topology,
+               topology_changes, start_step)
+  try:
+    loop.train()
+    return loop.finish()
+  except BaseException:
+    loop.bar.close()  # Ends the progress line before the error is shown.
+    raise
+  finally:
+    mngr.close()  # Waits for any save in flight: it ends committed.
+
+
+class _Loop:
+  """The training loop of one run: steps, logs, evals, checkpoints, and the
+  health of the run (`kd_jax.divergence`) that they feed."""
+
+  def __init__(self, run: _Run, data, state: TrainState, mngr,
+               pinned: set[int], resumed: dict[str, Any],
+               topology: dict[str, int], topology_changes, start_step: int):
+    self.run, self.data, self.state, self.mngr = run, data, state, mngr
+    self.pinned, self.resumed, self.start_step = pinned, resumed, start_step
+    self.topology, self.topology_changes = topology, topology_changes
+    config, workdir = run.config, run.workdir
+    self.step_fn, self.eval_fn, self.prefetch = _compile(run)
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=not run.is_chief)
+    if start_step == 0:
+      self.writer.write_hparams({k: v for k, v in config.to_dict().items()
+                                 if isinstance(v, (int, float, str, bool))})
+    self.report = periodic_actions.ReportProgress(
+        num_train_steps=run.total_steps, writer=self.writer)
+    self.fingerprint = checkpointing.config_fingerprint(run.config_json)
+    logging.info('Training %s for %d steps (from step %d) on %d devices.',
+                 config.model.name, run.total_steps, start_step,
+                 len(run.devices))
+    # The parameters' norm before the run's first step: divergence's
+    # reference.
+    initial_norm = resumed.get('reference_param_norm')
+    if initial_norm is None:
+      initial_norm = float(jax.jit(optax.tree.norm)(state.params))
+    self.health = (divergence.Health.from_meta(resumed, initial_norm)
+                   if resumed else divergence.Health(param_norm=initial_norm))
+    if self.health.last_healthy_step is not None:
+      pinned.add(self.health.last_healthy_step)
+    self.pending: list[dict[str, jax.Array]] = []
+    self.window: list[dict[str, Any]] = []  # Fetched since the last log.
+    self.eval_results: dict[str, Any] = {}
+    self.train_start = time.time()
+    self.seconds_before = float(resumed.get('train_seconds', 0.0))
+    self.collapse_warnings = list(resumed.get('collapse_warnings', []))
+    self.best_accuracy = float(resumed.get('best_train_accuracy', 0.0))
+    self.collapsed = False
+    self.bar = progress.Progress(
+        run.total_steps, start_step, enabled=run.is_chief,
+        label=os.path.basename(os.path.normpath(workdir)))
+
+  def train(self) -> None:
+    """Every step from the start step to the last."""
+    config, total = self.run.config, self.run.total_steps
+    train_iter = self.prefetch(self.data.train,
+                               first_step=self.start_step + 1)
+    for step in range(self.start_step + 1, total + 1):
+      batch = next(train_iter)
+      log_step = step % config.log_every_steps == 0 or step == total
+      save_step = step % config.checkpoint_every_steps == 0 or step == total
+      # A checkpoint step measures the norms too, to check them first.
+      self.state, measurements = self.step_fn(
+          self.state, batch, self.run.teacher_variables,
+          log_step or save_step)
+      self.pending.append(measurements)
+      self.report(step)
+      self.bar.update(step)
+      if log_step or save_step:
+        host = self._fetch(step)
+      if log_step:
+        self._log(step)
+      if log_step or save_step:
+        _check_health(self.health, step, host, self.collapsed)
+      if step % self.run.eval_every == 0 or step == total:
+        self.eval_results = self._evaluate(step)
+      if save_step:
+        self._save(step)
+
+  def _fetch(self, step: int) -> list[dict[str, Any]]:
+    """The measurements since the last fetch, on the host; stops a run whose
+    loss or parameter norm is no longer finite."""
+    host = jax.device_get(self.pending)
+    self.pending = []
+    first = step - len(host) + 1
+    step_losses = [float(m['loss_total']) for m in host]
+    if self.health.loss is None and self.start_step == 0:
+      self.health.loss = float(np.mean(step_losses))
+    self.health.judge_unconfirmed(first, step_losses)
+    bad = divergence.nonfinite(host, first)
+    if bad is not None:
+      raise _diverged(*bad, self.mngr, self.run.workdir, self.run.config,
+                      self.health, self.start_step, self.run.is_chief)
+    self.window += host
+    return host
+
+  def _log(self, step: int) -> None:
+    """Writes the window's measurements (averaged; the norms are this
+    step's) and checks the train accuracy for a collapse."""
+    window = self.window
+    if 'accuracy' in window[0]:
+      self.best_accuracy, self.collapsed = _collapse(
+          step, float(np.mean([m['accuracy'] for m in window])),
+          self.best_accuracy, self.collapsed, self.collapse_warnings)
+    self.writer.write_scalars(step, {f'train/{k}': float(
+        window[-1][k] if k in LOG_STEP_MEASUREMENTS else
+        np.mean([m[k] for m in window])) for k in window[0]})
+    self.bar.show(loss=float(np.mean([m['loss_total'] for m in window])))
+    self.window = []
+
+  def _evaluate(self, step: int) -> dict[str, Any]:
     results = {}
-    for split, make_iter in data.eval.items():
-      r = evaluate(eval_fn, state, make_iter(), teacher_variables, prefetch)
+    for split, make_iter in self.data.eval.items():
+      r = evaluate(self.eval_fn, self.state, make_iter(),
+                   self.run.teacher_variables, self.prefetch)
       results[split] = r
-      writer.write_scalars(step, {f'{split}/{k}': v for k, v in r.items()})
-      bar.show(**{f'{split}_acc': f'{100 * r["accuracy"]:.2f}%'})
+      self.writer.write_scalars(step,
+                                {f'{split}/{k}': v for k, v in r.items()})
+      self.bar.show(**{f'{split}_acc': f'{100 * r["accuracy"]:.2f}%'})
     return results
 
-  logging.info('Training %s for %d steps (from step %d) on %d devices.',
-               config.model.name, total_steps, start_step, len(devices))
-  # The parameters' norm before the run's first step: divergence's reference.
-  initial_norm = resumed.get('reference_param_norm')
-  if initial_norm is None:
-    initial_norm = float(jax.jit(optax.tree.norm)(state['params']))
-  health = (divergence.Health.from_meta(resumed, initial_norm) if resumed
-            else divergence.Health(param_norm=initial_norm))
-  if health.last_healthy_step is not None:
-    pinned.add(health.last_healthy_step)
-  pending: list[dict[str, jax.Array]] = []
-  window: list[dict[str, Any]] = []  # Fetched since the last log.
-  eval_results: dict[str, Any] = {}
-  train_start = time.time()
-  seconds_before = float(resumed.get('train_seconds', 0.0))
-  collapse_warnings = list(resumed.get('collapse_warnings', []))
-  best_accuracy = float(resumed.get('best_train_accuracy', 0.0))
-  collapsed = False
-  bar = progress.Progress(total_steps, start_step, enabled=is_chief,
-                          label=os.path.basename(os.path.normpath(workdir)))
-  try:
-    for step in range(start_step + 1, total_steps + 1):
-      batch = next(train_iter)
-      log_step = step % config.log_every_steps == 0 or step == total_steps
-      save_step = (step % config.checkpoint_every_steps == 0
-                   or step == total_steps)
-      # A checkpoint step measures the norms too, to check them first.
-      state, measurements = step_fn(state, batch, teacher_variables,
-                                    log_step or save_step)
-      pending.append(measurements)
-      report(step)
-      bar.update(step)
-      if log_step or save_step:
-        host = jax.device_get(pending)
-        pending = []
-        losses = [float(m['loss_total']) for m in host]
-        if health.loss is None and start_step == 0:
-          health.loss = float(np.mean(losses))
-        health.judge_unconfirmed(step - len(host) + 1, losses)
-        bad = divergence.nonfinite(host, step - len(host) + 1)
-        if bad is not None:
-          raise _diverged(*bad, mngr, workdir, config, health, start_step,
-                          is_chief)
-        window += host
-      if log_step:
-        if 'accuracy' in window[0]:
-          best_accuracy, collapsed = _collapse(
-              step, float(np.mean([m['accuracy'] for m in window])),
-              best_accuracy, collapsed, collapse_warnings)
-        # Per-step measurements are averaged since the last log; the norms
-        # are this step's.
-        writer.write_scalars(step, {f'train/{k}': float(
-            window[-1][k] if k in LOG_STEP_MEASUREMENTS else
-            np.mean([m[k] for m in window])) for k in window[0]})
-        bar.show(loss=float(np.mean([m['loss_total'] for m in window])))
-        window = []
-      if log_step or save_step:
-        _check_health(health, step, host, collapsed)
-      if step % eval_every == 0 or step == total_steps:
-        eval_results = run_eval(step)
-      if save_step:
-        # The last healthy checkpoint stays until a later one is healthy; no
-        # save may be finishing (and rotating) while that changes.
-        keep = ({health.last_healthy_step}
-                if health.last_healthy_step is not None else set())
-        if keep != pinned:
-          mngr.wait_until_finished()
-          pinned.clear()
-          pinned.update(keep)
-        health.saved(step)
-        checkpointing.save(mngr, state, dict(
-            config_fingerprint=fingerprint,
-            examples_seen=step * config.batch_size, topology=topology,
-            topology_changes=topology_changes,
-            teacher_fingerprint=(None if teacher is None
-                                 else teacher.fingerprint),
-            train_seconds=seconds_before + time.time() - train_start,
-            best_train_accuracy=best_accuracy,
-            collapse_warnings=collapse_warnings, **health.meta()))
-    mngr.wait_until_finished()
-    if health.reason is None and pinned:
-      # The run ended healthy: no older checkpoint needs keeping.
+  def _save(self, step: int) -> None:
+    """Checkpoints the state, keeping the last healthy checkpoint out of the
+    rotation until a later one is healthy."""
+    health, pinned = self.health, self.pinned
+    keep = ({health.last_healthy_step}
+            if health.last_healthy_step is not None else set())
+    if keep != pinned:
+      # No save may be finishing (and rotating) while the pins change.
+      self.mngr.wait_until_finished()
       pinned.clear()
-      for old_step in sorted(mngr.all_steps())[:-config.keep_checkpoints]:
-        mngr.delete(old_step)
-    if not eval_results:
-      eval_results = run_eval(total_steps)
-    writer.flush()
-    bar.close()
+      pinned.update(keep)
+    health.saved(step)
+    teacher = self.run.teacher
+    checkpointing.save(self.mngr, self.state, dict(
+        config_fingerprint=self.fingerprint,
+        examples_seen=step * self.run.config.batch_size,
+        topology=self.topology, topology_changes=self.topology_changes,
+        teacher_fingerprint=None if teacher is None else teacher.fingerprint,
+        train_seconds=self.seconds_before + time.time() - self.train_start,
+        best_train_accuracy=self.best_accuracy,
+        collapse_warnings=self.collapse_warnings, **health.meta()))
+
+  def finish(self) -> dict[str, Any]:
+    """Ends the run: waits for the saves, drops checkpoints no longer
+    needed, evaluates if no step did, and writes summary.json."""
+    run, health, workdir = self.run, self.health, self.run.workdir
+    self.mngr.wait_until_finished()
+    if health.reason is None and self.pinned:
+      # The run ended healthy: no older checkpoint needs keeping.
+      self.pinned.clear()
+      for old_step in sorted(self.mngr.all_steps())[
+          :-run.config.keep_checkpoints]:
+        self.mngr.delete(old_step)
+    if not self.eval_results:
+      self.eval_results = self._evaluate(run.total_steps)
+    self.writer.flush()
+    self.bar.close()
     if health.reason is not None:
       logging.warning(
           'the run ended diverging (%s); its last healthy checkpoint, step '
           '%s, is kept in %s. summary.json lists it in divergence_warnings.',
           health.reason, health.last_healthy_step,
           checkpointing.checkpoint_dir(workdir))
+    summary = self._summary()
+    if run.is_chief:
+      rundir.write_summary(workdir, summary)
+    return summary
 
-    params = jax.device_get(state['params'])
+  def _summary(self) -> dict[str, Any]:
+    run, config, state = self.run, self.run.config, self.state
+    params = jax.device_get(state.params)
     summary = dict(
-        step=total_steps, model=config.model.name,
+        step=run.total_steps, model=config.model.name,
         teacher_source=config.distill.teacher_source,
-        teachers=teachers.describe(config, teacher),
+        teachers=teachers.describe(config, run.teacher),
         num_params=models.param_count(params),
         param_bytes=models.param_bytes(params),
-        train_seconds=seconds_before + time.time() - train_start,
-        eval=eval_results, collapse_warnings=collapse_warnings)
-    finished = (rundir.read_summary(workdir) if start_step == total_steps
-                else None)
+        train_seconds=self.seconds_before + time.time() - self.train_start,
+        eval=self.eval_results, collapse_warnings=self.collapse_warnings)
+    finished = (rundir.read_summary(run.workdir)
+                if self.start_step == run.total_steps else None)
     if finished and 'train_seconds' in finished:
       # A rerun of a finished run trains nothing: keep the run's own time.
       summary['train_seconds'] = finished['train_seconds']
-    if topology_changes:
-      summary['topology_changes'] = topology_changes
-    if health.warnings:
-      summary['divergence_warnings'] = health.warnings
-    if 'connector_params' in state:
+    if self.topology_changes:
+      summary['topology_changes'] = self.topology_changes
+    if self.health.warnings:
+      summary['divergence_warnings'] = self.health.warnings
+    if 'connectors' in state.opt_state:
       # Feature connectors train with the student but are not part of it.
       summary['num_connector_params'] = models.param_count(
-          state['connector_params'])
-    if is_chief:
-      rundir.write_summary(workdir, summary)
-  except BaseException:
-    bar.close()  # Ends the progress line before the error is shown.
-    raise
-  finally:
-    mngr.close()  # Waits for any save in flight: it ends committed.
-  return summary
+          state.connector_params)
+    return summary
 
 
 def _check_health(health: divergence.Health, step: int,

@@ -6,6 +6,7 @@ trained once; the fault tests copy its workdir and break the copy, and call
 the refusing function directly wherever that reaches the check.
 """
 
+import dataclasses
 import functools
 import glob
 import json
@@ -31,6 +32,7 @@ from kd_jax import models
 from kd_jax import rundir
 from kd_jax import teachers
 from kd_jax import train
+from kd_jax import train_state
 from kd_jax.teachers import cache as logits_cache
 
 ARG = 'runlocal,model.hidden=(8,),keep_checkpoints=3'
@@ -187,15 +189,16 @@ def test_damaged_newest_checkpoint_falls_back_and_is_moved_aside(
                         for p in glob.glob(os.path.join(ckpt, '6', '**'),
                                            recursive=True))
   state, meta = restore(workdir)
-  assert meta['step'] == int(state['step']) == 3
+  assert meta['step'] == int(state.step) == 3
   # Step 3 restores exactly: compared with step 3 of the untouched copy.
   abstract = abstract_state(tiny())
   expected, _ = checkpointing.restore_model(
       copy_run(finished, tmp_path, 'p3'),
-      {k: abstract[k] for k in ('params', 'batch_stats')}, step=3)
-  np.testing.assert_array_equal(host(state['params'])['Dense_0']['kernel'],
+      {'params': abstract.params, 'batch_stats': abstract.batch_stats},
+      step=3)
+  np.testing.assert_array_equal(host(state.params)['Dense_0']['kernel'],
                                 host(expected['params'])['Dense_0']['kernel'])
-  assert int(pristine[0]['step']) == 6
+  assert int(pristine[0].step) == 6
   # Moved aside whole, never deleted; the stream restarts at step 3.
   moved = os.path.join(workdir, checkpointing.BROKEN_DIR, '6')
   assert sorted(os.path.relpath(p, moved) for p in glob.glob(
@@ -210,8 +213,9 @@ def test_missing_orbax_metadata_still_restores_the_checked_values(
                          '_METADATA'))
   state, meta = restore(workdir)
   # Orbax rebuilds the tree from the target; the checksum proves the values.
-  assert int(state['step']) == 6
-  assert checkpointing.checksum(state) == meta['checksum']
+  assert int(state.step) == 6
+  assert checkpointing.checksum(
+      train_state.to_checkpoint(state)) == meta['checksum']
 
 
 def test_resume_past_a_damaged_checkpoint_ends_with_the_uninterrupted_numbers(
@@ -270,7 +274,8 @@ def test_nan_teacher_stops_the_trainer_naming_the_step(tmp_path, monkeypatch):
         variables=None, names=('nan',), weights=(1.0,), fingerprint='nan',
         forward=lambda v, b: jnp.full((1, *b['image'].shape[:1],
                                        info.num_classes), jnp.nan))
-  monkeypatch.setitem(teachers.SOURCES, 'online', nan_teacher)
+  monkeypatch.setitem(teachers.SOURCES.records, 'online', dataclasses.replace(
+      teachers.SOURCES.get('online', 'test'), load=nan_teacher))
   config = tiny('distill.teacher_source="online",distill.alpha=0.5')
   # Step 1's loss comes from the initial parameters: not the learning rate.
   with pytest.raises(FloatingPointError,

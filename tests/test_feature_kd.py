@@ -143,7 +143,7 @@ def test_features_without_one_online_teacher_are_refused(source,
   config.teachers = config.teachers * num_teachers
   with pytest.raises(ValueError, match=f'teacher_source={source!r}, '
                      f'{num_teachers} teachers.*one entry in config.teachers'):
-    objective.check_feature_shapes(config, 10, IMAGE_SHAPE)
+    objective.validate_features(config)
 
 
 def test_shapes_no_connector_maps_are_refused():
@@ -218,7 +218,7 @@ def test_feature_step_on_one_device_equals_eight(teacher_dir):
     for batch in batches:
       sharded = jax.device_put(batch, NamedSharding(mesh, P('data')))
       state, measurements = step(state, sharded, variables)
-    bank = state['example_state']['term2']['student_memory']
+    bank = state.example_state['term2']['student_memory']
     if len(devices) == 8:  # 96 rows of dim 8 over 8 devices: 12 each.
       assert bank.sharding.spec == P('data')
       assert {s.data.shape for s in bank.addressable_shards} == {(12, 8)}
@@ -231,12 +231,12 @@ def test_feature_step_on_one_device_equals_eight(teacher_dir):
           t['weight'] * m1[f'loss_feature_{t["method"]}'] for t in TERMS),
       rtol=1e-5)
   # The first step fixed CRD's normalizers; the banks moved.
-  assert np.all(state1['example_state']['term2']['normalizers'] > 0)
+  assert np.all(state1.example_state['term2']['normalizers'] > 0)
   # Equal up to the order of float sums.
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
   for key in ('params', 'batch_stats', 'connector_params',
               'connector_batch_stats', 'example_state'):
-    jax.tree.map(close, state1[key], state8[key])
+    jax.tree.map(close, getattr(state1, key), getattr(state8, key))
   for key in m1:
     np.testing.assert_allclose(m1[key], m8[key], rtol=2e-4, atol=1e-5,
                                err_msg=key)
@@ -261,19 +261,19 @@ def test_connectors_are_kept_out_of_the_exported_student(all_methods_run):
                            jnp.zeros((1, *IMAGE_SHAPE))))['params']
   assert summary['num_params'] == models.param_count(student_params)
   assert summary['num_connector_params'] == models.param_count(
-      abstract['connector_params']) > 0
+      abstract.connector_params) > 0
   # What a later run (as a teacher, or an export) restores is the student.
   variables, _ = checkpointing.restore_model(
-      workdir, {'params': abstract['params'],
-                'batch_stats': abstract['batch_stats']})
+      workdir, {'params': abstract.params,
+                'batch_stats': abstract.batch_stats})
   assert models.param_count(variables['params']) == summary['num_params']
   # The connectors and CRD's banks are in the checkpoint, for resuming.
   state = restore_state(config, workdir)
-  assert models.param_count(state['connector_params']) == (
+  assert models.param_count(state.connector_params) == (
       summary['num_connector_params'])
-  bank = state['example_state']['term7']['student_memory']
+  bank = state.example_state['term7']['student_memory']
   np.testing.assert_allclose(np.linalg.norm(bank[:96], axis=1)[
-      state['example_state']['term7']['labels'] >= 0], 1.0, rtol=1e-5)
+      state.example_state['term7']['labels'] >= 0], 1.0, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -290,9 +290,10 @@ def test_resumed_crd_run_equals_the_uninterrupted_one(teacher_dir, tmp_path):
   summary_resumed = train.train_and_evaluate(config, resumed)
   assert summary_resumed['eval'] == summary['eval']
   a, b = restore_state(config, whole), restore_state(config, resumed)
-  assert int(a['step']) == int(b['step']) == 4
+  assert int(a.step) == int(b.step) == 4
   for key in ('params', 'connector_params', 'example_state', 'opt_state'):
-    jax.tree.map(np.testing.assert_array_equal, a[key], b[key])
+    jax.tree.map(np.testing.assert_array_equal, getattr(a, key),
+                 getattr(b, key))
 
 
 def test_only_crd_banks_are_split_over_data_and_only_where_rows_divide():
@@ -309,11 +310,11 @@ def test_only_crd_banks_are_split_over_data_and_only_where_rows_divide():
         teacher_feature_shapes=shapes[1], num_train_examples=rows),
                               jax.random.key(0))
     layout = train.state_shardings(abstract, mesh, config.distill)
-    crd = layout['example_state']['term2']
+    crd = layout.example_state['term2']
     for name in ('student_memory', 'teacher_memory', 'labels'):
       assert crd[name].spec == (P('data') if split else P()), (rows, name)
     assert crd['normalizers'].spec == P()
-    others = {k: v for k, v in layout.items() if k != 'example_state'}
+    others = layout.replace(example_state={})
     assert all(s.spec == P() for s in jax.tree.leaves(others))
 
 

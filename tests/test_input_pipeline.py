@@ -38,7 +38,8 @@ def valid_ids(batches):
 
 def raw_pixels(image, dataset):
   """Undoes the normalisation: pixel values in [0, 255]."""
-  mean, std = (np.array(v) for v in input_pipeline.NORMALIZATION[dataset])
+  mean, std = (np.array(v) for v in
+               input_pipeline.DATASETS.get(dataset, 'test').normalization)
   return (image * std + mean) * 255
 
 
@@ -435,7 +436,8 @@ def test_standard_tfds_datasets_load_through_the_same_path(
 
 def test_unknown_dataset_lists_the_known_ones(data_dir):
   with pytest.raises(ValueError,
-                     match=r"Unknown dataset.*'mnist5k'.*'cifar100'"):
+                     match=r"config.dataset='cifar1000' names no dataset "
+                     r"\(did you mean 'cifar100'\?\).*'mnist5k'"):
     input_pipeline.get_datasets(make_config(data_dir, 'cifar1000'),
                                 num_devices=8)
 

@@ -111,8 +111,7 @@ def test_ctkd_temperature_gradient_is_reversed_and_scaled(mode):
   student, teacher, labels, mask = random_inputs(3)
   d = distill_config(ctkd=dict(mode=mode, hidden=8))
   targets = objective.teacher_targets(teacher, {}, d, (1.0,))
-  state = objective.init_temperature_state(d, C, optax.sgd(0.1),
-                                           jax.random.key(0))
+  params = ctkd.init_params(ctkd.settings(d), C, jax.random.key(0))
   epoch = jnp.float32(2.0)  # Third epoch: strength (1 - cos(0.3 pi)) / 2.
 
   def total(params, reverse):
@@ -125,10 +124,8 @@ def test_ctkd_temperature_gradient_is_reversed_and_scaled(mode):
     return objective.loss(student, targets, labels, mask, d,
                           temperature=temperature)[0], strength
 
-  reversed_grads, strength = jax.grad(total, has_aux=True)(
-      state['temperature_params'], True)
-  plain_grads, _ = jax.grad(total, has_aux=True)(
-      state['temperature_params'], False)
+  reversed_grads, strength = jax.grad(total, has_aux=True)(params, True)
+  plain_grads, _ = jax.grad(total, has_aux=True)(params, False)
   np.testing.assert_allclose(strength, (1 - np.cos(0.3 * np.pi)) / 2,
                              rtol=1e-6)
   jax.tree.map(lambda r, p: np.testing.assert_allclose(
@@ -174,13 +171,13 @@ def test_dist_step_on_one_device_equals_eight(ctkd):
       state, measurements = fn(state, sharded, None)
     results.append(jax.device_get((state, measurements)))
   (state1, m1), (state8, m8) = results
-  assert ('temperature_params' in state1) == (ctkd != 'none')
+  assert ('temperature' in state1.opt_state) == (ctkd != 'none')
   # Equal up to the order of float sums (a per-shard DIST would differ by
   # far more: its column statistics would see 2 rows each).
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-5),
-               (state1['params'], state1.get('temperature_params')),
-               (state8['params'], state8.get('temperature_params')))
+               (state1.params, state1.temperature_params),
+               (state8.params, state8.temperature_params))
   for key in m1:
     np.testing.assert_allclose(m1[key], m8[key], rtol=1e-4, atol=1e-5,
                                err_msg=key)
@@ -202,7 +199,7 @@ def test_norms_only_on_logging_steps_and_the_state_is_the_same():
       teacher=fake_cache_teacher(), distill=config.distill))
   logged, quiet = (jax.device_get(fn(state, batch, None, log))
                    for log in (True, False))
-  without_key = lambda s: {k: v for k, v in s.items() if k != 'rng'}
+  without_key = lambda s: s.replace(rng=None)
   jax.tree.map(np.testing.assert_array_equal, without_key(logged[0]),
                without_key(quiet[0]))
   norms = [k for k in train.LOG_STEP_MEASUREMENTS if k in logged[1]]
@@ -210,7 +207,7 @@ def test_norms_only_on_logging_steps_and_the_state_is_the_same():
   for key in norms:
     assert quiet[1][key] == 0 and logged[1][key] > 0, key
   np.testing.assert_allclose(logged[1]['param_norm'],
-                             optax.tree.norm(logged[0]['params']), rtol=1e-6)
+                             optax.tree.norm(logged[0].params), rtol=1e-6)
   for key in set(logged[1]) - set(norms):
     np.testing.assert_array_equal(logged[1][key], quiet[1][key], key)
 
@@ -263,10 +260,10 @@ def test_every_cifar100_logit_method_runs_in_runlocal_form(tmp_path):
   mngr = checkpointing.manager(str(workdir), 2)
   state, _ = checkpointing.restore(mngr, abstract)
   mngr.close()
-  raw = float(state['temperature_params']['raw'])
+  raw = float(state.temperature_params['raw'])
   assert np.isfinite(raw) and raw != 1.0  # Trained away from its init.
   # ...and left out of the model a later run restores or counts.
   variables, _ = checkpointing.restore_model(
-      str(workdir), {'params': abstract['params'],
-                     'batch_stats': abstract['batch_stats']})
+      str(workdir), {'params': abstract.params,
+                     'batch_stats': abstract.batch_stats})
   assert summary['num_params'] == models.param_count(variables['params'])

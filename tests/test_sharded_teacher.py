@@ -57,7 +57,7 @@ def two_steps(config, teacher, mesh, variables):
   state = init(jax.random.key(0))
   for _ in range(2):
     state, measurements = step(state, batch, variables, True)
-  return jax.device_get((state['params'], measurements))
+  return jax.device_get((state.params, measurements))
 
 
 def assert_same_step(a, b):

@@ -187,11 +187,11 @@ def minimal_kd_step(state, batch, teacher_variables, *, model, tx, teacher,
   import optax  # pylint: disable=g-import-not-at-top
   teacher_logits = jax.lax.stop_gradient(
       teacher.forward(teacher_variables, batch))
-  rng = jax.random.fold_in(state['rng'], state['step'])
+  rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
     logits, new_model_state = model.apply(
-        {'params': params, 'batch_stats': state['batch_stats']},
+        {'params': params, 'batch_stats': state.batch_stats},
         batch['image'], train=True, rngs={'dropout': rng},
         mutable=['batch_stats'])
     log_p = jax.nn.log_softmax(teacher_logits / temperature)
@@ -203,12 +203,13 @@ def minimal_kd_step(state, batch, teacher_variables, *, model, tx, teacher,
     return alpha * soft + (1 - alpha) * hard, new_model_state
 
   (loss, new_model_state), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state['params'])
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  return dict(state, step=state['step'] + 1,
-              params=optax.apply_updates(state['params'], updates),
-              opt_state=opt_state,
-              batch_stats=new_model_state.get('batch_stats', {})), loss
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state['student'],
+                                 state.params)
+  return state.replace(step=state.step + 1,
+                       params=optax.apply_updates(state.params, updates),
+                       opt_state={'student': opt_state},
+                       batch_stats=new_model_state.get('batch_stats', {})), loss
 
 
 # --------------------------------------------------------------------------

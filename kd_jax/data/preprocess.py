@@ -23,28 +23,15 @@ AUGMENTATIONS = ('none', 'mnist_jitter', 'cifar', 'imagenet')
 SHIFT_AUGMENTATIONS = {'mnist_jitter': (2, False),  # Hinton et al. 2015.
                        'cifar': (4, True)}          # Zero-pad 4, crop, flip.
 
-# Per-channel mean and std of pixel / 255 on each dataset's train split;
-# mnist5k uses MNIST's (its own are 0.1313, 0.3086) and image folders map
-# pixels to [-1, 1].
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    'mnist5k': ((0.1307,), (0.3081,)),
-    'mnist_full': ((0.1307,), (0.3081,)),
-    'digits': ((0.3053,), (0.3759,)),
-    'mnist': ((0.1307,), (0.3081,)),
-    'fashion_mnist': ((0.2860,), (0.3530,)),
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    sources.IMAGE_FOLDER: ((0.5,), (0.5,)),
-}
 _CENTER_CROP_PADDING = 32  # Eval: resize-and-crop 256 -> 224, as in ResNet.
 
 
 def normalization(name: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
   """(mean, std) [channels] float32 that images of dataset `name` are
-  normalised with: `NORMALIZATION[name]`, channel-averaged and repeated when
-  `channels` converts RGB <-> grayscale."""
-  mean, std = (np.array(v, np.float32) for v in NORMALIZATION[name])
+  normalised with: its registered constants (`sources.DataSource`),
+  channel-averaged and repeated when `channels` converts RGB <-> grayscale."""
+  mean, std = (np.array(v, np.float32) for v in
+               sources.DATASETS.get(name, 'config.dataset').normalization)
   if len(mean) != channels:  # RGB <-> grayscale conversion.
     mean, std = (np.full([channels], v.mean(), np.float32) for v in (mean, std))
   return mean, std

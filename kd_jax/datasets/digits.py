@@ -22,6 +22,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kd_jax.data import sources
+
 from kd_jax.datasets.mnist5k import hold_out_last_per_class
 
 NUM_TEST_PER_CLASS = 36
@@ -81,3 +83,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     for row in rows:
       yield int(row), {'image': images[row], 'label': labels[row],
                        'id': f'digits/{row:04d}'}
+
+
+DATA_SOURCE = sources.register(sources.DataSource(
+    name='digits', normalization=((0.3053,), (0.3759,))))

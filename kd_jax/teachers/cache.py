@@ -748,8 +748,7 @@ def pipeline_config(config):
   A multi-view cache replays its views' augmentation on the host
   (`augment_views`), so the pipeline must deliver un-augmented images.
   """
-  if (config.distill.teacher_source != 'cache' or config.augment == 'none'
-      or not config.distill.cache_dir):
+  if config.augment == 'none' or not config.distill.cache_dir:
     return config
   try:
     shard = cache_shards(config.distill.cache_dir, config.train_split)[0]
@@ -866,6 +865,59 @@ def lookup_rows(index: IdIndex, tables: Sequence[dict[str, np.ndarray]],
           **{f'teacher_{k}': v for k, v in out.items()}}
 
 
+def _read_tables(config, info, splits: Sequence[str]):
+  """(manifests by split, one table per loaded shard, their ids, their
+  (split, shard), the train split's view count), each shard checked
+  against the run's data and its split's first shard."""
+  cache_dir = config.distill.cache_dir
+  process_index, process_count = _process()
+  manifests, tables, table_ids, table_split = {}, [], [], []
+  for split in splits:
+    try:
+      shards = local_shards(cache_shards(cache_dir, split), process_index,
+                            process_count)
+      for shard in shards:
+        manifest, ids, arrays = read_cache_arrays(cache_dir, split,
+                                                  mmap=True, shard=shard)
+        _check_manifest(manifest, config, info, split)
+        _check_same_export(manifests.setdefault(split, manifest), manifest,
+                           os.path.join(cache_dir, split, shard))
+        if manifest['preprocessing'].get('num_views', 1) == 1:
+          arrays = {k: v[:, None] for k, v in arrays.items()}  # A view axis.
+        tables.append(arrays)
+        table_ids.append(ids)
+        table_split.append((split, shard))
+      if split == config.train_split:
+        num_views = _check_augmentation(manifest, config)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f'{e} The cache needs config.train_split and every eval split: '
+          f'{_export_command(config, ",".join(splits))}') from None
+  return manifests, tables, table_ids, table_split, num_views
+
+
+def _check_all_ids(config, splits: Sequence[str], index: IdIndex, table_ids,
+                   table_split) -> None:
+  """Every id once in the cache, every example of every split cached, with
+  its label."""
+  repeat = index.duplicate()
+  if repeat is not None:
+    split, shard = table_split[repeat[1]]
+    raise ValueError(
+        f'id {repeat[0]!r} appears twice in the logits cache '
+        f'{config.distill.cache_dir!r} (last in split {split!r}'
+        f'{" " + shard if shard else ""}): ids must be unique across splits '
+        'and shards.')
+  for split in splits:
+    dataset_ids, _ = split_data = _split_ids(config, split)
+    _check_ids_cached(dataset_ids, index, config, split)
+    for t, (table_of, shard) in enumerate(table_split):
+      if table_of == split:
+        _check_labels(*split_data, table_ids[t], read_cache_labels(
+            config.distill.cache_dir, split, len(table_ids[t]), shard),
+                      config, split)
+
+
 def load_cache(config, info) -> Teacher:
   """A teacher whose outputs are read from `config.distill.cache_dir`.
 
@@ -905,46 +957,11 @@ def load_cache(config, info) -> Teacher:
         'is empty: set it to the --out of `python -m kd_jax.export_logits`.')
   splits = [config.train_split] + [s for s in config.eval_splits
                                    if s != config.train_split]
-  process_index, process_count = _process()
-  # One table per loaded shard (a one-process export: one per split).
-  manifests, tables, table_ids, table_split = {}, [], [], []
-  for split in splits:
-    try:
-      shards = local_shards(cache_shards(cache_dir, split), process_index,
-                            process_count)
-      for shard in shards:
-        manifest, ids, arrays = read_cache_arrays(cache_dir, split,
-                                                  mmap=True, shard=shard)
-        _check_manifest(manifest, config, info, split)
-        _check_same_export(manifests.setdefault(split, manifest), manifest,
-                           os.path.join(cache_dir, split, shard))
-        if manifest['preprocessing'].get('num_views', 1) == 1:
-          arrays = {k: v[:, None] for k, v in arrays.items()}  # A view axis.
-        tables.append(arrays)
-        table_ids.append(ids)
-        table_split.append((split, shard))
-      if split == config.train_split:
-        num_views = _check_augmentation(manifest, config)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(
-          f'{e} The cache needs config.train_split and every eval split: '
-          f'{_export_command(config, ",".join(splits))}') from None
+  manifests, tables, table_ids, table_split, num_views = _read_tables(
+      config, info, splits)
   _check_same_teacher(manifests, config)
   index = IdIndex(table_ids)
-  repeat = index.duplicate()
-  if repeat is not None:
-    split, shard = table_split[repeat[1]]
-    raise ValueError(
-        f'id {repeat[0]!r} appears twice in the logits cache {cache_dir!r} '
-        f'(last in split {split!r}{" " + shard if shard else ""}): ids must '
-        'be unique across splits and shards.')
-  for split in splits:
-    dataset_ids, _ = split_data = _split_ids(config, split)
-    _check_ids_cached(dataset_ids, index, config, split)
-    for t, (table_of, shard) in enumerate(table_split):
-      if table_of == split:
-        _check_labels(*split_data, table_ids[t], read_cache_labels(
-            cache_dir, split, len(table_ids[t]), shard), config, split)
+  _check_all_ids(config, splits, index, table_ids, table_split)
   train_tables = np.asarray([t for t, (split, _) in enumerate(table_split)
                              if split == config.train_split])
   check_form(manifests, config)

@@ -23,7 +23,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
-from kd_jax.methods import registry
+from kd_jax import registry
 
 
 @dataclasses.dataclass(frozen=True)

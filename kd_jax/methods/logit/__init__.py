@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 from kd_jax import config_lib
-from kd_jax.methods import registry
+from kd_jax import registry
 
 
 @dataclasses.dataclass(frozen=True)

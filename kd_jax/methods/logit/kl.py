@@ -1,4 +1,5 @@
-"""KD's soft term (Hinton et al. 2015): ``T^2 KL(softmax(v/T) || softmax(z/T))``.
+"""KD's soft term (Hinton et al. 2015): ``T^2 KL(softmax(v/T) ||
+softmax(z/T))``.
 
 The only soft loss a top-k logits cache serves exactly: the KL over the
 teacher's k classes and one rest bucket (`losses.topk_kl_divergence`).
