@@ -184,7 +184,7 @@ def save(mngr: ocp.CheckpointManager,
   model, train = _split(state)
   whole, model_checksum = state_checksums(state)
   meta = dict(meta, step=step, checksum=whole, model_checksum=model_checksum,
-              structure=structure(state))
+              structure=structure(state), state_layout=STATE_LAYOUT)
   mngr.save(step, args=ocp.args.Composite(
       model=ocp.args.StandardSave(model),
       train=ocp.args.StandardSave(train),
@@ -211,9 +211,11 @@ def _model_change(workdir: str, step: int, stored: dict[str, str],
       f'config.init_from={workdir!r} to start it from these weights.')
 
 
-# State entries that earlier versions saved under another name: name now ->
-# name then. A checkpoint that used the old name restores under the new one.
+# State entries that checkpoints of earlier layouts (meta without
+# 'state_layout') saved under another name: name now -> name then. Such a
+# checkpoint restores under the new name.
 RENAMED = {'example_state': 'crd_state'}
+STATE_LAYOUT = 2
 
 
 def _renamed(state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
@@ -222,9 +224,11 @@ def _renamed(state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
 
 def _stored_names(meta: dict[str, Any], abstract_state) -> dict[str, str]:
   """{name now: name in this checkpoint} of the entries it saved renamed."""
+  if meta.get('state_layout', 1) >= STATE_LAYOUT:
+    return {}
   stored = {_path_tokens(k)[0] for k in meta.get('structure', {})}
   return {new: old for new, old in RENAMED.items()
-          if new in abstract_state and old in stored and new not in stored}
+          if new in abstract_state and new not in stored}
 
 
 def _restore_step(mngr, step: int, abstract_state, workdir: str):
