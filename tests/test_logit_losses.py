@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from kd_jax import config_lib
 from kd_jax import losses
 from kd_jax import objective
+from kd_jax.methods import ctkd
 
 SHAPES = [(6, 7), (3, 2)]
 TEMPERATURES = [0.5, 1.0, 4.0, 20.0]
@@ -292,13 +293,13 @@ def test_bad_arguments_raise_naming_the_argument(call, match):
 
 def test_gradient_reversal_is_identity_forward_and_negated_backward():
   x = jnp.array([0.5, -2.0])
-  np.testing.assert_array_equal(objective.gradient_reversal(x, 0.3), x)
+  np.testing.assert_array_equal(ctkd.gradient_reversal(x, 0.3), x)
   grad = jax.grad(lambda x: jnp.sum(jnp.square(
-      objective.gradient_reversal(x, 0.3))))(x)
+      ctkd.gradient_reversal(x, 0.3))))(x)
   np.testing.assert_allclose(grad, -0.3 * 2 * x, rtol=1e-6)
   # Under jit with a traced strength, too.
   grad = jax.jit(jax.grad(lambda x, s: jnp.sum(
-      objective.gradient_reversal(x, s))))(x, 0.7)
+      ctkd.gradient_reversal(x, s))))(x, 0.7)
   np.testing.assert_allclose(grad, [-0.7, -0.7], rtol=1e-6)
 
 
@@ -313,7 +314,7 @@ def test_curriculum_follows_the_authors_cosine_decay():
     # Training epoch `epoch` (from 1) spans fractional epochs [epoch-1, epoch).
     for done in (epoch - 1.0, epoch - 0.5):
       np.testing.assert_allclose(
-          objective.curriculum_strength(done, epochs=10), -authors(epoch),
+          ctkd.curriculum_strength(done, epochs=10), -authors(epoch),
           atol=1e-6)
 
 
