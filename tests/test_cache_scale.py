@@ -49,7 +49,9 @@ def big_cache(tmp_path_factory):
                {'logits': row_values(rows)})
     peak = max(peak, anonymous_rss_bytes())
   writer.close(dict(form='dense', num_classes=NUM_CLASSES,
-                    num_examples=NUM_IDS, preprocessing=dict(num_views=1)))
+                    num_examples=NUM_IDS, preprocessing=dict(num_views=1),
+                    teacher_fingerprint='synthetic', dataset='synthetic',
+                    split='train', class_names=[], dtype='float16'))
   return str(root), peak - before
 
 
