@@ -339,11 +339,15 @@ def restore(mngr: ocp.CheckpointManager,
 
 
 def latest_step(workdir: str) -> int | None:
-  path = checkpoint_dir(workdir)
-  if not os.path.isdir(path):
-    return None
-  with ocp.CheckpointManager(path, item_names=('model', 'train', 'meta')) as m:
-    return m.latest_step()
+  """The newest committed checkpoint step in `workdir`, None if none.
+
+  Read from the folder's names, not through a CheckpointManager, whose
+  constructor is a barrier of all processes once the folder exists: a
+  process that looked after process 0 had created it entered one barrier
+  more than its peer, and the run hung at its first step.
+  """
+  steps = ocp.utils.checkpoint_steps(checkpoint_dir(workdir))
+  return max(steps) if steps else None
 
 
 def restore_model(workdir: str, abstract_model: dict[str, Any],

@@ -634,3 +634,25 @@ def test_collapse_is_warned_once_per_fall_and_recorded(finished):
                       dict(step=8, accuracy=0.5, best=0.95)]
   assert finished[1]['collapse_warnings'] == []
   assert rundir.read_summary(finished[0])['collapse_warnings'] == []
+
+
+def test_latest_step_reads_committed_steps_without_a_checkpoint_manager(
+    tmp_path, monkeypatch):
+  # A CheckpointManager's constructor is a barrier of every process once
+  # the folder exists: a process that called it one time more than its peer
+  # (looking after process 0 made the folder) hung the run.
+  root = tmp_path / 'checkpoints'
+  assert checkpointing.latest_step(str(tmp_path)) is None
+  mngr = checkpointing.manager(str(tmp_path), keep=3)
+  state = {'step': jnp.int32(0), 'params': {'w': jnp.ones(3)},
+           'batch_stats': {}}
+  for step in (4, 7):
+    checkpointing.save(mngr, dict(state, step=jnp.int32(step)), {})
+  mngr.wait_until_finished()
+  mngr.close()
+  (root / '9.orbax-checkpoint-tmp-1').mkdir()  # A save cut short.
+
+  def refused(*args, **kwargs):
+    raise AssertionError('latest_step built a CheckpointManager')
+  monkeypatch.setattr(checkpointing.ocp, 'CheckpointManager', refused)
+  assert checkpointing.latest_step(str(tmp_path)) == 7
