@@ -12,6 +12,9 @@ from kd_jax import models
 from kd_jax.models import decoder
 from kd_jax.models.features import apply_with_features
 
+# Slow (seconds per test): the decoder compiled per case.
+pytestmark = pytest.mark.slow
+
 VOCAB = 32
 LENGTH = 12
 

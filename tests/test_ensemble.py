@@ -24,7 +24,8 @@ from kd_jax.config_lib import load_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One worker trains the module's teachers.
-pytestmark = pytest.mark.xdist_group('ensemble')
+# Slow: module fixtures train teachers and export their logits.
+pytestmark = [pytest.mark.xdist_group('ensemble'), pytest.mark.slow]
 
 
 def ensemble_config(root, arg=''):

@@ -24,7 +24,8 @@ from kd_jax.teachers import cache as logits_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One worker builds the module's caches.
-pytestmark = pytest.mark.xdist_group('export_logits')
+# Slow: module fixtures train teachers and export their logits.
+pytestmark = [pytest.mark.xdist_group('export_logits'), pytest.mark.slow]
 
 # The mnist5k configs' splits: train, validation (held out of train), test.
 TRAIN, VAL = 'train[:3600]', 'train[3600:]'

@@ -25,7 +25,8 @@ pytest.importorskip('ai_edge_litert')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One worker builds the module's exports.
-pytestmark = pytest.mark.xdist_group('export_model')
+# Slow: a trained student converted to ONNX and TFLite per module.
+pytestmark = [pytest.mark.xdist_group('export_model'), pytest.mark.slow]
 VAL = 'train[3600:]'  # mnist5k_student's validation split.
 
 

@@ -24,7 +24,8 @@ from kd_jax import teachers
 from kd_jax import train
 from kd_jax.config_lib import load_config
 
-pytestmark = pytest.mark.xdist_group('feature_kd')
+# Slow: module fixtures train teachers and export their logits.
+pytestmark = [pytest.mark.xdist_group('feature_kd'), pytest.mark.slow]
 
 TEACHER = config_lib.model_config('cnn', features=(8, 8, 8), kernel_size=3,
                                   dense=16)

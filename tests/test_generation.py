@@ -18,6 +18,9 @@ import pytest
 from kd_jax import generation
 from kd_jax.models import decoder
 
+# Slow (seconds per test): sampling compiles a decoder per case.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEED_SCRIPT = os.path.join(REPO, 'experiments', 'generation_speed', 'run.py')
 VOCAB = 32

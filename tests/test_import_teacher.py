@@ -25,6 +25,9 @@ from kd_jax import teachers
 from kd_jax import warm_start
 from kd_jax.interop import layouts
 
+# Slow: full-size ResNet, MobileNet and ViT forwards checked in NumPy.
+pytestmark = pytest.mark.slow
+
 safetensors_numpy = pytest.importorskip('safetensors.numpy')
 scipy_special = pytest.importorskip('scipy.special')
 

@@ -14,6 +14,9 @@ import scipy.stats
 from kd_jax import connectors
 from kd_jax import feature_losses as fl
 
+# Slow (seconds per test): ReviewKD/OFD connectors on CIFAR-sized maps.
+pytestmark = pytest.mark.slow
+
 RTOL, ATOL = 2e-5, 1e-6
 
 

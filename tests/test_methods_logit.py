@@ -10,6 +10,9 @@ import scipy.special
 
 from kd_jax import losses
 
+# Slow (seconds per test): NKD/WTTM/MLKD checked case by case against NumPy.
+pytestmark = pytest.mark.slow
+
 SHAPES = [(6, 7), (3, 2), (16, 100)]
 TEMPERATURES = [0.5, 1.0, 3.0, 8.0]
 

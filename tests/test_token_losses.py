@@ -13,6 +13,9 @@ import scipy.special
 
 from kd_jax import losses
 
+# Slow (seconds per test): every divergence over [B, L, V] and its gradient.
+pytestmark = pytest.mark.slow
+
 SHAPE = (2, 3, 7)  # [B, L, V]
 BETA = 0.3  # Asymmetric, so that a swapped teacher and student shows.
 SKEW = 0.2
