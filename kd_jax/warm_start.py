@@ -41,6 +41,9 @@ def restore_run(workdir: str, field: str = 'config.init_from'
   except FileNotFoundError as e:
     raise FileNotFoundError(f'{field}={workdir!r}: {e}; train that run '
                             'first.') from None
+  except checkpointing.CheckpointDamaged as e:
+    raise checkpointing.CheckpointDamaged(
+        f'{field}={workdir!r} cannot be used: {e}') from None
   if step != run_info.get('final_step', step):
     raise ValueError(
         f'{field}={workdir!r} has not finished training: latest checkpoint '

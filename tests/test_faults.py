@@ -656,3 +656,13 @@ def test_latest_step_reads_committed_steps_without_a_checkpoint_manager(
     raise AssertionError('latest_step built a CheckpointManager')
   monkeypatch.setattr(checkpointing.ocp, 'CheckpointManager', refused)
   assert checkpointing.latest_step(str(tmp_path)) == 7
+
+
+def test_a_damaged_init_from_run_is_refused_naming_the_field(finished,
+                                                             tmp_path):
+  from kd_jax import warm_start  # pylint: disable=g-import-not-at-top
+  workdir = copy_run(finished, tmp_path)
+  flip_bytes(os.path.join(checkpointing.checkpoint_dir(workdir), '6'))
+  with pytest.raises(checkpointing.CheckpointDamaged,
+                     match=r"^config\.init_from='.*' cannot be used: "):
+    warm_start.restore_run(workdir)
