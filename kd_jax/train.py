@@ -655,7 +655,8 @@ def _setup(config, workdir: str, devices, overwrite_finished: bool
   mesh = make_mesh(devices, config.mesh_model)
   is_chief = jax.process_index() == 0
   config_json = rundir.config_json(config)
-  has_checkpoint = checkpointing.latest_step(workdir) is not None
+  latest = checkpointing.latest_step(workdir)
+  has_checkpoint = latest is not None
   rundir.check_config(workdir, config_json,
                       allow_change=config.allow_config_change,
                       has_checkpoint=has_checkpoint,
@@ -667,8 +668,7 @@ def _setup(config, workdir: str, devices, overwrite_finished: bool
   # Checkpoints are written at the step the data stream has reached.
   data = input_pipeline.get_datasets(
       teachers.pipeline_config(config),
-      start_step=checkpointing.latest_step(workdir) or 0,
-      num_devices=len(devices))
+      start_step=latest or 0, num_devices=len(devices))
   info = data.info
   if info.specialist is not None:
     specialist_groups.check_same_group(workdir, info.specialist)

@@ -166,7 +166,6 @@ def test_the_benchmarks_pytorch_decoder_computes_what_the_jax_one_does(
   assert check['greedy_tokens_equal'] == 1.0
 
 
-@pytest.mark.slow  # Three benchmark processes.
 def test_the_speed_benchmark_runs_tiny_and_writes_its_record(tmp_path):
   pytest.importorskip('torch')
   out = tmp_path / 'results.json'
