@@ -21,6 +21,13 @@ kd_jax/models/features.py) and the top-1 that RepDistiller's README table
 | pkt | PKT on the embedding | 30000 | 73.64 |
 | crd | CRD: 128-d heads, 16384 negatives, tau 0.07, momentum 0.5 | 0.8 | 75.51 |
 | crd_kd | CRD as above + KD at T=4 (`-r 1 -a 1 -b 0.8`) | 0.8 | 75.46 |
+| ofd | OFD on preact1-3 (stage i of 3 weighs 2^-(3-i)), 1x1 connectors | 1e-3 | 74.95 |
+| reviewkd | ReviewKD: stage1-3 + embedding fused (ABF) -> preact1-3 + embedding, HCL, warm-up 20 epochs | 5 | 75.63 |
+
+OFD and ReviewKD are set as mdistiller runs them (configs/cifar100/ofd.yaml,
+reviewkd.yaml with its defaults; their figures are mdistiller's table).
+kd_jax's OFD margin comes from the teacher's pre-ReLU statistics over the
+batch instead of its BN params (kd_jax/methods/feature/ofd.py says why).
 
 Not run here: this project's machine has no CIFAR-100 offline, and 240
 epochs of ResNets is GPU work. The figures above are the authors', not ours.
@@ -38,6 +45,7 @@ from kd_jax import config_lib
 TEACHER = config_lib.model_config('resnet32x4')
 STUDENT = config_lib.model_config('resnet8x4')
 STAGES = ('stage1', 'stage2', 'stage3')
+PREACTS = ('preact1', 'preact2', 'preact3')
 
 
 def _term(method, student, teacher, weight, **options):
@@ -59,6 +67,9 @@ METHODS = {
     'pkt': _term('pkt', 'embedding', 'embedding', 30000.0),
     'crd': CRD,
     'crd_kd': CRD,
+    'ofd': _term('ofd', PREACTS, PREACTS, 1e-3, kernel_size=1),
+    'reviewkd': _term('reviewkd', (*STAGES, 'embedding'),
+                      (*PREACTS, 'embedding'), 5.0, warmup_epochs=20.0),
 }
 
 

@@ -127,11 +127,13 @@ def _validate_ctkd(d, term: logit.SoftTerm) -> None:
     raise ValueError(
         f'config.distill.ctkd needs a tempered soft loss; {method.name} has '
         f'no temperature: use soft="kl".')
-  if s.mode == 'instance' and method.batch_level:
+  if s.mode == 'instance' and (method.batch_level
+                                or not method.divides_logits):
+    why = ('it is one batch-level value' if method.batch_level else
+           'its temperature does not act on both sides\' logits alike')
     raise ValueError(
-        f'config.distill.ctkd="instance" with soft="{method.name}": it is '
-        f'one batch-level value, with no per-example temperature; use '
-        f'ctkd="global".')
+        f'config.distill.ctkd="instance" with soft="{method.name}": {why}, '
+        f'so it takes no per-example temperature; use ctkd="global".')
   if s.mode == 'instance' and d.ensemble_method == 'sum_losses':
     raise ValueError(
         'config.distill.ctkd="instance" reads the combined teacher logits, '
@@ -428,6 +430,11 @@ class FeatureConnectors(nn.Module):
     out = []
     for i, term in enumerate(self.terms):
       method, options = term.record, dict(term.options)
+      if method.joint_connector:
+        students, teachers = zip(*pairs[i])
+        out.append(tuple(method.connector(
+            options, f'term{i}_{term.method}', students, teachers, train)))
+        continue
       mapped = []
       for j, (student, teacher) in enumerate(pairs[i]):
         if method.connector is None:
@@ -530,7 +537,8 @@ def _term_value(i: int, term: feature.FeatureTerm, mapped, valid, batch,
 def feature_loss(terms: tuple[feature.FeatureTerm, ...], connector_params,
                  connector_batch_stats, student_features, teacher_features,
                  batch: dict[str, Any], *, example_state=None,
-                 rng: jax.Array | None = None, train: bool = True):
+                 rng: jax.Array | None = None, train: bool = True,
+                 epoch: jax.Array | None = None):
   r"""The feature terms of one step: :math:`\sum_i w_i \sum_j \ell_i(s_j,
   t_j)`.
 
@@ -544,6 +552,7 @@ def feature_loss(terms: tuple[feature.FeatureTerm, ...], connector_params,
     example_state: the per-example state of the train state, by term.
     rng: key of this step's draws (CRD's negatives), folded in per term.
     train: FitNets' BN on batch statistics (and updating them).
+    epoch: fractional epochs done, for the terms' ``warmup_epochs``.
 
   Returns:
     ``(total, terms, connector_batch_stats, example_state)``: the weighted
@@ -572,7 +581,10 @@ def feature_loss(terms: tuple[feature.FeatureTerm, ...], connector_params,
     if methods.count(term.method) > 1:
       key = f'{key}{i}'
     values[key] = value
-    total = total + term.weight * value
+    weight = term.weight
+    if term.warmup_epochs > 0:
+      weight = weight * schedules.warmup_factor(epoch, term.warmup_epochs)
+    total = total + weight * value
   new_batch_stats = dict(updates).get('batch_stats', connector_batch_stats)
   return total, values, new_batch_stats, new_state
 
@@ -636,7 +648,8 @@ def check_feature_shapes(config: ml_collections.ConfigDict, num_classes: int,
                    label=jnp.zeros((2,), jnp.int32))
       return feature_loss(single, variables.get('params', {}),
                           variables.get('batch_stats', {}), student, teacher,
-                          batch, example_state=example_state, rng=rng)[0]
+                          batch, example_state=example_state, rng=rng,
+                          epoch=jnp.zeros((), jnp.float32))[0]
 
     try:
       jax.eval_shape(probe)

@@ -342,7 +342,8 @@ def _step_loss(trainable, state: TrainState, batch, *, model, distill,
         objective.feature_loss(
             terms, trainable['connectors'], state.connector_batch_stats,
             student_features, teacher_features, batch,
-            example_state=state.example_state, rng=example_rng))
+            example_state=state.example_state, rng=example_rng,
+            epoch=epoch))
     loss = loss + feature_total
     values = {**values, **feature_values, 'total': loss}
     feature_state = dict(connector_batch_stats=connector_batch_stats,

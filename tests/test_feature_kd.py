@@ -45,10 +45,16 @@ ALL_TERMS = (
     dict(method='pkt', student='embedding', teacher='embedding', weight=10.0),
     dict(method='crd', student='embedding', teacher='embedding', weight=0.1,
          dim=8, num_negatives=64),
+    dict(method='ofd', student=('preact2', 'preact3'),
+         teacher=('preact2', 'preact3'), weight=0.01),
+    dict(method='reviewkd', student=(*STAGES, 'embedding'),
+         teacher=('preact1', 'preact2', 'preact3', 'embedding'), weight=1.0),
 )
-# Batch-level losses, a connector with BN, and CRD's banks: what sharding
-# the batch over devices could get wrong.
-TERMS = (ALL_TERMS[0], ALL_TERMS[2], ALL_TERMS[7])
+# Batch-level losses, connectors with BN (one of them over every pair at
+# once), batch statistics (OFD's margin) and CRD's banks: what sharding the
+# batch over devices could get wrong.
+TERMS = (ALL_TERMS[0], ALL_TERMS[2], ALL_TERMS[7], ALL_TERMS[8],
+         ALL_TERMS[9])
 IMAGE_SHAPE = (8, 8, 1)
 
 
@@ -165,11 +171,49 @@ def test_shapes_no_connector_maps_are_refused():
           dim=3), "does not take; its options are \\['angle_weight'"),
     (dict(method='pkt', student='embedding', teacher='embedding'),
      "lacks \\['weight'\\]"),
+    (dict(method='ofd', student='preact1', teacher='preact1', weight=1.0,
+          kernel_size=2), 'kernel_size=2 must be a positive odd'),
+    (dict(method='reviewkd', student='stage1', teacher='stage1', weight=1.0,
+          levels=(4, 0)), r'levels=\(4, 0\) must be a tuple of positive'),
+    (dict(method='at', student='stage1', teacher='stage1', weight=1.0,
+          warmup_epochs=-1), 'warmup_epochs=-1 must be a non-negative'),
 ])
 def test_malformed_terms_are_named(term, match):
   config = distill_config('unused', [term])
   with pytest.raises(ValueError, match=match):
     train.validate_config(config)
+
+
+def test_a_terms_warmup_scales_its_weight_by_the_epoch():
+  term = dict(method='reviewkd', student=(*STAGES, 'embedding'),
+              teacher=('preact1', 'preact2', 'preact3', 'embedding'),
+              weight=2.0)
+  config = distill_config('unused', [term])
+  student_shapes, teacher_shapes = objective.check_feature_shapes(
+      config, 10, IMAGE_SHAPE)
+  rng = np.random.default_rng(0)
+  draw = lambda shapes: {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32)
+                         for k, v in shapes.items()}
+  student, teacher = draw(student_shapes), draw(teacher_shapes)
+  batch = dict(mask=jnp.ones((2,), bool))
+
+  def total(warmup, epoch):
+    terms = objective.feature_terms(
+        distill_config('unused', [dict(term, warmup_epochs=warmup)]).distill)
+    state = objective.init_feature_state(
+        config.distill, student_shapes, teacher_shapes, None,
+        jax.random.key(0))
+    out = objective.feature_loss(
+        terms, state['connector_params'], state['connector_batch_stats'],
+        student, teacher, batch, epoch=epoch)
+    return float(out[0]), float(out[1]['feature_reviewkd'])
+
+  full, value = total(0.0, None)
+  assert full == 2.0 * value > 0
+  # mdistiller's min(epoch / warmup, 1), its epochs counted from 1.
+  np.testing.assert_allclose(total(20.0, jnp.asarray(3.5))[0],
+                             full * 4 / 20, rtol=1e-6)
+  assert total(20.0, jnp.asarray(25.0))[0] == full
 
 
 def test_deit_hard_without_a_distillation_token_is_refused_with_the_fix():
@@ -279,7 +323,7 @@ def test_connectors_are_kept_out_of_the_exported_student(all_methods_run):
 
 @pytest.mark.slow
 def test_resumed_crd_run_equals_the_uninterrupted_one(teacher_dir, tmp_path):
-  config = distill_config(teacher_dir, [ALL_TERMS[-1]])
+  config = distill_config(teacher_dir, [ALL_TERMS[7]])
   whole = str(tmp_path / 'whole')
   summary = train.train_and_evaluate(config, whole)
   # Interrupted after the checkpoint at step 2: a copy without what followed.
@@ -377,7 +421,7 @@ def mock_cifar100(data_dir: str, num_examples: int = 24):
   return tfds.testing.mock_data(num_examples=num_examples, data_dir=data_dir)
 
 
-@pytest.mark.slow  # Ten tiny runs through train_and_evaluate.
+@pytest.mark.slow  # Twelve tiny runs through train_and_evaluate.
 def test_every_cifar100_feature_method_runs_in_runlocal_form(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   data_arg = f'data_dir={data_dir}'
@@ -396,7 +440,7 @@ def test_every_cifar100_feature_method_runs_in_runlocal_form(tmp_path):
     teacher_workdir = str(tmp_path / 'teacher')
     train.train_and_evaluate(tiny('role=teacher'), teacher_workdir)
     for method in ('fitnet', 'at', 'sp', 'cc', 'vid', 'rkd', 'pkt', 'crd',
-                   'crd_kd'):
+                   'crd_kd', 'ofd', 'reviewkd'):
       config = tiny(f'method={method},teacher_workdir={teacher_workdir}')
       summary = train.train_and_evaluate(config, str(tmp_path / method))
       assert np.isfinite(summary['eval']['test']['loss']), method

@@ -56,6 +56,32 @@ def test_alpha_configs_give_distillation_loss_exactly():
       assert float(got[1][key]) == float(want[1][key]), (soft, key)
 
 
+@pytest.mark.parametrize('soft, temperature, want', [
+    (dict(method='nkd', gamma=3.5), 3.0, lambda s, t, y, m: losses.nkd_loss(
+        s, t, y, gamma=3.5, temperature=3.0, where=m)),
+    ('wttm', 10.0, lambda s, t, y, m: losses.wttm_loss(
+        s, t, temperature=10.0, where=m)),
+    (dict(method='mlkd', instance_weight=0.45, batch_weight=0.45,
+          class_weight=0.45), 4.0, lambda s, t, y, m: losses.mlkd_loss(
+              s, t, instance_weight=0.45, batch_weight=0.45,
+              class_weight=0.45, where=m)),
+])
+def test_registered_methods_give_their_losses_in_the_step(soft, temperature,
+                                                          want):
+  student, teacher, labels, mask = random_inputs(2)
+  d = distill_config(soft=soft, temperature=temperature, alpha=0.0,
+                     soft_weight=2.0, hard_weight=0.1)
+  targets = objective.teacher_targets(teacher, {}, d, (1.0,))
+  total, terms = objective.loss(student, targets, labels, mask, d)
+  value = want(student, teacher[0], labels, mask)
+  if value.ndim:  # Per-example: the mean over the valid rows.
+    value = jnp.sum(value) / jnp.sum(mask)
+  np.testing.assert_allclose(float(terms['soft']), float(value), rtol=1e-6)
+  np.testing.assert_allclose(float(total),
+                             2.0 * float(value) + 0.1 * float(terms['hard']),
+                             rtol=1e-6)
+
+
 def test_explicit_weights_and_dkd_warmup():
   student, teacher, labels, mask = random_inputs(1)
   d = distill_config(alpha=0.0, soft=dict(method='dkd', warmup_epochs=4.0),
@@ -100,6 +126,15 @@ def test_topk_cache_refuses_losses_it_cannot_serve_exactly(fields):
     ('distill.soft="dist",distill.ctkd="instance"', 'ctkd="global"'),
     ('distill.soft="dkd",mixup_alpha=0.2', 'mixup_alpha'),
     ('distill.temperature=0.0', 'temperature'),
+    ('distill.soft="nkd",distill.ctkd="instance"', 'both sides'),
+    ('distill.soft="wttm",distill.ctkd="instance"', 'both sides'),
+    ('distill.soft="mlkd",distill.ctkd="global"', 'no temperature'),
+    ('distill.soft="wttm",distill.logit_standardization=True',
+     'logit_standardization=False'),
+    ('distill.soft="nkd",mixup_alpha=0.2', 'mixup_alpha'),
+    ('distill.soft={"method":"mlkd","temperatures":()}',
+     'temperatures=\\(\\) must be a non-empty'),
+    ('distill.soft={"method":"nkd","gamma":-1.0}', 'soft.gamma'),
 ])
 def test_bad_objective_fields_are_named(arg, match):
   with pytest.raises(ValueError, match=match):
@@ -236,7 +271,7 @@ def mock_cifar100(data_dir: str, num_examples: int = 24):
   return tfds.testing.mock_data(num_examples=num_examples, data_dir=data_dir)
 
 
-@pytest.mark.slow  # Seven runs through train_and_evaluate.
+@pytest.mark.slow  # Ten runs through train_and_evaluate.
 def test_every_cifar100_logit_method_runs_in_runlocal_form(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   data_arg = f'data_dir={data_dir}'
@@ -244,7 +279,8 @@ def test_every_cifar100_logit_method_runs_in_runlocal_form(tmp_path):
     teacher_dir = tmp_path / 'teacher'
     train.train_and_evaluate(tiny_config('role=teacher', data_arg),
                              str(teacher_dir))
-    for method in ('kd', 'dkd', 'dist', 'kd_ls', 'dkd_ls', 'ctkd'):
+    for method in ('kd', 'dkd', 'dist', 'kd_ls', 'dkd_ls', 'nkd', 'wttm',
+                   'mlkd', 'ctkd'):
       config = tiny_config(f'method={method},teacher_workdir={teacher_dir}',
                            data_arg)
       workdir = tmp_path / method

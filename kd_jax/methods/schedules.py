@@ -26,7 +26,7 @@ def warmup_factor(epoch: jax.Array | None, warmup_epochs: float) -> jax.Array:
     return jnp.ones(())
   if epoch is None:
     raise ValueError(
-        "config.distill.soft's warmup_epochs > 0 needs the epoch: pass "
-        'steps_per_epoch to train.train_step.')
+        'a term with warmup_epochs > 0 (config.distill.soft or a feature '
+        'term) needs the epoch: pass steps_per_epoch to train.train_step.')
   return jnp.minimum(epoch_index(jnp.asarray(epoch, jnp.float32))
                      / warmup_epochs, 1.0)

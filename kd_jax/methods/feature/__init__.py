@@ -7,6 +7,9 @@ method's options:
     dict(method='crd', student='embedding', teacher='embedding', weight=0.8,
          dim=128, num_negatives=16384)
 
+Every term may also set ``warmup_epochs`` (:data:`COMMON_OPTIONS`): its
+weight rises linearly over the first epochs (ReviewKD's 20 of 240).
+
 Each method is a :class:`FeatureMethod` in its own module of this package,
 named for it and registered where it is defined (`FEATURE_METHODS`): its
 loss, its options, its learned connector (built inside
@@ -40,13 +43,17 @@ class FeatureMethod:
     connector: ``(options, name, student, teacher, train) -> (student,
       teacher, extra)``, called inside a Flax module's ``@compact`` call, so
       that the modules it creates (named from `name`) are its params; None:
-      the features go to the loss as they are.
+      the features go to the loss as they are. With `joint_connector`, it
+      is called once per term on the tuples of every pair's student and
+      teacher features and returns one ``(student, teacher, extra)`` per
+      pair (ReviewKD fuses each level with the deeper ones).
     init_state: ``(options, num_examples, rng) -> {name: array}``, the
       term's per-example state (one pair per term), or None.
     row_sharded: the entries of that state whose rows, one per train
       example, are split over devices.
     batch_keys: what the loss reads of the batch besides ``mask``.
     single_pair: the term takes one student and one teacher feature.
+    joint_connector: the connector maps all of a term's pairs together.
     check: ``(options, field) -> None``, raising ValueError for option
       values the method cannot take.
   """
@@ -58,6 +65,7 @@ class FeatureMethod:
   row_sharded: tuple[str, ...] = ()
   batch_keys: tuple[str, ...] = ()
   single_pair: bool = False
+  joint_connector: bool = False
   check: Callable[[dict[str, Any], str], None] | None = None
 
 
@@ -65,6 +73,8 @@ FEATURE_METHODS: registry.Registry[FeatureMethod] = registry.Registry(
     __name__, 'feature method')
 register = FEATURE_METHODS.register
 TERM_KEYS = ('method', 'student', 'teacher', 'weight')
+# Options every feature term takes, and their defaults.
+COMMON_OPTIONS = {'warmup_epochs': 0.0}
 
 
 class FeatureTerm(NamedTuple):
@@ -76,12 +86,15 @@ class FeatureTerm(NamedTuple):
     teacher: the teacher's feature names, paired with ``student``.
     weight: the term's weight in the loss.
     options: ``(name, value)`` pairs, the method's defaults filled in.
+    warmup_epochs: epochs over which the weight rises linearly from 0 (0:
+      none).
   """
   method: str
   student: tuple[str, ...]
   teacher: tuple[str, ...]
   weight: float
   options: tuple[tuple[str, Any], ...]
+  warmup_epochs: float = 0.0
 
   def option(self, name: str) -> Any:
     return dict(self.options)[name]
@@ -113,11 +126,13 @@ def _term(entry, field: str) -> FeatureTerm:
     raise ValueError(f'{field} lacks {missing}; each term needs '
                      f'{TERM_KEYS}.')
   method = FEATURE_METHODS.get(entry['method'], f'{field}.method')
-  unknown = sorted(set(entry) - set(TERM_KEYS) - set(method.options))
+  unknown = sorted(set(entry) - set(TERM_KEYS) - set(method.options)
+                   - set(COMMON_OPTIONS))
   if unknown:
     raise ValueError(
         f'{field} sets {unknown}, which method {method.name!r} does not '
-        f'take; its options are {sorted(method.options) or "none"}.')
+        f'take; its options are '
+        f'{sorted({**method.options, **COMMON_OPTIONS})}.')
   student = _names(entry['student'], f'{field}.student')
   teacher = _names(entry['teacher'], f'{field}.teacher')
   if len(student) != len(teacher):
@@ -134,12 +149,19 @@ def _term(entry, field: str) -> FeatureTerm:
       not (math.isfinite(weight) and weight >= 0)):
     raise ValueError(f'{field}.weight={weight!r} must be a non-negative '
                      f'finite number.')
+  warmup = entry.get('warmup_epochs', COMMON_OPTIONS['warmup_epochs'])
+  if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or (
+      not (math.isfinite(warmup) and warmup >= 0)):
+    raise ValueError(f'{field}.warmup_epochs={warmup!r} must be a '
+                     f'non-negative finite number of epochs.')
   options = {**method.options,
              **{k: entry[k] for k in method.options if k in entry}}
+  options = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in options.items()}
   if method.check is not None:
     method.check(options, field)
   return FeatureTerm(method.name, student, teacher, float(weight),
-                     tuple(sorted(options.items())))
+                     tuple(sorted(options.items())), float(warmup))
 
 
 def terms(distill) -> tuple[FeatureTerm, ...]:

@@ -18,6 +18,10 @@ capability            what the objective does with it
 ``needs_target_class`` it reads the labels (DKD); a mixed example (mixup) has
                       no target class, so mixup is refused
 ``uses_temperature``  CTKD may learn its temperature (not ``logit_mse``)
+``divides_logits``    its value at T is T^2 times its value at T = 1 on both
+                      sides' logits divided by T, which is how a
+                      per-example temperature (CTKD 'instance') is applied;
+                      not NKD's or WTTM's (a side or a term is untempered)
 ``standardizable``    ``logit_standardization`` may z-score its logits
 ``topk``              the form a top-k logits cache trains with (KL over k
                       classes and a rest bucket), or None: every class needed
@@ -56,6 +60,8 @@ class LogitMethod:
     batch_level: see the module docstring; so are the other flags.
     needs_target_class: reads the labels' target class.
     uses_temperature: has a temperature that CTKD may learn.
+    divides_logits: a per-example temperature may be applied by dividing
+      both sides' logits and scaling by T^2.
     standardizable: logit standardization may apply.
     topk: ``(student_logits, topk_logits, topk_indices, rest_mass, *,
       temperature, where) -> [B]``, the loss on a top-k cache, or None.
@@ -71,6 +77,7 @@ class LogitMethod:
   batch_level: bool = False
   needs_target_class: bool = False
   uses_temperature: bool = True
+  divides_logits: bool = True
   standardizable: bool = True
   topk: Callable[..., Any] | None = None
   student_head: str | None = None
@@ -127,6 +134,10 @@ def soft_term(distill, field: str = FIELD) -> SoftTerm:
         f'{field} sets {unknown}, which {method.name!r} does not take; its '
         f'options are {sorted(allowed)}.')
   options = {k: spec.get(k, default) for k, default in method.options.items()}
+  # A sequence option read back from config.json is a list: a tuple keeps
+  # the term hashable and equal to the config that wrote it.
+  options = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in options.items()}
   warmup = spec.get('warmup_epochs', COMMON_OPTIONS['warmup_epochs'])
   return SoftTerm(method, tuple(sorted(options.items())), warmup)
 
