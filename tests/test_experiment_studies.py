@@ -325,3 +325,59 @@ def test_test_reference_reads_the_test_curve_without_choosing_on_it():
   assert (r['share_bias'], r['share_errors']) == (2.0, 25)
   variant['curve']['test_unseen_errors'] = [9, 8, 5, 2]
   assert module.test_reference(variant)['share_bias'] is None
+
+
+def _stats(*values):
+  values = np.asarray(values, float)
+  return dict(values=values.tolist(), mean=float(values.mean()),
+              std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+              min=float(values.min()), max=float(values.max()))
+
+
+def test_logit_methods_merge_keeps_other_rows_and_refuses_other_teachers():
+  study = _load('logit_methods')
+  teacher = dict(val=_stats(6, 8), test=_stats(26, 27))
+
+  def row(method, *val, dataset='mnist5k'):
+    return dict(dataset=dataset, width=30, method=method, val=_stats(*val),
+                test=_stats(*val), teacher=teacher)
+
+  previous = dict(command='old', num_runs=9, train_seconds=60.0, rows=[
+      row('scratch', 30, 32), row('kd', 20, 22), row('dkd', 9, 9)])
+  new = dict(rows=[row('scratch', 30, 32), row('nkd', 25, 25)])
+  merged = study.merge(new, previous, num_seeds=2)
+  assert [r['method'] for r in merged['rows']] == ['scratch', 'kd', 'dkd',
+                                                   'nkd']
+  # The best is chosen again over every row, kept ones included.
+  assert [r['method'] for r in merged['rows'] if r.get('best')] == ['dkd']
+  assert merged['kept_from']['rows'] == 2
+  other = dict(new, rows=[dict(r, teacher=dict(teacher, val=_stats(7, 8)))
+                          for r in new['rows']])
+  with pytest.raises(ValueError, match='other errors'):
+    study.merge(other, previous, num_seeds=2)
+
+
+def test_feature_methods_merge_keeps_other_rows_and_refuses_other_teachers():
+  study = _load('feature_methods')
+  teacher = dict(method='teacher', val=_stats(9, 10), test=_stats(20, 21))
+
+  def results(methods, teacher=teacher, lr=0.05):
+    return dict(
+        teacher=teacher, teacher_lr=lr,
+        teacher_candidates=[dict(lr=lr, val_errors=9)],
+        student_candidates={m: {'0.01': 10} for m in methods},
+        rows=[dict(method=m, val=_stats(10, 11), test=_stats(30, 31),
+                   lr=0.01, seeds=[0, 1], diverged=[]) for m in methods],
+        command='old', num_runs=5, train_seconds=120.0)
+
+  previous = results(('scratch', 'kd', 'fitnet'))
+  previous['teacher_candidates'] *= 3
+  merged = study.merge(results(('scratch', 'ofd')), previous)
+  assert [r['method'] for r in merged['rows']] == ['scratch', 'kd', 'fitnet',
+                                                   'ofd']
+  assert list(merged['student_candidates']) == ['scratch', 'kd', 'fitnet',
+                                                'ofd']
+  assert len(merged['teacher_candidates']) == 3
+  assert merged['kept_from']['methods'] == ['kd', 'fitnet']
+  with pytest.raises(ValueError, match='rerun every method'):
+    study.merge(results(('scratch', 'ofd'), lr=0.1), previous)

@@ -71,11 +71,11 @@ TEACHER = config_lib.model_config('resnet8')
 STUDENT = config_lib.model_config('cnn', features=(8, 16, 32), kernel_size=3,
                                   dense=32)
 FEATURE_METHODS = ('fitnet', 'at', 'sp', 'cc', 'vid', 'rkd', 'pkt', 'crd',
-                   'crd_kd')
+                   'crd_kd', 'ofd', 'reviewkd')
 METHOD_NAMES = ('kd', *FEATURE_METHODS)
 LABELS = dict(scratch='scratch', kd='KD', fitnet='FitNet', at='AT', sp='SP',
               cc='CC', vid='VID', rkd='RKD', pkt='PKT', crd='CRD',
-              crd_kd='CRD+KD')
+              crd_kd='CRD+KD', ofd='OFD', reviewkd='ReviewKD')
 # (student features, teacher features) of each method on this pair.
 PAIR_FEATURES = {
     'fitnet': ('stage1', 'stage2'),
@@ -84,7 +84,16 @@ PAIR_FEATURES = {
     'sp': ('stage3', 'stage3'),
     **{m: ('embedding', 'embedding')
        for m in ('cc', 'rkd', 'pkt', 'crd', 'crd_kd')},
+    # Pre-ReLU maps: conv outputs of the student, the teacher's stages'
+    # residual sums (OFD pools a larger teacher map to the student's size).
+    'ofd': (('preact1', 'preact2', 'preact3'),
+            ('preact1', 'preact2', 'preact3')),
+    'reviewkd': (('stage1', 'stage2', 'stage3', 'embedding'),
+                 ('preact1', 'preact2', 'preact3', 'embedding')),
 }
+# Options counted in epochs, scaled from the authors' 240 to this study's.
+EPOCH_OPTIONS = ('warmup_epochs',)
+AUTHORS_EPOCHS = 240.0
 # The students' recipe (RepDistiller's optimiser, scaled to this data).
 STUDENT_RECIPE = {
     'dataset': 'mnist5k', 'train_split': TRAIN_SPLIT,
@@ -112,6 +121,10 @@ def method_overrides(method: str) -> dict[str, Any]:
   student, teacher = PAIR_FEATURES[method]
   term = dict(_methods_module().METHODS[method], student=student,
               teacher=teacher)
+  for option in EPOCH_OPTIONS:
+    if option in term:
+      term[option] = (term[option] * STUDENT_RECIPE['num_epochs']
+                      / AUTHORS_EPOCHS)
   return {'distill.features': (term,), 'distill.temperature': 4.0,
           'distill.soft_weight': 1.0 if method == 'crd_kd' else 0.0,
           'distill.hard_weight': 1.0}
@@ -137,6 +150,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--tiny', action='store_true',
                       help='Runlocal runs of a few steps, one seed, one '
                       'teacher candidate.')
+  parser.add_argument('--merge', action='store_true',
+                      help='Keep the rows of --out_dir/results.json for the '
+                      'methods this invocation does not train; its teacher '
+                      'must equal this one\'s (e.g. --teacher_lrs=<the '
+                      'rate chosen before>).')
   args = parser.parse_args(argv)
   args.seeds = [int(s) for s in args.seeds.split(',') if s]
   args.methods = [m for m in args.methods.split(',') if m]
@@ -257,6 +275,42 @@ def summarise(candidates, teachers, student_candidates, students, lrs,
       num_runs=len(every))
 
 
+def merge(results: dict[str, Any], previous: dict[str, Any]
+          ) -> dict[str, Any]:
+  """`results` with the methods of `previous` it lacks, in the study's
+  order; the teacher's learning-rate candidates are the previous ones where
+  this invocation tried fewer rates.
+
+  Raises:
+    ValueError: if the teachers' errors differ (the rows would not be
+      comparable).
+  """
+  if (previous['teacher'] != results['teacher']
+      or previous['teacher_lr'] != results['teacher_lr']):
+    raise ValueError(
+        f'--merge: the previous rows were taught by teachers at lr '
+        f'{previous["teacher_lr"]:g} with errors {previous["teacher"]}, '
+        f'this invocation\'s at lr {results["teacher_lr"]:g} have '
+        f'{results["teacher"]}: rerun every method instead.')
+  order = ('scratch', *METHOD_NAMES)
+  new = {r['method'] for r in results['rows']}
+  kept = [r for r in previous['rows'] if r['method'] not in new]
+  merged = dict(results)
+  merged['rows'] = sorted(kept + results['rows'],
+                          key=lambda r: order.index(r['method']))
+  candidates = {**previous['student_candidates'],
+                **results['student_candidates']}
+  merged['student_candidates'] = {m: candidates[m] for m in order
+                                  if m in candidates}
+  if len(previous['teacher_candidates']) > len(results['teacher_candidates']):
+    merged['teacher_candidates'] = previous['teacher_candidates']
+  merged['kept_from'] = dict(command=previous.get('command'),
+                             num_runs=previous.get('num_runs'),
+                             train_seconds=previous.get('train_seconds'),
+                             methods=[r['method'] for r in kept])
+  return merged
+
+
 def write_outputs(results: dict[str, Any], args, wall_seconds: float,
                   command: str) -> None:
   os.makedirs(args.out_dir, exist_ok=True)
@@ -277,7 +331,16 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
                   for c in results['teacher_candidates'])
       + f'; test errors {study.fmt(teacher["test"])}. Student: '
       f'{results["student_params"]:,} params. Errors are mean +- std over '
-      'seeds.', '',
+      'seeds.', '']
+  if results.get('kept_from'):
+    kept = results['kept_from']
+    lines += [
+        f'The rows of {", ".join(LABELS[m] for m in kept["methods"])} are '
+        f'kept from the previous results.json, written by '
+        f'`{kept["command"]}` ({kept["num_runs"]} runs, '
+        f'{kept["train_seconds"] / 60:.1f} min of training), whose teachers '
+        f'(learning rate and errors) this invocation reproduced.', '']
+  lines += [
       '| method | lr (on validation) | val errors | test errors |',
       '|---|---|---|---|']
   n = results['num_examples']
@@ -334,6 +397,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               if r['lr'] == lrs[r['method']]] + students
   results = summarise(candidates, teachers, student_candidates, students,
                       lrs, args)
+  previous_path = os.path.join(args.out_dir, 'results.json')
+  if args.merge and os.path.exists(previous_path):
+    with open(previous_path) as f:
+      results = merge(results, json.load(f))
   write_outputs(results, args, time.perf_counter() - start, command)
   print(open(os.path.join(args.out_dir, 'results.md')).read())
   return results

@@ -1,4 +1,4 @@
-r"""KD, DKD, DIST, KD+LS, DKD+LS and CTKD on mnist5k and digits.
+r"""KD, DKD, DIST, KD+LS, DKD+LS, CTKD, NKD, WTTM and MLKD on mnist5k and digits.
 
   python experiments/logit_methods/run.py --workdir=workdirs/logit_methods
 
@@ -17,7 +17,9 @@ both report the test split beside) and each seed in --seeds, trains with
   the same seed by each method of configs/cifar100_logit_methods.py, with
   that config's published hyperparameters (KD T=4, 0.9 soft; DKD 1 TCKD +
   8 NCKD at T=4 beside CE; DIST tau=4, beta=gamma=2; KD+LS T=2 with weights
-  9 / 0.1; DKD+LS; CTKD's learned global T), their epoch schedules (DKD's
+  9 / 0.1; DKD+LS; CTKD's learned global T; NKD T=3, gamma 3.5 beside CE;
+  WTTM gamma 0.1 at weight 45 beside CE; MLKD's three levels at 0.45 each
+  over T in 2..6 beside 0.1 CE, on one view), their epoch schedules (DKD's
   20-epoch warm-up, CTKD's 10-epoch curriculum, of 240) scaled to this
   study's epochs.
 
@@ -28,7 +30,10 @@ methods.png (a bar chart with error bars) to --out_dir (default: this
 folder; with --tiny, --workdir). Finished runs are read from their
 workdirs, not rerun; teachers can be shared with other studies through
 --teachers_dir. `--tiny` shrinks every run to a few steps, one seed and the
-2x30 student, to check the script in seconds per run.
+2x30 student, to check the script in seconds per run. `--merge` keeps the
+rows of the previous results.json that this invocation does not train
+(e.g. `--methods=nkd,wttm,mlkd --datasets=mnist5k --merge` adds three
+methods to the committed table), refusing if their teachers differ.
 """
 
 from __future__ import annotations
@@ -51,9 +56,11 @@ from kd_jax import config_lib
 from kd_jax import study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHOD_NAMES = ('kd', 'dkd', 'dist', 'kd_ls', 'dkd_ls', 'ctkd')
+METHOD_NAMES = ('kd', 'dkd', 'dist', 'kd_ls', 'dkd_ls', 'ctkd', 'nkd',
+                'wttm', 'mlkd')
 LABELS = dict(scratch='scratch', kd='KD', dkd='DKD', dist='DIST',
-              kd_ls='KD+LS', dkd_ls='DKD+LS', ctkd='CTKD')
+              kd_ls='KD+LS', dkd_ls='DKD+LS', ctkd='CTKD', nkd='NKD',
+              wttm='WTTM', mlkd='MLKD')
 # (train split, validation split) per dataset; the test split is reported.
 SPLITS = {'mnist5k': ('train[:3600]', 'train[3600:]'),
           'digits': ('train[:1150]', 'train[1150:]')}
@@ -125,6 +132,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='Overrides the student configs\' epochs.')
   parser.add_argument('--tiny', action='store_true',
                       help='Seconds-long runlocal runs, one seed, 2x30 only.')
+  parser.add_argument('--merge', action='store_true',
+                      help='Keep the rows of --out_dir/results.json that '
+                      'this invocation does not train (other methods or '
+                      'datasets); their teachers must equal this one\'s.')
   args = parser.parse_args(argv)
   args.seeds = [int(s) for s in args.seeds.split(',') if s]
   args.widths = [int(w) for w in args.widths.split(',') if w]
@@ -265,16 +276,64 @@ def summarise(runs: list[dict[str, Any]], args) -> dict[str, Any]:
                 val=mine[0]['summary']['eval'][val_split]['num_examples'],
                 test=mine[0]['summary']['eval']['test']['num_examples']),
             teacher=teacher))
-      best = min(group, key=lambda g: g['val']['mean'])
-      others = [g for g in group if g is not best]
+      rows.extend(group)
+  return dict(rows=mark_best(rows, len(args.seeds)))
+
+
+def mark_best(rows: list[dict[str, Any]], num_seeds: int
+              ) -> list[dict[str, Any]]:
+  """Per dataset and width, marks the row with the fewest mean validation
+  errors (`best`) and whether its lead over the runner-up exceeds both
+  their standard deviations (`clear_lead`)."""
+  for row in rows:
+    row.pop('best', None)
+    row.pop('clear_lead', None)
+  for key in dict.fromkeys((r['dataset'], r['width']) for r in rows):
+    group = [r for r in rows if (r['dataset'], r['width']) == key]
+    best = min(group, key=lambda g: g['val']['mean'])
+    others = [g for g in group if g is not best]
+    best['best'] = True
+    if others:
       runner_up = min(others, key=lambda g: g['val']['mean'])
-      best['best'] = True
       best['clear_lead'] = bool(
-          len(args.seeds) > 1
+          num_seeds > 1
           and runner_up['val']['mean'] - best['val']['mean']
           > max(best['val']['std'], runner_up['val']['std']))
-      rows.extend(group)
-  return dict(rows=rows)
+  return rows
+
+
+def merge(results: dict[str, Any], previous: dict[str, Any],
+          num_seeds: int) -> dict[str, Any]:
+  """`results` with the rows of `previous` it lacks, in the study's order.
+
+  Raises:
+    ValueError: if a kept row's teacher differs from this invocation's
+      teacher of the same dataset (the rows would not be comparable).
+  """
+  key = lambda r: (r['dataset'], r['width'], r['method'])
+  new = {key(r): r for r in results['rows']}
+  teachers = {r['dataset']: r['teacher'] for r in results['rows']}
+  kept = [r for r in previous['rows'] if key(r) not in new]
+  for row in kept:
+    if row['dataset'] in teachers and row['teacher'] != teachers[
+        row['dataset']]:
+      raise ValueError(
+          f'--merge: the kept {row["dataset"]} rows were taught by a teacher '
+          f'with other errors ({row["teacher"]}) than this invocation\'s '
+          f'({teachers[row["dataset"]]}): rerun every method of that dataset '
+          f'instead.')
+  order = ('scratch', *METHOD_NAMES)
+  datasets = list(dict.fromkeys([r['dataset'] for r in previous['rows']]
+                                + [r['dataset'] for r in results['rows']]))
+  rows = sorted(kept + results['rows'], key=lambda r: (
+      datasets.index(r['dataset']), -r['width'], order.index(r['method'])))
+  merged = dict(results, rows=mark_best(rows, num_seeds))
+  merged['kept_from'] = dict(
+      command=previous.get('command'),
+      num_runs=previous.get('num_runs'),
+      train_seconds=previous.get('train_seconds'),
+      rows=len(kept))
+  return merged
 
 
 def write_outputs(results: dict[str, Any], args, wall_seconds: float,
@@ -290,7 +349,17 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
       f'({results["trained_now"]} of {results["num_runs"]} runs trained by '
       f'it, the others read); training time of all runs, summed: '
       f'{results["train_seconds"] / 60:.1f} min. Seeds {args.seeds}; errors '
-      f'are mean +- std over seeds (validation chooses, test reported).', '',
+      f'are mean +- std over seeds (validation chooses, test reported).',
+      '']
+  if results.get('kept_from'):
+    kept = results['kept_from']
+    lines += [
+        f'{kept["rows"]} rows (the methods and datasets this invocation did '
+        f'not train) are kept from the previous results.json, written by '
+        f'`{kept["command"]}` ({kept["num_runs"]} runs, '
+        f'{kept["train_seconds"] / 60:.1f} min of training), with the same '
+        f'teachers (their errors checked equal).', '']
+  lines += [
       '| dataset | student | method | val errors | test errors | teacher '
       'test errors |', '|---|---|---|---|---|---|']
   for r in results['rows']:
@@ -347,6 +416,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           run['config_name'], run['arg'], run['overrides'])
   trained, _ = study.run_all(runs, lambda run: make(run, teacher_configs))
   results = summarise(runs, args)
+  previous_path = os.path.join(args.out_dir, 'results.json')
+  previous = None
+  if args.merge and os.path.exists(previous_path):
+    with open(previous_path) as f:
+      previous = json.load(f)
   every = {r['workdir']: r for r in candidates + runs}.values()
   results.update(
       trained_now=trained, num_runs=len(every),
@@ -359,6 +433,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
            test=study.errors(r['summary'], 'test'),
            chosen=recipes[r['dataset']] == r['recipe'])
       for r in candidates]
+  if previous is not None:
+    results = merge(results, previous, len(args.seeds))
+    kept_recipes = [r for r in previous.get('teacher_recipes', [])
+                    if r['dataset'] not in args.datasets]
+    results['teacher_recipes'] = kept_recipes + results['teacher_recipes']
   write_outputs(results, args, time.perf_counter() - start, command)
   print(open(os.path.join(args.out_dir, 'results.md')).read())
   return results
