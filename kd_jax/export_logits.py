@@ -226,8 +226,9 @@ def export(config: ml_collections.ConfigDict, out_dir: str,
                      f'(the classes of {info.name!r}).')
   if temperature is None:
     temperature = float(config.distill.temperature)
-  teacher = teachers.load_online(config.teachers, info.num_classes,
-                                 info.image_shape, mesh=_local_mesh())
+  teacher = teachers.load_online(
+      config.teachers, info.num_classes, info.image_shape, mesh=_local_mesh(),
+      normalization=teachers.online.stream_normalization(info))
   method = config.distill.ensemble_method
   weights = jnp.asarray(teacher.weights)
   fill = cache.view_fill(info.name, info.image_shape[2])

@@ -384,3 +384,43 @@ def test_malformed_tables_name_the_file_and_line(caches, tmp_path, lines,
   with pytest.raises(ValueError, match=re.escape(table) + '.*' + match):
     export_logits.import_blackbox(table, str(tmp_path / 'out'), caches[0],
                                   probabilities=False)
+
+
+def test_a_teacher_sees_the_pixels_normalised_as_its_weights_expect(
+    teacher_runs, tmp_path):
+  """An imported teacher records the normalisation its weights expect
+  (imported.json); the student's stream normalises another way: the
+  teacher's forward pass renormalises the batch to its own."""
+  workdir = str(tmp_path / 'imported')
+  shutil.copytree(teacher_runs[0], workdir)
+  mean, std = 0.5, 0.25  # Not mnist5k's.
+  with open(os.path.join(workdir, 'imported.json'), 'w') as f:
+    json.dump({'input_normalization': {'of': 'pixel / 255', 'mean': [mean],
+                                       'std': [std]}}, f)
+  stream = teachers.online.stream_normalization(
+      train.input_pipeline.get_datasets(config_lib.load_config(
+          'mnist5k_student', 'runlocal'), process_index=0, process_count=1
+                                        ).info)
+  pixels = jax.random.uniform(jax.random.key(0), (4, *IMAGE_SHAPE))
+  as_stream = (pixels - stream[0]) / stream[1]
+  as_teacher = (pixels - mean) / std
+  plain = teachers.load_online(entries(workdir), 10, IMAGE_SHAPE)
+  renormalising = teachers.load_online(entries(workdir), 10, IMAGE_SHAPE,
+                                       normalization=stream)
+  want = plain.forward(plain.variables, {'image': as_teacher})
+  got = renormalising.forward(renormalising.variables, {'image': as_stream})
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(plain.forward(plain.variables, {'image': as_stream}),
+                         want, atol=1e-3)
+  # A teacher trained on the stream's own dataset takes the batch as it is.
+  assert teachers.online.renormalization(
+      [stream, stream], stream) is None
+  # In an ensemble (one stacked forward), each teacher gets its own.
+  ensemble = teachers.load_online(entries(workdir, teacher_runs[1]), 10,
+                                  IMAGE_SHAPE, normalization=stream)
+  both = ensemble.forward(ensemble.variables, {'image': as_stream})
+  other = online(teacher_runs[1])
+  np.testing.assert_allclose(both[0], want[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      both[1], other.forward(other.variables, {'image': as_stream})[0],
+      rtol=1e-5, atol=1e-5)

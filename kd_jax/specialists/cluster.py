@@ -57,7 +57,8 @@ def generalist_logits(config: ml_collections.ConfigDict, workdir: str,
   info = input_pipeline.get_datasets(config, **SINGLE_PROCESS).info
   generalist = teachers.load_online(
       [config_lib.teacher_config(config.model, workdir)], info.num_classes,
-      info.image_shape)
+      info.image_shape,
+      normalization=teachers.online.stream_normalization(info))
   forward = jax.jit(lambda v, images: generalist.forward(
       v, {'image': images})[0])
   rows = []

@@ -172,8 +172,9 @@ def load_specialist_ensemble(config, info, dtype=jnp.float32
   if not 1 <= top_n <= info.num_classes:
     raise ValueError(f'config.specialist.top_n={top_n} must be in [1, '
                      f'{info.num_classes}].')
-  generalist = online.load_online(teacher_cfgs[:1], info.num_classes,
-                                  info.image_shape, dtype=dtype)
+  generalist = online.load_online(
+      teacher_cfgs[:1], info.num_classes, info.image_shape, dtype=dtype,
+      normalization=online.stream_normalization(info))
   generalist_print = specialist_groups.params_fingerprint(generalist.variables)
   if config.specialist.groups_file:
     recorded = specialist_groups.read_groups_file(

@@ -2,6 +2,12 @@
 
 An ensemble of teachers with the same architecture is one stacked pytree run
 with `jax.vmap`; teachers of different architectures run one after another.
+
+Each teacher sees the pixels normalised as its weights expect: an imported
+run's recorded input normalisation (torchvision's ImageNet mean and std), or
+that of the dataset its run trained on. Where that differs from the
+student's stream, the batch is renormalised per channel for that teacher
+inside the step (`image * std_s / std_t + (mean_s - mean_t) / std_t`).
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kd_jax import checkpointing
+from kd_jax import import_teacher
 from kd_jax import models
 from kd_jax import rundir
+from kd_jax.data import preprocess
 from kd_jax.models import features as model_features
 from kd_jax.teachers.base import Teacher
 
@@ -84,25 +92,62 @@ def check_compatible(index: int, teacher_cfg, run_info: dict[str, Any],
         f'match the trained run.')
 
 
+def stream_normalization(info) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) [C] of pixel / 255 with which the input pipeline of
+  `info` (a `DatasetInfo`) normalises its images."""
+  return preprocess.normalization(info.name, int(info.image_shape[2]))
+
+
+def renormalization(teacher_norms, stream_norm) -> tuple[Any, Any] | None:
+  """``(scale [K, C], shift [K, C])`` mapping the stream's normalised images
+  to each teacher's (``image * scale + shift``); None when every teacher
+  expects the stream's own normalisation (the batch goes in unchanged)."""
+  if stream_norm is None or all(
+      np.array_equal(m, stream_norm[0]) and np.array_equal(s, stream_norm[1])
+      for m, s in teacher_norms):
+    return None
+  mean, std = (np.asarray(v, np.float32) for v in stream_norm)
+  scale = np.stack([std / s for _, s in teacher_norms]).astype(np.float32)
+  shift = np.stack([(mean - m) / s for m, s in teacher_norms]).astype(
+      np.float32)
+  return scale, shift
+
+
+def _expected_normalization(index: int, workdir: str, run_info,
+                            channels: int) -> tuple[np.ndarray, np.ndarray]:
+  mean, std = import_teacher.input_normalization(workdir, run_info)
+  if mean.shape != (channels,) or std.shape != (channels,):
+    raise ValueError(
+        f'config.teachers[{index}] (workdir {workdir!r}) expects inputs '
+        f'normalised with mean {mean.tolist()} and std {std.tolist()}, not '
+        f'{channels} channel(s): give the student images of its channels.')
+  return mean, std
+
+
 def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
-                dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None
-                ) -> Teacher:
+                dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+                normalization: tuple[Any, Any] | None = None) -> Teacher:
   """Restores frozen teachers from their runs' latest checkpoints, each
   checked against its checksum (`checkpointing.restore_model_checked`) and
   for NaN or Inf; their fingerprint is a digest of those checksums.
 
   With `mesh`, each teacher is restored straight into the split layout of
   `teacher_shardings` (not replicated first) and the returned variables are
-  laid out so; without, replicated on every device.
+  laid out so; without, replicated on every device. With `normalization`,
+  the (mean, std) of the batches' images (`stream_normalization`), each
+  teacher's input is renormalised to what it expects (module docstring);
+  without, the batch goes in as it is.
   """
   if not teacher_cfgs:
     raise ValueError(
         'config.distill.teacher_source is online/ensemble but config.teachers '
         'is empty: add teacher_config(model, workdir) entries.')
-  loaded, specs, fingerprints, legacy = [], [], [], []
+  loaded, specs, fingerprints, legacy, norms = [], [], [], [], []
   for i, t in enumerate(teacher_cfgs):
     run_info = rundir.read_run_info(t.workdir, f'config.teachers[{i}].workdir')
     check_compatible(i, t, run_info, num_classes, image_shape)
+    norms.append(_expected_normalization(i, t.workdir, run_info,
+                                         int(image_shape[-1])))
     spec = rundir.teacher_model(t, f'config.teachers[{i}]')
     model = models.get_model(spec, num_classes, dtype=dtype)
     abstract = jax.eval_shape(
@@ -156,23 +201,46 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
     logits = model.apply(variables, images, train=False)
     return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
+  affine = renormalization(norms, normalization)
+
+  def images_of(images, k):
+    """The batch as teacher k expects it."""
+    if affine is None:
+      return images
+    scale, shift = (jnp.asarray(a[k], images.dtype) for a in affine)
+    return images * scale + shift
+
   if len(set(specs)) == 1:
     # Same architecture: one stacked pytree, one vmapped forward pass.
     model = loaded[0][0]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[v for _, v in loaded])
     if mesh is not None:
       stacked = jax.device_put(stacked, teacher_shardings(stacked, mesh))
-
-    def forward(variables, batch):
-      return jax.vmap(apply, in_axes=(None, 0, None))(
-          model, variables, batch['image'])
+    if affine is None:
+      def forward(variables, batch):
+        return jax.vmap(apply, in_axes=(None, 0, None))(
+            model, variables, batch['image'])
+    else:
+      def forward(variables, batch):
+        images = jnp.stack([images_of(batch['image'], k)
+                            for k in range(len(loaded))])
+        return jax.vmap(apply, in_axes=(None, 0, 0))(model, variables, images)
 
     def forward_features(variables, batch):
-      def one(v):
+      if affine is None:
+        def one(v):
+          logits, features = model_features.apply_with_features(
+              model, v, batch['image'], train=False)
+          return jax.lax.stop_gradient((logits.astype(jnp.float32), features))
+        return jax.vmap(one)(variables)
+
+      def renormalized(v, images):
         logits, features = model_features.apply_with_features(
-            model, v, batch['image'], train=False)
+            model, v, images, train=False)
         return jax.lax.stop_gradient((logits.astype(jnp.float32), features))
-      return jax.vmap(one)(variables)
+      images = jnp.stack([images_of(batch['image'], k)
+                          for k in range(len(loaded))])
+      return jax.vmap(renormalized)(variables, images)
     return Teacher(stacked, forward, names, weights, fingerprint,
                    forward_features=forward_features,
                    legacy_fingerprints=legacy_fingerprints)
@@ -180,8 +248,9 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
   mixed_models = [m for m, _ in loaded]
 
   def forward_mixed(variables, batch):
-    return jnp.stack([apply(m, v, batch['image'])
-                      for m, v in zip(mixed_models, variables)])
+    return jnp.stack([apply(m, v, images_of(batch['image'], k))
+                      for k, (m, v) in enumerate(zip(mixed_models,
+                                                     variables))])
   return Teacher([v for _, v in loaded], forward_mixed, names, weights,
                  fingerprint, legacy_fingerprints=legacy_fingerprints)
 

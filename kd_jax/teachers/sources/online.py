@@ -9,7 +9,8 @@ from kd_jax.teachers import sources
 def load(config, info, dtype, mesh=None):
   return online.load_online(
       config.teachers, info.num_classes, info.image_shape, dtype=dtype,
-      mesh=mesh if config.distill.shard_teacher else None)
+      mesh=mesh if config.distill.shard_teacher else None,
+      normalization=online.stream_normalization(info))
 
 
 SOURCE = sources.register(sources.TeacherSource(
