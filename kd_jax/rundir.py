@@ -245,10 +245,25 @@ def read_run_info(workdir: str, field: str = 'teacher workdir'
         f'the path.')
   try:
     with open(path) as f:
-      return json.load(f)
+      info = json.load(f)
   except (OSError, ValueError) as e:
     raise ValueError(f'{path} is unreadable ({e}); rerun the command that '
                      f'trained {workdir!r} to rewrite it.') from None
+  missing = ([k for k in RUN_INFO_KEYS if k not in info]
+             if isinstance(info, dict) else list(RUN_INFO_KEYS))
+  if missing:
+    raise ValueError(
+        f'{path} lacks {missing} (a kd_jax run_info.json holds '
+        f'{list(RUN_INFO_KEYS)}): it was not written by kd_jax or was edited; '
+        f'rerun the command that trained {workdir!r} to rewrite it, or point '
+        f'{field} at another run.')
+  return info
+
+
+# What every run_info.json holds; final_step (absent in runs still training
+# before it was recorded) and specialist are optional.
+RUN_INFO_KEYS = ('model', 'num_classes', 'class_names', 'image_shape',
+                 'dataset')
 
 
 def write_run_info(workdir: str, *, model_spec, num_classes: int,

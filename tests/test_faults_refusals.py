@@ -213,3 +213,17 @@ def test_a_folder_inside_a_class_folder_is_refused_naming_it(tmp_path):
   shutil.rmtree(tmp_path / 'train' / 'dog' / 'puppies')
   assert sources._list_class_folders(str(tmp_path), 'train') == {  # pylint: disable=protected-access
       'cat': ['train/cat/a.png'], 'dog': ['train/dog/b.png']}
+
+
+@pytest.mark.parametrize('content, match', [
+    ({}, r"lacks \['model', 'num_classes'"),
+    ({'model': {'name': 'mlp'}, 'num_classes': 10, 'class_names': [],
+      'image_shape': [28, 28, 1]}, r"lacks \['dataset'\]"),
+    ([1, 2], 'lacks'),
+])
+def test_a_teachers_run_info_without_its_keys_is_refused_naming_them(
+    tmp_path, content, match):
+  with open(tmp_path / 'run_info.json', 'w') as f:
+    json.dump(content, f)
+  with pytest.raises(ValueError, match=match + r'.*config\.teachers\[0\]'):
+    rundir.read_run_info(str(tmp_path), 'config.teachers[0].workdir')
