@@ -12,6 +12,24 @@ names come from the folder names.
 
 The CNN has about 277k parameters at 224x224 and 2 classes (ResNet-18:
 11.2M); experiments/size_speed/README.md measures their size and CPU latency.
+
+Starting from a pretrained ResNet-18 (the usual way: a torchvision state
+dict you already have, imported once), the teacher is fine-tuned from it
+(`init_from`: every tensor but the 1000-class head, which starts afresh for
+your classes) and then distilled at the alpha and T of your choice:
+
+  python -m kd_jax.import_teacher --format=torchvision --model=resnet18 \
+      --weights=resnet18.safetensors --workdir=workdirs/resnet18_imagenet
+  python -m kd_jax.main \
+      --config=configs/image_folder.py:role=teacher,image_folder=DIR,init_from=workdirs/resnet18_imagenet \
+      --workdir=workdirs/xray_resnet18
+  python -m kd_jax.main \
+      --config=configs/image_folder.py:role=distill,image_folder=DIR,teacher_workdir=workdirs/xray_resnet18,distill.alpha=0.5,distill.temperature=6.0 \
+      --workdir=workdirs/xray_cnn_kd
+  python -m kd_jax.export_model --workdir=workdirs/xray_cnn_kd \
+      --format=onnx --out=xray_cnn.onnx
+
+tests/test_import_teacher.py runs these four steps on a generated folder.
 """
 
 from kd_jax import config_lib
