@@ -72,6 +72,11 @@ def distill_defaults() -> ml_collections.ConfigDict:
       # replicated on every device: for teachers too big for one device.
       teacher_dtype='',          # '' | float32 | bfloat16
       shard_teacher=False,
+      # A second, strongly augmented view of each train image with its own
+      # soft and hard terms (MLKD's strong view; kd_jax.objective.
+      # strong_view): {} for none, or {'augment': 'rand_augment',
+      # 'num_ops': 2, 'soft': {...}, 'soft_weight': 1.0, 'hard_weight': 0.1}.
+      strong_view={},
   ), type_safe=False, convert_dict=False)
 
 

@@ -146,6 +146,103 @@ def _validate_ctkd(d, term: logit.SoftTerm) -> None:
   ctkd.check(s)
 
 
+# The second view's fields and their defaults (`soft`: None, distill.soft).
+STRONG_VIEW_DEFAULTS = {'augment': 'rand_augment', 'num_ops': 2,
+                        'soft': None, 'soft_weight': 1.0, 'hard_weight': 0.0}
+STRONG_AUGMENTATIONS = ('rand_augment',)
+STRONG_FIELD = 'config.distill.strong_view'
+
+
+def strong_view(distill) -> dict[str, Any] | None:
+  """``config.distill.strong_view`` with its defaults filled in, or None.
+
+  A second view of each train image (MLKD's strong view: the augmented image
+  through RandAugment with Cutout, `kd_jax.data.augment`, as the batch's
+  ``image_strong``) goes through the student and the teachers too, and adds
+  ``soft_weight * soft + hard_weight * hard`` on it, with its own soft term
+  (``soft``, a `config.distill.soft` spec; default the main one) at
+  ``distill.temperature``.
+
+  Raises:
+    ValueError: naming the field, for an unknown key or augmentation.
+  """
+  spec = distill.get('strong_view') or {}
+  if not spec:
+    return None
+  if not hasattr(spec, 'keys'):
+    raise ValueError(
+        f'{STRONG_FIELD}={spec!r} must be a dict, e.g. dict(augment='
+        f"'rand_augment', num_ops=2, soft=dict(method='mlkd', ...), "
+        f'soft_weight=1.0, hard_weight=0.1), or {{}} for none.')
+  spec = dict(spec)
+  unknown = sorted(set(spec) - set(STRONG_VIEW_DEFAULTS))
+  if unknown:
+    raise ValueError(f'{STRONG_FIELD} sets {unknown}; its fields are '
+                     f'{sorted(STRONG_VIEW_DEFAULTS)}.')
+  spec = {**STRONG_VIEW_DEFAULTS, **spec}
+  if spec['soft'] is None:
+    spec['soft'] = distill.soft
+  if spec['augment'] not in STRONG_AUGMENTATIONS:
+    raise ValueError(f"{STRONG_FIELD}.augment={spec['augment']!r}; choose "
+                     f'one of {STRONG_AUGMENTATIONS}.')
+  num_ops = spec['num_ops']
+  if isinstance(num_ops, bool) or not isinstance(num_ops, int) or num_ops < 0:
+    raise ValueError(f'{STRONG_FIELD}.num_ops={num_ops!r} must be an integer '
+                     f'>= 0 (RandAugment\'s ops per image; MLKD uses 2).')
+  logit.non_negative(spec, ('soft_weight', 'hard_weight'), STRONG_FIELD)
+  return spec
+
+
+def strong_view_distill(distill):
+  """``distill`` as the strong view's terms read it: its soft term and
+  weights in place of the main ones (no warm-up, CTKD or second view)."""
+  spec = strong_view(distill)
+  d = ml_collections.ConfigDict(
+      {k: v for k, v in distill.items()
+       if k not in ('soft_weight', 'hard_weight')},
+      type_safe=False, convert_dict=False)
+  d.soft = spec['soft']
+  d.soft_weight = float(spec['soft_weight'])
+  d.hard_weight = float(spec['hard_weight'])
+  d.alpha = 0.0
+  d.ctkd = {'mode': 'none'}
+  d.strong_view = {}
+  return d
+
+
+def _validate_strong_view(config) -> None:
+  d = config.distill
+  spec = strong_view(d)
+  if spec is None:
+    return
+  if not teacher_sources.get(config).sees_images:
+    raise ValueError(
+        f'{STRONG_FIELD} needs teachers that score the strong images inside '
+        f'the step; teacher_source={d.teacher_source!r} looks its logits up '
+        f'by example: use teacher_source="online" or "ensemble", or set '
+        f'{STRONG_FIELD}={{}}.')
+  if config.get('mixup_alpha', 0) > 0:
+    raise ValueError(f'{STRONG_FIELD} with config.mixup_alpha='
+                     f'{config.mixup_alpha}: the strong view is made of '
+                     f'unmixed images; set mixup_alpha=0.')
+  if ctkd.settings(d).learned:
+    raise ValueError(f'{STRONG_FIELD} with a learned temperature '
+                     f'(config.distill.ctkd): the strong view uses '
+                     f'distill.temperature; set ctkd="none".')
+  field = f'{STRONG_FIELD}.soft'
+  term = logit.soft_term({'soft': spec['soft']}, field)
+  if term.method.student_head or term.method.teacher_prediction:
+    raise ValueError(f'{field}={term.method.name!r} trains another head or '
+                     f'on the teachers\' argmax; use a soft loss such as '
+                     f'"kl" or "mlkd".')
+  if d.logit_standardization and not term.method.standardizable:
+    raise ValueError(f'{field}={term.method.name!r} with config.distill.'
+                     f'logit_standardization=True: it has no logit scale '
+                     f'to standardize.')
+  if term.method.check is not None:
+    term.method.check(config, term.kwargs(), field)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad objective field and the fix.
 
@@ -179,6 +276,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'"{method.name}", which has no logit scale to standardize: set '
         f'logit_standardization=False.')
   _validate_ctkd(d, term)
+  _validate_strong_view(config)
   validate_features(config)
 
 

@@ -310,8 +310,25 @@ class _Aux(NamedTuple):
   feature_state: dict[str, Any]
 
 
+def _strong_view_loss(trainable, batch_stats, batch, *, model, distill,
+                      strong_targets, dropout_rng):
+  """(the strong view's weighted terms, their values, the batch statistics
+  after its forward pass), `objective.strong_view`."""
+  logits, new_model_state = model.apply(
+      {'params': trainable['student'], 'batch_stats': batch_stats},
+      batch['image_strong'], train=True,
+      rngs={'dropout': jax.random.fold_in(dropout_rng, 1)},
+      mutable=['batch_stats'])
+  loss, values = objective.loss(
+      logits, strong_targets, batch['label'], batch['mask'],
+      objective.strong_view_distill(distill))
+  return loss, {f'strong_{k}': v for k, v in values.items()}, (
+      new_model_state.get('batch_stats', batch_stats))
+
+
 def _step_loss(trainable, state: TrainState, batch, *, model, distill,
-               targets, teacher_features, epoch, dropout_rng, example_rng):
+               targets, teacher_features, epoch, dropout_rng, example_rng,
+               strong_targets=None):
   """The objective of one step as a function of the trained groups."""
   variables = {'params': trainable['student'],
                'batch_stats': state.batch_stats}
@@ -348,8 +365,15 @@ def _step_loss(trainable, state: TrainState, batch, *, model, distill,
     values = {**values, **feature_values, 'total': loss}
     feature_state = dict(connector_batch_stats=connector_batch_stats,
                          example_state=example_state)
-  return loss, _Aux(logits, new_model_state.get('batch_stats', {}), values,
-                    temperature, strength, feature_state)
+  batch_stats = new_model_state.get('batch_stats', {})
+  if strong_targets is not None:
+    strong_loss, strong_values, batch_stats = _strong_view_loss(
+        trainable, batch_stats, batch, model=model, distill=distill,
+        strong_targets=strong_targets, dropout_rng=dropout_rng)
+    loss = loss + strong_loss
+    values = {**values, **strong_values, 'total': loss}
+  return loss, _Aux(logits, batch_stats, values, temperature, strength,
+                    feature_state)
 
 
 def _measurements(aux: _Aux, batch, targets, grads, updates, params, log,
@@ -407,13 +431,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
       None if teacher is None else teacher.weights)
   epoch = (None if steps_per_epoch is None
            else state.step.astype(jnp.float32) / steps_per_epoch)
+  strong_targets = None
+  if objective.strong_view(distill) is not None and teacher is not None:
+    if 'image_strong' not in batch:
+      raise ValueError(
+          'config.distill.strong_view is set but the batch has no '
+          "'image_strong': make batches with kd_jax.input_pipeline, which "
+          'adds the strong view to train batches.')
+    strong_targets = objective.teacher_targets(
+        teacher.forward(teacher_variables,
+                        {**batch, 'image': batch['image_strong']}),
+        batch, distill, teacher.weights)
   dropout_rng, example_rng = jax.random.split(rng)
   if not terms:
     dropout_rng = rng  # Runs without feature terms draw as they always have.
   loss_fn = functools.partial(
       _step_loss, state=state, batch=batch, model=model, distill=distill,
       targets=targets, teacher_features=teacher_features, epoch=epoch,
-      dropout_rng=dropout_rng, example_rng=example_rng)
+      dropout_rng=dropout_rng, example_rng=example_rng,
+      strong_targets=strong_targets)
   trainable = state.trainable()
   grads, aux = jax.grad(loss_fn, has_aux=True)(trainable)
   updates, opt_state = optim.per_group(tx).update(grads, state.opt_state,

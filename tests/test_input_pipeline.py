@@ -96,6 +96,28 @@ def test_same_seed_same_batches_other_seed_other_batches(data_dir):
     assert (a['id'] != c['id']).any()
 
 
+def test_a_strong_view_is_randaugment_of_the_same_step_and_train_only(
+    data_dir):
+  config = make_config(data_dir, augment='mnist_jitter')
+  plain = take(input_pipeline.get_datasets(config, num_devices=8).train, 2)
+  config.distill.strong_view = dict(augment='rand_augment', num_ops=2)
+  data = input_pipeline.get_datasets(config, num_devices=8)
+  first = take(data.train, 2)
+  again = take(input_pipeline.get_datasets(config, num_devices=8, start_step=1
+                                           ).train, 1)
+  for a, b in zip(plain, first):  # The weak view is unchanged.
+    np.testing.assert_array_equal(a['image'], b['image'])
+  strong = raw_pixels(first[1]['image_strong'], 'digits')
+  np.testing.assert_allclose(strong, np.round(strong), atol=1e-3)
+  assert strong.min() > -1e-3 and strong.max() < 255 + 1e-3
+  assert not np.allclose(first[1]['image_strong'], first[1]['image'])
+  # A resumed stream draws the same strong view of the same step.
+  np.testing.assert_array_equal(again[0]['image_strong'],
+                                first[1]['image_strong'])
+  batch = next(data.eval['test']())
+  assert 'image_strong' not in batch
+
+
 @pytest.mark.parametrize('augment, mixup_alpha', [('none', 0.0),
                                                   ('mnist_jitter', 0.5)])
 def test_resumed_stream_continues_where_it_stopped(data_dir, augment,

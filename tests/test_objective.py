@@ -303,3 +303,92 @@ def test_every_cifar100_logit_method_runs_in_runlocal_form(tmp_path):
       str(workdir), {'params': abstract.params,
                      'batch_stats': abstract.batch_stats})
   assert summary['num_params'] == models.param_count(variables['params'])
+
+
+def image_teacher(num_classes=C, seed=0):
+  """A teacher that runs on the images it is given (a fixed linear map)."""
+  weights = jnp.asarray(np.random.default_rng(seed).normal(
+      size=(16, num_classes)), jnp.float32)
+
+  def forward(variables, batch):
+    del variables
+    return (batch['image'].reshape(batch['image'].shape[0], -1) @ weights)[
+        None]
+  return teachers.Teacher(variables=None, forward=forward, names=('t',),
+                          weights=(1.0,), fingerprint='test')
+
+
+STRONG = dict(augment='rand_augment', num_ops=2,
+              soft=dict(method='mlkd', instance_weight=0.9, batch_weight=0.0,
+                        class_weight=0.0), soft_weight=1.0, hard_weight=0.1)
+
+
+def test_the_strong_view_adds_its_own_terms_on_its_own_images():
+  config = load_config('mnist5k_distill', '')
+  config.distill.update(soft=dict(method='mlkd', instance_weight=0.45,
+                                  batch_weight=0.45, class_weight=0.45),
+                        alpha=0.0, soft_weight=1.0, hard_weight=0.1,
+                        strong_view=STRONG)
+  objective.validate(config)
+  model = models.get_model(dict(name='mlp', hidden=(16,), dropout=0.0), C)
+  tx = optax.sgd(0.05)
+  rng = np.random.default_rng(6)
+  batch = dict(image=rng.normal(size=(B, 4, 4, 1)).astype(np.float32),
+               image_strong=rng.normal(size=(B, 4, 4, 1)).astype(np.float32),
+               label=rng.integers(0, C, B).astype(np.int32),
+               mask=np.arange(B) < 13)
+  teacher = image_teacher()
+  state = train.init_state(model, tx, jax.random.key(0), (4, 4, 1),
+                           distill=config.distill, num_classes=C)
+  _, m = jax.jit(functools.partial(
+      train.train_step, model=model, tx=tx, schedule=lambda s: 0.1,
+      teacher=teacher, distill=config.distill, steps_per_epoch=2))(
+          state, batch, None)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  strong_student = model.apply(variables, batch['image_strong'])
+  strong_teacher = teacher.forward(None, {'image': batch['image_strong']})[0]
+  want = losses.mlkd_loss(strong_student, strong_teacher,
+                          instance_weight=0.9, batch_weight=0.0,
+                          class_weight=0.0, where=batch['mask'])
+  np.testing.assert_allclose(m['loss_strong_soft'], want, rtol=1e-5)
+  hard = losses.cross_entropy(strong_student, batch['label'])
+  np.testing.assert_allclose(
+      m['loss_strong_hard'], np.mean(np.asarray(hard)[:13]), rtol=1e-5)
+  np.testing.assert_allclose(
+      m['loss_total'], m['loss_soft'] + 0.1 * m['loss_hard']
+      + m['loss_strong_soft'] + 0.1 * m['loss_strong_hard'], rtol=1e-5)
+  # Without it, the same step trains on the weak view alone.
+  config.distill.strong_view = {}
+  _, plain = jax.jit(functools.partial(
+      train.train_step, model=model, tx=tx, schedule=lambda s: 0.1,
+      teacher=teacher, distill=config.distill, steps_per_epoch=2))(
+          state, {k: v for k, v in batch.items() if k != 'image_strong'},
+          None)
+  assert 'loss_strong_soft' not in plain
+  assert plain['loss_soft'] == m['loss_soft']
+
+
+@pytest.mark.parametrize('arg, match', [
+    ('distill.teacher_source="cache",distill.cache_dir="x"', 'by example'),
+    ('mixup_alpha=0.2', 'mixup_alpha=0'),
+    ('distill.ctkd="global"', 'ctkd="none"'),
+    ('distill.strong_view.augment="cutmix"', 'augment=.cutmix'),
+    ('distill.strong_view.num_ops=-1', 'num_ops=-1'),
+    ('distill.strong_view.soft_weight=-1.0', 'soft_weight=-1.0'),
+    ('distill.strong_view.soft="nope"', 'strong_view.soft.method'),
+])
+def test_bad_strong_views_are_named(arg, match):
+  config = load_config('mnist5k_distill', '')
+  config.distill.strong_view = dict(STRONG)
+  for part in arg.split(','):
+    key, value = part.split('=', 1)
+    node, *path = key.split('.')
+    if node == 'distill' and path[0] == 'strong_view':
+      config.distill.strong_view[path[1]] = eval(value)  # pylint: disable=eval-used
+    else:
+      target = config
+      for p in [node, *path][:-1]:
+        target = target[p]
+      target[[node, *path][-1]] = eval(value)  # pylint: disable=eval-used
+  with pytest.raises(ValueError, match=match):
+    objective.validate(config)

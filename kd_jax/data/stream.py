@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from kd_jax.data import augment as augment_lib
 from kd_jax.data import preprocess
 from kd_jax.data import sources
 from kd_jax.data import tf
@@ -197,8 +198,12 @@ class Plan:
           ex['image'], self.image_shape, seed)}
     return ds.enumerate(start).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
 
-  def finish(self, step, batch, augment: str, mixup_alpha: float):
-    """Augments, normalises and (optionally) mixes one batch."""
+  def finish(self, step, batch, augment: str, mixup_alpha: float,
+             strong_ops: int | None = None):
+    """Augments, normalises and (optionally) mixes one batch; with
+    `strong_ops`, adds 'image_strong': the augmented images through
+    RandAugment (`strong_ops` ops and Cutout, `kd_jax.data.augment`), drawn
+    from the step's seed like every augmentation."""
     seed = self.seed(step)
     augment_seed, mixup_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 2))
@@ -210,6 +215,11 @@ class Plan:
       label = tf.gather(tf.constant(self.plugin.label_map), label)
     out = {'image': preprocess.normalize(image, self.mean, self.std),
            'label': label, 'id': batch['id'], 'mask': mask}
+    if strong_ops is not None:
+      strong_seed = tf.random.experimental.stateless_fold_in(seed, 2)
+      strong = augment_lib.rand_augment(tf.round(image), strong_seed,
+                                        num_ops=strong_ops)
+      out['image_strong'] = preprocess.normalize(strong, self.mean, self.std)
     if 'index' in batch:
       out['index'] = batch['index']
     if mixup_alpha > 0:
@@ -251,8 +261,10 @@ def _train_dataset(plan: Plan, first, keep, local_batch: int,
   if plan.source.large:
     ds = plan.decode_large(ds, start, random_crop=config.augment == 'imagenet')
   ds = ds.batch(local_batch, drop_remainder=True).enumerate(start_step)
+  strong = config.distill.get('strong_view') or {}
+  strong_ops = int(strong.get('num_ops', 2)) if strong else None
   ds = ds.map(lambda step, batch: plan.finish(
-      step, batch, config.augment, config.mixup_alpha),
+      step, batch, config.augment, config.mixup_alpha, strong_ops),
               num_parallel_calls=tf.data.AUTOTUNE)
   return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 

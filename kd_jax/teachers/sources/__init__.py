@@ -29,6 +29,9 @@ class TeacherSource:
       (``Teacher.forward_features``), as feature terms need.
     shardable: its teachers' variables may be split over devices
       (``config.distill.shard_teacher``).
+    sees_images: its teacher runs on the images it is given inside the step
+      (not a lookup by example id), so it can score a second view of them
+      (``config.distill.strong_view``).
     changed: what may have happened to a teacher that a resumed run finds
       changed ('retrained', 're-exported'), for the refusal.
     pipeline_config: ``config -> config`` the train stream is built from
@@ -42,6 +45,7 @@ class TeacherSource:
   origins: Callable[[Any], list[dict[str, Any]]] | None = None
   computes_features: bool = False
   shardable: bool = False
+  sees_images: bool = False
   changed: str = ''
   pipeline_config: Callable[[Any], Any] | None = None
   check: Callable[[Any], None] | None = None

@@ -7,4 +7,4 @@ from kd_jax.teachers.sources import online
 
 SOURCE = sources.register(sources.TeacherSource(
     name='ensemble', load=online.load, origins=sources.workdir_origins,
-    shardable=True, changed='retrained'))
+    shardable=True, sees_images=True, changed='retrained'))

@@ -15,4 +15,5 @@ def load(config, info, dtype, mesh=None):
 
 SOURCE = sources.register(sources.TeacherSource(
     name='online', load=load, origins=sources.workdir_origins,
-    computes_features=True, shardable=True, changed='retrained'))
+    computes_features=True, shardable=True, sees_images=True,
+    changed='retrained'))
