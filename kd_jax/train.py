@@ -684,10 +684,10 @@ class _Run:
 
 
 def _setup(config, workdir: str, devices, overwrite_finished: bool
-           ) -> tuple[_Run, Any]:
+           ) -> tuple[_Run, Any, int]:
   """The run's config checked against its workdir, its data, model,
-  optimizer, teacher and state layout; and its data stream from the
-  newest checkpoint's step."""
+  optimizer, teacher and state layout; its data stream from the newest
+  checkpoint's step; and that step (0 without one)."""
   devices = list(devices or jax.devices())
   mesh = make_mesh(devices, config.mesh_model)
   is_chief = jax.process_index() == 0
@@ -740,7 +740,7 @@ def _setup(config, workdir: str, devices, overwrite_finished: bool
       model=model, tx=tx, schedule=schedule, teacher=teacher,
       teacher_variables=teacher_variables, init=init, abstract=abstract,
       state_sharding=state_shardings(abstract, mesh, config.distill))
-  return run, data
+  return run, data, latest or 0
 
 
 def _restore(run: _Run, mngr, topology: dict[str, int]
@@ -804,8 +804,7 @@ def _compile(run: _Run):
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         devices=None, overwrite_finished: bool = False
                         ) -> dict[str, Any]:
-  run, data = _setup(config, workdir, devices, overwrite_finished)
-  start_step = checkpointing.latest_step(workdir) or 0
+  run, data, start_step = _setup(config, workdir, devices, overwrite_finished)
   pinned: set[int] = set()  # Steps kept out of rotation (divergence).
   mngr = checkpointing.manager(workdir, config.keep_checkpoints, pinned)
   topology = dict(process_count=jax.process_count(),
