@@ -124,6 +124,52 @@ def _expected_normalization(index: int, workdir: str, run_info,
   return mean, std
 
 
+def _restore_teacher(i: int, t, num_classes: int, image_shape, dtype, mesh):
+  """(model, variables, spec, step, checksum, expected (mean, std)) of
+  config.teachers[i], restored, checked and refused by name when unusable."""
+  run_info = rundir.read_run_info(t.workdir, f'config.teachers[{i}].workdir')
+  check_compatible(i, t, run_info, num_classes, image_shape)
+  norm = _expected_normalization(i, t.workdir, run_info, int(image_shape[-1]))
+  spec = rundir.teacher_model(t, f'config.teachers[{i}]')
+  model = models.get_model(spec, num_classes, dtype=dtype)
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((1, *image_shape), jnp.float32)))
+  abstract = {'params': abstract['params'],
+              'batch_stats': abstract.get('batch_stats', {})}
+  if mesh is not None:
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, teacher_shardings(abstract, mesh))
+  where = f'config.teachers[{i}] (workdir {t.workdir!r})'
+  try:
+    variables, step, checksum = checkpointing.restore_model_checked(
+        t.workdir, abstract)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+        f'config.teachers[{i}]: {e}. Train the teacher first: '
+        f'{rundir.teacher_train_command(t.workdir)}') from None
+  except checkpointing.CheckpointDamaged as e:
+    raise checkpointing.CheckpointDamaged(
+        f'{where}: {e}. Restore that checkpoint folder from a copy, or '
+        f'train the teacher again: {rundir.teacher_train_command(t.workdir)}'
+    ) from None
+  if step != run_info.get('final_step', step):
+    raise ValueError(
+        f'{where} has not finished '
+        f'training: latest checkpoint step {step}, final step '
+        f'{run_info["final_step"]}. Let it finish, or resume it.')
+  nonfinite = [jax.tree_util.keystr(p) for p, v in
+               jax.tree_util.tree_flatten_with_path(variables)[0]
+               if not bool(jnp.isfinite(v).all())]
+  if nonfinite:
+    raise ValueError(
+        f'{where}: checkpoint step {step} holds NaN or Inf in '
+        f'{len(nonfinite)} arrays (e.g. {nonfinite[0]}): that teacher '
+        'diverged; train it again with a lower learning rate.')
+  return model, variables, spec, step, checksum, norm
+
+
 def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
                 dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
                 normalization: tuple[Any, Any] | None = None) -> Teacher:
@@ -144,51 +190,13 @@ def load_online(teacher_cfgs, num_classes: int, image_shape: tuple[int, ...],
         'is empty: add teacher_config(model, workdir) entries.')
   loaded, specs, fingerprints, legacy, norms = [], [], [], [], []
   for i, t in enumerate(teacher_cfgs):
-    run_info = rundir.read_run_info(t.workdir, f'config.teachers[{i}].workdir')
-    check_compatible(i, t, run_info, num_classes, image_shape)
-    norms.append(_expected_normalization(i, t.workdir, run_info,
-                                         int(image_shape[-1])))
-    spec = rundir.teacher_model(t, f'config.teachers[{i}]')
-    model = models.get_model(spec, num_classes, dtype=dtype)
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0),
-                           jnp.zeros((1, *image_shape), jnp.float32)))
-    abstract = {'params': abstract['params'],
-                'batch_stats': abstract.get('batch_stats', {})}
-    if mesh is not None:
-      abstract = jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          abstract, teacher_shardings(abstract, mesh))
-    where = f'config.teachers[{i}] (workdir {t.workdir!r})'
-    try:
-      variables, step, checksum = checkpointing.restore_model_checked(
-          t.workdir, abstract)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(
-          f'config.teachers[{i}]: {e}. Train the teacher first: '
-          f'{rundir.teacher_train_command(t.workdir)}') from None
-    except checkpointing.CheckpointDamaged as e:
-      raise checkpointing.CheckpointDamaged(
-          f'{where}: {e}. Restore that checkpoint folder from a copy, or '
-          f'train the teacher again: {rundir.teacher_train_command(t.workdir)}'
-      ) from None
-    if step != run_info.get('final_step', step):
-      raise ValueError(
-          f'{where} has not finished '
-          f'training: latest checkpoint step {step}, final step '
-          f'{run_info["final_step"]}. Let it finish, or resume it.')
-    nonfinite = [jax.tree_util.keystr(p) for p, v in
-                 jax.tree_util.tree_flatten_with_path(variables)[0]
-                 if not bool(jnp.isfinite(v).all())]
-    if nonfinite:
-      raise ValueError(
-          f'{where}: checkpoint step {step} holds NaN or Inf in '
-          f'{len(nonfinite)} arrays (e.g. {nonfinite[0]}): that teacher '
-          'diverged; train it again with a lower learning rate.')
+    model, variables, spec, step, checksum, norm = _restore_teacher(
+        i, t, num_classes, image_shape, dtype, mesh)
     loaded.append((model, variables))
     specs.append(json.dumps(rundir.spec_dict(spec), sort_keys=True))
     fingerprints.append(checksum)
     legacy.append(f'{os.path.abspath(t.workdir)}@{step}')
+    norms.append(norm)
 
   names = tuple(f'teacher{i}' for i in range(len(loaded)))
   weights = tuple(float(t.get('weight', 1.0)) for t in teacher_cfgs)
