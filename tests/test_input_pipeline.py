@@ -96,6 +96,7 @@ def test_same_seed_same_batches_other_seed_other_batches(data_dir):
     assert (a['id'] != c['id']).any()
 
 
+@pytest.mark.slow  # Three streams built, RandAugment traced in each.
 def test_a_strong_view_is_randaugment_of_the_same_step_and_train_only(
     data_dir):
   config = make_config(data_dir, augment='mnist_jitter')
