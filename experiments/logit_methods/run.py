@@ -266,15 +266,21 @@ def summarise(runs: list[dict[str, Any]], args) -> dict[str, Any]:
       for method in ('scratch', *args.methods):
         mine = [r for r in runs if r['dataset'] == dataset
                 and r['width'] == width and r['method'] == method]
+        done = [r for r in mine if r['summary'] is not None]
+        nan = study.stats([float('nan')])
+        any_run = next(r for r in runs if r['summary'] is not None
+                       and r['dataset'] == dataset
+                       and r['method'] != 'teacher')
         group.append(dict(
             dataset=dataset, width=width, method=method,
             val=study.stats(study.errors(r['summary'], val_split)
-                            for r in mine),
+                            for r in done) if done else nan,
             test=study.stats(study.errors(r['summary'], 'test')
-                             for r in mine),
+                             for r in done) if done else nan,
+            diverged=[r['seed'] for r in mine if r['summary'] is None],
             num_examples=dict(
-                val=mine[0]['summary']['eval'][val_split]['num_examples'],
-                test=mine[0]['summary']['eval']['test']['num_examples']),
+                val=any_run['summary']['eval'][val_split]['num_examples'],
+                test=any_run['summary']['eval']['test']['num_examples']),
             teacher=teacher))
       rows.extend(group)
   return dict(rows=mark_best(rows, len(args.seeds)))
@@ -289,7 +295,11 @@ def mark_best(rows: list[dict[str, Any]], num_seeds: int
     row.pop('best', None)
     row.pop('clear_lead', None)
   for key in dict.fromkeys((r['dataset'], r['width']) for r in rows):
-    group = [r for r in rows if (r['dataset'], r['width']) == key]
+    # A method with a diverged seed is never chosen.
+    group = [r for r in rows if (r['dataset'], r['width']) == key
+             and not r.get('diverged')]
+    if not group:
+      continue
     best = min(group, key=lambda g: g['val']['mean'])
     others = [g for g in group if g is not best]
     best['best'] = True
@@ -365,6 +375,11 @@ def write_outputs(results: dict[str, Any], args, wall_seconds: float,
   for r in results['rows']:
     mark = ' (fewest val errors' + (')' if r.get('clear_lead') else
                                     ', within 1 std)') if r.get('best') else ''
+    if r.get('diverged'):
+      rest = ('' if len(r['diverged']) == len(args.seeds)
+              else '; the others averaged')
+      mark += (f' (diverged, loss NaN: {len(r["diverged"])} of '
+               f'{len(args.seeds)} seeds{rest})')
     lines.append(
         f'| {r["dataset"]} | 2x{r["width"]} | {LABELS[r["method"]]}{mark} | '
         f'{study.fmt(r["val"])} / {r["num_examples"]["val"]:g} | '
@@ -414,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if run['method'] == 'teacher':
       teacher_configs[run['workdir']] = study.make_config(
           run['config_name'], run['arg'], run['overrides'])
-  trained, _ = study.run_all(runs, lambda run: make(run, teacher_configs))
+  trained, _ = study.run_all(runs, lambda run: make(run, teacher_configs),
+                             record_divergence=True)
   results = summarise(runs, args)
   previous_path = os.path.join(args.out_dir, 'results.json')
   previous = None
@@ -425,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   results.update(
       trained_now=trained, num_runs=len(every),
       train_seconds=sum(r['summary'].get('train_seconds', 0.0)
-                        for r in every))
+                        for r in every if r['summary'] is not None))
   results['teacher_recipes'] = [
       dict(dataset=r['dataset'], recipe=r['recipe'],
            overrides=TEACHER_RECIPES[r['dataset']][r['recipe']],
