@@ -29,7 +29,8 @@ your classes) and then distilled at the alpha and T of your choice:
   python -m kd_jax.export_model --workdir=workdirs/xray_cnn_kd \
       --format=onnx --out=xray_cnn.onnx
 
-tests/test_import_teacher.py runs these four steps on a generated folder.
+tests/test_import_teacher.py runs the first three on a generated folder
+(tests/test_export_model.py the export).
 """
 
 from kd_jax import config_lib

@@ -562,13 +562,11 @@ def test_a_student_distils_from_an_imported_teacher(tmp_path):
 
 def test_the_image_folder_walkthrough_fine_tunes_an_imported_resnet18(
     tmp_path):
-  """configs/image_folder.py's four steps on a generated two-class folder:
+  """configs/image_folder.py's steps on a generated two-class folder:
   import a 1000-class resnet18, fine-tune it as the teacher (init_from:
-  every tensor but the head), distil the CNN at the user's alpha and T,
-  export the student."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  every tensor but the head), distil the CNN at the user's alpha and T
+  (the export step is tests/test_export_model.py's)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from kd_jax import export_model  # pylint: disable=g-import-not-at-top
   from kd_jax import train  # pylint: disable=g-import-not-at-top
   from kd_jax import warm_start  # pylint: disable=g-import-not-at-top
   root = tmp_path / 'xray'
@@ -583,16 +581,16 @@ def test_the_image_folder_walkthrough_fine_tunes_an_imported_resnet18(
   sd = torchvision_resnet('resnet18')
   import_teacher.import_weights('torchvision', 'resnet18', save(tmp_path, sd),
                                 imported, image_size=32)
-  common = f'runlocal,image_folder={root}'
+  common = f'runlocal,image_folder={root},num_train_steps=2'
   teacher = str(tmp_path / 'teacher')
   config = config_lib.load_config(
       'image_folder', f'{common},role=teacher,init_from={imported}')
   summary = train.train_and_evaluate(config, teacher)
-  assert summary['model'] == 'resnet18' and summary['step'] == 6
+  assert summary['model'] == 'resnet18' and summary['step'] == 2
   variables, _ = warm_start.restore_run(teacher)
   stem = np.asarray(variables['params']['stem_conv']['kernel'])
-  # Started from the imported kernel: 6 Adam steps of lr 1e-3 move each
-  # entry by at most about 6e-3 (a fresh init differs by ~0.1).
+  # Started from the imported kernel: 2 Adam steps of lr 1e-3 move each
+  # entry by at most about 2e-3 (a fresh init differs by up to 0.46).
   want = sd['conv1.weight'].transpose(2, 3, 1, 0)
   assert np.abs(stem - want).max() < 0.02
   student = str(tmp_path / 'student')
@@ -602,6 +600,3 @@ def test_the_image_folder_walkthrough_fine_tunes_an_imported_resnet18(
   summary = train.train_and_evaluate(config, student)
   assert summary['model'] == 'cnn'
   assert 0 <= summary['eval']['test']['agreement'] <= 1
-  if all(importlib.util.find_spec(m) for m in ('onnxruntime', 'jax2onnx')):
-    record = export_model.export(student, 'onnx', str(tmp_path / 'cnn.onnx'))
-    assert record['max_abs_difference'] <= record['tolerance']

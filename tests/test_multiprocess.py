@@ -128,13 +128,13 @@ def test_two_processes_train_like_one_process_on_four_devices(tmp_path):
   _assert_same_run(one_dir, two_dir, config)
 
 
-@pytest.mark.parametrize('layout', [
-    '',
-    # A (2, 2) ('data', 'model') mesh: each process holds half the teacher.
-    ',distill.shard_teacher=True,mesh_model=2',
-])
-def test_two_processes_distil_like_one_process_on_four_devices(tmp_path,
-                                                               layout):
+def test_two_processes_distil_like_one_process_on_four_devices(tmp_path):
+  """Two processes on a (2, 2) ('data', 'model') mesh, each holding half
+  the teacher, train like one process with a replicated teacher (a
+  replicated teacher on two processes is the supervised test's layout plus
+  this test's teacher; tests/test_sharded_teacher.py checks sharded against
+  replicated in one process)."""
+  layout = ',distill.shard_teacher=True,mesh_model=2'
   teacher_dir = str(tmp_path / 'teacher')
   train.train_and_evaluate(load_config('mnist5k_teacher', 'runlocal'),
                            teacher_dir)
