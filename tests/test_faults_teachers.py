@@ -355,6 +355,7 @@ def test_a_failed_import_leaves_nothing_usable(caches, tmp_path):
                        recursive=True)
 
 
+@pytest.mark.slow  # An export and an import of every split: ~45 s.
 def test_probabilities_given_as_logits_are_refused(caches, tmp_path):
   config, _, splits, _ = caches
   ids = [i.decode() for i in splits['test'][0][:3]]

@@ -22,6 +22,7 @@ def _run(code: str, tmp_path) -> str:
   return done.stdout
 
 
+@pytest.mark.slow  # A fresh interpreter importing the library: ~30 s.
 def test_library_imports_without_tensorflow_until_data_is_read(tmp_path):
   """...and the CLIs' quiet import of TensorFlow writes nothing, though
   `import jax` has set TF_CPP_MIN_LOG_LEVEL=1 (where it was unset)."""
