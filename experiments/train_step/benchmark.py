@@ -174,7 +174,7 @@ def write_teacher_run(workdir: str, config, num_classes: int,
   rundir.write_run_info(
       workdir, model_spec=spec, num_classes=num_classes,
       class_names=[str(i) for i in range(num_classes)],
-      image_shape=image_shape, dataset='benchmark', final_step=0)
+      image_shape=image_shape, dataset=config.dataset, final_step=0)
 
 
 def random_batch(mesh, image_shape, num_classes: int, batch: int
