@@ -255,7 +255,10 @@ def translate_distill(distill: dict[str, Any], warn: bool = True
 def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` in the current form (`translate_distill`): what
   `train.train_and_evaluate` and `load_config` run; a config already in it
-  comes back equal."""
+  comes back equal. A language-model config (task 'lm', run by
+  `kd_jax.lm_train`) comes back as it is."""
+  if config.get('task') == 'lm':
+    return config
   distill = translate_distill(config.distill.to_dict())
   out = config.copy_and_resolve_references()
   with out.unlocked():

@@ -48,6 +48,7 @@ with progress.quiet_native_imports(sys.argv):
   # Training reads data: TensorFlow, lazy in the library, loads here, where
   # its import-time C++ lines are silenced.
   import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  from kd_jax import lm_train  # pylint: disable=g-import-not-at-top
   from kd_jax import train  # pylint: disable=g-import-not-at-top
 
 
@@ -208,8 +209,11 @@ def main(argv):
     watch_peers(timeout_s=f.peer_timeout_s)
   with progress.exit_on_refusal('kd_jax.main', _rerun_advice):
     try:
-      summary = train.train_and_evaluate(
-          f.config, f.workdir, overwrite_finished=f.overwrite_finished)
+      if f.config.get('task') == 'lm':
+        summary = lm_train.train_and_evaluate(f.config, f.workdir)
+      else:
+        summary = train.train_and_evaluate(
+            f.config, f.workdir, overwrite_finished=f.overwrite_finished)
     except Exception:  # pylint: disable=broad-except
       if jax.process_count() > 1:
         # A collective that failed because a peer died: give the watcher
@@ -222,7 +226,10 @@ def main(argv):
   if jax.process_index() == 0:
     print(f'{summary["model"]}, {summary["num_params"]:,} params, '
           f'{summary["step"]} steps: {f.workdir}')
-    print(progress.result_table(summary))
+    if summary.get('task') == 'lm':
+      print(lm_train.result_lines(summary))
+    else:
+      print(progress.result_table(summary))
   # The interpreter's last garbage collection, over TensorFlow's and JAX's
   # objects, took 2-6 s after every run ended; the process exits right away.
   gc.freeze()

@@ -269,14 +269,19 @@ RUN_INFO_KEYS = ('model', 'num_classes', 'class_names', 'image_shape',
 def write_run_info(workdir: str, *, model_spec, num_classes: int,
                    class_names, image_shape, dataset: str,
                    final_step: int,
-                   specialist: dict[str, Any] | None = None) -> None:
-  """`specialist`: a specialist's group (`DatasetInfo.specialist`)."""
+                   specialist: dict[str, Any] | None = None,
+                   task: str | None = None) -> None:
+  """`specialist`: a specialist's group (`DatasetInfo.specialist`); `task`:
+  'lm' for a language model (`num_classes` its vocabulary, `image_shape`
+  its window length)."""
   info = dict(model=spec_dict(model_spec), num_classes=int(num_classes),
               class_names=list(class_names),
               image_shape=[int(d) for d in image_shape], dataset=dataset,
               final_step=int(final_step))
   if specialist is not None:
     info['specialist'] = specialist
+  if task is not None:
+    info['task'] = task
   _write_json(_path(workdir, RUN_INFO), info)
 
 

@@ -179,3 +179,75 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_sessionfinish(session):
   if _OWNS_SESSION_DIR and not hasattr(session.config, 'workerinput'):
     shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+# Doctests of modules whose examples compile for seconds (the decoder and its
+# generation) run with the slow set.
+_SLOW_DOCTEST_MODULES = ('kd_jax/generation.py', 'kd_jax/models/decoder.py')
+
+
+# Parametrized tests whose default-set run keeps only these cases (pytest's
+# ids); their other cases, each a further compile of the same code path, run
+# with the slow set.
+DEFAULT_CASES = {
+    'test_losses.py::test_where_mask_equals_slicing': ('ce-kl',),
+    'test_losses.py::test_gradients_match_finite_differences': (
+        'kl', 'cross_entropy', 'distillation_loss'),
+    'test_losses.py::test_jit_and_vmap_match_eager': (
+        'kl', 'combine_teachers', 'distillation_loss'),
+    'test_losses.py::test_extreme_logits_and_temperatures_stay_finite': (
+        'ce-kl-0.05', 'ce-kl-100.0', 'mse-soft_ce-0.05', 'ce-logit_mse-100.0'),
+    'test_losses.py::test_topk_kl_divergence_matches_numpy_bucket_kl': (
+        '4.0-1', '4.0-3', '1.0-9'),
+    'test_logit_losses.py::test_dkd_matches_numpy_reference': (
+        '4.0-shape1',),
+    'test_logit_losses.py::test_dist_matches_numpy_reference': (
+        '4.0-shape1',),
+    'test_logit_losses.py::test_extreme_logits_give_finite_values_and_gradients':
+        ('dkd-20.0', 'dist-0.5', 'kd_ls-20.0'),
+    'test_faults.py::test_damaged_newest_checkpoint_falls_back_and_is_moved_aside':
+        ('truncate', 'empty_metadata_json'),
+    'test_faults_teachers.py::test_a_damaged_teacher_checkpoint_is_refused_naming_the_entry_and_step':
+        ('truncate',),
+    'test_input_pipeline.py::test_eval_counts_every_example_once': (
+        '8-2-64',),
+    'test_objective.py::test_dist_step_on_one_device_equals_eight': (
+        'global',),
+    'test_objective.py::test_ctkd_temperature_gradient_is_reversed_and_scaled':
+        ('global',),
+    'test_specialist_pipeline.py::test_every_role_runs_the_validated_mnist5k_recipe':
+        ('distill', 'specialist,specialist.index=0'),
+    'test_zoo.py::test_feature_shapes_are_the_reference_positions': (
+        'resnet8', 'vgg8', 'mobilenetv2', 'shufflenetv1', 'wrn_16_1'),
+}
+
+
+def _default_case(item) -> bool:
+  """False for a case that DEFAULT_CASES leaves to the slow set."""
+  callspec = getattr(item, 'callspec', None)
+  if callspec is None:
+    return True
+  key = f'{item.path.name}::{item.originalname}'
+  return key not in DEFAULT_CASES or callspec.id in DEFAULT_CASES[key]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+  """Before `-m` deselects: an `extended` test is also `slow` (the default
+  command skips both; CI's `-m "slow and not extended"` skips it); the
+  doctests of `_SLOW_DOCTEST_MODULES` and the cases that `DEFAULT_CASES`
+  leaves out are `slow`."""
+  cases = {f'{i.path.name}::{getattr(i, "originalname", i.name)}'
+           f'[{i.callspec.id}]' for i in items if hasattr(i, 'callspec')}
+  if len(items) > 1000:  # A whole-suite collection: check the table.
+    unknown = [f'{k}[{c}]' for k, ids in DEFAULT_CASES.items() for c in ids
+               if f'{k}[{c}]' not in cases]
+    if unknown:
+      raise pytest.UsageError(f'tests/conftest.py DEFAULT_CASES names cases '
+                              f'that do not exist: {unknown}')
+  for item in items:
+    path = str(item.path).replace(os.sep, '/')
+    if item.get_closest_marker('extended') or not _default_case(item) or (
+        type(item).__name__ == 'DoctestItem'
+        and path.endswith(_SLOW_DOCTEST_MODULES)):
+      item.add_marker(pytest.mark.slow)

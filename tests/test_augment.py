@@ -143,6 +143,7 @@ def test_zero_ops_without_cutout_is_the_identity():
   np.testing.assert_array_equal(out, images)
 
 
+@pytest.mark.slow  # Traces every augmentation in a tf.function.
 def test_runs_in_a_graph_with_an_unknown_batch_size():
   spec = tf.TensorSpec([None, 16, 16, 3], tf.uint8)
   run = tf.function(lambda x: augment.rand_augment(x, tf.constant([2, 3])),

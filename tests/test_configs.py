@@ -40,7 +40,8 @@ CONFIG_NAMES = sorted(os.path.basename(p)[:-len('.py')]
 MOCK_EXAMPLES = 24
 # Configs whose every method another test runs in runlocal form (teacher and
 # each method's distill run): the run of the default method here would
-# repeat one of them.
+# repeat one of them. The language-model config's runs (kd_jax.lm_train)
+# are tested with it.
 RUN_ELSEWHERE = {
     'cifar100_logit_methods': ('tests/test_objective.py',
                                'test_every_cifar100_logit_method_runs_in_'
@@ -48,6 +49,9 @@ RUN_ELSEWHERE = {
     'cifar100_feature_methods': ('tests/test_feature_kd.py',
                                  'test_every_cifar100_feature_method_runs_in_'
                                  'runlocal_form'),
+    'shakespeare_char': ('tests/test_lm_train.py',
+                         'test_distilled_run_reports_its_teacher_and_moves_'
+                         'toward_it'),
 }
 
 
@@ -201,9 +205,17 @@ def join(*parts):
   return ','.join(filter(None, parts))
 
 
+# Configs whose runlocal runs take longest (ImageNet and CIFAR-100 pairs,
+# DeiT, the CIFAR-100 specialists): with the extended set.
+EXTENDED = ('imagenet_resnet50_mobilenetv1', 'imagenet_resnet34_resnet18',
+            'specialists_cifar100', 'deit_mnist5k', 'cifar100_pairs',
+            'cifar100_crd')
+
+
 @pytest.mark.slow  # Every config trained tiny, end to end: 5-45 s each.
 @pytest.mark.parametrize(
-    'name', [n for n in CONFIG_NAMES if n not in RUN_ELSEWHERE])
+    'name', [pytest.param(n, marks=pytest.mark.extended) if n in EXTENDED
+             else n for n in CONFIG_NAMES if n not in RUN_ELSEWHERE])
 def test_config_runs_end_to_end_in_runlocal_form(name, tmp_path, monkeypatch,
                                                  data_dir, finished_run):
   monkeypatch.setattr(models, 'MODELS', {**models.MODELS, **{

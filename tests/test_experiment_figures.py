@@ -59,13 +59,13 @@ def _is_png(path) -> bool:
     return os.path.getsize(path) > 1000 and f.read(8) == PNG_MAGIC
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_temperature_script_writes_both_figures(tiny_runs):
   for name in ('dark_knowledge.png', 'softmax_curves.png'):
     assert _is_png(tiny_runs / 'temperature' / name), name
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_temperature_record_matches_softmax_of_the_logits(tiny_runs):
   with open(tiny_runs / 'temperature' / 'selected.json') as f:
     record = json.load(f)
@@ -97,7 +97,7 @@ def test_selection_picks_largest_confusable_mass_among_correct(plot):
   assert index == 0 and pool.startswith('all')
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_size_speed_table_has_every_model_of_every_pair(tiny_runs):
   with open(tiny_runs / 'size_speed' / 'results.json') as f:
     record = json.load(f)
@@ -139,7 +139,7 @@ def test_size_speed_table_has_every_model_of_every_pair(tiny_runs):
   assert table[-len(zoo) - 2].startswith('| benchmark | model |')
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_size_speed_reads_accuracy_of_runs_made_here_only(tiny_runs):
   with open(tiny_runs / 'demo' / 'teacher' / 'summary.json') as f:
     teacher_accuracy = json.load(f)['eval']['test']['accuracy']

@@ -35,7 +35,7 @@ def hinton(tmp_path_factory):
   return module, workdir, module.main(['--tiny', f'--workdir={workdir}'])
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_hinton_study_reports_every_model_and_the_gap_it_recovers(hinton):
   _, workdir, record = hinton
   groups = record['groups']
@@ -57,7 +57,7 @@ def test_hinton_study_reports_every_model_and_the_gap_it_recovers(hinton):
     assert '| 2x30 distilled T=4 |' in f.read()
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_hinton_study_reads_finished_runs_instead_of_retraining(
     hinton, monkeypatch):
   module, workdir, record = hinton
@@ -70,7 +70,7 @@ def test_hinton_study_reads_finished_runs_instead_of_retraining(
   assert again['groups'] == json.loads(json.dumps(record['groups']))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_hinton_distilled_runs_learn_from_the_teacher_of_their_seed(hinton):
   _, workdir, record = hinton
   for run in record['runs']:
@@ -104,7 +104,7 @@ def test_bias_shift_is_chosen_on_validation_and_applied_to_the_params():
   assert variables['params']['Dense_2']['bias'].sum() == 0
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_unseen_classes_study_tunes_on_held_out_train_digits(hinton):
   _, hinton_workdir, _ = hinton
   workdir = os.path.join(hinton_workdir, 'unseen')
@@ -137,7 +137,7 @@ def test_unseen_classes_study_tunes_on_held_out_train_digits(hinton):
   assert os.path.getsize(os.path.join(workdir, 'bias_sweep.png')) > 0
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_alpha_zero_cell_is_the_scratch_student_and_fills_its_row(hinton):
   _, hinton_workdir, _ = hinton
   workdir = os.path.join(hinton_workdir, 'sweep')
@@ -291,7 +291,7 @@ def test_deit_study_plans_scratch_soft_and_hard_students_per_seed(tmp_path):
         'deit_hard' if run['method'] == 'hard' else 'kl')
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_transfer_size_study_compares_each_size_at_equal_steps(tmp_path):
   module = _load('hinton_mnist', 'transfer_size.py')
   workdir = str(tmp_path)

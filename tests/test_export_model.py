@@ -183,7 +183,7 @@ def test_cli_prints_the_file_and_its_check(student_dir, tmp_path):
   assert "checked on 64 images of split 'train[3600:]'" in done.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # A benchmark script; the CLI test exports each format.
 def test_size_speed_script_times_jax_onnx_and_tflite(tmp_path):
   out = tmp_path / 'exported.json'
   done = subprocess.run(

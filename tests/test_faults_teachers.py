@@ -310,7 +310,8 @@ def exported(teacher_runs, tmp_path_factory):
   return out
 
 
-@pytest.mark.parametrize('cleanup', [True, False],
+@pytest.mark.parametrize('cleanup', [
+    pytest.param(True, marks=pytest.mark.slow), False],
                          ids=['interrupted', 'killed'])
 def test_an_overwrite_cut_short_leaves_no_cache_that_trains(
     teacher_runs, exported, tmp_path, monkeypatch, cleanup):

@@ -363,7 +363,7 @@ def test_only_crd_banks_are_split_over_data_and_only_where_rows_divide():
     assert all(s.spec == P() for s in jax.tree.leaves(others))
 
 
-@pytest.mark.slow  # A ViT run end to end.
+@pytest.mark.extended  # A ViT run end to end.
 def test_deit_hard_trains_end_to_end(teacher_dir, tmp_path):
   config = load_config(
       'deit_mnist5k', 'runlocal,distill_token=True,distill.soft=deit_hard,'
@@ -421,7 +421,7 @@ def mock_cifar100(data_dir: str, num_examples: int = 24):
   return tfds.testing.mock_data(num_examples=num_examples, data_dir=data_dir)
 
 
-@pytest.mark.slow  # Twelve tiny runs through train_and_evaluate.
+@pytest.mark.extended  # Twelve tiny runs through train_and_evaluate.
 def test_every_cifar100_feature_method_runs_in_runlocal_form(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   data_arg = f'data_dir={data_dir}'

@@ -515,7 +515,7 @@ def test_export_normalises_as_the_imported_weights_expect(imported_resnet18):
   assert_close(np.asarray(got), np_resnet(sd, 'resnet18', normalised))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.parametrize('fmt,name,state', [
     ('torchvision', 'resnet18', lambda: torchvision_resnet('resnet18', 10)),
     ('torchvision', 'mobilenet_v2', lambda: torchvision_mobilenet_v2(10)),
@@ -536,7 +536,7 @@ def test_imported_architectures_export_to_onnx_and_tflite(fmt, name, state,
     assert report['max_abs_difference'] <= report['tolerance']
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # A ResNet-18 teacher in a run and an export.
 def test_a_student_distils_from_an_imported_teacher(tmp_path):
   """mnist5k as RGB (channels=3) taught by an imported resnet18: the distill
   config takes the run as teacher_workdir (its spec from run_info), and
@@ -560,6 +560,7 @@ def test_a_student_distils_from_an_imported_teacher(tmp_path):
   assert manifests['test[:64]']['num_examples'] == 64
 
 
+@pytest.mark.extended  # Four runs of a ResNet-18.
 def test_the_image_folder_walkthrough_fine_tunes_an_imported_resnet18(
     tmp_path):
   """configs/image_folder.py's steps on a generated two-class folder:

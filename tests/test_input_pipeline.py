@@ -428,12 +428,17 @@ def write_fake_metadata(data_dir, name, split_sizes):
 
 @pytest.mark.parametrize('name, fields, num_classes, image_shape', [
     ('mnist', {}, 10, (28, 28, 1)),
-    ('fashion_mnist', dict(augment='mnist_jitter'), 10, (28, 28, 1)),
-    ('cifar10', dict(augment='cifar'), 10, (32, 32, 3)),
-    ('cifar100', dict(augment='cifar'), 100, (32, 32, 3)),
     ('cifar100', dict(label_key='coarse_label'), 20, (32, 32, 3)),
-    ('imagenet2012', dict(augment='imagenet', eval_splits=('validation',)),
-     1000, (224, 224, 3)),
+    # The other datasets and augmentations, with the slow set.
+    pytest.param('fashion_mnist', dict(augment='mnist_jitter'), 10,
+                 (28, 28, 1), marks=pytest.mark.slow),
+    pytest.param('cifar10', dict(augment='cifar'), 10, (32, 32, 3),
+                 marks=pytest.mark.slow),
+    pytest.param('cifar100', dict(augment='cifar'), 100, (32, 32, 3),
+                 marks=pytest.mark.slow),
+    pytest.param('imagenet2012', dict(augment='imagenet',
+                                      eval_splits=('validation',)),
+                 1000, (224, 224, 3), marks=pytest.mark.slow),
 ])
 def test_standard_tfds_datasets_load_through_the_same_path(
     tmp_path, name, fields, num_classes, image_shape):

@@ -60,14 +60,21 @@ def test_every_model_maps_images_to_float32_logits_per_class(name):
   assert logits.dtype == jnp.float32
 
 
-# Deeper variants of nets the default set runs (resnet20, wrn_16_2, ...), and
-# the ImageNet ResNets: seconds each to compile on CPU, run in the slow set.
-_SLOW_FORWARD = ('resnet50', 'resnet18', 'resnet56', 'wrn_40_2')
+# The default set runs the small nets (mlp, cnn); the convolutional zoo's
+# nets take seconds each to initialise on CPU and run in the slow set, and
+# its deeper variants and the ImageNet ResNets in the extended one.
+_DEFAULT_FORWARD = ('mlp', 'cnn')
+_EXTENDED_FORWARD = ('resnet50', 'resnet18', 'resnet56', 'wrn_40_2')
+
+
+def _by_cost(names):
+  return [n if n in _DEFAULT_FORWARD else pytest.param(
+      n, marks=pytest.mark.extended if n in _EXTENDED_FORWARD
+      else pytest.mark.slow) for n in names]
 
 
 @pytest.mark.parametrize(
-    'name', [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_FORWARD
-             else n for n in _IMAGE_SHAPES if n not in _SHAPE_ONLY])
+    'name', _by_cost(n for n in _IMAGE_SHAPES if n not in _SHAPE_ONLY))
 def test_forward_pass_gives_finite_float32_logits(name):
   model = models.get_model({'name': name}, NUM_CLASSES)
   images = _images(name)
@@ -135,9 +142,7 @@ def test_cnn_features_and_dense_width_are_configurable():
   assert _param_count(spec, 2, (28, 28, 1)) == expected
 
 
-@pytest.mark.parametrize('name', [
-    pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_FORWARD else n
-    for n in BATCHNORM_MODELS])
+@pytest.mark.parametrize('name', _by_cost(BATCHNORM_MODELS))
 def test_train_mode_updates_every_batch_stat_and_eval_mode_none(name):
   model = models.get_model({'name': name}, NUM_CLASSES)
   variables = _variables(name)
@@ -154,6 +159,7 @@ def test_train_mode_updates_every_batch_stat_and_eval_mode_none(name):
   jax.tree.map(np.testing.assert_array_equal, updates['batch_stats'], old)
 
 
+@pytest.mark.slow  # A resnet20 initialised and applied.
 def test_batchnorm_running_mean_moves_a_tenth_of_the_way_to_batch_mean():
   model = models.get_model({'name': 'resnet20'}, NUM_CLASSES)
   variables = _variables('resnet20')
@@ -182,6 +188,10 @@ _DROPOUT_SPECS = [
     {'name': 'cnn', 'dropout': 0.5},
     {'name': 'wrn_16_2', 'dropout': 0.3},
 ]
+_DROPOUT_PARAMS = [
+    pytest.param(spec, id=spec['name'],
+                 marks=() if spec['name'] in _DEFAULT_FORWARD
+                 else pytest.mark.slow) for spec in _DROPOUT_SPECS]
 
 
 def _apply(spec, train, dropout_seed):
@@ -193,12 +203,12 @@ def _apply(spec, train, dropout_seed):
   return logits
 
 
-@pytest.mark.parametrize('spec', _DROPOUT_SPECS, ids=lambda s: s['name'])
+@pytest.mark.parametrize('spec', _DROPOUT_PARAMS)
 def test_eval_mode_ignores_dropout_rng(spec):
   np.testing.assert_array_equal(_apply(spec, False, 1), _apply(spec, False, 2))
 
 
-@pytest.mark.parametrize('spec', _DROPOUT_SPECS, ids=lambda s: s['name'])
+@pytest.mark.parametrize('spec', _DROPOUT_PARAMS)
 def test_train_mode_dropout_draws_from_dropout_rng(spec):
   first = _apply(spec, True, 1)
   np.testing.assert_array_equal(first, _apply(spec, True, 1))
@@ -213,7 +223,8 @@ def test_train_mode_without_dropout_needs_no_dropout_rng():
   np.testing.assert_array_equal(train_logits, eval_logits)
 
 
-@pytest.mark.parametrize('name', ['mlp', 'cnn', 'resnet20', 'wrn_16_2'])
+@pytest.mark.parametrize('name', _by_cost(['mlp', 'cnn', 'resnet20',
+                                           'wrn_16_2']))
 def test_bfloat16_keeps_float32_params_and_logits_close_to_float32(name):
   model32 = models.get_model({'name': name}, NUM_CLASSES)
   model16 = models.get_model({'name': name}, NUM_CLASSES, dtype=jnp.bfloat16)

@@ -119,6 +119,9 @@ def _assert_same_run(one_dir: str, two_dir: str, config,
   assert configs[0] == configs[1]
 
 
+# The distillation test below runs the same multi-process student training
+# with a teacher; this one, without, runs with the extended set.
+@pytest.mark.extended
 def test_two_processes_train_like_one_process_on_four_devices(tmp_path):
   config = load_config('mnist5k_student', FULL_BATCH)
   one_dir, two_dir = str(tmp_path / 'one'), str(tmp_path / 'two')
@@ -147,6 +150,7 @@ def test_two_processes_distil_like_one_process_on_four_devices(tmp_path):
   _assert_same_run(one_dir, two_dir, config)
 
 
+@pytest.mark.extended  # Four processes, one after the other pair.
 def test_two_processes_export_a_sharded_cache_each_then_loads_its_own(
     tmp_path):
   """Two processes export one shard each (their data shares); a two-process

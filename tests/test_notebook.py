@@ -42,7 +42,7 @@ def _parameterised(workdir: str) -> nbformat.NotebookNode:
   return notebook
 
 
-@pytest.mark.slow  # A kernel process that trains two runs.
+@pytest.mark.extended  # A kernel process that trains two runs.
 def test_notebook_distils_over_all_devices_and_prints_the_table(tmp_path):
   workdir = str(tmp_path / 'runs')
   notebook = _parameterised(workdir)

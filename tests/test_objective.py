@@ -271,7 +271,7 @@ def mock_cifar100(data_dir: str, num_examples: int = 24):
   return tfds.testing.mock_data(num_examples=num_examples, data_dir=data_dir)
 
 
-@pytest.mark.slow  # Ten runs through train_and_evaluate.
+@pytest.mark.extended  # Ten runs through train_and_evaluate.
 def test_every_cifar100_logit_method_runs_in_runlocal_form(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   data_arg = f'data_dir={data_dir}'
@@ -323,6 +323,7 @@ STRONG = dict(augment='rand_augment', num_ops=2,
                         class_weight=0.0), soft_weight=1.0, hard_weight=0.1)
 
 
+@pytest.mark.slow  # Two steps with RandAugment views.
 def test_the_strong_view_adds_its_own_terms_on_its_own_images():
   config = load_config('mnist5k_distill', '')
   config.distill.update(soft=dict(method='mlkd', instance_weight=0.45,

@@ -87,6 +87,9 @@ def replicated_step(mnist5k_teacher_dir):
   return config, teacher, two_steps(config, teacher, mesh, variables)
 
 
+# The steps compared here compile for seconds each: slow set. The default
+# set keeps the layout rules and refusals below.
+@pytest.mark.slow
 def test_sharded_teacher_step_equals_the_replicated_one(replicated_step):
   config, teacher, expected = replicated_step
   mesh = mesh_of(8)
@@ -98,8 +101,8 @@ def test_sharded_teacher_step_equals_the_replicated_one(replicated_step):
   assert_same_step(expected, two_steps(config, teacher, mesh, variables))
 
 
-@pytest.mark.parametrize('model_devices', [
-    2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('model_devices', [2, 4])
 def test_teacher_split_over_model_axis_of_2d_mesh_equals_replicated(
     replicated_step, mnist5k_teacher_dir, model_devices):
   """A (8 / m, m) ('data', 'model') mesh: the teacher restored straight into
@@ -144,6 +147,7 @@ def test_teacher_layout_splits_the_largest_axis_that_divides():
   assert layout['kernel'].spec == P(None, None, ('data', 'model'))
 
 
+@pytest.mark.slow
 def test_bfloat16_teacher_gives_float32_logits_close_to_float32(
     mnist5k_teacher_dir):
   config = distill_config(mnist5k_teacher_dir)

@@ -46,7 +46,7 @@ def pipeline(tmp_path_factory):
   return root, module.run(root, tiny=True)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_groups_partition_the_classes_and_name_their_generalist(pipeline):
   root, _ = pipeline
   record = json.load(open(os.path.join(root, 'groups.json')))
@@ -59,7 +59,7 @@ def test_groups_partition_the_classes_and_name_their_generalist(pipeline):
       specialist_groups.params_fingerprint(generalist.variables))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_specialist_run_records_its_group_head_and_oversampling(pipeline):
   root, _ = pipeline
   groups = json.load(open(os.path.join(root, 'groups.json')))['groups']
@@ -111,6 +111,7 @@ def test_every_role_runs_the_validated_mnist5k_recipe(role):
           recipe['distill'][k]} <= {'teacher_source'}
 
 
+@pytest.mark.slow  # Reads thousands of examples through tf.data.
 def test_specialist_stream_draws_half_from_its_group_in_head_labels(tmp_path):
   config = tiny(tmp_path, 'role=generalist')
   config.specialist.groups_file = ''
@@ -127,6 +128,7 @@ def test_specialist_stream_draws_half_from_its_group_in_head_labels(tmp_path):
   assert len(test) == 1000 and np.mean(test < 3) < 0.4  # Natural prior.
 
 
+@pytest.mark.slow  # Two streams through tf.data.
 def test_resumed_specialist_stream_continues_where_it_stopped(tmp_path):
   config = tiny(tmp_path, 'role=generalist')
   config.specialist.groups_file = ''
@@ -140,7 +142,7 @@ def test_resumed_specialist_stream_continues_where_it_stopped(tmp_path):
   np.testing.assert_array_equal(next(resumed)['id'], ids[4])
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_combination_teacher_is_what_the_distilled_student_saw(pipeline):
   _, results = pipeline
   # Validation: the 400 held-out train digits; test: the 1,000 test digits.
@@ -162,7 +164,7 @@ def test_combination_teacher_is_what_the_distilled_student_saw(pipeline):
     assert student['errors'] == round((1 - student['accuracy']) * sizes[name])
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_stacked_heads_are_padded_with_the_dustbin_last_and_corrected(
     pipeline):
   root, _ = pipeline
@@ -221,7 +223,7 @@ def test_bad_hand_groups_are_refused_naming_the_field(tmp_path, groups,
   assert message in str(e.value)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_more_clusters_than_classes_is_refused(pipeline):
   root, _ = pipeline
   config = tiny(root, 'role=generalist,specialist.num_groups=11')
@@ -230,7 +232,7 @@ def test_more_clusters_than_classes_is_refused(pipeline):
                             os.path.join(root, 'unused.json'))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_specialists_of_other_groups_are_refused(pipeline, tmp_path):
   root, _ = pipeline
   config = tiny(root, 'role=distill')
@@ -258,7 +260,7 @@ def test_specialists_of_other_groups_are_refused(pipeline, tmp_path):
                              os.path.join(root, 'specialist_0'))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_groups_from_another_generalist_are_refused(pipeline, tmp_path):
   root, _ = pipeline
   record = json.load(open(os.path.join(root, 'groups.json')))
@@ -284,7 +286,7 @@ def _damage(workdir):
   open(path, 'wb').write(bytes(data))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_specialists_are_known_by_content_and_checked_on_restore(
     pipeline, tmp_path):
   root, _ = pipeline

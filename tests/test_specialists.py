@@ -237,7 +237,8 @@ def test_dustbin_bookkeeping_every_head_distribution_sums_to_one():
                              rtol=1e-5)
 
 
-@pytest.mark.parametrize('seed', [0, 1, 2])
+@pytest.mark.parametrize('seed', [0] + [pytest.param(
+    s, marks=pytest.mark.slow) for s in (1, 2)])
 def test_combination_matches_scipy_minimisation(seed):
   generalist_logits, specialist_logits, groups, active = _random_case(seed)
   log_q = np.asarray(specialists.combine(

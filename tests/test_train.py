@@ -152,6 +152,8 @@ def test_workdir_of_another_config_is_refused(tmp_path, student_dir):
                              workdir)
 
 
+# Two runs; the default set stops a diverging run in tests/test_faults_divergence.py.
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
   config = tiny('mnist5k_student', 'num_train_steps=3')
   train.train_and_evaluate(config, str(tmp_path))

@@ -335,6 +335,7 @@ def test_mlp_cnn_and_vit_features():
       'dist_logits': (2, 10)}
 
 
+@pytest.mark.slow  # A forward pass of every model.
 def test_feature_capture_leaves_params_and_logits_unchanged():
   model = models.get_model({'name': 'resnet8'}, 10)
   images = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
@@ -369,6 +370,7 @@ def test_feature_capture_works_under_jit():
                              jax.nn.relu(features['preact2']))
 
 
+@pytest.mark.slow  # DeiT compiles for seconds.
 def test_deit_eval_logits_average_the_two_heads():
   model = models.get_model(
       {'name': 'vit_tiny', 'distill_token': True, 'patch_size': 2}, 10)
@@ -421,7 +423,7 @@ def test_unknown_pair_is_refused_with_the_list():
     load_config('cifar100_pairs', 'pair=r8_r8')
 
 
-@pytest.mark.slow  # Two zoo models trained end to end.
+@pytest.mark.extended  # Two zoo models trained end to end.
 def test_cross_architecture_pair_distills_in_runlocal_form(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   builder = tfds.builder('cifar100', data_dir=data_dir)

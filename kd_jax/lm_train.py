@@ -1,0 +1,368 @@
+"""Language-model runs: a decoder trained on text, alone or distilled token
+by token from a frozen teacher decoder.
+
+A run is a config with `task='lm'` (`configs/shakespeare_char.py`), trained
+by `train_and_evaluate(config, workdir)` (what `kd_jax.main` calls for it):
+
+- Data: windows of `length` byte tokens of a text dataset
+  (`kd_jax.data.text`): train batches are a pure function of (seed, step),
+  so a resumed run reads the batches an uninterrupted one reads; eval covers
+  `eval_split` once, every target token exactly once.
+- Objective per token t with a valid target (`mask`):
+  `(1 - alpha) * CE(z_t, y_t) + alpha * D(p_t || q_t)`, where D is
+  `losses.token_divergence` with `distill.divergence` at
+  `distill.temperature` (times T^2) against the teacher's logits from the
+  same forward batch; both terms are token means over the global batch (a
+  (sum, count) pair: padding, device and process counts never change them).
+  Without a teacher (`distill.teacher_workdir=''`) the loss is the CE alone.
+- The teacher is a finished LM run (its run_info names its decoder; its
+  vocabulary must be the student's), restored once, checked against its
+  checksum and run frozen inside the one jitted step, on the batch's rows.
+- Evaluation: the token cross-entropy in nats and in bits per token (bits
+  per character for byte-level ASCII text), the next-token accuracy, and,
+  with a teacher, the teacher's own and the student's KL to it at T = 1.
+- Checkpoints every `checkpoint_every_steps` (orbax, as image runs), a lock
+  on the workdir, the config checked against the one the workdir holds;
+  a non-finite loss stops the run before it is saved, naming the step.
+
+Data parallel over all devices: parameters replicated, the batch's rows
+split over a 1-D 'data' mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import optax
+
+from kd_jax import checkpointing
+from kd_jax import losses
+from kd_jax import models
+from kd_jax import rundir
+from kd_jax.data import prefetch
+from kd_jax.data import text
+
+__all__ = ['evaluate', 'lm_step', 'train_and_evaluate', 'validate_config']
+
+LN2 = math.log(2.0)
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    num_devices: int | None = None) -> None:
+  """Refuses an LM config that cannot train, naming the field and the fix."""
+  decoders = sorted(name for name, fn in models.MODELS.items()
+                    if fn.__module__ == models.decoder.__name__)
+  if config.model.name not in decoders:
+    raise ValueError(f'config.model.name={config.model.name!r} is not a '
+                     'language model: task=\'lm\' trains a decoder, one of '
+                     f'{decoders}.')
+  spec = models.get_model(config.model, config.vocab_size)
+  if not 1 <= config.length <= spec.block_size:
+    raise ValueError(f'config.length={config.length} must be in [1, the '
+                     f'model\'s block_size {spec.block_size}].')
+  n = num_devices or jax.device_count()
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] < 1 or config[field] % n:
+      raise ValueError(f'config.{field}={config[field]} must be a positive '
+                       f'multiple of the {n} devices.')
+  if config.num_train_steps < 1:
+    raise ValueError(f'config.num_train_steps={config.num_train_steps} must '
+                     'be >= 1.')
+  d = config.distill
+  if not 0.0 <= d.alpha <= 1.0:
+    raise ValueError(f'config.distill.alpha={d.alpha} must be in [0, 1] (the '
+                     'weight of the divergence to the teacher).')
+  if d.alpha > 0 and not d.teacher_workdir:
+    raise ValueError(f'config.distill.alpha={d.alpha} needs a teacher: set '
+                     'config.distill.teacher_workdir to a finished LM run, or '
+                     'alpha=0 to train from the labels alone.')
+  if d.divergence not in losses.TOKEN_DIVERGENCES:
+    raise ValueError(f'config.distill.divergence={d.divergence!r}; choose '
+                     f'one of {losses.TOKEN_DIVERGENCES}.')
+  if not d.temperature > 0:
+    raise ValueError(f'config.distill.temperature={d.temperature} must be '
+                     '> 0.')
+
+
+# ---------------------------------------------------------------------------
+# The step and evaluation: pure, jitted by the loop.
+# ---------------------------------------------------------------------------
+
+
+def _token_mean(values, mask):
+  total, count = losses.token_sum_and_count(values, mask)
+  return losses.token_mean(total, count)
+
+
+def _next_token_ce(logits, targets):
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets)
+
+
+def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
+            teacher_params, *, model, teacher_model, tx, distill
+            ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One update of the student on one global batch of windows.
+
+  `state`: {'step', 'params', 'batch_stats' ({}), 'opt_state', 'rng'}.
+  `teacher_model` None trains on the targets alone (`distill.alpha` 0).
+  """
+  rng = jax.random.fold_in(state['rng'], state['step'])
+  mask = batch['mask']
+  teacher_logits = None
+  if teacher_model is not None:
+    teacher_logits = jax.lax.stop_gradient(teacher_model.apply(
+        {'params': teacher_params}, batch['inputs']))
+
+  def loss_fn(params):
+    logits = model.apply({'params': params}, batch['inputs'], train=True,
+                         rngs={'dropout': rng})
+    hard = _token_mean(_next_token_ce(logits, batch['targets']), mask)
+    terms = {'hard': hard}
+    loss = hard
+    if teacher_logits is not None:
+      soft = _token_mean(losses.token_divergence(
+          logits, teacher_logits, divergence=distill.divergence,
+          temperature=distill.temperature, beta=distill.beta,
+          skew=distill.skew, where=mask), mask)
+      loss = (1.0 - distill.alpha) * hard + distill.alpha * soft
+      terms['soft'] = soft
+    terms['total'] = loss
+    return loss, (terms, logits)
+
+  grads, (terms, logits) = jax.grad(loss_fn, has_aux=True)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  measurements = {f'loss_{k}': v for k, v in terms.items()}
+  measurements['accuracy'] = losses.masked_mean(
+      jnp.argmax(logits, -1) == batch['targets'], mask)
+  measurements['grad_norm'] = optax.tree.norm(grads)
+  return dict(state, step=state['step'] + 1, params=params,
+              opt_state=opt_state), measurements
+
+
+def eval_sums(params, batch, teacher_params, *, model, teacher_model
+              ) -> dict[str, jax.Array]:
+  """Sums over the valid target tokens of one eval batch."""
+  logits = model.apply({'params': params}, batch['inputs'])
+  mask = batch['mask']
+  weight = mask.astype(jnp.float32)
+  sums = dict(count=jnp.sum(weight),
+              ce=jnp.sum(_next_token_ce(logits, batch['targets']) * weight),
+              correct=jnp.sum((jnp.argmax(logits, -1) == batch['targets'])
+                              * weight))
+  if teacher_model is not None:
+    teacher_logits = teacher_model.apply({'params': teacher_params},
+                                         batch['inputs'])
+    sums['teacher_ce'] = jnp.sum(
+        _next_token_ce(teacher_logits, batch['targets']) * weight)
+    sums['kl_to_teacher'] = jnp.sum(losses.token_divergence(
+        logits, teacher_logits, where=mask))
+  return sums
+
+
+def evaluate(eval_fn, params, teacher_params, batches, mesh
+             ) -> dict[str, float]:
+  """The token means of `eval_sums` over `batches` (host batches)."""
+  totals: dict[str, float] = {}
+  batches = ({k: v for k, v in b.items() if k != 'start'} for b in batches)
+  for batch in prefetch.prefetch_to_mesh(batches, mesh):
+    for k, v in jax.device_get(eval_fn(params, batch, teacher_params)).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = max(totals.pop('count', 0.0), 1.0)
+  out = dict(num_tokens=count, loss=totals['ce'] / count,
+             bits_per_token=totals['ce'] / count / LN2,
+             accuracy=totals['correct'] / count)
+  if 'teacher_ce' in totals:
+    out['teacher_loss'] = totals['teacher_ce'] / count
+    out['teacher_bits_per_token'] = out['teacher_loss'] / LN2
+    out['kl_to_teacher'] = totals['kl_to_teacher'] / count
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+
+def _load_teacher(config, mesh):
+  """(teacher model, its params replicated on the mesh, run info) or
+  (None, None, None) without a teacher."""
+  workdir = config.distill.teacher_workdir
+  if not workdir:
+    return None, None, None
+  field = 'config.distill.teacher_workdir'
+  info = rundir.read_run_info(workdir, field)
+  if info.get('task') != 'lm':
+    raise ValueError(f'{field}={workdir!r} is not a language-model run (its '
+                     'run_info.json has no task \'lm\'): train the teacher '
+                     'with a task=\'lm\' config, e.g. configs/'
+                     'shakespeare_char.py:role=teacher.')
+  if info['num_classes'] != config.vocab_size:
+    raise ValueError(f'{field}={workdir!r} has a vocabulary of '
+                     f'{info["num_classes"]} tokens; the student\'s '
+                     f'config.vocab_size is {config.vocab_size}.')
+  spec = ml_collections.ConfigDict(info['model'])
+  teacher = models.get_model(spec, config.vocab_size)
+  if config.length > teacher.block_size:
+    raise ValueError(f'config.length={config.length} exceeds the teacher\'s '
+                     f'block_size {teacher.block_size} ({field}={workdir!r}).')
+  abstract = jax.eval_shape(teacher.init, jax.random.key(0),
+                            jnp.zeros((1, 1), jnp.int32))
+  replicated = NamedSharding(mesh, P())
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      {'params': abstract['params'], 'batch_stats': {}})
+  variables, step = checkpointing.restore_model(workdir, abstract)
+  if not all(bool(jnp.all(jnp.isfinite(x)))
+             for x in jax.tree.leaves(variables['params'])):
+    raise ValueError(f'{field}={workdir!r}: its parameters at step {step} '
+                     'hold NaN or infinity; retrain the teacher.')
+  return teacher, variables['params'], dict(info, step=step)
+
+
+def _abstract_state(model, tx, seed: int, length: int):
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, length), jnp.int32))['params']
+    return dict(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+                opt_state=tx.init(params), rng=jax.random.fold_in(rng, 1))
+  return init, jax.eval_shape(init, jax.random.key(seed))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices=None) -> dict[str, Any]:
+  """Trains (or resumes) the LM run of `config` in `workdir` on `devices`
+  (default: all); its summary."""
+  from kd_jax import train  # pylint: disable=g-import-not-at-top
+  devices = list(devices or jax.devices())
+  validate_config(config, len(devices))
+  rundir.prepare(workdir)
+  with train._workdir_lock(workdir):  # pylint: disable=protected-access
+    return _train_and_evaluate(config, workdir, train.make_optimizer,
+                               devices)
+
+
+def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
+  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  replicated = NamedSharding(mesh, P())
+  is_chief = jax.process_index() == 0
+  config_json = rundir.config_json(config)
+  latest = checkpointing.latest_step(workdir)
+  rundir.check_config(workdir, config_json,
+                      allow_change=config.allow_config_change,
+                      has_checkpoint=latest is not None,
+                      overwrite_finished=False)
+  train_tokens = text.load_split(config.dataset, config.train_split,
+                                 config.data_dir)
+  eval_tokens = text.load_split(config.dataset, config.eval_split,
+                                config.data_dir)
+  model = models.get_model(config.model, config.vocab_size)
+  teacher, teacher_params, teacher_info = _load_teacher(config, mesh)
+  tx, schedule = make_optimizer(config, config.num_train_steps)
+  init, abstract = _abstract_state(model, tx, config.seed, config.length)
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      abstract)
+  mngr = checkpointing.manager(workdir, config.keep_checkpoints)
+  try:
+    restored = checkpointing.restore(mngr, abstract, workdir,
+                                     move_broken=is_chief)
+    state = (restored[0] if restored is not None else
+             jax.jit(init, out_shardings=replicated)(
+                 jax.random.key(config.seed)))
+    if is_chief:
+      rundir.write_config(workdir, config_json)
+    step_fn = jax.jit(functools.partial(
+        lm_step, model=model, teacher_model=teacher, tx=tx,
+        distill=config.distill), out_shardings=(replicated, replicated),
+                      donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_sums, model=model,
+                                        teacher_model=teacher),
+                      out_shardings=replicated)
+    meta = dict(config_fingerprint=checkpointing.config_fingerprint(
+        config_json))
+    start = int(jax.device_get(state['step']))
+    batches = prefetch.prefetch_to_mesh(
+        ({k: v for k, v in b.items() if k != 'start'}
+         for b in text.train_batches(
+             train_tokens, seed=config.seed, batch_size=config.batch_size,
+             length=config.length, start_step=start,
+             process_index=jax.process_index(),
+             process_count=jax.process_count())), mesh)
+
+    def eval_batches():
+      return text.eval_batches(
+          eval_tokens, batch_size=config.eval_batch_size,
+          length=config.length, process_index=jax.process_index(),
+          process_count=jax.process_count())
+
+    history, started = [], time.time()
+    for step in range(start, config.num_train_steps):
+      state, measurements = step_fn(state, next(batches), teacher_params)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == config.num_train_steps:
+        values = {k: float(v) for k, v in
+                  jax.device_get(measurements).items()}
+        if not math.isfinite(values['loss_total']):
+          raise FloatingPointError(
+              f'training diverged: the loss is {values["loss_total"]} at '
+              f'step {done}; the last checkpoint ({checkpointing.latest_step(workdir)}) '
+              'was saved before it. Lower config.learning_rate and rerun '
+              'with allow_config_change=True to resume from it.')
+        history.append(dict(step=done, **values))
+        logging.info('step %d: %s', done, values)
+      if done % config.checkpoint_every_steps == 0 or (
+          done == config.num_train_steps):
+        checkpointing.save(mngr, state, meta)
+      if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 \
+          and done != config.num_train_steps:
+        logging.info('step %d eval: %s', done, evaluate(
+            eval_fn, state['params'], teacher_params, eval_batches(), mesh))
+    mngr.wait_until_finished()
+    final = evaluate(eval_fn, state['params'], teacher_params,
+                     eval_batches(), mesh)
+  finally:
+    mngr.close()
+  summary = dict(
+      task='lm', step=config.num_train_steps, model=config.model.name,
+      num_params=models.param_count(state['params']),
+      eval={config.eval_split: final}, train_history=history,
+      train_seconds=time.time() - started, start_step=start)
+  if teacher_info is not None:
+    summary['teacher'] = dict(workdir=os.path.abspath(
+        config.distill.teacher_workdir), step=teacher_info['step'],
+                              model=teacher_info['model'])
+  if is_chief:
+    rundir.write_run_info(workdir, model_spec=config.model,
+                          num_classes=config.vocab_size, class_names=[],
+                          image_shape=[config.length],
+                          dataset=config.dataset,
+                          final_step=config.num_train_steps, task='lm')
+    rundir.write_summary(workdir, summary)
+  return summary
+
+
+
+def result_lines(summary: dict[str, Any]) -> str:
+  """The summary's evaluation, one line per measure, for the CLI."""
+  lines = []
+  for split, r in summary['eval'].items():
+    line = (f'{split}: {r["bits_per_token"]:.4f} bits/token '
+            f'({r["loss"]:.4f} nats), next-token accuracy {r["accuracy"]:.4f}'
+            f' over {int(r["num_tokens"]):,} tokens')
+    if 'kl_to_teacher' in r:
+      line += (f'; teacher {r["teacher_bits_per_token"]:.4f} bits/token, '
+               f'KL(teacher || student) {r["kl_to_teacher"]:.4f} nats')
+    lines.append(line)
+  return '\n'.join(lines)
