@@ -73,7 +73,10 @@ def get_config(arg=None):
   c.allow_config_change = False
   c.distill = ml_collections.ConfigDict(dict(
       teacher_workdir='workdirs/shakespeare_teacher', divergence='kl',
-      temperature=1.0, alpha=0.5, beta=0.5, skew=0.1))
+      temperature=1.0, alpha=0.5, beta=0.5, skew=0.1,
+      # A per-token top-k cache of the teacher (python -m kd_jax.lm_cache)
+      # instead of the online teacher, and its sparse form.
+      cache_dir='', convention='tail'))
   config_lib.parse_arg(c, arg, runlocal=_runlocal)
   if c.role not in ROLES:
     raise ValueError(f'config.role={c.role!r}; choose one of {ROLES} (e.g. '
@@ -82,6 +85,7 @@ def get_config(arg=None):
              else c.student_model).copy_and_resolve_references()
   if c.role != 'distill':
     c.distill.teacher_workdir = ''
+    c.distill.cache_dir = ''
     c.distill.alpha = 0.0
   return c
 

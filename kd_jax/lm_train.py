@@ -17,7 +17,10 @@ by `train_and_evaluate(config, workdir)` (what `kd_jax.main` calls for it):
   Without a teacher (`distill.teacher_workdir=''`) the loss is the CE alone.
 - The teacher is a finished LM run (its run_info names its decoder; its
   vocabulary must be the student's), restored once, checked against its
-  checksum and run frozen inside the one jitted step, on the batch's rows.
+  checksum and run frozen inside the one jitted step, on the batch's rows;
+  or its per-token top-k cache (`distill.cache_dir`, `kd_jax.lm_cache`),
+  checked against the run and read for the windows it tiles the split
+  with, in `losses.sparse_token_divergence`'s `distill.convention`.
 - Evaluation: the token cross-entropy in nats and in bits per token (bits
   per character for byte-level ASCII text), the next-token accuracy, and,
   with a teacher, the teacher's own and the student's KL to it at T = 1.
@@ -82,10 +85,14 @@ def validate_config(config: ml_collections.ConfigDict,
   if not 0.0 <= d.alpha <= 1.0:
     raise ValueError(f'config.distill.alpha={d.alpha} must be in [0, 1] (the '
                      'weight of the divergence to the teacher).')
-  if d.alpha > 0 and not d.teacher_workdir:
+  if d.alpha > 0 and not (d.teacher_workdir or d.get('cache_dir')):
     raise ValueError(f'config.distill.alpha={d.alpha} needs a teacher: set '
-                     'config.distill.teacher_workdir to a finished LM run, or '
+                     'config.distill.teacher_workdir to a finished LM run (or '
+                     'config.distill.cache_dir to its per-token cache), or '
                      'alpha=0 to train from the labels alone.')
+  if d.get('convention', 'tail') not in losses.SPARSE_CONVENTIONS:
+    raise ValueError(f'config.distill.convention={d.convention!r}; choose '
+                     f'one of {losses.SPARSE_CONVENTIONS}.')
   if d.divergence not in losses.TOKEN_DIVERGENCES:
     raise ValueError(f'config.distill.divergence={d.divergence!r}; choose '
                      f'one of {losses.TOKEN_DIVERGENCES}.')
@@ -115,7 +122,11 @@ def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
   """One update of the student on one global batch of windows.
 
   `state`: {'step', 'params', 'batch_stats' ({}), 'opt_state', 'rng'}.
-  `teacher_model` None trains on the targets alone (`distill.alpha` 0).
+  The teacher is `teacher_model` run on the batch, or, when the batch
+  holds a cache's sparse targets (`topk_logits`, `topk_indices`,
+  `rest_mass`: `kd_jax.lm_cache.lookup`), those, in
+  `losses.sparse_token_divergence`'s `distill.convention`; with neither the
+  student trains on the targets alone (`distill.alpha` 0).
   """
   rng = jax.random.fold_in(state['rng'], state['step'])
   mask = batch['mask']
@@ -130,11 +141,18 @@ def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
     hard = _token_mean(_next_token_ce(logits, batch['targets']), mask)
     terms = {'hard': hard}
     loss = hard
+    options = dict(divergence=distill.divergence,
+                   temperature=distill.temperature, beta=distill.beta,
+                   skew=distill.skew, where=mask)
+    soft = None
     if teacher_logits is not None:
-      soft = _token_mean(losses.token_divergence(
-          logits, teacher_logits, divergence=distill.divergence,
-          temperature=distill.temperature, beta=distill.beta,
-          skew=distill.skew, where=mask), mask)
+      soft = losses.token_divergence(logits, teacher_logits, **options)
+    elif 'topk_logits' in batch:
+      soft = losses.sparse_token_divergence(
+          logits, batch['topk_logits'], batch['topk_indices'],
+          batch['rest_mass'], convention=distill.convention, **options)
+    if soft is not None:
+      soft = _token_mean(soft, mask)
       loss = (1.0 - distill.alpha) * hard + distill.alpha * soft
       terms['soft'] = soft
     terms['total'] = loss
@@ -268,7 +286,13 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
   eval_tokens = text.load_split(config.dataset, config.eval_split,
                                 config.data_dir)
   model = models.get_model(config.model, config.vocab_size)
-  teacher, teacher_params, teacher_info = _load_teacher(config, mesh)
+  cache = None
+  if config.distill.get('cache_dir'):
+    from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
+    cache = lm_cache.load(config.distill.cache_dir, config, train_tokens)
+    teacher, teacher_params, teacher_info = None, None, None
+  else:
+    teacher, teacher_params, teacher_info = _load_teacher(config, mesh)
   tx, schedule = make_optimizer(config, config.num_train_steps)
   init, abstract = _abstract_state(model, tx, config.seed, config.length)
   abstract = jax.tree.map(
@@ -293,13 +317,16 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
     meta = dict(config_fingerprint=checkpointing.config_fingerprint(
         config_json))
     start = int(jax.device_get(state['step']))
+    host_batches = text.train_batches(
+        train_tokens, seed=config.seed, batch_size=config.batch_size,
+        length=config.length, start_step=start,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(), aligned=cache is not None)
+    if cache is not None:
+      host_batches = (lm_cache.lookup(cache, b) for b in host_batches)
     batches = prefetch.prefetch_to_mesh(
-        ({k: v for k, v in b.items() if k != 'start'}
-         for b in text.train_batches(
-             train_tokens, seed=config.seed, batch_size=config.batch_size,
-             length=config.length, start_step=start,
-             process_index=jax.process_index(),
-             process_count=jax.process_count())), mesh)
+        ({k: v for k, v in b.items() if k != 'start'} for b in host_batches),
+        mesh)
 
     def eval_batches():
       return text.eval_batches(
@@ -343,6 +370,12 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
     summary['teacher'] = dict(workdir=os.path.abspath(
         config.distill.teacher_workdir), step=teacher_info['step'],
                               model=teacher_info['model'])
+  if cache is not None:
+    summary['teacher'] = dict(
+        cache_dir=os.path.abspath(config.distill.cache_dir),
+        **{k: cache.manifest[k] for k in (
+            'teacher_workdir', 'teacher_step', 'teacher_model', 'k',
+            'temperature', 'bytes_per_token')})
   if is_chief:
     rundir.write_run_info(workdir, model_spec=config.model,
                           num_classes=config.vocab_size, class_names=[],

@@ -43,6 +43,7 @@ def finished(tmp_path_factory):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # Two runs over one workdir.
 def test_a_finished_run_without_checkpoints_is_not_trained_over(finished,
                                                                 tmp_path):
   # Its checkpoints deleted to save disk, then rerun with another config.

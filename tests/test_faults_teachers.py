@@ -76,6 +76,7 @@ def model_data_file(workdir):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # A teacher trained twice.
 def test_a_teacher_is_the_same_wherever_it_lies_and_another_once_retrained(
     teacher_runs, tmp_path):
   first, other = teacher_runs

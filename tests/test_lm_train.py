@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpointing
+from kd_jax import lm_cache
 from kd_jax import lm_train
 from kd_jax import losses
 from kd_jax import models
@@ -22,6 +23,7 @@ from kd_jax.data import text
 pytestmark = pytest.mark.xdist_group('lm_train')
 
 DATA = 'runlocal,dataset="pydoc_topics"'
+CACHED_SPLIT = 'train_split="train[:10%]"'
 
 
 def tiny(arg=''):
@@ -155,3 +157,96 @@ def test_an_image_run_or_another_vocabulary_is_refused_as_teacher(
     lm_train.train_and_evaluate(
         tiny(f'distill.teacher_workdir="{lm_teacher_dir}",vocab_size=128'),
         str(tmp_path / 'b'))
+
+
+@pytest.fixture(scope='session')
+def lm_cache_dir(lm_teacher_dir, tmp_path_factory):
+  """The teacher's full-vocabulary cache (k = 256, float32) of a tenth of
+  pydoc_topics' train split."""
+  out = str(tmp_path_factory.mktemp('lm_cache') / 'top256')
+  lm_cache.export(tiny(f'distill.teacher_workdir="{lm_teacher_dir}",'
+                       f'{CACHED_SPLIT}'), out,
+                  k=256, temperature=2.0, dtype='float32')
+  return out
+
+
+@pytest.mark.slow  # A teacher's pass over the train split.
+def test_cache_holds_the_teachers_top_k_and_tail_of_each_window(
+    lm_teacher_dir, tmp_path):
+  config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",{CACHED_SPLIT}')
+  out = str(tmp_path / 'top4')
+  manifest = lm_cache.export(config, out, k=4, temperature=2.0)
+  tokens = text.load_split('pydoc_topics', 'train[:10%]')
+  assert manifest['num_windows'] == text.num_windows(len(tokens), 32)
+  assert manifest['bytes_per_token'] == 4 * 2 + 4 * 1 + 2  # float16, uint8.
+  assert manifest['dense_float16_bytes_per_token'] == 512
+  config.distill.temperature = 2.0
+  cache = lm_cache.load(out, config, tokens)
+  batch = text.train_batch(tokens, seed=0, step=5, batch_size=4, length=32,
+                           aligned=True)
+  got = lm_cache.lookup(cache, batch)
+  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  teacher, params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
+  logits = np.asarray(teacher.apply({'params': params}, batch['inputs']))
+  top = np.sort(logits, -1)[..., ::-1][..., :4]
+  np.testing.assert_allclose(got['topk_logits'], top, rtol=1e-3, atol=1e-3)
+  np.testing.assert_array_equal(
+      np.take_along_axis(logits, got['topk_indices'], -1), np.take_along_axis(
+          logits, np.argsort(-logits, -1)[..., :4], -1))
+  p = np.asarray(jax.nn.softmax(logits / 2.0))
+  rest = 1 - np.take_along_axis(p, got['topk_indices'], -1).sum(-1)
+  np.testing.assert_allclose(got['rest_mass'], rest, atol=1e-3)
+
+
+@pytest.mark.slow  # One step compiled twice.
+def test_a_full_vocabulary_cache_gives_the_online_teachers_loss(
+    lm_teacher_dir, lm_cache_dir):
+  config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",'
+                'distill.temperature=2.0,distill.divergence="reverse_kl",'
+                f'{CACHED_SPLIT}')
+  tokens = text.load_split('pydoc_topics', 'train[:10%]')
+  cache = lm_cache.load(lm_cache_dir, config, tokens)
+  batch = lm_cache.lookup(cache, text.train_batch(
+      tokens, seed=0, step=0, batch_size=8, length=32, aligned=True))
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != 'start'}
+  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  teacher, params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
+  model = models.get_model(config.model, config.vocab_size)
+  tx, _ = train.make_optimizer(config, config.num_train_steps)
+  init, _ = lm_train._abstract_state(model, tx, 0, config.length)  # pylint: disable=protected-access
+  state = init(jax.random.key(0))
+
+  def step(teacher_model, batch):
+    return jax.jit(functools.partial(
+        lm_train.lm_step, model=model, teacher_model=teacher_model, tx=tx,
+        distill=config.distill))(dict(state), batch, params)[1]
+  online = step(teacher, {k: v for k, v in batch.items()
+                          if k in ('inputs', 'targets', 'mask')})
+  cached = step(None, batch)
+  np.testing.assert_allclose(cached['loss_soft'], online['loss_soft'],
+                             rtol=1e-4)
+  np.testing.assert_allclose(cached['loss_total'], online['loss_total'],
+                             rtol=1e-4)
+
+
+@pytest.mark.slow  # Two tiny runs.
+def test_a_run_trains_from_the_cache_and_refuses_one_made_for_another(
+    lm_cache_dir, tmp_path):
+  arg = (f'distill.cache_dir="{lm_cache_dir}",distill.temperature=2.0,'
+         f'{CACHED_SPLIT}')
+  summary = lm_train.train_and_evaluate(tiny(arg), str(tmp_path / 'run'))
+  assert summary['teacher']['k'] == 256
+  assert np.isfinite(summary['train_history'][-1]['loss_soft'])
+  for change, field in (('distill.temperature=4.0', 'temperature'),
+                        ('train_split="train[:5%]"', 'split'),
+                        ('length=16', 'length')):
+    with pytest.raises(ValueError, match=f'written for {field}='):
+      lm_train.train_and_evaluate(
+          tiny(f'{arg},{change}'), str(tmp_path / field))
+  with pytest.raises(FileNotFoundError, match='holds no cache'):
+    lm_train.train_and_evaluate(
+        tiny(f'distill.cache_dir="{tmp_path}",distill.temperature=2.0,'
+             f'{CACHED_SPLIT}'),
+        str(tmp_path / 'none'))

@@ -68,6 +68,7 @@ def test_same_config_and_seed_give_same_numbers(tmp_path, teacher_dir):
   assert a['eval'] == b['eval']
 
 
+@pytest.mark.slow  # A distillation run; the default set checks its step.
 def test_online_distillation_reports_teacher_and_leaves_it_out_of_checkpoint(
     teacher_dir, finished_run):
   workdir = finished_run('mnist5k_distill',

@@ -41,7 +41,7 @@ from kd_jax.data import sources
 from kd_jax.datasets.text_bytes import VOCAB_SIZE
 
 __all__ = ['VOCAB_SIZE', 'decode', 'encode', 'eval_batches', 'load_split',
-           'num_eval_batches', 'train_batch', 'train_batches']
+           'num_eval_batches', 'num_windows', 'train_batch', 'train_batches']
 
 
 def encode(text: str) -> np.ndarray:
@@ -139,14 +139,18 @@ def _hash(*values: int | np.ndarray) -> np.ndarray:
 
 
 def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
-                length: int, process_index: int = 0, process_count: int = 1
-                ) -> dict[str, np.ndarray]:
+                length: int, process_index: int = 0, process_count: int = 1,
+                aligned: bool = False) -> dict[str, np.ndarray]:
   """This process's rows of the train batch of `step`.
 
   The global batch is `batch_size` windows of `length` + 1 tokens whose
   starts are uniform over the split (a hash of (seed, step, row)); nothing
   else enters, so the batch of a step is the same in a resumed run and on
-  any number of processes.
+  any number of processes. `aligned` draws only the windows that
+  `eval_batches` tiles the split with (starts at multiples of `length`,
+  the last one's missing targets masked): those a per-token teacher cache
+  holds (`kd_jax.lm_cache`), where each target was predicted from the same
+  context.
 
   Args:
     tokens: the split (`load_split`), at least `length + 1` tokens.
@@ -155,9 +159,11 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
     batch_size: windows per global batch; a multiple of `process_count`.
     length: tokens per window (inputs and targets each).
     process_index, process_count: this process and how many read.
+    aligned: draw among the tiling windows only.
 
   Returns:
-    The batch described in the module docstring; `mask` is all True.
+    The batch described in the module docstring; `mask` is all True (but
+    past the split's end in an aligned last window).
 
   >>> tokens = np.arange(100, dtype=np.uint8)
   >>> batch = train_batch(tokens, seed=0, step=3, batch_size=2, length=4)
@@ -172,18 +178,33 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
   if seed < 0 or step < 0:
     raise ValueError(f'seed={seed} and step={step} must be >= 0.')
   rows = np.arange(process_index * local, (process_index + 1) * local)
-  starts = _hash(seed, step, rows) % np.uint64(num_starts)
+  if aligned:
+    windows = np.uint64(num_windows(len(tokens), length))
+    starts = (_hash(seed, step, rows) % windows) * np.uint64(length)
+  else:
+    starts = _hash(seed, step, rows) % np.uint64(num_starts)
   return _windows(tokens, starts.astype(np.int64), length)
+
+
+def num_windows(num_tokens: int, length: int) -> int:
+  """Windows of `length` targets that tile a split of `num_tokens` tokens
+  (the last one may be shorter).
+
+  >>> num_windows(11, 4)  # Targets 1..10: 4 + 4 + 2.
+  3
+  """
+  return -(-max(num_tokens - 1, 0) // length)
 
 
 def train_batches(tokens: np.ndarray, *, seed: int, batch_size: int,
                   length: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                  process_count: int = 1, aligned: bool = False
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """`train_batch` of steps start_step, start_step + 1, ... forever."""
   for step in itertools.count(start_step):
     yield train_batch(tokens, seed=seed, step=step, batch_size=batch_size,
                       length=length, process_index=process_index,
-                      process_count=process_count)
+                      process_count=process_count, aligned=aligned)
 
 
 def num_eval_batches(num_tokens: int, batch_size: int, length: int) -> int:
@@ -192,8 +213,7 @@ def num_eval_batches(num_tokens: int, batch_size: int, length: int) -> int:
   >>> num_eval_batches(num_tokens=11, batch_size=2, length=4)  # 3 windows.
   2
   """
-  windows = -(-max(num_tokens - 1, 0) // length)
-  return max(1, -(-windows // batch_size))
+  return max(1, -(-num_windows(num_tokens, length) // batch_size))
 
 
 def eval_batches(tokens: np.ndarray, *, batch_size: int, length: int,
@@ -211,8 +231,8 @@ def eval_batches(tokens: np.ndarray, *, batch_size: int, length: int,
   [[4, 4], [2, 0]]
   """
   local = _check_batch(batch_size, length, process_index, process_count)
-  num_windows = -(-max(len(tokens) - 1, 0) // length)
+  windows = num_windows(len(tokens), length)
   for batch in range(num_eval_batches(len(tokens), batch_size, length)):
     rows = batch * batch_size + process_index * local + np.arange(local)
-    starts = np.where(rows < num_windows, rows * length, -1)
+    starts = np.where(rows < windows, rows * length, -1)
     yield _windows(tokens, starts, length)
