@@ -249,6 +249,26 @@ def _load_teacher(config, mesh):
   return teacher, variables['params'], dict(info, step=step)
 
 
+def _cache_teacher(cache, config, mesh):
+  """The cache's teacher for evaluation only (its KL to the student), when
+  its run is still where the cache was written from and has the params the
+  cache recorded; else (None, None, None): a cached run trains without it."""
+  from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
+  workdir = cache.manifest['teacher_workdir']
+  if not rundir.has_run_info(workdir):
+    return None, None, None
+  teacher, params, info = _load_teacher(
+      ml_collections.ConfigDict(dict(
+          vocab_size=config.vocab_size, length=config.length,
+          distill=dict(teacher_workdir=workdir))), mesh)
+  if checkpointing.checksum(params) != cache.manifest['teacher_checksum']:
+    logging.warning('%s: the teacher in %s is no longer the one the cache was '
+                    'written from; evaluating without it.', lm_cache.MANIFEST,
+                    workdir)
+    return None, None, None
+  return teacher, params, info
+
+
 def _abstract_state(model, tx, seed: int, length: int):
   def init(rng):
     params = model.init(rng, jnp.zeros((1, length), jnp.int32))['params']
@@ -290,7 +310,8 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
   if config.distill.get('cache_dir'):
     from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
     cache = lm_cache.load(config.distill.cache_dir, config, train_tokens)
-    teacher, teacher_params, teacher_info = None, None, None
+    teacher, teacher_params, teacher_info = _cache_teacher(cache, config,
+                                                           mesh)
   else:
     teacher, teacher_params, teacher_info = _load_teacher(config, mesh)
   tx, schedule = make_optimizer(config, config.num_train_steps)
@@ -308,7 +329,8 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
     if is_chief:
       rundir.write_config(workdir, config_json)
     step_fn = jax.jit(functools.partial(
-        lm_step, model=model, teacher_model=teacher, tx=tx,
+        lm_step, model=model,
+        teacher_model=None if cache is not None else teacher, tx=tx,
         distill=config.distill), out_shardings=(replicated, replicated),
                       donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_sums, model=model,

@@ -2,6 +2,7 @@
 that ships with Python), teacher -> student distilled token by token."""
 
 import functools
+import importlib.util
 import os
 import shutil
 
@@ -250,3 +251,20 @@ def test_a_run_trains_from_the_cache_and_refuses_one_made_for_another(
         tiny(f'distill.cache_dir="{tmp_path}",distill.temperature=2.0,'
              f'{CACHED_SPLIT}'),
         str(tmp_path / 'none'))
+
+
+@pytest.mark.extended  # The study script's every run, tiny.
+def test_token_kd_study_runs_every_divergence_and_cache(tmp_path):
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'experiments', 'token_kd', 'run.py')
+  spec = importlib.util.spec_from_file_location('token_kd_run', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  rows = module.main(['--tiny', '--seeds=0', f'--workdir={tmp_path}'])
+  assert len(rows) == 2 + len(module.DIVERGENCES) + len(module.CACHES)
+  for name, summaries in rows.items():
+    r = next(iter(summaries[0]['eval'].values()))
+    assert np.isfinite(r['bits_per_token']), name
+    if name not in ('teacher', 'scratch'):
+      assert 'kl_to_teacher' in r, name
+  assert (tmp_path / 'results.md').exists()

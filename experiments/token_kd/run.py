@@ -1,0 +1,170 @@
+"""Token-level distillation of a character-level language model on
+tiny-shakespeare: a student from scratch against the same student distilled
+from an online teacher with each token divergence and from top-k caches of
+that teacher.
+
+  python experiments/token_kd/run.py --workdir=workdirs/token_kd
+
+Teacher `decoder` 4 x 128 (4 heads; 834,560 params), student 2 x 48
+(2 heads; 71,904 params, 11.6x fewer), windows of 64 bytes, batch 32,
+AdamW at nanoGPT's character-level settings (lr 1e-3, weight decay 0.1,
+clip 1.0, cosine, 100 warm-up steps), `configs/shakespeare_char.py` with
+these models. Hyperparameters come from that config, not from this study's
+measure: the student's learning rate and alpha are the config's; the
+divergence settings are the issue's (JSD beta 0.5, skew 0.1), T = 1.
+
+Runs (each a `kd_jax.lm_train` run; finished ones are read, not rerun):
+the teacher (seed 0), then per seed the scratch student (alpha 0) and
+students at alpha 0.5 distilled online with kl, reverse_kl,
+generalized_jsd, skew_kl, skew_reverse_kl and total_variation, and from
+caches of the teacher's top k (k = 1, 4, 16, 64, float16) with the tail
+bucket (kl; reverse_kl at k = 16 with and without the tail). The measure is
+validation bits per character (the last 10% of the text, nanoGPT's split)
+and KL(teacher || student) there; `results.md` lists every run and the
+share of the teacher-scratch gap each recovers.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+sys.path.insert(0, REPO)
+
+from kd_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd_jax import lm_train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd_jax import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TEACHER = dict(name='decoder', width=128, depth=4, num_heads=4, block_size=64,
+               dropout=0.1)
+STUDENT = dict(name='decoder', width=48, depth=2, num_heads=2, block_size=64,
+               dropout=0.0)
+DIVERGENCES = ('kl', 'reverse_kl', 'generalized_jsd', 'skew_kl',
+               'skew_reverse_kl', 'total_variation')
+CACHES = ((1, 'kl', 'tail'), (4, 'kl', 'tail'), (16, 'kl', 'tail'),
+          (64, 'kl', 'tail'), (16, 'reverse_kl', 'tail'),
+          (16, 'reverse_kl', 'renormalize_both'))
+
+
+def config(role: str, args, **fields):
+  c = config_lib.load_config('shakespeare_char', f'role={role}')
+  for k, v in dict(TEACHER if role == 'teacher' else STUDENT).items():
+    c.model[k] = v
+  c.length = 64
+  c.num_train_steps = args.teacher_steps if role == 'teacher' else args.steps
+  c.log_every_steps = 100
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 500
+  if args.tiny:
+    c.dataset = 'pydoc_topics'
+    c.eval_split = 'validation[:5%]'
+    c.num_train_steps = 4
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.warmup_steps = 1
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 2
+  for key, value in fields.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def run(c, workdir: str):
+  summary = rundir.read_summary(workdir)
+  if summary is None:
+    started = time.time()
+    summary = lm_train.train_and_evaluate(c, workdir)
+    print(f'{workdir}: {time.time() - started:.0f} s', flush=True)
+  return summary
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--steps', type=int, default=2000)
+  parser.add_argument('--teacher_steps', type=int, default=3000)
+  parser.add_argument('--tiny', action='store_true',
+                      help='seconds-long runs on pydoc_topics (tests)')
+  args = parser.parse_args(argv)
+  root = args.workdir
+  teacher_dir = os.path.join(root, 'teacher')
+  rows = {'teacher': [run(config('teacher', args), teacher_dir)]}
+  caches = {}
+  for k in sorted({k for k, _, _ in CACHES}):
+    out = os.path.join(root, f'cache_top{k}')
+    if not os.path.exists(os.path.join(out, lm_cache.MANIFEST)):
+      lm_cache.export(config('distill', args,
+                             **{'distill.teacher_workdir': teacher_dir}),
+                      out, k=k)
+    caches[k] = out
+  for seed in [int(s) for s in args.seeds.split(',')]:
+    plans = {'scratch': config('student', args, seed=seed)}
+    for divergence in DIVERGENCES:
+      plans[f'online {divergence}'] = config(
+          'distill', args, seed=seed, **{
+              'distill.teacher_workdir': teacher_dir,
+              'distill.divergence': divergence})
+    for k, divergence, convention in CACHES:
+      plans[f'top-{k} {divergence} {convention}'] = config(
+          'distill', args, seed=seed, **{
+              'distill.teacher_workdir': teacher_dir,
+              'distill.cache_dir': caches[k],
+              'distill.divergence': divergence,
+              'distill.convention': convention})
+    for name, c in plans.items():
+      workdir = os.path.join(root, f'seed{seed}', name.replace(' ', '_'))
+      rows.setdefault(name, []).append(run(c, workdir))
+  write_results(root, rows, caches)
+  return rows
+
+
+def _cell(values, digits=4):
+  if len(values) == 1:
+    return f'{values[0]:.{digits}f}'
+  return f'{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}'
+
+
+def write_results(root: str, rows, caches) -> None:
+  split = next(iter(rows['teacher'][0]['eval']))
+  teacher = rows['teacher'][0]['eval'][split]['bits_per_token']
+  scratch = [s['eval'][split]['bits_per_token'] for s in rows['scratch']]
+  gap = statistics.mean(scratch) - teacher
+  lines = [f'Validation ({split}) bits per character; mean +- std over '
+           f'{len(scratch)} seed(s). Gap recovered: (scratch - run) / '
+           f'(scratch - teacher), scratch and teacher {statistics.mean(scratch):.4f} '
+           f'and {teacher:.4f}.', '',
+           '| run | bits/char | KL(teacher \\|\\| student) nats | gap '
+           'recovered | train s |', '|---|---|---|---|---|']
+  for name, summaries in rows.items():
+    bits = [s['eval'][split]['bits_per_token'] for s in summaries]
+    kl = [s['eval'][split].get('kl_to_teacher') for s in summaries]
+    recovered = [(statistics.mean(scratch) - b) / gap for b in bits]
+    seconds = [s.get('train_seconds', 0.0) for s in summaries]
+    lines.append(
+        f'| {name} | {_cell(bits)} | '
+        f'{_cell(kl) if None not in kl else "-"} | '
+        f'{_cell(recovered, 2) if name != "teacher" else "-"} | '
+        f'{statistics.mean(seconds):.0f} |')
+  lines += ['', '| cache | bytes per token | dense float16 |', '|---|---|---|']
+  for k, out in caches.items():
+    with open(os.path.join(out, lm_cache.MANIFEST)) as f:
+      m = json.load(f)
+    lines.append(f'| top-{k} | {m["bytes_per_token"]} | '
+                 f'{m["dense_float16_bytes_per_token"]} |')
+  with open(os.path.join(root, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()
