@@ -5,8 +5,8 @@ that teacher.
 
   python experiments/token_kd/run.py --workdir=workdirs/token_kd
 
-Teacher `decoder` 4 x 128 (4 heads; 834,560 params), student 2 x 48
-(2 heads; 71,904 params, 11.6x fewer), windows of 64 bytes, batch 32,
+Teacher `decoder` 4 x 128 (4 heads; 834,304 params), student 2 x 48
+(2 heads; 72,000 params, 11.6x fewer), windows of 64 bytes, batch 32,
 AdamW at nanoGPT's character-level settings (lr 1e-3, weight decay 0.1,
 clip 1.0, cosine, 100 warm-up steps), `configs/shakespeare_char.py` with
 these models. Hyperparameters come from that config, not from this study's
