@@ -35,6 +35,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
@@ -441,6 +442,24 @@ def _matches_state_checksum(mngr, step: int, model, meta: dict[str, Any],
                     reason)
     return True
   return found == meta['checksum']
+
+
+def nonfinite_arrays(tree) -> list[str]:
+  """The paths of the arrays of `tree` that hold NaN or infinity."""
+  return [jax.tree_util.keystr(p) for p, v in
+          jax.tree_util.tree_flatten_with_path(tree)[0]
+          if not bool(jnp.isfinite(v).all())]
+
+
+def refuse_nonfinite(tree, where: str, step: int, what: str,
+                     fix: str) -> None:
+  """Raises ValueError naming `where`, `step` and the first array of `tree`
+  that holds NaN or infinity (a teacher that diverged), and `fix`."""
+  bad = nonfinite_arrays(tree)
+  if bad:
+    raise ValueError(f'{where}: checkpoint step {step} holds NaN or Inf in '
+                     f'{len(bad)} arrays (e.g. {bad[0]}): that {what} '
+                     f'diverged; {fix}')
 
 
 def read_json(path: str) -> Any:

@@ -242,10 +242,9 @@ def _load_teacher(config, mesh):
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
       {'params': abstract['params'], 'batch_stats': {}})
   variables, step = checkpointing.restore_model(workdir, abstract)
-  if not all(bool(jnp.all(jnp.isfinite(x)))
-             for x in jax.tree.leaves(variables['params'])):
-    raise ValueError(f'{field}={workdir!r}: its parameters at step {step} '
-                     'hold NaN or infinity; retrain the teacher.')
+  checkpointing.refuse_nonfinite(
+      variables, f'{field}={workdir!r}', step, 'teacher',
+      'train it again with a lower learning rate.')
   return teacher, variables['params'], dict(info, step=step)
 
 

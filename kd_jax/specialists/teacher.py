@@ -139,14 +139,9 @@ def _load_specialist(index: int, teacher_cfg, group, info, head_size: int,
   if step != run_info.get('final_step', step):
     raise ValueError(f'{where} has not finished training: latest checkpoint '
                      f'step {step}, final step {run_info["final_step"]}.')
-  nonfinite = [jax.tree_util.keystr(p) for p, v in
-               jax.tree_util.tree_flatten_with_path(variables)[0]
-               if not bool(jnp.isfinite(v).all())]
-  if nonfinite:
-    raise ValueError(
-        f'{where}: checkpoint step {step} holds NaN or Inf in '
-        f'{len(nonfinite)} arrays (e.g. {nonfinite[0]}): that specialist '
-        f'diverged; train it again with a lower learning rate: {train}')
+  checkpointing.refuse_nonfinite(
+      variables, where, step, 'specialist',
+      f'train it again with a lower learning rate: {train}')
   padded_model = models.get_model(spec, head_size, dtype=dtype)
   variables = _pad_head(variables, padded_model, info.image_shape)
   return padded_model, variables, run_info, step, checksum

@@ -159,14 +159,9 @@ def _restore_teacher(i: int, t, num_classes: int, image_shape, dtype, mesh):
         f'{where} has not finished '
         f'training: latest checkpoint step {step}, final step '
         f'{run_info["final_step"]}. Let it finish, or resume it.')
-  nonfinite = [jax.tree_util.keystr(p) for p, v in
-               jax.tree_util.tree_flatten_with_path(variables)[0]
-               if not bool(jnp.isfinite(v).all())]
-  if nonfinite:
-    raise ValueError(
-        f'{where}: checkpoint step {step} holds NaN or Inf in '
-        f'{len(nonfinite)} arrays (e.g. {nonfinite[0]}): that teacher '
-        'diverged; train it again with a lower learning rate.')
+  checkpointing.refuse_nonfinite(
+      variables, where, step, 'teacher',
+      'train it again with a lower learning rate.')
   return model, variables, spec, step, checksum, norm
 
 
