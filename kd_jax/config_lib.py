@@ -272,8 +272,10 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def upgrade_json(config: dict[str, Any]) -> dict[str, Any]:
   """A config.json's contents in the current form, silently: a workdir
-  written before a field moved compares equal to the same run now."""
-  if not isinstance(config.get('distill'), dict):
+  written before a field moved compares equal to the same run now. A
+  language-model config (task 'lm') comes back as it is."""
+  if (not isinstance(config.get('distill'), dict)
+      or config.get('task') == 'lm'):
     return config
   return dict(config, distill=translate_distill(config['distill'],
                                                 warn=False))

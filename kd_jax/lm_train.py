@@ -248,6 +248,22 @@ def _load_teacher(config, mesh):
   return teacher, variables['params'], dict(info, step=step)
 
 
+def _diverged(step: int, loss: float, nonfinite: list[str],
+              resume: int | None) -> FloatingPointError:
+  """The error that stops a diverged run before it saves: what went
+  non-finite at `step`, and the checkpoint a rerun resumes from."""
+  what = (f'the loss is {loss}' if not math.isfinite(loss) else
+          f'{len(nonfinite)} parameter arrays hold NaN or Inf (e.g. '
+          f'{nonfinite[0]})')
+  where = (f'the last checkpoint, step {resume}, was saved before it: rerun '
+           'with a lower config.learning_rate and allow_config_change=True '
+           'to resume from it' if resume is not None else
+           'no checkpoint was saved before it: rerun with a lower '
+           'config.learning_rate in a new workdir')
+  return FloatingPointError(f'training diverged: {what} at step {step}; '
+                            f'{where}.')
+
+
 def _cache_teacher(cache, config, mesh):
   """The cache's teacher for evaluation only (its KL to the student), when
   its run is still where the cache was written from and has the params the
@@ -359,22 +375,23 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
     for step in range(start, config.num_train_steps):
       state, measurements = step_fn(state, next(batches), teacher_params)
       done = step + 1
-      if done % config.log_every_steps == 0 or done == config.num_train_steps:
+      last = done == config.num_train_steps
+      save = done % config.checkpoint_every_steps == 0 or last
+      if done % config.log_every_steps == 0 or save:
         values = {k: float(v) for k, v in
                   jax.device_get(measurements).items()}
-        if not math.isfinite(values['loss_total']):
-          raise FloatingPointError(
-              f'training diverged: the loss is {values["loss_total"]} at '
-              f'step {done}; the last checkpoint ({checkpointing.latest_step(workdir)}) '
-              'was saved before it. Lower config.learning_rate and rerun '
-              'with allow_config_change=True to resume from it.')
-        history.append(dict(step=done, **values))
-        logging.info('step %d: %s', done, values)
-      if done % config.checkpoint_every_steps == 0 or (
-          done == config.num_train_steps):
+        bad = checkpointing.nonfinite_arrays(state['params']) if save else []
+        if not math.isfinite(values['loss_total']) or bad:
+          mngr.wait_until_finished()  # Name committed checkpoints only.
+          raise _diverged(done, values['loss_total'], bad,
+                          checkpointing.latest_step(workdir))
+        if done % config.log_every_steps == 0 or last:
+          history.append(dict(step=done, **values))
+          logging.info('step %d: %s', done, values)
+      if save:
         checkpointing.save(mngr, state, meta)
       if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 \
-          and done != config.num_train_steps:
+          and not last:
         logging.info('step %d eval: %s', done, evaluate(
             eval_fn, state['params'], teacher_params, eval_batches(), mesh))
     mngr.wait_until_finished()

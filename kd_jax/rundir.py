@@ -59,8 +59,15 @@ def launch_fields(config: ml_collections.ConfigDict) -> list[str]:
   only choose the values of the run's fields when `get_config(arg)` runs.
   """
   from kd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  if config.get('task') == 'lm':  # kd_jax.lm_train reads all but these.
+    return sorted(k for k in LM_LAUNCH_FIELDS if k in config)
   known = config_lib.default_config()
   return sorted(k for k in config.keys() if k not in known)
+
+
+# The fields of a language-model config (task 'lm') that only choose its
+# other fields' values (configs/shakespeare_char.py).
+LM_LAUNCH_FIELDS = ('role', 'teacher_model', 'student_model')
 
 
 def config_json(config: ml_collections.ConfigDict) -> str:
@@ -153,7 +160,10 @@ def config_diff(previous: dict[str, Any], now: dict[str, Any]) -> list[str]:
   previous = config_lib.upgrade_json(previous)
   default = config_lib.default_config()
   defaults = _leaves(json.loads(config_json(default)))
-  launch = {k for k in set(previous) | set(now) if k not in default}
+  if now.get('task') == 'lm':
+    defaults, launch = {}, set(LM_LAUNCH_FIELDS)
+  else:
+    launch = {k for k in set(previous) | set(now) if k not in default}
   old, new = _leaves(previous), _leaves(now)
   diff = []
   for key in sorted(set(old) | set(new)):

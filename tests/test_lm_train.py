@@ -3,6 +3,7 @@ that ships with Python), teacher -> student distilled token by token."""
 
 import functools
 import importlib.util
+import json
 import os
 import shutil
 
@@ -268,3 +269,25 @@ def test_token_kd_study_runs_every_divergence_and_cache(tmp_path):
     if name not in ('teacher', 'scratch'):
       assert 'kl_to_teacher' in r, name
   assert (tmp_path / 'results.md').exists()
+
+
+@pytest.mark.slow  # Two tiny runs.
+def test_a_diverged_lm_run_stops_before_saving_and_names_the_checkpoint(
+    tmp_path):
+  workdir = str(tmp_path / 'run')
+  lm_train.train_and_evaluate(tiny('role=student'), workdir)
+  # Resumed at step 6 with a rate that blows the parameters up.
+  config = tiny('role=student,num_train_steps=12,learning_rate=1e30,'
+                'warmup_steps=0,allow_config_change=True')
+  with pytest.raises(FloatingPointError,
+                     match=r'diverged: .* at step 8; the last checkpoint, '
+                           r'step 6, was saved before it'):
+    lm_train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  # config.json holds every field the run reads: a change is named.
+  stored = json.load(open(os.path.join(workdir, 'config.json')))
+  assert stored['task'] == 'lm' and stored['length'] == 32
+  assert rundir.config_diff(stored, json.loads(rundir.config_json(
+      tiny('role=student,length=16')))) == [
+          'allow_config_change', 'learning_rate', 'length',
+          'num_train_steps', 'warmup_steps']
