@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -291,3 +293,17 @@ def test_a_diverged_lm_run_stops_before_saving_and_names_the_checkpoint(
       tiny('role=student,length=16')))) == [
           'allow_config_change', 'learning_rate', 'length',
           'num_train_steps', 'warmup_steps']
+
+
+@pytest.mark.slow  # A CLI process.
+def test_the_cli_trains_an_lm_config_and_prints_its_bits_per_token(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, '-m', 'kd_jax.main',
+       f'--config={repo}/configs/shakespeare_char.py:{DATA},role=student',
+       f'--workdir={tmp_path}'], cwd=repo, capture_output=True, text=True,
+      timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()[-2:]  # After TFDS's own.
+  assert lines[0].startswith('decoder_tiny, 11,200 params, 6 steps')
+  assert lines[1].startswith('validation[:5%]: ') and 'bits/token' in lines[1]
