@@ -76,7 +76,12 @@ def get_config(arg=None):
       temperature=1.0, alpha=0.5, beta=0.5, skew=0.1,
       # A per-token top-k cache of the teacher (python -m kd_jax.lm_cache)
       # instead of the online teacher, and its sparse form.
-      cache_dir='', convention='tail'))
+      cache_dir='', convention='tail',
+      # Train, with probability `fraction`, on completions of each window's
+      # first `prompt_length` tokens sampled from the student (on-policy,
+      # GKD) or the teacher (sequence-level KD); 'none': the text only.
+      generation=dict(source='none', fraction=0.5, prompt_length=32,
+                      temperature=1.0, top_k=0)))
   config_lib.parse_arg(c, arg, runlocal=_runlocal)
   if c.role not in ROLES:
     raise ValueError(f'config.role={c.role!r}; choose one of {ROLES} (e.g. '
@@ -102,3 +107,4 @@ def _runlocal(c):
   c.log_every_steps = 2
   c.eval_every_steps = 3
   c.checkpoint_every_steps = 3
+  c.distill.generation.prompt_length = 8

@@ -99,6 +99,33 @@ def validate_config(config: ml_collections.ConfigDict,
   if not d.temperature > 0:
     raise ValueError(f'config.distill.temperature={d.temperature} must be '
                      '> 0.')
+  g = d.get('generation')
+  if g is not None and g.source != 'none':
+    _validate_generation(g, config)
+
+
+def _validate_generation(g, config) -> None:
+  field = 'config.distill.generation'
+  if g.source not in ('student', 'teacher'):
+    raise ValueError(f'{field}.source={g.source!r}; choose none, student '
+                     '(on-policy, GKD) or teacher (sequence-level KD).')
+  if not 0.0 < g.fraction <= 1.0:
+    raise ValueError(f'{field}.fraction={g.fraction} must be in (0, 1]: the '
+                     'probability that a step trains on generated text.')
+  if not 1 <= g.prompt_length < config.length:
+    raise ValueError(f'{field}.prompt_length={g.prompt_length} must be in '
+                     f'[1, config.length={config.length}): the rest of each '
+                     'window is generated.')
+  if not g.temperature >= 0:
+    raise ValueError(f'{field}.temperature={g.temperature} must be >= 0 '
+                     '(0: greedy).')
+  if config.distill.get('cache_dir'):
+    raise ValueError(f'{field}.source={g.source!r} needs the online teacher '
+                     'to score generated text; a cache holds the fixed '
+                     'text\'s only: unset config.distill.cache_dir.')
+  if not config.distill.teacher_workdir:
+    raise ValueError(f'{field}.source={g.source!r} needs a teacher: set '
+                     'config.distill.teacher_workdir.')
 
 
 # ---------------------------------------------------------------------------
@@ -127,8 +154,21 @@ def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
   `rest_mass`: `kd_jax.lm_cache.lookup`), those, in
   `losses.sparse_token_divergence`'s `distill.convention`; with neither the
   student trains on the targets alone (`distill.alpha` 0).
+
+  With `distill.generation.source` 'student' (on-policy, GKD) or 'teacher'
+  (sequence-level KD), the step trains, with probability
+  `distill.generation.fraction`, on that model's completions of the first
+  `prompt_length` tokens of each window instead of the window's own text
+  (`_generated_batch`), drawn from keys folded from the step's: a resumed
+  run generates what the uninterrupted one did.
   """
   rng = jax.random.fold_in(state['rng'], state['step'])
+  measurements = {}
+  generation_config = distill.get('generation')
+  if generation_config is not None and generation_config.source != 'none':
+    batch, measurements['generated'] = _generated_batch(
+        batch, rng, generation_config, model, state['params'],
+        teacher_model, teacher_params)
   mask = batch['mask']
   teacher_logits = None
   if teacher_model is not None:
@@ -161,12 +201,45 @@ def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
   grads, (terms, logits) = jax.grad(loss_fn, has_aux=True)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  measurements = {f'loss_{k}': v for k, v in terms.items()}
+  measurements.update({f'loss_{k}': v for k, v in terms.items()})
   measurements['accuracy'] = losses.masked_mean(
       jnp.argmax(logits, -1) == batch['targets'], mask)
   measurements['grad_norm'] = optax.tree.norm(grads)
   return dict(state, step=state['step'] + 1, params=params,
               opt_state=opt_state), measurements
+
+
+def _generated_batch(batch, rng, generation_config, model, params,
+                     teacher_model, teacher_params):
+  """(the batch to train on, 1.0 if generated else 0.0): with probability
+  `fraction`, the sampler's completions of each window's prompt, laid out
+  like the window (`generation.completion_batch`, the last position
+  masked); otherwise the batch as it is."""
+  from kd_jax import generation  # pylint: disable=g-import-not-at-top
+  length = batch['inputs'].shape[1]
+  prompt = generation_config.prompt_length
+  if generation_config.source == 'student':
+    sampler, variables = model, {'params': jax.lax.stop_gradient(params)}
+  else:
+    sampler, variables = teacher_model, {'params': teacher_params}
+  use = jax.random.bernoulli(jax.random.fold_in(rng, 1),
+                             generation_config.fraction)
+
+  def generated(text):
+    out = generation.completion_batch(generation.generate(
+        sampler, variables, text['inputs'], text['mask'],
+        jax.random.fold_in(rng, 2), prompt_length=prompt,
+        completion_length=length - prompt,
+        temperature=generation_config.temperature,
+        top_k=generation_config.top_k or None))
+    pad = lambda x, v: jnp.pad(x, ((0, 0), (0, 1)), constant_values=v)  # pylint: disable=unnecessary-lambda-assignment
+    return dict(text, inputs=pad(out['inputs'], 0),
+                targets=pad(out['targets'], 0), mask=pad(out['mask'], False))
+
+  keys = ('inputs', 'targets', 'mask')
+  text = {k: batch[k] for k in keys}
+  chosen = jax.lax.cond(use, generated, lambda t: t, text)
+  return dict(batch, **chosen), use.astype(jnp.float32)
 
 
 def eval_sums(params, batch, teacher_params, *, model, teacher_model

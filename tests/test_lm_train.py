@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpointing
+from kd_jax import generation
 from kd_jax import lm_cache
 from kd_jax import lm_train
 from kd_jax import losses
@@ -57,6 +58,11 @@ def final_params(workdir, config):
     ('length=64', 'config.length=64'),
     ('batch_size=12', 'config.batch_size=12'),
     ('student_model.name="cnn"', 'not a language model'),
+    ('distill.generation.source="teacher",distill.generation.prompt_length=32',
+     'prompt_length=32'),
+    ('distill.generation.source="self"', 'generation.source'),
+    ('distill.generation.source="student",distill.cache_dir="c"',
+     'unset config.distill.cache_dir'),
 ])
 def test_bad_lm_config_values_are_named(arg, match):
   with pytest.raises(ValueError, match=match):
@@ -122,9 +128,12 @@ def test_distilled_run_reports_its_teacher_and_moves_toward_it(
 
 
 @pytest.mark.slow  # Two tiny runs and a resume.
+@pytest.mark.parametrize('arg', [
+    '', 'distill.generation.source="student",distill.generation.fraction=0.5'],
+                         ids=['text', 'on_policy'])
 def test_resumed_lm_run_ends_like_the_uninterrupted_one(lm_teacher_dir,
-                                                        tmp_path):
-  config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}"')
+                                                        tmp_path, arg):
+  config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",{arg}')
   whole = str(tmp_path / 'whole')
   expected = lm_train.train_and_evaluate(config, whole)
   cut = str(tmp_path / 'cut')
@@ -134,6 +143,8 @@ def test_resumed_lm_run_ends_like_the_uninterrupted_one(lm_teacher_dir,
   os.remove(os.path.join(cut, 'summary.json'))
   resumed = lm_train.train_and_evaluate(config, cut)
   assert resumed['start_step'] == 3
+  if arg:  # Some steps trained on generated text, some on the text.
+    assert {h['generated'] for h in expected['train_history']} == {0.0, 1.0}
   assert resumed['eval'] == expected['eval']
   jax.tree.map(np.testing.assert_array_equal, final_params(cut, config),
                final_params(whole, config))
@@ -307,3 +318,44 @@ def test_the_cli_trains_an_lm_config_and_prints_its_bits_per_token(tmp_path):
   lines = result.stdout.strip().splitlines()[-2:]  # After TFDS's own.
   assert lines[0].startswith('decoder_tiny, 11,200 params, 6 steps')
   assert lines[1].startswith('validation[:5%]: ') and 'bits/token' in lines[1]
+
+
+@pytest.mark.parametrize('source', ['student', 'teacher'])
+@pytest.mark.slow  # Generation compiled inside the step.
+def test_a_generating_step_trains_on_the_samplers_completions(
+    lm_teacher_dir, source):
+  config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",'
+                f'distill.generation.source="{source}",'
+                'distill.generation.fraction=1.0,distill.alpha=1.0')
+  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  teacher, teacher_params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
+  model = models.get_model(config.model, config.vocab_size)
+  tx, _ = train.make_optimizer(config, config.num_train_steps)
+  init, _ = lm_train._abstract_state(model, tx, 0, config.length)  # pylint: disable=protected-access
+  state = init(jax.random.key(0))
+  tokens = text.load_split('pydoc_topics', 'train')
+  batch = text.train_batch(tokens, seed=0, step=0, batch_size=4, length=32)
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != 'start'}
+  _, got = jax.jit(functools.partial(
+      lm_train.lm_step, model=model, teacher_model=teacher, tx=tx,
+      distill=config.distill))(dict(state), batch, teacher_params)
+  assert got['generated'] == 1.0
+  # The same completions, made outside the step from the step's keys.
+  rng = jax.random.fold_in(state['rng'], 0)
+  sampler, params = ((model, state['params']) if source == 'student'
+                     else (teacher, teacher_params))
+  out = generation.completion_batch(generation.generate(
+      sampler, {'params': params}, batch['inputs'], batch['mask'],
+      jax.random.fold_in(rng, 2), prompt_length=8, completion_length=24))
+  np.testing.assert_array_equal(out['inputs'][:, :8],
+                                batch['inputs'][:, :8])
+  logits = model.apply({'params': state['params']}, out['inputs'],
+                       train=True, rngs={'dropout': rng})
+  teacher_logits = teacher.apply({'params': teacher_params}, out['inputs'])
+  # Graded on the completion only: the prompt's last position on.
+  assert np.asarray(out['mask'])[:, :7].sum() == 0
+  kl = losses.token_divergence(logits, teacher_logits, where=out['mask'])
+  np.testing.assert_allclose(
+      got['loss_soft'], np.asarray(kl)[np.asarray(out['mask'])].mean(),
+      rtol=1e-5)
