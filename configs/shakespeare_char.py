@@ -77,6 +77,8 @@ def get_config(arg=None):
       # A per-token top-k cache of the teacher (python -m kd_jax.lm_cache)
       # instead of the online teacher, and its sparse form.
       cache_dir='', convention='tail',
+      # The online teacher's computation dtype (float32 or bfloat16).
+      teacher_dtype='float32',
       # Train, with probability `fraction`, on completions of each window's
       # first `prompt_length` tokens sampled from the student (on-policy,
       # GKD) or the teacher (sequence-level KD); 'none': the text only.

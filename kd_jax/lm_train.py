@@ -58,6 +58,9 @@ from kd_jax.data import text
 __all__ = ['evaluate', 'lm_step', 'train_and_evaluate', 'validate_config']
 
 LN2 = math.log(2.0)
+# The online teacher's computation dtype (`distill.teacher_dtype`); its
+# params stay float32 and its logits come back float32.
+TEACHER_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def validate_config(config: ml_collections.ConfigDict,
@@ -99,6 +102,9 @@ def validate_config(config: ml_collections.ConfigDict,
   if not d.temperature > 0:
     raise ValueError(f'config.distill.temperature={d.temperature} must be '
                      '> 0.')
+  if d.get('teacher_dtype', 'float32') not in TEACHER_DTYPES:
+    raise ValueError(f'config.distill.teacher_dtype={d.teacher_dtype!r}; '
+                     f'choose one of {tuple(TEACHER_DTYPES)}.')
   g = d.get('generation')
   if g is not None and g.source != 'none':
     _validate_generation(g, config)
@@ -304,7 +310,8 @@ def _load_teacher(config, mesh):
                      f'{info["num_classes"]} tokens; the student\'s '
                      f'config.vocab_size is {config.vocab_size}.')
   spec = ml_collections.ConfigDict(info['model'])
-  teacher = models.get_model(spec, config.vocab_size)
+  dtype = TEACHER_DTYPES[config.distill.get('teacher_dtype', 'float32')]
+  teacher = models.get_model(spec, config.vocab_size, dtype=dtype)
   if config.length > teacher.block_size:
     raise ValueError(f'config.length={config.length} exceeds the teacher\'s '
                      f'block_size {teacher.block_size} ({field}={workdir!r}).')
@@ -348,7 +355,9 @@ def _cache_teacher(cache, config, mesh):
   teacher, params, info = _load_teacher(
       ml_collections.ConfigDict(dict(
           vocab_size=config.vocab_size, length=config.length,
-          distill=dict(teacher_workdir=workdir))), mesh)
+          distill=dict(teacher_workdir=workdir,
+                       teacher_dtype=config.distill.get('teacher_dtype',
+                                                        'float32')))), mesh)
   if checkpointing.checksum(params) != cache.manifest['teacher_checksum']:
     logging.warning('%s: the teacher in %s is no longer the one the cache was '
                     'written from; evaluating without it.', lm_cache.MANIFEST,

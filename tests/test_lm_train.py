@@ -61,6 +61,7 @@ def final_params(workdir, config):
     ('distill.generation.source="teacher",distill.generation.prompt_length=32',
      'prompt_length=32'),
     ('distill.generation.source="self"', 'generation.source'),
+    ('distill.teacher_dtype="float16"', 'teacher_dtype'),
     ('distill.generation.source="student",distill.cache_dir="c"',
      'unset config.distill.cache_dir'),
 ])
@@ -359,3 +360,24 @@ def test_a_generating_step_trains_on_the_samplers_completions(
   np.testing.assert_allclose(
       got['loss_soft'], np.asarray(kl)[np.asarray(out['mask'])].mean(),
       rtol=1e-5)
+
+
+@pytest.mark.slow  # A step compiled twice.
+def test_a_bfloat16_teacher_gives_float32_logits_close_to_float32(
+    lm_teacher_dir):
+  batch = text.train_batch(text.load_split('pydoc_topics', 'train'), seed=0,
+                           step=0, batch_size=4, length=32)
+  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  logits = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",'
+                  f'distill.teacher_dtype="{dtype}"')
+    teacher, params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
+    logits[dtype] = jax.jit(teacher.apply)({'params': params},
+                                           batch['inputs'])
+    assert logits[dtype].dtype == jnp.float32
+    assert params['embed']['embedding'].dtype == jnp.float32
+  assert not np.array_equal(logits['float32'], logits['bfloat16'])
+  np.testing.assert_allclose(logits['bfloat16'], logits['float32'],
+                             atol=0.05)
