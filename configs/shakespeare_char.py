@@ -84,6 +84,12 @@ def get_config(arg=None):
       # GKD) or the teacher (sequence-level KD); 'none': the text only.
       generation=dict(source='none', fraction=0.5, prompt_length=32,
                       temperature=1.0, top_k=0)))
+  # After training, with a teacher: the student completes the prompts of the
+  # first num_batches eval batches (fixed keys from seed); the teacher's NLL
+  # and KL(student || teacher) per token of the completions (0: off).
+  c.eval_samples = ml_collections.ConfigDict(dict(
+      num_batches=2, prompt_length=32, completion_length=96, temperature=1.0,
+      seed=0))
   config_lib.parse_arg(c, arg, runlocal=_runlocal)
   if c.role not in ROLES:
     raise ValueError(f'config.role={c.role!r}; choose one of {ROLES} (e.g. '
@@ -110,3 +116,4 @@ def _runlocal(c):
   c.eval_every_steps = 3
   c.checkpoint_every_steps = 3
   c.distill.generation.prompt_length = 8
+  c.eval_samples.update(num_batches=1, prompt_length=8, completion_length=16)

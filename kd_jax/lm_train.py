@@ -23,7 +23,10 @@ by `train_and_evaluate(config, workdir)` (what `kd_jax.main` calls for it):
   with, in `losses.sparse_token_divergence`'s `distill.convention`.
 - Evaluation: the token cross-entropy in nats and in bits per token (bits
   per character for byte-level ASCII text), the next-token accuracy, and,
-  with a teacher, the teacher's own and the student's KL to it at T = 1.
+  with a teacher, the teacher's own and the student's KL to it at T = 1;
+  then (`eval_samples`) the student completes fixed prompts with fixed
+  keys, and the teacher's NLL and KL(student || teacher) per token of
+  those completions measure what on-policy training is for.
 - Checkpoints every `checkpoint_every_steps` (orbax, as image runs), a lock
   on the workdir, the config checked against the one the workdir holds;
   a non-finite loss stops the run before it is saved, naming the step.
@@ -46,6 +49,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
+import numpy as np
 import optax
 
 from kd_jax import checkpointing
@@ -108,6 +112,16 @@ def validate_config(config: ml_collections.ConfigDict,
   g = d.get('generation')
   if g is not None and g.source != 'none':
     _validate_generation(g, config)
+  e = config.get('eval_samples')
+  if e is not None and e.num_batches > 0 and (
+      e.prompt_length < 1 or e.prompt_length > config.length
+      or e.completion_length < 1
+      or e.prompt_length + e.completion_length > spec.block_size):
+    raise ValueError(
+        f'config.eval_samples: prompt_length={e.prompt_length} must be in '
+        f'[1, config.length={config.length}] and prompt_length + '
+        f'completion_length={e.completion_length} at most the block_size '
+        f'{spec.block_size}.')
 
 
 def _validate_generation(g, config) -> None:
@@ -285,6 +299,58 @@ def evaluate(eval_fn, params, teacher_params, batches, mesh
     out['teacher_bits_per_token'] = out['teacher_loss'] / LN2
     out['kl_to_teacher'] = totals['kl_to_teacher'] / count
   return out
+
+
+def sample_sums(params, batch, teacher_params, key, *, model, teacher_model,
+                prompt_length: int, completion_length: int,
+                temperature: float) -> tuple[dict[str, jax.Array], jax.Array]:
+  """What on-policy training is for, measured on the student's own text:
+  the student completes each window's prompt (from `key`), and the sums
+  over the completions' tokens of the teacher's negative log-likelihood
+  and of KL(student || teacher) at T = 1; and the sampled tokens."""
+  from kd_jax import generation  # pylint: disable=g-import-not-at-top
+  out = generation.generate(
+      model, {'params': params}, batch['inputs'], batch['mask'], key,
+      prompt_length=prompt_length, completion_length=completion_length,
+      temperature=temperature)
+  text = generation.completion_batch(out)
+  mask = text['mask']
+  weight = mask.astype(jnp.float32)
+  student_logits = model.apply({'params': params}, text['inputs'])
+  teacher_logits = teacher_model.apply({'params': teacher_params},
+                                       text['inputs'])
+  sums = dict(
+      count=jnp.sum(weight),
+      teacher_nll=jnp.sum(_next_token_ce(teacher_logits, text['targets'])
+                          * weight),
+      reverse_kl=jnp.sum(losses.reverse_kl_divergence(
+          student_logits, teacher_logits, where=mask)))
+  return sums, out['tokens']
+
+
+def evaluate_samples(sample_fn, params, teacher_params, batches, mesh,
+                     seed: int, num_batches: int
+                     ) -> tuple[dict[str, float], list[str]]:
+  """Token means of `sample_sums` over the first `num_batches` eval
+  batches, each sampled with `fold_in(key(seed), batch index)` (the same
+  prompts and keys for every run of a study), and the first texts."""
+  totals: dict[str, float] = {}
+  texts = []
+  batches = ({k: v for k, v in b.items() if k != 'start'} for b in batches)
+  for index, batch in enumerate(prefetch.prefetch_to_mesh(batches, mesh)):
+    if index == num_batches:
+      break
+    key = jax.random.fold_in(jax.random.key(seed), index)
+    sums, tokens = sample_fn(params, batch, teacher_params, key)
+    for k, v in jax.device_get(sums).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+    if not texts:
+      texts = [text.decode(row) for row in
+               np.asarray(jax.device_get(tokens))[:3]]
+  count = max(totals.pop('count', 0.0), 1.0)
+  return dict(sample_tokens=count,
+              sample_teacher_nll=totals['teacher_nll'] / count,
+              sample_reverse_kl=totals['reverse_kl'] / count), texts
 
 
 # ---------------------------------------------------------------------------
@@ -479,10 +545,23 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
     mngr.wait_until_finished()
     final = evaluate(eval_fn, state['params'], teacher_params,
                      eval_batches(), mesh)
+    sampled = config.get('eval_samples')
+    samples = []
+    if sampled is not None and sampled.num_batches > 0 and teacher:
+      sample_fn = jax.jit(functools.partial(
+          sample_sums, model=model, teacher_model=teacher,
+          prompt_length=sampled.prompt_length,
+          completion_length=sampled.completion_length,
+          temperature=sampled.temperature), out_shardings=replicated)
+      measured, samples = evaluate_samples(
+          sample_fn, state['params'], teacher_params, eval_batches(), mesh,
+          sampled.seed, sampled.num_batches)
+      final.update(measured)
   finally:
     mngr.close()
   summary = dict(
       task='lm', step=config.num_train_steps, model=config.model.name,
+      samples=samples,
       num_params=models.param_count(state['params']),
       eval={config.eval_split: final}, train_history=history,
       train_seconds=time.time() - started, start_step=start)
@@ -517,5 +596,9 @@ def result_lines(summary: dict[str, Any]) -> str:
     if 'kl_to_teacher' in r:
       line += (f'; teacher {r["teacher_bits_per_token"]:.4f} bits/token, '
                f'KL(teacher || student) {r["kl_to_teacher"]:.4f} nats')
+    if 'sample_teacher_nll' in r:
+      line += (f'; on the student\'s own completions: teacher NLL '
+               f'{r["sample_teacher_nll"]:.4f}, KL(student || teacher) '
+               f'{r["sample_reverse_kl"]:.4f} nats per token')
     lines.append(line)
   return '\n'.join(lines)

@@ -123,6 +123,9 @@ def test_distilled_run_reports_its_teacher_and_moves_toward_it(
   assert r['teacher_loss'] == pytest.approx(
       teacher['eval'][split]['loss'], rel=1e-5)
   assert 0 <= r['kl_to_teacher'] and np.isfinite(r['bits_per_token'])
+  # On the student's completions of fixed prompts: 16 rows x 16 tokens.
+  assert r['sample_tokens'] == 256 and r['sample_reverse_kl'] >= 0
+  assert np.isfinite(r['sample_teacher_nll']) and len(summary['samples']) == 3
   # Trained on the teacher alone, the KL to it falls.
   first = summary['train_history'][0]['loss_soft']
   assert summary['train_history'][-1]['loss_soft'] < first
