@@ -271,8 +271,8 @@ def test_a_run_trains_from_the_cache_and_refuses_one_made_for_another(
         str(tmp_path / 'none'))
 
 
-@pytest.mark.extended  # The study script's every run, tiny.
-def test_token_kd_study_runs_every_divergence_and_cache(tmp_path):
+@pytest.mark.extended  # The two LM study scripts' every run, tiny.
+def test_lm_studies_run_every_divergence_cache_and_generation_mode(tmp_path):
   path = os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), 'experiments', 'token_kd', 'run.py')
   spec = importlib.util.spec_from_file_location('token_kd_run', path)
@@ -286,6 +286,18 @@ def test_token_kd_study_runs_every_divergence_and_cache(tmp_path):
     if name not in ('teacher', 'scratch'):
       assert 'kl_to_teacher' in r, name
   assert (tmp_path / 'results.md').exists()
+  # The on-policy study, on the token_kd study's teacher.
+  path = os.path.join(os.path.dirname(path), '..', 'on_policy_kd', 'run.py')
+  spec = importlib.util.spec_from_file_location('on_policy_kd_run', path)
+  on_policy = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(on_policy)
+  rows = on_policy.main(['--tiny', f'--workdir={tmp_path / "on_policy"}',
+                         f'--teacher_workdir={tmp_path / "teacher"}'])
+  assert len(rows) == 9
+  for name, summaries in rows.items():
+    r = next(iter(summaries[0]['eval'].values()))
+    assert np.isfinite(r['sample_teacher_nll']), name
+  assert (tmp_path / 'on_policy' / 'results.md').exists()
 
 
 @pytest.mark.slow  # Two tiny runs.

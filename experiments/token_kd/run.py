@@ -56,6 +56,7 @@ def config(role: str, args, **fields):
   for k, v in dict(TEACHER if role == 'teacher' else STUDENT).items():
     c.model[k] = v
   c.length = 64
+  c.eval_samples.update(prompt_length=32, completion_length=32)
   c.num_train_steps = args.teacher_steps if role == 'teacher' else args.steps
   c.log_every_steps = 100
   c.eval_every_steps = 0

@@ -1,0 +1,147 @@
+"""On-policy and sequence-level distillation of the token_kd study's
+student: fixed text against the student's own completions (GKD) and the
+teacher's (sequence-level KD), measured on validation text and on the
+student's own completions of fixed prompts.
+
+  python experiments/on_policy_kd/run.py --workdir=workdirs/on_policy_kd \
+      --teacher_workdir=workdirs/token_kd/teacher
+
+The teacher is the token_kd study's (`experiments/token_kd/run.py` trains
+it); the student, data and optimizer are that study's, every distilled run
+at alpha = 1 (the divergence alone, as GKD). Runs per seed:
+
+- `scratch`: the student alone (alpha 0; the teacher loaded for the
+  measures only);
+- `text kl`: forward KL on the fixed text;
+- `seqkd kl`: forward KL on the teacher's completions (fraction 1);
+- `gkd lambda=L beta=B`: generalized JSD(beta) (beta 0 is the forward KL,
+  1 the reverse KL) on the student's completions with probability lambda,
+  L in {0.5, 1}, B in {0, 0.5, 1}.
+
+Completions continue the first 32 bytes of each 64-byte window by 32 at
+T = 1. The measures (`kd_jax.lm_train`): validation bits per character and
+KL(teacher || student) on the text; on the student's completions of the
+prompts of 2 x 64 validation windows (fixed keys), the teacher's NLL and
+KL(student || teacher) per token; and the share of training time spent in
+steps that generated (from the step time of `text kl` and of each run).
+"""
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+sys.path.insert(0, REPO)
+
+from kd_jax import lm_train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd_jax import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_SPEC = importlib.util.spec_from_file_location(
+    'token_kd_run', os.path.join(REPO, 'experiments', 'token_kd', 'run.py'))
+token_kd = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(token_kd)
+
+SAMPLES = {'eval_samples.num_batches': 2, 'eval_samples.prompt_length': 32,
+           'eval_samples.completion_length': 32}
+GENERATION = {'distill.generation.prompt_length': 32,
+              'distill.generation.temperature': 1.0}
+
+
+def plans(args, teacher_dir: str, seed: int):
+  distill = {'distill.teacher_workdir': teacher_dir, 'distill.alpha': 1.0,
+             **SAMPLES}
+  # The student alone: alpha 0 (the teacher only evaluates).
+  out = {'scratch': token_kd.config('distill', args, seed=seed, **{
+      **distill, 'distill.alpha': 0.0})}
+  out['text kl'] = token_kd.config('distill', args, seed=seed, **distill)
+  out['seqkd kl'] = token_kd.config(
+      'distill', args, seed=seed, **distill, **GENERATION, **{
+          'distill.generation.source': 'teacher',
+          'distill.generation.fraction': 1.0})
+  for fraction in (0.5, 1.0):
+    for beta in (0.0, 0.5, 1.0):
+      out[f'gkd lambda={fraction} beta={beta}'] = token_kd.config(
+          'distill', args, seed=seed, **distill, **GENERATION, **{
+              'distill.divergence': 'generalized_jsd',
+              'distill.beta': beta,
+              'distill.generation.source': 'student',
+              'distill.generation.fraction': fraction})
+  return out
+
+
+def run(c, workdir: str, teacher_dir: str):
+  summary = rundir.read_summary(workdir)
+  if summary is None:
+    started = time.time()
+    summary = lm_train.train_and_evaluate(c, workdir)
+    print(f'{workdir}: {time.time() - started:.0f} s', flush=True)
+  return summary
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--teacher_workdir', required=True)
+  parser.add_argument('--seeds', default='0')
+  parser.add_argument('--steps', type=int, default=1000)
+  parser.add_argument('--tiny', action='store_true')
+  args = parser.parse_args(argv)
+  args.teacher_steps = 0
+  rows = {}
+  for seed in [int(s) for s in args.seeds.split(',')]:
+    for name, c in plans(args, args.teacher_workdir, seed).items():
+      if args.tiny:
+        c.eval_samples.update(num_batches=1, prompt_length=8,
+                              completion_length=8)
+        c.distill.generation.prompt_length = 8
+      workdir = os.path.join(args.workdir, f'seed{seed}',
+                             name.replace(' ', '_').replace('=', ''))
+      rows.setdefault(name, []).append(run(c, workdir, args.teacher_workdir))
+  write_results(args.workdir, rows)
+  return rows
+
+
+def _cell(values, digits=4):
+  if len(values) == 1:
+    return f'{values[0]:.{digits}f}'
+  return (f'{statistics.mean(values):.{digits}f} +- '
+          f'{statistics.stdev(values):.{digits}f}')
+
+
+def write_results(root: str, rows) -> None:
+  split = next(iter(rows['scratch'][0]['eval']))
+  base = statistics.mean(s['train_seconds'] for s in rows['text kl'])
+  lines = [f'{split} bits per character and KL(teacher || student) on the '
+           'text; on the student\'s completions of fixed prompts, the '
+           'teacher\'s NLL and KL(student || teacher) per token (nats); '
+           f'mean +- std over {len(rows["scratch"])} seed(s). Time: train '
+           'seconds, and the share beyond fixed-text KL\'s (generation).', '',
+           '| run | bits/char | KL(t \\|\\| s) text | teacher NLL on '
+           'samples | KL(s \\|\\| t) on samples | train s | over text kl |',
+           '|---|---|---|---|---|---|---|']
+  for name, summaries in rows.items():
+    r = [s['eval'][split] for s in summaries]
+    seconds = statistics.mean(s['train_seconds'] for s in summaries)
+    def col(key):
+      values = [x.get(key) for x in r]
+      return '-' if None in values else _cell(values)
+    lines.append(
+        f'| {name} | {col("bits_per_token")} | {col("kl_to_teacher")} | '
+        f'{col("sample_teacher_nll")} | {col("sample_reverse_kl")} | '
+        f'{seconds:.0f} | {(seconds - base) / seconds:+.0%} |')
+  samples = rows['gkd lambda=1.0 beta=0.5'][0].get('samples') or []
+  if samples:
+    lines += ['', 'Three completions by the `gkd lambda=1.0 beta=0.5` '
+              'student (seed 0), prompt included:', '']
+    lines += ['    ' + t.replace('\n', '\n    ') + '\n' for t in samples]
+  with open(os.path.join(root, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()
