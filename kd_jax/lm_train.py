@@ -469,15 +469,9 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
   eval_tokens = text.load_split(config.dataset, config.eval_split,
                                 config.data_dir)
   model = models.get_model(config.model, config.vocab_size)
-  cache = None
-  if config.distill.get('cache_dir'):
-    from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
-    cache = lm_cache.load(config.distill.cache_dir, config, train_tokens)
-    teacher, teacher_params, teacher_info = _cache_teacher(cache, config,
-                                                           mesh)
-  else:
-    teacher, teacher_params, teacher_info = _load_teacher(config, mesh)
-  tx, schedule = make_optimizer(config, config.num_train_steps)
+  cache, teacher, teacher_params, teacher_info = _teacher_of(
+      config, train_tokens, mesh)
+  tx, _ = make_optimizer(config, config.num_train_steps)
   init, abstract = _abstract_state(model, tx, config.seed, config.length)
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -502,16 +496,7 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
     meta = dict(config_fingerprint=checkpointing.config_fingerprint(
         config_json))
     start = int(jax.device_get(state['step']))
-    host_batches = text.train_batches(
-        train_tokens, seed=config.seed, batch_size=config.batch_size,
-        length=config.length, start_step=start,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(), aligned=cache is not None)
-    if cache is not None:
-      host_batches = (lm_cache.lookup(cache, b) for b in host_batches)
-    batches = prefetch.prefetch_to_mesh(
-        ({k: v for k, v in b.items() if k != 'start'} for b in host_batches),
-        mesh)
+    batches = _train_stream(config, train_tokens, start, cache, mesh)
 
     def eval_batches():
       return text.eval_batches(
@@ -543,11 +528,13 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
         logging.info('step %d eval: %s', done, evaluate(
             eval_fn, state['params'], teacher_params, eval_batches(), mesh))
     mngr.wait_until_finished()
+    train_seconds = time.time() - started
     final = evaluate(eval_fn, state['params'], teacher_params,
                      eval_batches(), mesh)
-    sampled = config.get('eval_samples')
     samples = []
-    if sampled is not None and sampled.num_batches > 0 and teacher:
+    sampled = config.get('eval_samples')
+    if sampled is not None and sampled.num_batches > 0 and (
+        teacher is not None):
       sample_fn = jax.jit(functools.partial(
           sample_sums, model=model, teacher_model=teacher,
           prompt_length=sampled.prompt_length,
@@ -564,7 +551,42 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
       samples=samples,
       num_params=models.param_count(state['params']),
       eval={config.eval_split: final}, train_history=history,
-      train_seconds=time.time() - started, start_step=start)
+      train_seconds=train_seconds, start_step=start)
+  _finish(config, workdir, summary, cache, teacher_info, is_chief)
+  return summary
+
+
+def _teacher_of(config, train_tokens, mesh):
+  """(cache or None, teacher model, its params, its run info): the
+  per-token cache of `distill.cache_dir` (and its teacher for evaluation,
+  when still there), or the online teacher, or no teacher."""
+  if not config.distill.get('cache_dir'):
+    return (None, *_load_teacher(config, mesh))
+  from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
+  cache = lm_cache.load(config.distill.cache_dir, config, train_tokens)
+  return (cache, *_cache_teacher(cache, config, mesh))
+
+
+def _train_stream(config, train_tokens, start: int, cache, mesh):
+  """The train batches from step `start` on, as arrays on the mesh (with
+  the cache's sparse targets when there is one)."""
+  host_batches = text.train_batches(
+      train_tokens, seed=config.seed, batch_size=config.batch_size,
+      length=config.length, start_step=start,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(), aligned=cache is not None)
+  if cache is not None:
+    from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
+    host_batches = (lm_cache.lookup(cache, b) for b in host_batches)
+  return prefetch.prefetch_to_mesh(
+      ({k: v for k, v in b.items() if k != 'start'} for b in host_batches),
+      mesh)
+
+
+def _finish(config, workdir: str, summary, cache, teacher_info,
+            is_chief: bool) -> None:
+  """Adds the teacher to `summary`; process 0 writes run_info.json (what
+  a later run reads of this one as a teacher) and summary.json."""
   if teacher_info is not None:
     summary['teacher'] = dict(workdir=os.path.abspath(
         config.distill.teacher_workdir), step=teacher_info['step'],
@@ -582,8 +604,6 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
                           dataset=config.dataset,
                           final_step=config.num_train_steps, task='lm')
     rundir.write_summary(workdir, summary)
-  return summary
-
 
 
 def result_lines(summary: dict[str, Any]) -> str:
