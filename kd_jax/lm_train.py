@@ -191,7 +191,8 @@ def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
         teacher_model, teacher_params)
   mask = batch['mask']
   teacher_logits = None
-  if teacher_model is not None:
+  # At alpha 0 the teacher only evaluates: the step trains as from scratch.
+  if teacher_model is not None and distill.alpha > 0:
     teacher_logits = jax.lax.stop_gradient(teacher_model.apply(
         {'params': teacher_params}, batch['inputs']))
 
@@ -207,7 +208,7 @@ def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
     soft = None
     if teacher_logits is not None:
       soft = losses.token_divergence(logits, teacher_logits, **options)
-    elif 'topk_logits' in batch:
+    elif 'topk_logits' in batch and distill.alpha > 0:
       soft = losses.sparse_token_divergence(
           logits, batch['topk_logits'], batch['topk_indices'],
           batch['rest_mass'], convention=distill.convention, **options)

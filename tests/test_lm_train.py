@@ -396,3 +396,17 @@ def test_a_bfloat16_teacher_gives_float32_logits_close_to_float32(
   assert not np.array_equal(logits['float32'], logits['bfloat16'])
   np.testing.assert_allclose(logits['bfloat16'], logits['float32'],
                              atol=0.05)
+
+
+@pytest.mark.slow  # Two tiny runs.
+def test_at_alpha_zero_the_teacher_only_evaluates(lm_teacher_dir, tmp_path):
+  alone = tiny('role=student')
+  with_teacher = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",'
+                      'distill.alpha=0.0')
+  summary = lm_train.train_and_evaluate(with_teacher, str(tmp_path / 't'))
+  lm_train.train_and_evaluate(alone, str(tmp_path / 'alone'))
+  assert 'loss_soft' not in summary['train_history'][-1]
+  assert 'kl_to_teacher' in summary['eval']['validation[:5%]']
+  jax.tree.map(np.testing.assert_array_equal,
+               final_params(str(tmp_path / 't'), with_teacher),
+               final_params(str(tmp_path / 'alone'), alone))
