@@ -180,3 +180,22 @@ def test_two_processes_export_a_sharded_cache_each_then_loads_its_own(
   config = load_config('mnist5k_distill_cached', f'{arg},cache_dir={whole}')
   train.train_and_evaluate(config, one_dir, devices=jax.devices()[:4])
   _assert_same_run(one_dir, two_dir, config, ignore=('distill',))
+
+
+@pytest.mark.extended  # Two processes, then one.
+def test_two_processes_train_an_lm_like_one_process_on_four_devices(
+    tmp_path):
+  """A language-model run (kd_jax.lm_train): each process reads its rows of
+  every (seed, step) batch, so two processes x two devices train as one x
+  four, up to float rounding."""
+  from kd_jax import lm_train  # pylint: disable=g-import-not-at-top
+  arg = 'runlocal,dataset="pydoc_topics",role=student'
+  one_dir, two_dir = str(tmp_path / 'one'), str(tmp_path / 'two')
+  config = load_config('shakespeare_char', arg)
+  one = lm_train.train_and_evaluate(config, one_dir, devices=jax.devices()[:4])
+  _run_two_processes('shakespeare_char', arg, two_dir)
+  two = json.load(open(os.path.join(two_dir, 'summary.json')))
+  assert two['step'] == one['step'] == config.num_train_steps
+  for k, v in one['eval']['validation[:5%]'].items():
+    assert two['eval']['validation[:5%]'][k] == pytest.approx(
+        v, rel=1e-4, abs=1e-5), k
