@@ -86,6 +86,10 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
   mass is taken at: a run must train at it.
   """
   from kd_jax import lm_train  # pylint: disable=g-import-not-at-top
+  if config.get('task') != 'lm':
+    raise ValueError('kd_jax.lm_cache caches a language model\'s teacher: '
+                     'give a task=\'lm\' config (configs/shakespeare_char.py);'
+                     ' image teachers are cached by kd_jax.export_logits.')
   temperature = float(config.distill.temperature if temperature is None
                       else temperature)
   split = split or config.train_split

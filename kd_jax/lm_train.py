@@ -359,13 +359,17 @@ def evaluate_samples(sample_fn, params, teacher_params, batches, mesh,
 # ---------------------------------------------------------------------------
 
 
-def _load_teacher(config, mesh):
-  """(teacher model, its params replicated on the mesh, run info) or
-  (None, None, None) without a teacher."""
-  workdir = config.distill.teacher_workdir
+def _load_teacher(config, mesh, workdir: str | None = None):
+  """(teacher model, its params replicated on the mesh, run info) of the LM
+  run in `workdir` (default config.distill.teacher_workdir), checked
+  against the run of `config`; (None, None, None) without a teacher."""
+  field = 'config.distill.teacher_workdir'
+  if workdir is None:
+    workdir = config.distill.teacher_workdir
+  else:
+    field = f'the teacher of config.distill.cache_dir ({field})'
   if not workdir:
     return None, None, None
-  field = 'config.distill.teacher_workdir'
   info = rundir.read_run_info(workdir, field)
   if info.get('task') != 'lm':
     raise ValueError(f'{field}={workdir!r} is not a language-model run (its '
@@ -419,12 +423,7 @@ def _cache_teacher(cache, config, mesh):
   workdir = cache.manifest['teacher_workdir']
   if not rundir.has_run_info(workdir):
     return None, None, None
-  teacher, params, info = _load_teacher(
-      ml_collections.ConfigDict(dict(
-          vocab_size=config.vocab_size, length=config.length,
-          distill=dict(teacher_workdir=workdir,
-                       teacher_dtype=config.distill.get('teacher_dtype',
-                                                        'float32')))), mesh)
+  teacher, params, info = _load_teacher(config, mesh, workdir)
   if checkpointing.checksum(params) != cache.manifest['teacher_checksum']:
     logging.warning('%s: the teacher in %s is no longer the one the cache was '
                     'written from; evaluating without it.', lm_cache.MANIFEST,

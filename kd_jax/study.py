@@ -42,10 +42,14 @@ def read_summary(workdir: str) -> dict[str, Any] | None:
 
 
 def run_or_read(config, workdir: str) -> tuple[dict[str, Any], bool]:
-  """(summary, whether this call trained it) of one run."""
+  """(summary, whether this call trained it) of one run: an image run
+  (`train`), or a language model's (`lm_train`, task 'lm')."""
   summary = read_summary(workdir)
   if summary is not None:
     return summary, False
+  if config.get('task') == 'lm':
+    from kd_jax import lm_train  # pylint: disable=g-import-not-at-top
+    return lm_train.train_and_evaluate(config, workdir), True
   from kd_jax import train  # pylint: disable=g-import-not-at-top
   return train.train_and_evaluate(config, workdir), True
 

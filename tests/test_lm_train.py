@@ -42,6 +42,24 @@ def lm_teacher_dir(tmp_path_factory):
   return workdir
 
 
+def restored_teacher(config, devices=1):
+  """(teacher model, its params) of config.distill.teacher_workdir, on a
+  'data' mesh of the first `devices` devices."""
+  mesh = jax.make_mesh((devices,), ('data',),
+                       devices=jax.devices()[:devices],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  teacher, params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
+  return teacher, params
+
+
+def student_at_step_zero(config):
+  """(student model, optimizer, its initial state) of `config`."""
+  model = models.get_model(config.model, config.vocab_size)
+  tx, _ = train.make_optimizer(config, config.num_train_steps)
+  init, _ = lm_train._abstract_state(model, tx, 0, config.length)  # pylint: disable=protected-access
+  return model, tx, init(jax.random.key(0))
+
+
 def final_params(workdir, config):
   model = models.get_model(config.model, config.vocab_size)
   abstract = jax.eval_shape(model.init, jax.random.key(0),
@@ -76,13 +94,8 @@ def test_distilled_step_is_the_token_mean_mix_of_ce_and_divergence(
   config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",'
                 'distill.divergence="reverse_kl",distill.temperature=2.0,'
                 'distill.alpha=0.3')
-  mesh = jax.make_mesh((8,), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  teacher, teacher_params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
-  model = models.get_model(config.model, config.vocab_size)
-  tx, _ = train.make_optimizer(config, config.num_train_steps)
-  init, _ = lm_train._abstract_state(model, tx, 0, config.length)  # pylint: disable=protected-access
-  state = init(jax.random.key(0))
+  teacher, teacher_params = restored_teacher(config, devices=8)
+  model, tx, state = student_at_step_zero(config)
   tokens = text.load_split('pydoc_topics', 'validation[:5%]')
   batch = next(text.eval_batches(tokens, batch_size=16, length=32))
   batch['mask'][3, 10:] = False  # Padding counts in neither term.
@@ -204,9 +217,7 @@ def test_cache_holds_the_teachers_top_k_and_tail_of_each_window(
   batch = text.train_batch(tokens, seed=0, step=5, batch_size=4, length=32,
                            aligned=True)
   got = lm_cache.lookup(cache, batch)
-  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  teacher, params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
+  teacher, params = restored_teacher(config)
   logits = np.asarray(teacher.apply({'params': params}, batch['inputs']))
   top = np.sort(logits, -1)[..., ::-1][..., :4]
   np.testing.assert_allclose(got['topk_logits'], top, rtol=1e-3, atol=1e-3)
@@ -229,13 +240,8 @@ def test_a_full_vocabulary_cache_gives_the_online_teachers_loss(
   batch = lm_cache.lookup(cache, text.train_batch(
       tokens, seed=0, step=0, batch_size=8, length=32, aligned=True))
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != 'start'}
-  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  teacher, params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
-  model = models.get_model(config.model, config.vocab_size)
-  tx, _ = train.make_optimizer(config, config.num_train_steps)
-  init, _ = lm_train._abstract_state(model, tx, 0, config.length)  # pylint: disable=protected-access
-  state = init(jax.random.key(0))
+  teacher, params = restored_teacher(config)
+  model, tx, state = student_at_step_zero(config)
 
   def step(teacher_model, batch):
     return jax.jit(functools.partial(
@@ -343,13 +349,8 @@ def test_a_generating_step_trains_on_the_samplers_completions(
   config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",'
                 f'distill.generation.source="{source}",'
                 'distill.generation.fraction=1.0,distill.alpha=1.0')
-  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  teacher, teacher_params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
-  model = models.get_model(config.model, config.vocab_size)
-  tx, _ = train.make_optimizer(config, config.num_train_steps)
-  init, _ = lm_train._abstract_state(model, tx, 0, config.length)  # pylint: disable=protected-access
-  state = init(jax.random.key(0))
+  teacher, teacher_params = restored_teacher(config)
+  model, tx, state = student_at_step_zero(config)
   tokens = text.load_split('pydoc_topics', 'train')
   batch = text.train_batch(tokens, seed=0, step=0, batch_size=4, length=32)
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != 'start'}
@@ -382,13 +383,11 @@ def test_a_bfloat16_teacher_gives_float32_logits_close_to_float32(
     lm_teacher_dir):
   batch = text.train_batch(text.load_split('pydoc_topics', 'train'), seed=0,
                            step=0, batch_size=4, length=32)
-  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,))
   logits = {}
   for dtype in ('float32', 'bfloat16'):
-    config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",'
-                  f'distill.teacher_dtype="{dtype}"')
-    teacher, params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
+    teacher, params = restored_teacher(tiny(
+        f'distill.teacher_workdir="{lm_teacher_dir}",'
+        f'distill.teacher_dtype="{dtype}"'))
     logits[dtype] = jax.jit(teacher.apply)({'params': params},
                                            batch['inputs'])
     assert logits[dtype].dtype == jnp.float32
@@ -410,3 +409,8 @@ def test_at_alpha_zero_the_teacher_only_evaluates(lm_teacher_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal,
                final_params(str(tmp_path / 't'), with_teacher),
                final_params(str(tmp_path / 'alone'), alone))
+
+
+def test_lm_cache_refuses_an_image_config(tmp_path):
+  with pytest.raises(ValueError, match="task='lm' config"):
+    lm_cache.export(load_config('mnist5k_distill'), str(tmp_path), k=4)

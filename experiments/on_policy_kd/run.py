@@ -31,14 +31,11 @@ import importlib.util
 import os
 import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 sys.path.insert(0, REPO)
 
-from kd_jax import lm_train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd_jax import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _SPEC = importlib.util.spec_from_file_location(
     'token_kd_run', os.path.join(REPO, 'experiments', 'token_kd', 'run.py'))
@@ -73,15 +70,6 @@ def plans(args, teacher_dir: str, seed: int):
   return out
 
 
-def run(c, workdir: str, teacher_dir: str):
-  summary = rundir.read_summary(workdir)
-  if summary is None:
-    started = time.time()
-    summary = lm_train.train_and_evaluate(c, workdir)
-    print(f'{workdir}: {time.time() - started:.0f} s', flush=True)
-  return summary
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', required=True)
@@ -100,16 +88,9 @@ def main(argv=None):
         c.distill.generation.prompt_length = 8
       workdir = os.path.join(args.workdir, f'seed{seed}',
                              name.replace(' ', '_').replace('=', ''))
-      rows.setdefault(name, []).append(run(c, workdir, args.teacher_workdir))
+      rows.setdefault(name, []).append(token_kd.run(c, workdir))
   write_results(args.workdir, rows)
   return rows
-
-
-def _cell(values, digits=4):
-  if len(values) == 1:
-    return f'{values[0]:.{digits}f}'
-  return (f'{statistics.mean(values):.{digits}f} +- '
-          f'{statistics.stdev(values):.{digits}f}')
 
 
 def write_results(root: str, rows) -> None:
@@ -128,7 +109,7 @@ def write_results(root: str, rows) -> None:
     seconds = statistics.mean(s['train_seconds'] for s in summaries)
     def col(key):
       values = [x.get(key) for x in r]
-      return '-' if None in values else _cell(values)
+      return '-' if None in values else token_kd.cell(values)
     lines.append(
         f'| {name} | {col("bits_per_token")} | {col("kl_to_teacher")} | '
         f'{col("sample_teacher_nll")} | {col("sample_reverse_kl")} | '

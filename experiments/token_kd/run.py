@@ -29,16 +29,13 @@ import json
 import os
 import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 sys.path.insert(0, REPO)
 
-from kd_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd_jax import lm_train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kd_jax import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd_jax import study  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TEACHER = dict(name='decoder', width=128, depth=4, num_heads=4, block_size=64,
                dropout=0.1)
@@ -52,39 +49,31 @@ CACHES = ((1, 'kl', 'tail'), (4, 'kl', 'tail'), (16, 'kl', 'tail'),
 
 
 def config(role: str, args, **fields):
-  c = config_lib.load_config('shakespeare_char', f'role={role}')
-  for k, v in dict(TEACHER if role == 'teacher' else STUDENT).items():
-    c.model[k] = v
-  c.length = 64
-  c.eval_samples.update(prompt_length=32, completion_length=32)
-  c.num_train_steps = args.teacher_steps if role == 'teacher' else args.steps
-  c.log_every_steps = 100
-  c.eval_every_steps = 0
-  c.checkpoint_every_steps = 500
+  """configs/shakespeare_char.py for `role` with this study's models and
+  schedule, then `fields` (dotted names) on top."""
+  model = TEACHER if role == 'teacher' else STUDENT
+  overrides = {f'model.{k}': v for k, v in model.items()}
+  overrides.update({
+      'length': 64, 'eval_samples.prompt_length': 32,
+      'eval_samples.completion_length': 32,
+      'num_train_steps': (args.teacher_steps if role == 'teacher'
+                          else args.steps),
+      'log_every_steps': 100, 'eval_every_steps': 0,
+      'checkpoint_every_steps': 500})
   if args.tiny:
-    c.dataset = 'pydoc_topics'
-    c.eval_split = 'validation[:5%]'
-    c.num_train_steps = 4
-    c.batch_size = 8
-    c.eval_batch_size = 8
-    c.warmup_steps = 1
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 2
-  for key, value in fields.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+    overrides.update({
+        'dataset': 'pydoc_topics', 'eval_split': 'validation[:5%]',
+        'num_train_steps': 4, 'batch_size': 8, 'eval_batch_size': 8,
+        'warmup_steps': 1, 'log_every_steps': 2,
+        'checkpoint_every_steps': 2})
+  return study.make_config('shakespeare_char', f'role={role}',
+                           {**overrides, **fields})
 
 
 def run(c, workdir: str):
-  summary = rundir.read_summary(workdir)
-  if summary is None:
-    started = time.time()
-    summary = lm_train.train_and_evaluate(c, workdir)
-    print(f'{workdir}: {time.time() - started:.0f} s', flush=True)
+  summary, trained = study.run_or_read(c, workdir)
+  if trained:
+    print(f'{workdir}: {summary["train_seconds"]:.0f} s', flush=True)
   return summary
 
 
@@ -129,7 +118,8 @@ def main(argv=None):
   return rows
 
 
-def _cell(values, digits=4):
+def cell(values, digits=4):
+  """One value, or 'mean +- std' of several."""
   if len(values) == 1:
     return f'{values[0]:.{digits}f}'
   return f'{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}'
@@ -152,9 +142,9 @@ def write_results(root: str, rows, caches) -> None:
     recovered = [(statistics.mean(scratch) - b) / gap for b in bits]
     seconds = [s.get('train_seconds', 0.0) for s in summaries]
     lines.append(
-        f'| {name} | {_cell(bits)} | '
-        f'{_cell(kl) if None not in kl else "-"} | '
-        f'{_cell(recovered, 2) if name != "teacher" else "-"} | '
+        f'| {name} | {cell(bits)} | '
+        f'{cell(kl) if None not in kl else "-"} | '
+        f'{cell(recovered, 2) if name != "teacher" else "-"} | '
         f'{statistics.mean(seconds):.0f} |')
   lines += ['', '| cache | bytes per token | dense float16 |', '|---|---|---|']
   for k, out in caches.items():
