@@ -47,7 +47,7 @@ def run_or_read(config, workdir: str) -> tuple[dict[str, Any], bool]:
   summary = read_summary(workdir)
   if summary is not None:
     return summary, False
-  if config.get('task') == 'lm':
+  if hasattr(config, 'get') and config.get('task') == 'lm':
     from kd_jax import lm_train  # pylint: disable=g-import-not-at-top
     return lm_train.train_and_evaluate(config, workdir), True
   from kd_jax import train  # pylint: disable=g-import-not-at-top
