@@ -1079,6 +1079,64 @@ def masked_mean(values: ArrayLike, valid: ArrayLike,
   return total / jnp.maximum(count, 1.0)
 
 
+def _weighted_terms(alpha: Any, teacher_logits: Any,
+                    labels: Any) -> tuple[bool, bool]:
+  """Whether the soft and the hard term carry weight; refuses a missing one."""
+  alpha_value = _concrete_value(alpha)
+  if alpha_value is not None:
+    alpha_value = float(np.asarray(alpha_value))
+  use_soft = alpha_value is None or alpha_value > 0
+  use_hard = alpha_value is None or alpha_value < 1
+  if teacher_logits is None and use_soft:
+    raise ValueError(
+        f'teacher_logits is None but alpha={alpha_value!r} gives the soft '
+        f'term weight; pass teacher_logits, or alpha=0 to train on labels '
+        f'only.')
+  if labels is None and use_hard:
+    raise ValueError(
+        f'labels is None but alpha={alpha_value!r} gives the hard term weight '
+        f'{"1 - alpha" if alpha_value is None else 1 - alpha_value}; pass '
+        f'labels, or alpha=1 to train on the teacher only.')
+  return use_soft, use_hard
+
+
+def _example_mask(where: Any, batch_shape: tuple[int, ...]) -> jax.Array:
+  if where is None:
+    return jnp.ones(batch_shape, bool)
+  valid = jnp.asarray(where)
+  if valid.shape != batch_shape:
+    raise ValueError(
+        f'where shape {valid.shape} does not match the examples of '
+        f'student_logits, shape {batch_shape}; pass one bool per example.')
+  return valid.astype(bool)
+
+
+def _soft_term(student: jax.Array, teacher_logits: ArrayLike, soft: str,
+               temperature: Any, logit_standardization: bool) -> jax.Array:
+  """Per-example soft loss of `distillation_loss`."""
+  teacher = _as_float_logits(teacher_logits, 'teacher_logits')
+  _check_same_shape(student, teacher)
+  if logit_standardization:
+    student = _logit_standardize(student, 1e-7)
+    teacher = _logit_standardize(teacher, 1e-7)
+  if soft == 'kl':
+    return _kl_divergence(student, teacher, temperature, True)
+  if soft == 'soft_ce':
+    return _soft_cross_entropy(student, teacher, temperature, True)
+  return _logit_mse(student, teacher)
+
+
+def _hard_term(student: jax.Array, labels: ArrayLike, hard: str,
+               label_smoothing: Any, where: Any) -> jax.Array:
+  """Per-example hard loss of `distillation_loss`."""
+  labels, is_index = _label_info(labels, student)
+  if is_index:
+    _check_label_range(labels, student.shape[-1], where=where)
+  if hard == 'ce':
+    return _cross_entropy(student, labels, is_index, label_smoothing)
+  return _mse_to_labels(student, labels, is_index, label_smoothing)
+
+
 def distillation_loss(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike | None,
@@ -1107,15 +1165,12 @@ def distillation_loss(
   :func:`cross_entropy`, ``'mse'``: :func:`mse_to_labels`, both at
   :math:`T = 1` with ``label_smoothing``).
 
-  Convention: **alpha weights the soft (teacher) term**. Hinton et al. (2015)
-  and the Keras distillation example put their weight on the hard (label)
-  term instead: their weight is ``1 - alpha``.
-
-  ``alpha = 1`` needs no labels (``labels=None``) and ``alpha = 0`` no teacher
-  (``teacher_logits=None``); a missing term is reported as 0. A term whose
-  inputs are given is always reported, even when its weight is 0, and a term
-  with weight exactly 0 (concrete ``alpha``) is left out of the total and its
-  gradient. A mask with no valid example gives 0.
+  **alpha weights the soft (teacher) term** (Hinton et al. and the Keras
+  example weight the hard term: theirs is ``1 - alpha``). ``alpha = 1``
+  needs no labels and ``alpha = 0`` no teacher (None); a missing term is
+  reported as 0, a given one always, and a term of weight exactly 0
+  (concrete ``alpha``) is left out of the total and its gradient. A mask
+  with no valid example gives 0.
 
   Args:
     student_logits: float array ``[..., num_classes]``.
@@ -1162,58 +1217,16 @@ def distillation_loss(
   validate_distillation_args(temperature, alpha, soft, hard)
   _check_label_smoothing(label_smoothing)
   student = _as_float_logits(student_logits, 'student_logits')
-  batch_shape = student.shape[:-1]
-
-  alpha_value = _concrete_value(alpha)
-  if alpha_value is not None:
-    alpha_value = float(np.asarray(alpha_value))
-  use_soft = alpha_value is None or alpha_value > 0
-  use_hard = alpha_value is None or alpha_value < 1
-  if teacher_logits is None and use_soft:
-    raise ValueError(
-        f'teacher_logits is None but alpha={alpha_value!r} gives the soft '
-        f'term weight; pass teacher_logits, or alpha=0 to train on labels '
-        f'only.')
-  if labels is None and use_hard:
-    raise ValueError(
-        f'labels is None but alpha={alpha_value!r} gives the hard term weight '
-        f'{"1 - alpha" if alpha_value is None else 1 - alpha_value}; pass '
-        f'labels, or alpha=1 to train on the teacher only.')
-
-  if where is None:
-    valid = jnp.ones(batch_shape, bool)
-  else:
-    valid = jnp.asarray(where)
-    if valid.shape != batch_shape:
-      raise ValueError(
-          f'where shape {valid.shape} does not match the examples of '
-          f'student_logits, shape {batch_shape}; pass one bool per example.')
-    valid = valid.astype(bool)
-
+  use_soft, use_hard = _weighted_terms(alpha, teacher_logits, labels)
+  valid = _example_mask(where, student.shape[:-1])
   zero = jnp.zeros((), student.dtype)
   soft_mean = hard_mean = zero
   if teacher_logits is not None:
-    teacher = _as_float_logits(teacher_logits, 'teacher_logits')
-    _check_same_shape(student, teacher)
-    soft_student = student
-    if logit_standardization:
-      soft_student = _logit_standardize(student, 1e-7)
-      teacher = _logit_standardize(teacher, 1e-7)
-    if soft == 'kl':
-      soft_loss = _kl_divergence(soft_student, teacher, temperature, True)
-    elif soft == 'soft_ce':
-      soft_loss = _soft_cross_entropy(soft_student, teacher, temperature, True)
-    else:
-      soft_loss = _logit_mse(soft_student, teacher)
+    soft_loss = _soft_term(student, teacher_logits, soft, temperature,
+                           logit_standardization)
     soft_mean = masked_mean(soft_loss, valid, axis_name)
   if labels is not None:
-    labels, is_index = _label_info(labels, student)
-    if is_index:
-      _check_label_range(labels, student.shape[-1], where=where)
-    if hard == 'ce':
-      hard_loss = _cross_entropy(student, labels, is_index, label_smoothing)
-    else:
-      hard_loss = _mse_to_labels(student, labels, is_index, label_smoothing)
+    hard_loss = _hard_term(student, labels, hard, label_smoothing, where)
     hard_mean = masked_mean(hard_loss, valid, axis_name)
 
   alpha = jnp.asarray(alpha, soft_mean.dtype)
@@ -1256,14 +1269,12 @@ def topk_kl_divergence(student_logits: ArrayLike, topk_logits: ArrayLike,
            + r \log \frac{r}{Q_\text{rest}}\Big).
 
   :math:`P_{c_i}` is exactly the teacher's tempered probability of class
-  :math:`c_i` (the top-k logits fix the ratios within S, r fixes the
-  normaliser), so with k = C (r = 0) this is :func:`kl_divergence`; for
+  :math:`c_i`, so with k = C (r = 0) this is :func:`kl_divergence`; for
   k < C it is the KL of the coarsened distributions, a lower bound on the
-  full KL (the data-processing inequality), and its gradient pushes the
-  student's mass outside S towards r without shaping it. Buckets with zero
-  teacher mass contribute exactly 0. ``rest_mass`` must be the teacher's at
-  the same :math:`T` (`kd_jax.export_logits --top_k` stores it at the export
-  temperature).
+  full KL (data processing), whose gradient pushes the student's mass
+  outside S towards r without shaping it. Buckets with zero teacher mass
+  contribute exactly 0. ``rest_mass`` must be the teacher's at the same
+  :math:`T` (`kd_jax.export_logits --top_k` stores it so).
 
   Args:
     student_logits: float array ``[..., num_classes]``, :math:`z`.
@@ -1340,6 +1351,62 @@ def topk_kl_divergence(student_logits: ArrayLike, topk_logits: ArrayLike,
 TOKEN_DIVERGENCES = ('kl', 'reverse_kl', 'generalized_jsd', 'skew_kl',
                      'skew_reverse_kl', 'total_variation')
 SPARSE_CONVENTIONS = ('tail', 'renormalize_both', 'student_full')
+r"""How :func:`sparse_token_divergence` reads a top-k teacher.
+
+The teacher is stored sparsely per position: the logits (or
+log-probabilities: a shift does not matter) :math:`v_S` of its k most
+likely tokens :math:`S = \{c_1, \dots, c_k\}` and the mass :math:`r =
+\sum_{j \notin S} p_j` of the others at temperature :math:`T`. With
+:math:`\hat p = \mathrm{softmax}(v_S / T)` and the student
+:math:`q = \mathrm{softmax}(z / T)` over the full vocabulary, the
+codebases that distil from such caches disagree on what the two
+distributions are; ``convention`` picks one:
+
+- ``'tail'`` (default): k + 1 buckets :math:`c_1, \dots, c_k,
+  \text{rest}`, :math:`P = ((1 - r)\hat p,\; r)`, :math:`Q = (q_S,\;
+  \sum_{j \notin S} q_j)`. :math:`P` is exactly the teacher's distribution
+  coarsened, so every divergence here is a lower bound on the dense one
+  (data processing) and equals it at k = V. ``divergence='kl'`` is
+  :func:`topk_kl_divergence` (but for the underflow floor below). TRL's
+  ``ServerDistillationTrainer`` (``loss_add_tail=True``, its default; it
+  takes both tails as one minus the summed top-k probabilities, floored
+  near :math:`10^{-7}`) and DistillKit with
+  ``missing_probability_handling=SYMMETRIC_UNIFORM`` use this form.
+- ``'renormalize_both'``: k buckets, :math:`P = \hat p`, :math:`Q =
+  \mathrm{softmax}(z_S / T)`, both renormalised over S. The student's mass
+  outside S is invisible (with k = 1 every divergence is 0). MaxText's
+  offline distillation (``post_train/distillation/distillation_utils.py``,
+  forward KL only) and TRL's server path with ``loss_add_tail=False`` use
+  this form.
+- ``'student_full'``: the full-vocabulary student against :math:`\hat p`
+  extended by zeros, :math:`\sum_{i \in S} \hat p_i \log(\hat p_i / q_i)`
+  for the KL. Each divergence here is a sum of
+  :math:`g(p_j, q_j)` with :math:`g` homogeneous of degree 1, so the
+  classes outside S are summed exactly as one bucket
+  :math:`P_\text{rest} = 0`, :math:`Q_\text{rest} = \sum_{j \notin S} q_j`.
+  DistillKit's sparse KL and TVD (its default
+  ``missing_probability_handling=ZERO``) use this form; its sparse JSD
+  also leaves out the student's term outside S, so it matches here only
+  for the KL and TVD. The reverse KL (and ``generalized_jsd`` at
+  ``beta=1``, ``skew_reverse_kl`` at ``skew=0``) is :math:`+\infty` in
+  this form for k < V and is refused when those arguments are concrete.
+
+The reverse KL against a top-k teacher without the tail is known to be
+unstable: renormalised on both sides it does not see the mass the
+student moves outside S (and is 0 for k = 1); against the full student
+it is infinite. The tail bucket is what keeps it finite and meaningful,
+which is why TRL adds it by default. In the tail form, a rest mass that
+underflowed to 0 (k < V) is taken as the smallest normal float32
+(~1.2e-38) where the student has mass outside S, so the reverse KL stays
+finite.
+
+References:
+  TRL, ``trl/experimental/server_distillation/`` (tail bucket); MaxText,
+  ``post_train/distillation/distillation_utils.py`` (renormalised top k);
+  DistillKit, ``distillkit/lossfuncs/`` (full student); Shen and Xing,
+  `A Fast Knowledge Distillation Framework for Visual Recognition
+  <https://arxiv.org/abs/2112.01528>`_, ECCV 2022 (top-k + rest).
+"""
 
 
 def _check_unit_interval(value: Any, name: str, meaning: str) -> None:
@@ -1850,6 +1917,29 @@ def _sparse_log_probs(student: jax.Array, teacher: jax.Array,
           jnp.concatenate([log_q_top, log_q_rest[..., None]], axis=-1))
 
 
+def _check_sparse_convention(convention: str, divergence: str, k: int,
+                             num_classes: int, rest: Any, beta: Any,
+                             skew: Any) -> None:
+  """Refuses a missing tail mass and the divergences that are infinite."""
+  if convention == 'tail' and k < num_classes and rest is None:
+    raise ValueError(
+        f"convention='tail' needs rest_mass (the teacher's mass outside its "
+        f'top k={k} of {num_classes} classes, at the same temperature); pass '
+        f"it, or pick convention='renormalize_both' or 'student_full'.")
+  if convention == 'student_full' and k < num_classes:
+    beta_value, skew_value = _concrete_value(beta), _concrete_value(skew)
+    if (divergence == 'reverse_kl'
+        or (divergence == 'generalized_jsd' and beta_value is not None
+            and float(np.asarray(beta_value)) == 1.0)
+        or (divergence == 'skew_reverse_kl' and skew_value is not None
+            and float(np.asarray(skew_value)) == 0.0)):
+      raise ValueError(
+          f"divergence={divergence!r} is infinite with convention="
+          f"'student_full': the teacher renormalised on its top k has no "
+          f'mass outside it, where the student has some; use '
+          f"convention='tail' (with rest_mass) or 'renormalize_both'.")
+
+
 def sparse_token_divergence(student_logits: ArrayLike, topk_logits: ArrayLike,
                             topk_indices: ArrayLike,
                             rest_mass: ArrayLike | None = None, *,
@@ -1862,59 +1952,19 @@ def sparse_token_divergence(student_logits: ArrayLike, topk_logits: ArrayLike,
 
   The teacher is stored sparsely per position: the logits (or
   log-probabilities: a shift does not matter) :math:`v_S` of its k most
-  likely tokens :math:`S = \{c_1, \dots, c_k\}` and the mass :math:`r =
-  \sum_{j \notin S} p_j` of the others at temperature :math:`T`. With
-  :math:`\hat p = \mathrm{softmax}(v_S / T)` and the student
-  :math:`q = \mathrm{softmax}(z / T)` over the full vocabulary, the
-  codebases that distil from such caches disagree on what the two
-  distributions are; ``convention`` picks one:
+  likely tokens :math:`S` and the mass :math:`r` of the others at
+  temperature :math:`T`; the student :math:`q = \mathrm{softmax}(z / T)` is
+  over the full vocabulary. ``convention`` is what the two distributions are
+  (:data:`SPARSE_CONVENTIONS` says where each is used): ``'tail'`` (k + 1
+  buckets, the teacher's distribution coarsened; the default),
+  ``'renormalize_both'`` (both renormalised over S) or ``'student_full'``
+  (the full student against the renormalised teacher, where the reverse KL
+  is infinite for k < V and refused when its arguments are concrete).
 
-  - ``'tail'`` (default): k + 1 buckets :math:`c_1, \dots, c_k,
-    \text{rest}`, :math:`P = ((1 - r)\hat p,\; r)`, :math:`Q = (q_S,\;
-    \sum_{j \notin S} q_j)`. :math:`P` is exactly the teacher's distribution
-    coarsened, so every divergence here is a lower bound on the dense one
-    (data processing) and equals it at k = V. ``divergence='kl'`` is
-    :func:`topk_kl_divergence` (but for the underflow floor below). TRL's
-    ``ServerDistillationTrainer`` (``loss_add_tail=True``, its default; it
-    takes both tails as one minus the summed top-k probabilities, floored
-    near :math:`10^{-7}`) and DistillKit with
-    ``missing_probability_handling=SYMMETRIC_UNIFORM`` use this form.
-  - ``'renormalize_both'``: k buckets, :math:`P = \hat p`, :math:`Q =
-    \mathrm{softmax}(z_S / T)`, both renormalised over S. The student's mass
-    outside S is invisible (with k = 1 every divergence is 0). MaxText's
-    offline distillation (``post_train/distillation/distillation_utils.py``,
-    forward KL only) and TRL's server path with ``loss_add_tail=False`` use
-    this form.
-  - ``'student_full'``: the full-vocabulary student against :math:`\hat p`
-    extended by zeros, :math:`\sum_{i \in S} \hat p_i \log(\hat p_i / q_i)`
-    for the KL. Each divergence here is a sum of
-    :math:`g(p_j, q_j)` with :math:`g` homogeneous of degree 1, so the
-    classes outside S are summed exactly as one bucket
-    :math:`P_\text{rest} = 0`, :math:`Q_\text{rest} = \sum_{j \notin S} q_j`.
-    DistillKit's sparse KL and TVD (its default
-    ``missing_probability_handling=ZERO``) use this form; its sparse JSD
-    also leaves out the student's term outside S, so it matches here only
-    for the KL and TVD. The reverse KL (and ``generalized_jsd`` at
-    ``beta=1``, ``skew_reverse_kl`` at ``skew=0``) is :math:`+\infty` in
-    this form for k < V and is refused when those arguments are concrete.
-
-  The reverse KL against a top-k teacher without the tail is known to be
-  unstable: renormalised on both sides it does not see the mass the
-  student moves outside S (and is 0 for k = 1); against the full student
-  it is infinite. The tail bucket is what keeps it finite and meaningful,
-  which is why TRL adds it by default. In the tail form, a rest mass that
-  underflowed to 0 (k < V) is taken as the smallest normal float32
-  (~1.2e-38) where the student has mass outside S, so the reverse KL stays
-  finite.
-
-  ``divergence`` is one of :data:`TOKEN_DIVERGENCES`, applied to
-  :math:`(P, Q)` as the dense function of the same name does to
-  :math:`(p, q)` (:func:`token_divergence`), times :math:`T^2` when
-  ``scale_by_temperature_squared``. With k = V every convention equals the
-  dense divergence. ``rest_mass`` must be the teacher's at the same
-  :math:`T` (`kd_jax.export_logits --top_k` stores it at the export
-  temperature); only ``'tail'`` with k < V needs it, the other conventions
-  ignore it.
+  ``divergence`` (one of :data:`TOKEN_DIVERGENCES`) is applied to the two
+  as :func:`token_divergence` is to dense ones; with k = V every convention
+  equals it. ``rest_mass`` must be the teacher's at the same :math:`T`;
+  only ``'tail'`` with k < V needs it.
 
   Args:
     student_logits: float array ``[..., vocab]``, :math:`z` (e.g.
@@ -1962,11 +2012,7 @@ def sparse_token_divergence(student_logits: ArrayLike, topk_logits: ArrayLike,
     0.999
 
   References:
-    TRL, ``trl/experimental/server_distillation/`` (tail bucket); MaxText,
-    ``post_train/distillation/distillation_utils.py`` (renormalised top k);
-    DistillKit, ``distillkit/lossfuncs/`` (full student); Shen and Xing,
-    `A Fast Knowledge Distillation Framework for Visual Recognition
-    <https://arxiv.org/abs/2112.01528>`_, ECCV 2022 (top-k + rest).
+    See :data:`SPARSE_CONVENTIONS`.
   """
   student = _as_float_logits(student_logits, 'student_logits')
   teacher = _as_float_logits(topk_logits, 'topk_logits')
@@ -1977,23 +2023,8 @@ def sparse_token_divergence(student_logits: ArrayLike, topk_logits: ArrayLike,
   valid = _valid_mask(where, student.shape[:-1])
   _check_sparse_teacher(student, teacher, indices, rest, valid)
   num_classes, k = student.shape[-1], teacher.shape[-1]
-  if convention == 'tail' and k < num_classes and rest is None:
-    raise ValueError(
-        f"convention='tail' needs rest_mass (the teacher's mass outside its "
-        f'top k={k} of {num_classes} classes, at the same temperature); pass '
-        f"it, or pick convention='renormalize_both' or 'student_full'.")
-  if convention == 'student_full' and k < num_classes:
-    beta_value, skew_value = _concrete_value(beta), _concrete_value(skew)
-    if (divergence == 'reverse_kl'
-        or (divergence == 'generalized_jsd' and beta_value is not None
-            and float(np.asarray(beta_value)) == 1.0)
-        or (divergence == 'skew_reverse_kl' and skew_value is not None
-            and float(np.asarray(skew_value)) == 0.0)):
-      raise ValueError(
-          f"divergence={divergence!r} is infinite with convention="
-          f"'student_full': the teacher renormalised on its top k has no "
-          f'mass outside it, where the student has some; use '
-          f"convention='tail' (with rest_mass) or 'renormalize_both'.")
+  _check_sparse_convention(convention, divergence, k, num_classes, rest, beta,
+                           skew)
 
   dtype = jnp.promote_types(student.dtype, teacher.dtype)
   # Masked positions compute on zeros and the classes 0..k-1: no NaN, inf or
@@ -2324,6 +2355,28 @@ def wttm_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
 MLKD_TEMPERATURES = (2.0, 3.0, 4.0, 5.0, 6.0)
 
 
+def _check_mlkd_args(student: jax.Array, temperatures: Any,
+                     instance_weight: Any, batch_weight: Any,
+                     class_weight: Any) -> tuple[Any, ...]:
+  """Refuses what `mlkd_loss` cannot take; returns the temperatures."""
+  if student.ndim != 2:
+    raise ValueError(
+        f'student_logits must be a batch of shape [B, C] (MLKD relates the '
+        f'examples of a batch), got shape {student.shape}; reshape to '
+        f'[-1, num_classes].')
+  temperatures = tuple(temperatures)
+  if not temperatures:
+    raise ValueError('temperatures is empty; pass at least one, e.g. the '
+                     f'authors\' {MLKD_TEMPERATURES}.')
+  for temperature in temperatures:
+    _check_temperature(temperature)
+  for value, name in ((instance_weight, 'instance_weight'),
+                      (batch_weight, 'batch_weight'),
+                      (class_weight, 'class_weight')):
+    _check_scalar_weight(value, name)
+  return temperatures
+
+
 def mlkd_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
               temperatures: tuple[float, ...] = MLKD_TEMPERATURES,
               instance_weight: ArrayLike = 1.0,
@@ -2396,21 +2449,8 @@ def mlkd_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
   student = _as_float_logits(student_logits, 'student_logits')
   teacher = _as_float_logits(teacher_logits, 'teacher_logits')
   _check_same_shape(student, teacher)
-  if student.ndim != 2:
-    raise ValueError(
-        f'student_logits must be a batch of shape [B, C] (MLKD relates the '
-        f'examples of a batch), got shape {student.shape}; reshape to '
-        f'[-1, num_classes].')
-  temperatures = tuple(temperatures)
-  if not temperatures:
-    raise ValueError('temperatures is empty; pass at least one, e.g. the '
-                     f'authors\' {MLKD_TEMPERATURES}.')
-  for temperature in temperatures:
-    _check_temperature(temperature)
-  for value, name in ((instance_weight, 'instance_weight'),
-                      (batch_weight, 'batch_weight'),
-                      (class_weight, 'class_weight')):
-    _check_scalar_weight(value, name)
+  temperatures = _check_mlkd_args(student, temperatures, instance_weight,
+                                  batch_weight, class_weight)
   valid = _valid_mask(where, student.shape[:-1])
   dtype = jnp.promote_types(student.dtype, teacher.dtype)
   student, teacher = student.astype(dtype), teacher.astype(dtype)
