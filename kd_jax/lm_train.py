@@ -472,17 +472,10 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
   cache, teacher, teacher_params, teacher_info = _teacher_of(
       config, train_tokens, mesh)
   tx, _ = make_optimizer(config, config.num_train_steps)
-  init, abstract = _abstract_state(model, tx, config.seed, config.length)
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-      abstract)
   mngr = checkpointing.manager(workdir, config.keep_checkpoints)
   try:
-    restored = checkpointing.restore(mngr, abstract, workdir,
-                                     move_broken=is_chief)
-    state = (restored[0] if restored is not None else
-             jax.jit(init, out_shardings=replicated)(
-                 jax.random.key(config.seed)))
+    state = _restore_or_init(config, model, tx, mngr, workdir, replicated,
+                             is_chief)
     if is_chief:
       rundir.write_config(workdir, config_json)
     step_fn = jax.jit(functools.partial(
@@ -493,57 +486,20 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
     eval_fn = jax.jit(functools.partial(eval_sums, model=model,
                                         teacher_model=teacher),
                       out_shardings=replicated)
+    eval_batches = functools.partial(_eval_batches, config, eval_tokens)
+    start = int(jax.device_get(state['step']))
     meta = dict(config_fingerprint=checkpointing.config_fingerprint(
         config_json))
-    start = int(jax.device_get(state['step']))
-    batches = _train_stream(config, train_tokens, start, cache, mesh)
-
-    def eval_batches():
-      return text.eval_batches(
-          eval_tokens, batch_size=config.eval_batch_size,
-          length=config.length, process_index=jax.process_index(),
-          process_count=jax.process_count())
-
-    history, started = [], time.time()
-    for step in range(start, config.num_train_steps):
-      state, measurements = step_fn(state, next(batches), teacher_params)
-      done = step + 1
-      last = done == config.num_train_steps
-      save = done % config.checkpoint_every_steps == 0 or last
-      if done % config.log_every_steps == 0 or save:
-        values = {k: float(v) for k, v in
-                  jax.device_get(measurements).items()}
-        bad = checkpointing.nonfinite_arrays(state['params']) if save else []
-        if not math.isfinite(values['loss_total']) or bad:
-          mngr.wait_until_finished()  # Name committed checkpoints only.
-          raise _diverged(done, values['loss_total'], bad,
-                          checkpointing.latest_step(workdir))
-        if done % config.log_every_steps == 0 or last:
-          history.append(dict(step=done, **values))
-          logging.info('step %d: %s', done, values)
-      if save:
-        checkpointing.save(mngr, state, meta)
-      if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 \
-          and not last:
-        logging.info('step %d eval: %s', done, evaluate(
-            eval_fn, state['params'], teacher_params, eval_batches(), mesh))
-    mngr.wait_until_finished()
-    train_seconds = time.time() - started
+    state, history, train_seconds = _loop(
+        config, state,
+        lambda state, batch: step_fn(state, batch, teacher_params),
+        _train_stream(config, train_tokens, start, cache, mesh), mngr,
+        workdir, meta, lambda params: evaluate(
+            eval_fn, params, teacher_params, eval_batches(), mesh), start)
     final = evaluate(eval_fn, state['params'], teacher_params,
                      eval_batches(), mesh)
-    samples = []
-    sampled = config.get('eval_samples')
-    if sampled is not None and sampled.num_batches > 0 and (
-        teacher is not None):
-      sample_fn = jax.jit(functools.partial(
-          sample_sums, model=model, teacher_model=teacher,
-          prompt_length=sampled.prompt_length,
-          completion_length=sampled.completion_length,
-          temperature=sampled.temperature), out_shardings=replicated)
-      measured, samples = evaluate_samples(
-          sample_fn, state['params'], teacher_params, eval_batches(), mesh,
-          sampled.seed, sampled.num_batches)
-      final.update(measured)
+    samples = _evaluate_on_samples(config, model, teacher, state['params'],
+                                   teacher_params, eval_batches, mesh, final)
   finally:
     mngr.close()
   summary = dict(
@@ -554,6 +510,74 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
       train_seconds=train_seconds, start_step=start)
   _finish(config, workdir, summary, cache, teacher_info, is_chief)
   return summary
+
+
+def _restore_or_init(config, model, tx, mngr, workdir: str, replicated,
+                     is_chief: bool):
+  """The state of the latest restorable checkpoint, else a fresh one."""
+  init, abstract = _abstract_state(model, tx, config.seed, config.length)
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      abstract)
+  restored = checkpointing.restore(mngr, abstract, workdir,
+                                   move_broken=is_chief)
+  if restored is not None:
+    return restored[0]
+  return jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+
+
+def _eval_batches(config, eval_tokens):
+  return text.eval_batches(
+      eval_tokens, batch_size=config.eval_batch_size, length=config.length,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _loop(config, state, step_fn, batches, mngr, workdir: str, meta,
+          evaluate_params, start: int):
+  """Steps `start`..num_train_steps: logs, saves, evaluates every
+  eval_every_steps, and stops before a save once the loss or the
+  parameters are non-finite. (state, history, train seconds)."""
+  history, started = [], time.time()
+  for step in range(start, config.num_train_steps):
+    state, measurements = step_fn(state, next(batches))
+    done = step + 1
+    last = done == config.num_train_steps
+    save = done % config.checkpoint_every_steps == 0 or last
+    if done % config.log_every_steps == 0 or save:
+      values = {k: float(v) for k, v in jax.device_get(measurements).items()}
+      bad = checkpointing.nonfinite_arrays(state['params']) if save else []
+      if not math.isfinite(values['loss_total']) or bad:
+        mngr.wait_until_finished()  # Name committed checkpoints only.
+        raise _diverged(done, values['loss_total'], bad,
+                        checkpointing.latest_step(workdir))
+      if done % config.log_every_steps == 0 or last:
+        history.append(dict(step=done, **values))
+        logging.info('step %d: %s', done, values)
+    if save:
+      checkpointing.save(mngr, state, meta)
+    if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 \
+        and not last:
+      logging.info('step %d eval: %s', done, evaluate_params(state['params']))
+  mngr.wait_until_finished()
+  return state, history, time.time() - started
+
+
+def _evaluate_on_samples(config, model, teacher, params, teacher_params,
+                         eval_batches, mesh, final: dict) -> list[str]:
+  """Adds config.eval_samples' measures to `final`; the sampled texts."""
+  sampled = config.get('eval_samples')
+  if sampled is None or sampled.num_batches <= 0 or teacher is None:
+    return []
+  sample_fn = jax.jit(functools.partial(
+      sample_sums, model=model, teacher_model=teacher,
+      prompt_length=sampled.prompt_length,
+      completion_length=sampled.completion_length,
+      temperature=sampled.temperature), out_shardings=NamedSharding(mesh, P()))
+  measured, samples = evaluate_samples(
+      sample_fn, params, teacher_params, eval_batches(), mesh, sampled.seed,
+      sampled.num_batches)
+  final.update(measured)
+  return samples
 
 
 def _teacher_of(config, train_tokens, mesh):
