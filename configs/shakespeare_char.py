@@ -82,8 +82,11 @@ def get_config(arg=None):
       # Train, with probability `fraction`, on completions of each window's
       # first `prompt_length` tokens sampled from the student (on-policy,
       # GKD) or the teacher (sequence-level KD); 'none': the text only.
+      # schedule='adaptive': DistiLLM's probability raised on the validation
+      # loss, with a replay buffer of student generations (kd_jax.on_policy).
       generation=dict(source='none', fraction=0.5, prompt_length=32,
-                      temperature=1.0, top_k=0)))
+                      temperature=1.0, top_k=0, schedule='fixed',
+                      adaptive=config_lib.LM_ADAPTIVE_DEFAULTS)))
   # After training, with a teacher: the student completes the prompts of the
   # first num_batches eval batches (fixed keys from seed); the teacher's NLL
   # and KL(student || teacher) per token of the completions (0: off).

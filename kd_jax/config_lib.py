@@ -270,13 +270,27 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return out
 
 
+# DistiLLM's adaptive schedule (kd_jax.on_policy), with its code's defaults:
+# probability 0 at first, +0.1 when the validation loss rose by 0.1, a
+# buffer of 1,000 generations replayed at a decreasing ratio.
+LM_ADAPTIVE_DEFAULTS = dict(initial=0.0, increment=0.1, tolerance=0.1,
+                            capacity=1000, replay='decreasing')
+
+
 def upgrade_json(config: dict[str, Any]) -> dict[str, Any]:
   """A config.json's contents in the current form, silently: a workdir
-  written before a field moved compares equal to the same run now. A
-  language-model config (task 'lm') comes back as it is."""
-  if (not isinstance(config.get('distill'), dict)
-      or config.get('task') == 'lm'):
+  written before a field moved or was added compares equal to the same run
+  now."""
+  if not isinstance(config.get('distill'), dict):
     return config
+  if config.get('task') == 'lm':
+    generation = config['distill'].get('generation')
+    if not isinstance(generation, dict) or 'schedule' in generation:
+      return config
+    generation = dict(generation, schedule='fixed',
+                      adaptive=dict(LM_ADAPTIVE_DEFAULTS))
+    return dict(config, distill=dict(config['distill'],
+                                     generation=generation))
   return dict(config, distill=translate_distill(config['distill'],
                                                 warn=False))
 

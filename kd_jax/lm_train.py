@@ -55,6 +55,7 @@ import optax
 from kd_jax import checkpointing
 from kd_jax import losses
 from kd_jax import models
+from kd_jax import on_policy
 from kd_jax import rundir
 from kd_jax.data import prefetch
 from kd_jax.data import text
@@ -111,7 +112,7 @@ def validate_config(config: ml_collections.ConfigDict,
                      f'choose one of {tuple(TEACHER_DTYPES)}.')
   g = d.get('generation')
   if g is not None and g.source != 'none':
-    _validate_generation(g, config)
+    on_policy.validate(g, config)
   e = config.get('eval_samples')
   if e is not None and e.num_batches > 0 and (
       e.prompt_length < 1 or e.prompt_length > config.length
@@ -122,30 +123,6 @@ def validate_config(config: ml_collections.ConfigDict,
         f'[1, config.length={config.length}] and prompt_length + '
         f'completion_length={e.completion_length} at most the block_size '
         f'{spec.block_size}.')
-
-
-def _validate_generation(g, config) -> None:
-  field = 'config.distill.generation'
-  if g.source not in ('student', 'teacher'):
-    raise ValueError(f'{field}.source={g.source!r}; choose none, student '
-                     '(on-policy, GKD) or teacher (sequence-level KD).')
-  if not 0.0 < g.fraction <= 1.0:
-    raise ValueError(f'{field}.fraction={g.fraction} must be in (0, 1]: the '
-                     'probability that a step trains on generated text.')
-  if not 1 <= g.prompt_length < config.length:
-    raise ValueError(f'{field}.prompt_length={g.prompt_length} must be in '
-                     f'[1, config.length={config.length}): the rest of each '
-                     'window is generated.')
-  if not g.temperature >= 0:
-    raise ValueError(f'{field}.temperature={g.temperature} must be >= 0 '
-                     '(0: greedy).')
-  if config.distill.get('cache_dir'):
-    raise ValueError(f'{field}.source={g.source!r} needs the online teacher '
-                     'to score generated text; a cache holds the fixed '
-                     'text\'s only: unset config.distill.cache_dir.')
-  if not config.distill.teacher_workdir:
-    raise ValueError(f'{field}.source={g.source!r} needs a teacher: set '
-                     'config.distill.teacher_workdir.')
 
 
 # ---------------------------------------------------------------------------
@@ -164,7 +141,8 @@ def _next_token_ce(logits, targets):
 
 
 def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
-            teacher_params, *, model, teacher_model, tx, distill
+            teacher_params, *, model, teacher_model, tx, distill,
+            num_train_steps: int = 1
             ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One update of the student on one global batch of windows.
 
@@ -176,19 +154,21 @@ def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
   student trains on the targets alone (`distill.alpha` 0).
 
   With `distill.generation.source` 'student' (on-policy, GKD) or 'teacher'
-  (sequence-level KD), the step trains, with probability
-  `distill.generation.fraction`, on that model's completions of the first
-  `prompt_length` tokens of each window instead of the window's own text
-  (`_generated_batch`), drawn from keys folded from the step's: a resumed
-  run generates what the uninterrupted one did.
+  (sequence-level KD), the step trains on that model's completions of the
+  first `prompt_length` tokens of each window instead of the window's own
+  text, with probability `distill.generation.fraction` or as DistiLLM's
+  adaptive schedule decides (`kd_jax.on_policy`; `num_train_steps` is its
+  T), drawn from keys folded from the step's: a resumed run generates what
+  the uninterrupted one did.
   """
   rng = jax.random.fold_in(state['rng'], state['step'])
   measurements = {}
   generation_config = distill.get('generation')
   if generation_config is not None and generation_config.source != 'none':
-    batch, measurements['generated'] = _generated_batch(
-        batch, rng, generation_config, model, state['params'],
-        teacher_model, teacher_params)
+    batch, generated, measurements = on_policy.train_text(
+        batch, rng, state, generation_config, model, teacher_model,
+        teacher_params, num_train_steps)
+    state = dict(state, **generated)
   mask = batch['mask']
   teacher_logits = None
   # At alpha 0 the teacher only evaluates: the step trains as from scratch.
@@ -228,39 +208,6 @@ def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
   measurements['grad_norm'] = optax.tree.norm(grads)
   return dict(state, step=state['step'] + 1, params=params,
               opt_state=opt_state), measurements
-
-
-def _generated_batch(batch, rng, generation_config, model, params,
-                     teacher_model, teacher_params):
-  """(the batch to train on, 1.0 if generated else 0.0): with probability
-  `fraction`, the sampler's completions of each window's prompt, laid out
-  like the window (`generation.completion_batch`, the last position
-  masked); otherwise the batch as it is."""
-  from kd_jax import generation  # pylint: disable=g-import-not-at-top
-  length = batch['inputs'].shape[1]
-  prompt = generation_config.prompt_length
-  if generation_config.source == 'student':
-    sampler, variables = model, {'params': jax.lax.stop_gradient(params)}
-  else:
-    sampler, variables = teacher_model, {'params': teacher_params}
-  use = jax.random.bernoulli(jax.random.fold_in(rng, 1),
-                             generation_config.fraction)
-
-  def generated(text):
-    out = generation.completion_batch(generation.generate(
-        sampler, variables, text['inputs'], text['mask'],
-        jax.random.fold_in(rng, 2), prompt_length=prompt,
-        completion_length=length - prompt,
-        temperature=generation_config.temperature,
-        top_k=generation_config.top_k or None))
-    pad = lambda x, v: jnp.pad(x, ((0, 0), (0, 1)), constant_values=v)  # pylint: disable=unnecessary-lambda-assignment
-    return dict(text, inputs=pad(out['inputs'], 0),
-                targets=pad(out['targets'], 0), mask=pad(out['mask'], False))
-
-  keys = ('inputs', 'targets', 'mask')
-  text = {k: batch[k] for k in keys}
-  chosen = jax.lax.cond(use, generated, lambda t: t, text)
-  return dict(batch, **chosen), use.astype(jnp.float32)
 
 
 def eval_sums(params, batch, teacher_params, *, model, teacher_model
@@ -432,12 +379,14 @@ def _cache_teacher(cache, config, mesh):
   return teacher, params, info
 
 
-def _abstract_state(model, tx, seed: int, length: int):
+def _abstract_state(model, tx, config):
   def init(rng):
-    params = model.init(rng, jnp.zeros((1, length), jnp.int32))['params']
+    params = model.init(rng, jnp.zeros((1, config.length), jnp.int32)
+                        )['params']
     return dict(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
-                opt_state=tx.init(params), rng=jax.random.fold_in(rng, 1))
-  return init, jax.eval_shape(init, jax.random.key(seed))
+                opt_state=tx.init(params), rng=jax.random.fold_in(rng, 1),
+                **on_policy.init_state(config))
+  return init, jax.eval_shape(init, jax.random.key(config.seed))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -481,7 +430,8 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
     step_fn = jax.jit(functools.partial(
         lm_step, model=model,
         teacher_model=None if cache is not None else teacher, tx=tx,
-        distill=config.distill), out_shardings=(replicated, replicated),
+        distill=config.distill, num_train_steps=config.num_train_steps),
+                      out_shardings=(replicated, replicated),
                       donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_sums, model=model,
                                         teacher_model=teacher),
@@ -515,7 +465,7 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
 def _restore_or_init(config, model, tx, mngr, workdir: str, replicated,
                      is_chief: bool):
   """The state of the latest restorable checkpoint, else a fresh one."""
-  init, abstract = _abstract_state(model, tx, config.seed, config.length)
+  init, abstract = _abstract_state(model, tx, config)
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
       abstract)
@@ -538,6 +488,10 @@ def _loop(config, state, step_fn, batches, mngr, workdir: str, meta,
   eval_every_steps, and stops before a save once the loss or the
   parameters are non-finite. (state, history, train seconds)."""
   history, started = [], time.time()
+  generation_config = config.distill.get('generation')
+  if on_policy.needs_first_loss(state):
+    state = on_policy.after_evaluation(
+        state, evaluate_params(state['params'])['loss'], generation_config)
   for step in range(start, config.num_train_steps):
     state, measurements = step_fn(state, next(batches))
     done = step + 1
@@ -553,11 +507,15 @@ def _loop(config, state, step_fn, batches, mngr, workdir: str, meta,
       if done % config.log_every_steps == 0 or last:
         history.append(dict(step=done, **values))
         logging.info('step %d: %s', done, values)
-    if save:
-      checkpointing.save(mngr, state, meta)
     if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 \
         and not last:
-      logging.info('step %d eval: %s', done, evaluate_params(state['params']))
+      measured = evaluate_params(state['params'])
+      logging.info('step %d eval: %s', done, measured)
+      if on_policy.is_adaptive(generation_config):
+        state = on_policy.after_evaluation(state, measured['loss'],
+                                           generation_config)
+    if save:
+      checkpointing.save(mngr, state, meta)
   mngr.wait_until_finished()
   return state, history, time.time() - started
 

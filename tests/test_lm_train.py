@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpointing
+from kd_jax import config_lib
 from kd_jax import generation
 from kd_jax import lm_cache
 from kd_jax import lm_train
 from kd_jax import losses
 from kd_jax import models
+from kd_jax import on_policy
 from kd_jax import rundir
 from kd_jax import train
 from kd_jax.config_lib import load_config
@@ -56,7 +58,7 @@ def student_at_step_zero(config):
   """(student model, optimizer, its initial state) of `config`."""
   model = models.get_model(config.model, config.vocab_size)
   tx, _ = train.make_optimizer(config, config.num_train_steps)
-  init, _ = lm_train._abstract_state(model, tx, 0, config.length)  # pylint: disable=protected-access
+  init, _ = lm_train._abstract_state(model, tx, config)  # pylint: disable=protected-access
   return model, tx, init(jax.random.key(0))
 
 
@@ -79,6 +81,16 @@ def final_params(workdir, config):
     ('distill.generation.source="teacher",distill.generation.prompt_length=32',
      'prompt_length=32'),
     ('distill.generation.source="self"', 'generation.source'),
+    ('distill.generation.source="student",distill.generation.schedule="auto"',
+     'generation.schedule'),
+    ('distill.generation.source="teacher",'
+     'distill.generation.schedule="adaptive"', "source='student'"),
+    ('distill.generation.source="student",'
+     'distill.generation.schedule="adaptive",'
+     'distill.generation.adaptive.capacity=8', 'adaptive.capacity=8'),
+    ('distill.generation.source="student",'
+     'distill.generation.schedule="adaptive",eval_every_steps=0',
+     'eval_every_steps=0'),
     ('distill.teacher_dtype="float16"', 'teacher_dtype'),
     ('distill.generation.source="student",distill.cache_dir="c"',
      'unset config.distill.cache_dir'),
@@ -146,8 +158,11 @@ def test_distilled_run_reports_its_teacher_and_moves_toward_it(
 
 @pytest.mark.slow  # Two tiny runs and a resume.
 @pytest.mark.parametrize('arg', [
-    '', 'distill.generation.source="student",distill.generation.fraction=0.5'],
-                         ids=['text', 'on_policy'])
+    '', 'distill.generation.source="student",distill.generation.fraction=0.5',
+    'distill.generation.source="student",distill.generation.schedule='
+    '"adaptive",distill.generation.adaptive.capacity=16,'
+    'distill.generation.adaptive.initial=0.5'],
+                         ids=['text', 'on_policy', 'adaptive'])
 def test_resumed_lm_run_ends_like_the_uninterrupted_one(lm_teacher_dir,
                                                         tmp_path, arg):
   config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",{arg}')
@@ -376,6 +391,80 @@ def test_a_generating_step_trains_on_the_samplers_completions(
   np.testing.assert_allclose(
       got['loss_soft'], np.asarray(kl)[np.asarray(out['mask'])].mean(),
       rtol=1e-5)
+
+
+ADAPTIVE = ('distill.generation.source="student",'
+            'distill.generation.schedule="adaptive",'
+            'distill.generation.adaptive.capacity=16')
+
+
+def test_the_replay_buffer_is_a_ring_of_the_last_windows():
+  state = on_policy.init_state(tiny(ADAPTIVE + ',batch_size=4,'
+                                    'distill.generation.adaptive.capacity=6'))
+  replay = state['replay']
+  for value in (1, 2, 3):
+    text = {k: jnp.full(replay[k].shape[1:], value, replay[k].dtype)[None]
+            .repeat(4, 0) for k in ('inputs', 'targets', 'mask')}
+    replay = on_policy._store(replay, text)  # pylint: disable=protected-access
+  # Rows 0-3 held batch 1, 4-5 and 0-1 batch 2, 2-5 batch 3.
+  assert replay['inputs'][:, 0].tolist() == [2, 2, 3, 3, 3, 3]
+  assert int(replay['count']) == 6 and int(replay['next']) == 0
+
+
+def test_the_adaptive_probability_rises_when_validation_loss_rises():
+  g = tiny(ADAPTIVE).distill.generation
+  state = dict(step=jnp.zeros((), jnp.int32),
+               **on_policy.init_state(tiny(ADAPTIVE)))
+  phi = lambda s: (float(s['schedule']['threshold']),  # pylint: disable=unnecessary-lambda-assignment
+                   float(s['schedule']['previous_loss']))
+  assert on_policy.needs_first_loss(state)
+  state = on_policy.after_evaluation(state, 2.0, g)  # Recorded only.
+  assert phi(state) == (0.0, 2.0) and not on_policy.needs_first_loss(state)
+  state = on_policy.after_evaluation(state, 2.05, g)  # Within tolerance.
+  assert phi(state) == (0.0, 2.0)
+  state = on_policy.after_evaluation(state, 2.1, g)
+  assert phi(state) == pytest.approx((0.1, 2.1))
+  for loss in (2.3, 2.5, 2.7, 2.9, 3.1, 3.3, 3.5, 3.7, 3.9, 4.1, 4.3):
+    state = on_policy.after_evaluation(state, loss, g)
+  assert phi(state) == pytest.approx((1.0, 4.3))
+
+
+def test_an_lm_workdir_from_before_the_adaptive_schedule_compares_equal():
+  current = json.loads(rundir.config_json(tiny()))
+  before = json.loads(rundir.config_json(tiny()))
+  del before['distill']['generation']['schedule']
+  del before['distill']['generation']['adaptive']
+  assert config_lib.upgrade_json(before) == current
+  assert config_lib.upgrade_json(current) == current
+
+
+@pytest.mark.slow  # A step with generation compiled.
+def test_adaptive_steps_generate_into_the_buffer_then_replay_it(
+    lm_teacher_dir):
+  # phi = 1 and the 'increasing' ratio at step 0 (rho = 0): a step
+  # generates while the buffer is not full, then replays it.
+  config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",{ADAPTIVE},'
+                'distill.generation.adaptive.capacity=4,'
+                'distill.generation.adaptive.initial=1.0,'
+                'distill.generation.adaptive.replay="increasing"')
+  teacher, teacher_params = restored_teacher(config)
+  model, tx, state = student_at_step_zero(config)
+  tokens = text.load_split('pydoc_topics', 'train')
+  batch = text.train_batch(tokens, seed=0, step=0, batch_size=4, length=32)
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != 'start'}
+  step = jax.jit(functools.partial(
+      lm_train.lm_step, model=model, teacher_model=teacher, tx=tx,
+      distill=config.distill, num_train_steps=6))
+  zero = dict(state, step=jnp.zeros((), jnp.int32))
+  first, got = step(zero, batch, teacher_params)
+  assert (got['generated'], got['replayed']) == (1.0, 0.0)
+  stored = first['replay']
+  assert int(stored['count']) == 4
+  np.testing.assert_array_equal(stored['inputs'][:, :8], batch['inputs'][:, :8])
+  assert not np.array_equal(stored['inputs'], batch['inputs'])
+  second, got = step(dict(first, step=zero['step']), batch, teacher_params)
+  assert (got['generated'], got['replayed']) == (0.0, 1.0)
+  jax.tree.map(np.testing.assert_array_equal, second['replay'], stored)
 
 
 @pytest.mark.slow  # A step compiled twice.
