@@ -1,0 +1,79 @@
+"""The token_kd study's learning rate, chosen on validation.
+
+  python experiments/token_kd/learning_rate.py --workdir=workdirs/token_kd
+
+Seed 0 of the study's student from scratch and distilled online with the
+forward KL (alpha 0.5), each at the learning rates --learning_rates, on the
+study's teacher, data and schedule (`run.py`; its seed-0 runs at the
+config's 1e-3 are read from --workdir, not retrained). Each run's validation
+bits per character: tiny-shakespeare has no split beside train and
+validation (nanoGPT's), so the rate is chosen on the split the study
+reports. Writes `learning_rate.md` beside this file (--out_dir).
+"""
+
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+sys.path.insert(0, os.path.join(REPO, 'experiments', 'token_kd'))
+sys.path.insert(0, REPO)
+
+import run as token_kd  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CONFIG_RATE = 1e-3
+
+
+def plans(args, teacher_dir: str) -> dict[str, dict]:
+  """{run name: its config fields}: scratch and online KL."""
+  return {'scratch': {},
+          'online kl': {'distill.teacher_workdir': teacher_dir,
+                        'distill.divergence': 'kl'}}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', required=True,
+                      help="the study's workdir (run.py --workdir)")
+  parser.add_argument('--learning_rates', default='3e-4,1e-3,3e-3')
+  parser.add_argument('--out_dir', default=os.path.dirname(
+      os.path.abspath(__file__)))
+  parser.add_argument('--steps', type=int, default=2000)
+  parser.add_argument('--teacher_steps', type=int, default=3000)
+  parser.add_argument('--tiny', action='store_true')
+  args = parser.parse_args(argv)
+  teacher_dir = os.path.join(args.workdir, 'teacher')
+  token_kd.run(token_kd.config('teacher', args), teacher_dir)
+  rates = [float(r) for r in args.learning_rates.split(',')]
+  table = {}
+  for name, fields in plans(args, teacher_dir).items():
+    role = 'student' if name == 'scratch' else 'distill'
+    for rate in rates:
+      workdir = (os.path.join(args.workdir, 'seed0', name.replace(' ', '_'))
+                 if rate == CONFIG_RATE else
+                 os.path.join(args.workdir, 'learning_rate', f'lr{rate:g}',
+                              name.replace(' ', '_')))
+      c = token_kd.config(role, args, seed=0, learning_rate=rate, **fields)
+      summary = token_kd.run(c, workdir)
+      split = next(iter(summary['eval']))
+      table[name, rate] = summary['eval'][split]['bits_per_token']
+  lines = [f'Validation ({split}) bits per character at each learning rate, '
+           'seed 0 (`python experiments/token_kd/learning_rate.py '
+           '--workdir=workdirs/token_kd`); the lowest per run is chosen.', '',
+           '| run | ' + ' | '.join(f'lr {r:g}' for r in rates)
+           + ' | chosen |', '|---|' + '---|' * (len(rates) + 1)]
+  for name in plans(args, teacher_dir):
+    bits = [table[name, r] for r in rates]
+    best = rates[bits.index(min(bits))]
+    lines.append(f'| {name} | ' + ' | '.join(f'{b:.4f}' for b in bits)
+                 + f' | {best:g} |')
+  os.makedirs(args.out_dir, exist_ok=True)
+  with open(os.path.join(args.out_dir, 'learning_rate.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+  return table
+
+
+if __name__ == '__main__':
+  main()
