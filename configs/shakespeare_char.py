@@ -83,10 +83,13 @@ def get_config(arg=None):
       # first `prompt_length` tokens sampled from the student (on-policy,
       # GKD) or the teacher (sequence-level KD); 'none': the text only.
       # schedule='adaptive': DistiLLM's probability raised on the validation
-      # loss, with a replay buffer of student generations (kd_jax.on_policy).
+      # loss, with a replay buffer of student generations (kd_jax.on_policy);
+      # 'once': the teacher's completions generated once into cache_dir
+      # (python -m kd_jax.lm_generations), sequence-level KD.
       generation=dict(source='none', fraction=0.5, prompt_length=32,
                       temperature=1.0, top_k=0, schedule='fixed',
-                      adaptive=config_lib.LM_ADAPTIVE_DEFAULTS)))
+                      adaptive=config_lib.LM_ADAPTIVE_DEFAULTS,
+                      cache_dir='')))
   # After training, with a teacher: the student completes the prompts of the
   # first num_batches eval batches (fixed keys from seed); the teacher's NLL
   # and KL(student || teacher) per token of the completions (0: off).

@@ -285,10 +285,11 @@ def upgrade_json(config: dict[str, Any]) -> dict[str, Any]:
     return config
   if config.get('task') == 'lm':
     generation = config['distill'].get('generation')
-    if not isinstance(generation, dict) or 'schedule' in generation:
+    if not isinstance(generation, dict):
       return config
-    generation = dict(generation, schedule='fixed',
-                      adaptive=dict(LM_ADAPTIVE_DEFAULTS))
+    added = dict(schedule='fixed', adaptive=dict(LM_ADAPTIVE_DEFAULTS),
+                 cache_dir='')
+    generation = {**added, **generation}
     return dict(config, distill=dict(config['distill'],
                                      generation=generation))
   return dict(config, distill=translate_distill(config['distill'],

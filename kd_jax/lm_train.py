@@ -440,10 +440,12 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
     start = int(jax.device_get(state['step']))
     meta = dict(config_fingerprint=checkpointing.config_fingerprint(
         config_json))
+    generations = _generations_of(config, train_tokens, teacher_params)
     state, history, train_seconds = _loop(
         config, state,
         lambda state, batch: step_fn(state, batch, teacher_params),
-        _train_stream(config, train_tokens, start, cache, mesh), mngr,
+        _train_stream(config, train_tokens, start, cache, mesh, generations),
+        mngr,
         workdir, meta, lambda params: evaluate(
             eval_fn, params, teacher_params, eval_batches(), mesh), start)
     final = evaluate(eval_fn, state['params'], teacher_params,
@@ -549,17 +551,33 @@ def _teacher_of(config, train_tokens, mesh):
   return (cache, *_cache_teacher(cache, config, mesh))
 
 
-def _train_stream(config, train_tokens, start: int, cache, mesh):
+def _generations_of(config, train_tokens, teacher_params):
+  """The teacher's stored completions (`kd_jax.lm_generations`) of
+  `distill.generation.cache_dir`, or None."""
+  g = config.distill.get('generation')
+  if g is None or g.source == 'none' or not g.get('cache_dir'):
+    return None
+  from kd_jax import lm_generations  # pylint: disable=g-import-not-at-top
+  return lm_generations.load(g.cache_dir, config, train_tokens,
+                             teacher_params)
+
+
+def _train_stream(config, train_tokens, start: int, cache, mesh,
+                  generations=None):
   """The train batches from step `start` on, as arrays on the mesh (with
-  the cache's sparse targets when there is one)."""
+  the cache's sparse targets, the stored completions, when there are)."""
   host_batches = text.train_batches(
       train_tokens, seed=config.seed, batch_size=config.batch_size,
       length=config.length, start_step=start,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(), aligned=cache is not None)
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      aligned=cache is not None or generations is not None)
   if cache is not None:
     from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
     host_batches = (lm_cache.lookup(cache, b) for b in host_batches)
+  if generations is not None:
+    from kd_jax import lm_generations  # pylint: disable=g-import-not-at-top
+    host_batches = (lm_generations.lookup(generations, b)
+                    for b in host_batches)
   return prefetch.prefetch_to_mesh(
       ({k: v for k, v in b.items() if k != 'start'} for b in host_batches),
       mesh)

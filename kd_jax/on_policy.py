@@ -9,6 +9,9 @@ that a resumed run trains on what the uninterrupted one did:
   student (`source='student'`: on-policy, GKD; Agarwal et al. 2024) or the
   teacher (`source='teacher'`: sequence-level KD, generated per batch; Kim
   and Rush 2016).
+- `schedule='once'` (`source='teacher'`): sequence-level KD on the
+  teacher's completions generated once before training
+  (`kd_jax.lm_generations`, `cache_dir`), with probability `fraction`.
 - `schedule='adaptive'` (DistiLLM's adaptive off-policy approach, Ko et al.
   2024; `source='student'`): a probability phi, `adaptive.initial` at first,
   raised by `adaptive.increment` (at most to 1) whenever the validation loss
@@ -44,9 +47,11 @@ import jax
 import jax.numpy as jnp
 
 SOURCES = ('none', 'student', 'teacher')
-SCHEDULES = ('fixed', 'adaptive')
+SCHEDULES = ('fixed', 'adaptive', 'once')
 REPLAY_RATIOS = ('decreasing', 'constant', 'increasing')
 _TEXT_KEYS = ('inputs', 'targets', 'mask')
+# The batch keys of completions stored by `kd_jax.lm_generations`.
+_STORED = 'generated_'
 
 
 def is_adaptive(generation_config) -> bool:
@@ -65,7 +70,7 @@ def validate(g, config) -> None:
   if schedule not in SCHEDULES:
     raise ValueError(f'{field}.schedule={schedule!r}; choose one of '
                      f'{SCHEDULES}.')
-  if schedule == 'fixed' and not 0.0 < g.fraction <= 1.0:
+  if schedule != 'adaptive' and not 0.0 < g.fraction <= 1.0:
     raise ValueError(f'{field}.fraction={g.fraction} must be in (0, 1]: the '
                      'probability that a step trains on generated text.')
   if not 1 <= g.prompt_length < config.length:
@@ -84,6 +89,14 @@ def validate(g, config) -> None:
                      'config.distill.teacher_workdir.')
   if schedule == 'adaptive':
     _validate_adaptive(g, config)
+  if (schedule == 'once') != bool(g.get('cache_dir')):
+    raise ValueError(f"{field}.schedule='once' trains on the teacher's "
+                     f'completions generated once into {field}.cache_dir '
+                     '(python -m kd_jax.lm_generations); set both, or '
+                     'neither.')
+  if schedule == 'once' and g.source != 'teacher':
+    raise ValueError(f"{field}.schedule='once' is sequence-level KD on the "
+                     f"teacher's text: set {field}.source='teacher'.")
 
 
 def _validate_adaptive(g, config) -> None:
@@ -158,6 +171,10 @@ def train_text(batch, rng, state, g, model, teacher_model, teacher_params,
   text = {k: batch[k] for k in _TEXT_KEYS}
   generate = lambda t: generated_text(t, jax.random.fold_in(rng, 2), g,  # pylint: disable=unnecessary-lambda-assignment
                                       sampler, variables)
+  if g.get('schedule', 'fixed') == 'once':  # Stored: `lm_generations`.
+    stored = {k: batch[_STORED + k] for k in _TEXT_KEYS}
+    generate = lambda _: stored  # pylint: disable=unnecessary-lambda-assignment
+    batch = {k: v for k, v in batch.items() if not k.startswith(_STORED)}
   if not is_adaptive(g):
     use = jax.random.bernoulli(jax.random.fold_in(rng, 1), g.fraction)
     chosen = jax.lax.cond(use, generate, lambda t: t, text)

@@ -18,6 +18,7 @@ from kd_jax import checkpointing
 from kd_jax import config_lib
 from kd_jax import generation
 from kd_jax import lm_cache
+from kd_jax import lm_generations
 from kd_jax import lm_train
 from kd_jax import losses
 from kd_jax import models
@@ -91,6 +92,10 @@ def final_params(workdir, config):
     ('distill.generation.source="student",'
      'distill.generation.schedule="adaptive",eval_every_steps=0',
      'eval_every_steps=0'),
+    ('distill.generation.source="teacher",distill.generation.schedule="once"',
+     'generation.cache_dir'),
+    ('distill.generation.source="student",distill.generation.schedule="once",'
+     'distill.generation.cache_dir="g"', "source='teacher'"),
     ('distill.teacher_dtype="float16"', 'teacher_dtype'),
     ('distill.generation.source="student",distill.cache_dir="c"',
      'unset config.distill.cache_dir'),
@@ -465,6 +470,48 @@ def test_adaptive_steps_generate_into_the_buffer_then_replay_it(
   second, got = step(dict(first, step=zero['step']), batch, teacher_params)
   assert (got['generated'], got['replayed']) == (0.0, 1.0)
   jax.tree.map(np.testing.assert_array_equal, second['replay'], stored)
+
+
+ONCE = ('distill.generation.source="teacher",distill.generation.schedule='
+        '"once",distill.generation.fraction=1.0')
+
+
+@pytest.mark.slow  # Generation over a split, then a tiny run and a resume.
+def test_sequence_level_kd_trains_on_completions_generated_once(
+    lm_teacher_dir, tmp_path):
+  out = str(tmp_path / 'generated')
+  config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",{ONCE},'
+                f'distill.generation.cache_dir="{out}",{CACHED_SPLIT}')
+  manifest = lm_generations.export(config, out, batch_size=8)
+  tokens = text.load_split('pydoc_topics', 'train[:10%]')
+  assert manifest['num_windows'] == text.num_windows(len(tokens), 32)
+  teacher, teacher_params = restored_teacher(config)
+  first = next(text.eval_batches(tokens, batch_size=8, length=32))
+  # Window w's completion is the teacher's, from batch b's key.
+  expected = on_policy.generated_text(
+      {k: first[k] for k in ('inputs', 'targets', 'mask')},
+      jax.random.fold_in(jax.random.key(0), 0), config.distill.generation,
+      teacher, {'params': teacher_params})
+  loaded = lm_generations.load(out, config, tokens, teacher_params)
+  for name in ('inputs', 'targets', 'mask'):
+    np.testing.assert_array_equal(getattr(loaded, name)[:8], expected[name])
+  np.testing.assert_array_equal(loaded.inputs[:8, :8], first['inputs'][:, :8])
+  assert not np.array_equal(loaded.inputs[:8], first['inputs'])
+  # A run trains on them at every step, and resumes to the same numbers.
+  whole = lm_train.train_and_evaluate(config, str(tmp_path / 'whole'))
+  assert {h['generated'] for h in whole['train_history']} == {1.0}
+  cut = str(tmp_path / 'cut')
+  shutil.copytree(str(tmp_path / 'whole'), cut)
+  shutil.rmtree(os.path.join(cut, 'checkpoints', '6'))
+  os.remove(os.path.join(cut, 'summary.json'))
+  assert lm_train.train_and_evaluate(config, cut)['eval'] == whole['eval']
+  # Generations for other settings or by another teacher are refused.
+  with pytest.raises(ValueError, match='prompt_length'):
+    lm_generations.load(out, tiny(f'{ONCE},distill.generation.prompt_length=4,'
+                                  f'{CACHED_SPLIT}'), tokens, teacher_params)
+  with pytest.raises(ValueError, match='another teacher'):
+    lm_generations.load(out, config, tokens, jax.tree.map(
+        lambda x: x + 1, teacher_params))
 
 
 @pytest.mark.slow  # A step compiled twice.
