@@ -20,6 +20,7 @@ adds the traceback. A finished run whose checkpoints were deleted is trained
 again over its summary.json only with --overwrite_finished.
 """
 
+import atexit
 import gc
 import os
 import signal
@@ -43,6 +44,10 @@ from kd_jax import progress
 PEER_TIMEOUT_S = 30.0
 # The exit code of a process that stopped because a peer was lost.
 PEER_LOST_EXIT = 75
+# The exit code of a supervised process that ended with a refusal it printed
+# (a divergence, which every process meets at the same step): its supervisor
+# exits 1 and adds nothing, so that the message stays the last line.
+REFUSED_EXIT = 76
 
 with progress.quiet_native_imports(sys.argv):
   # Training reads data: TensorFlow, lazy in the library, loads here, where
@@ -127,6 +132,8 @@ def supervise(process_id: int, num_processes: int,
       child.send_signal(signal.SIGINT)
   if code in (0, PEER_LOST_EXIT):
     return code
+  if code == REFUSED_EXIT:
+    return 1
   how = (f'signal {signal.Signals(-code).name}' if code < 0
          else f'exit code {code}')
   if (process_id != 0 and coordinator_address
@@ -155,6 +162,11 @@ def watch_peers(interval_s: float = 2.0, timeout_s: float = PEER_TIMEOUT_S
   client = distributed.global_state.client
   me, count = jax.process_index(), jax.process_count()
   seen = {p: ('', time.monotonic()) for p in range(count) if p != me}
+  # Set before JAX's own exit handler (registered earlier, so run later)
+  # shuts the store down: the store of a process that is ending stops
+  # answering, and that names no lost peer.
+  exiting = threading.Event()
+  atexit.register(exiting.set)
 
   def beat():
     n = 0
@@ -164,6 +176,8 @@ def watch_peers(interval_s: float = 2.0, timeout_s: float = PEER_TIMEOUT_S
         client.key_value_set(f'kd_jax/alive/{me}', str(n),
                              allow_overwrite=True)
       except Exception as e:  # pylint: disable=broad-except
+        if exiting.is_set():
+          return
         _lost(0, count, f'the key-value store it hosts does not answer '
               f'({type(e).__name__})')
       now = time.monotonic()
@@ -207,18 +221,19 @@ def main(argv):
                jax.local_device_count(), jax.device_count())
   if jax.process_count() > 1:
     watch_peers(timeout_s=f.peer_timeout_s)
-  with progress.exit_on_refusal('kd_jax.main', _rerun_advice):
+  refused = REFUSED_EXIT if os.environ.get('KD_JAX_SUPERVISED') else 1
+  with progress.exit_on_refusal('kd_jax.main', _rerun_advice, refused):
     try:
       if f.config.get('task') == 'lm':
         summary = lm_train.train_and_evaluate(f.config, f.workdir)
       else:
         summary = train.train_and_evaluate(
             f.config, f.workdir, overwrite_finished=f.overwrite_finished)
-    except Exception:  # pylint: disable=broad-except
-      if jax.process_count() > 1:
+    except Exception as e:  # pylint: disable=broad-except
+      if jax.process_count() > 1 and not progress.refusal(e):
         # A collective that failed because a peer died: give the watcher
         # time to name it (it ends the process); any other error is
-        # re-raised.
+        # re-raised. A refusal is kd_jax's own, never a lost peer's.
         logging.exception('the run failed; checking that every peer process '
                           'is alive.')
         time.sleep(f.peer_timeout_s + 5)

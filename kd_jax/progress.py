@@ -132,9 +132,9 @@ def refusal(error: BaseException) -> bool:
 
 @contextlib.contextmanager
 def exit_on_refusal(program: str,
-                    advice: Callable[[BaseException], str] | None = None
-                    ) -> Iterator[None]:
-  """Ends the process (exit code 1) with `program: <message>` on stderr,
+                    advice: Callable[[BaseException], str] | None = None,
+                    exit_code: int = 1) -> Iterator[None]:
+  """Ends the process (`exit_code`) with `program: <message>` on stderr,
   and nothing else, when the body raises a `refusal`; `advice(error)` may
   add to the message. With --log_level=debug (where defined) the error is
   raised with its traceback instead, as is anything that is not a refusal."""
@@ -150,7 +150,7 @@ def exit_on_refusal(program: str,
     logging.flush()
     sys.stderr.flush()
     print(f'{program}: {message}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.exit(exit_code)
 
 
 def _clock(seconds: float) -> str:
