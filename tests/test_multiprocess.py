@@ -14,9 +14,13 @@ inside a batch only changes float rounding).
 import glob
 import json
 import os
+import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -45,40 +49,65 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _launch(commands: list[list[str]], log_prefix: str,
+            timeout_s: float = TIMEOUT_S) -> list[tuple[int, str]]:
+  """Runs each of `commands` (one per process, arguments after `python`) on
+  2 CPU devices at once; (exit code, output) of each. A process still running
+  after `timeout_s` fails the test."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  # Logs go to files: a full pipe would block one process mid-collective.
+  logs = [open(f'{log_prefix}.process{i}.log', 'w+')
+          for i in range(len(commands))]
+  # A session per process: a hung one is killed with the child that its
+  # supervisor (kd_jax.main) runs.
+  procs = [subprocess.Popen([sys.executable, *command], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+           for command, log in zip(commands, logs)]
+  deadline = time.monotonic() + timeout_s
+  try:
+    for p in procs:
+      p.wait(timeout=max(deadline - time.monotonic(), 1))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  results = []
+  for p, log in zip(procs, logs):
+    log.seek(0)
+    results.append((p.returncode, log.read()))
+    log.close()
+  return results
+
+
+def _two_processes(config_name: str, arg: str, workdir: str,
+                   module: str = 'kd_jax.main', out_flag: str = '--workdir',
+                   timeout_s: float = TIMEOUT_S) -> list[tuple[int, str]]:
+  """(exit code, output) of each of 2 processes x 2 CPU devices running
+  `python -m module --config=configs/<config_name>.py:arg` (default: trains
+  into `workdir`)."""
+  address = f'localhost:{_free_port()}'
+  return _launch([
+      ['-m', module, f'--config={REPO}/configs/{config_name}.py:{arg}',
+       f'{out_flag}={workdir}', f'--coordinator_address={address}',
+       '--num_processes=2', f'--process_id={i}', '--cpu_collectives=gloo']
+      for i in range(2)], workdir, timeout_s)
+
+
 def _run_two_processes(config_name: str, arg: str, workdir: str,
                        module: str = 'kd_jax.main',
                        out_flag: str = '--workdir') -> None:
   """Runs `python -m module --config=configs/<config_name>.py:arg` (default:
-  trains into `workdir`) on 2 processes x 2 CPU devices."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  address = f'localhost:{_free_port()}'
-  # Logs go to files: a full pipe would block one process mid-collective.
-  logs = [open(f'{workdir}.process{i}.log', 'w+') for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', module,
-       f'--config={REPO}/configs/{config_name}.py:{arg}',
-       f'{out_flag}={workdir}', f'--coordinator_address={address}',
-       '--num_processes=2', f'--process_id={i}', '--cpu_collectives=gloo'],
-      cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
-           for i in range(2)]
-  try:
-    for p in procs:
-      p.wait(timeout=TIMEOUT_S)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    log.seek(0)
-    out = log.read()
-    log.close()
-    assert p.returncode == 0, (
-        f'process {i} exited {p.returncode}:\n{out[-4000:]}')
+  trains into `workdir`) on 2 processes x 2 CPU devices; both succeed."""
+  results = _two_processes(config_name, arg, workdir, module, out_flag)
+  for i, (code, out) in enumerate(results):
+    assert code == 0, f'process {i} exited {code}:\n{out[-4000:]}'
 
 
-def _final_params(workdir: str, config) -> dict:
+def _final_params(workdir: str, config, step: int | None = None) -> dict:
+  """The params of checkpoint `step` (default: the last step's)."""
   model = models.get_model(config.model, num_classes=10)
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 28, 28, 1), jnp.float32)))
@@ -88,8 +117,9 @@ def _final_params(workdir: str, config) -> dict:
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
       {'params': abstract['params'],
        'batch_stats': abstract.get('batch_stats', {})})
-  variables, step = checkpointing.restore_model(workdir, abstract)
-  assert step == config.num_train_steps
+  wanted = config.num_train_steps if step is None else step
+  variables, step = checkpointing.restore_model(workdir, abstract, step)
+  assert step == wanted
   return jax.device_get(variables['params'])
 
 
@@ -148,6 +178,68 @@ def test_two_processes_distil_like_one_process_on_four_devices(tmp_path):
   one = train.train_and_evaluate(config, one_dir, devices=jax.devices()[:4])
   assert 'teacher_accuracy' in one['eval']['test']
   _assert_same_run(one_dir, two_dir, config)
+
+
+def _committed_steps(workdir: str, folder: str) -> list[int]:
+  """Step folders under workdir/folder; fails on anything unfinished (an
+  orbax *.orbax-checkpoint-tmp folder)."""
+  path = os.path.join(workdir, folder)
+  names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+  assert all(n.isdigit() for n in names), names
+  return sorted(int(n) for n in names)
+
+
+# Two processes, then two more from the command that the first two print.
+@pytest.mark.extended
+def test_two_processes_stop_a_diverged_run_alike_and_resume_it(tmp_path):
+  """The audit's probe (learning rate 0.3, a checkpoint every step, so that
+  the failure meets a save in flight) on two processes: both stop at the
+  same step without hanging, with the same message as their last line,
+  naming the same committed, finite checkpoint; the command that each
+  prints resumes both from it and finishes."""
+  workdir = str(tmp_path / 'run')
+  arg = ('runlocal,num_train_steps=60,checkpoint_every_steps=1,'
+         'log_every_steps=5,eval_every_steps=1000')
+  config = load_config('mnist5k_student', arg)
+  diverged = _two_processes('mnist5k_student', f'{arg},learning_rate=0.3',
+                            workdir, timeout_s=180)
+  messages, commands = [], []
+  for i, (code, out) in enumerate(diverged):
+    last = out.strip().splitlines()[-1]
+    assert code == 1, f'process {i} exited {code}:\n{out[-4000:]}'
+    assert 'Traceback' not in out, out[-4000:]
+    assert last.startswith('kd_jax.main: training diverged: '), last
+    message, command = last.split(' Command: ')
+    messages.append(message)
+    commands.append(shlex.split(command))
+  assert messages[0] == messages[1]
+  healthy = int(re.search(r'The last healthy checkpoint, step (\d+), is kept',
+                          messages[0]).group(1))
+  assert _committed_steps(workdir, checkpointing.CHECKPOINT_DIR) == [healthy]
+  moved = _committed_steps(workdir, checkpointing.DIVERGED_DIR)
+  assert moved and min(moved) > healthy
+  with checkpointing.manager(workdir, 2) as mngr:
+    meta = mngr.restore(healthy, args=checkpointing.ocp.args.Composite(
+        meta=checkpointing.ocp.args.JsonRestore()))['meta']
+  assert meta['unhealthy'] is None
+  params = _final_params(workdir, config, healthy)
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+  # Each process's command, at a fresh coordinator port.
+  address = f'--coordinator_address=localhost:{_free_port()}'
+  for i, command in enumerate(commands):
+    assert command[:3] == ['python', '-m', 'kd_jax.main'], command
+    assert f'--process_id={i}' in command
+    assert ('learning_rate=0.03,allow_config_change=True'
+            in next(c for c in command if c.startswith('--config=')))
+    commands[i] = [address if c.startswith('--coordinator_address=') else c
+                   for c in command[1:]]
+  resumed = _launch(commands, f'{workdir}.resumed', timeout_s=240)
+  for i, (code, out) in enumerate(resumed):
+    assert code == 0, f'process {i} exited {code}:\n{out[-4000:]}'
+    assert 'resuming with a changed config' in out  # From `healthy`.
+  summary = json.load(open(os.path.join(workdir, 'summary.json')))
+  assert summary['step'] == 60
+  assert np.isfinite(summary['eval']['test']['loss'])
 
 
 @pytest.mark.extended  # Four processes, one after the other pair.
