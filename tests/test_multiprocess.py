@@ -49,11 +49,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(commands: list[list[str]], log_prefix: str,
-            timeout_s: float = TIMEOUT_S) -> list[tuple[int, str]]:
+def _launch(commands: list[list[str]], log_prefix: str
+            ) -> list[tuple[int, str]]:
   """Runs each of `commands` (one per process, arguments after `python`) on
   2 CPU devices at once; (exit code, output) of each. A process still running
-  after `timeout_s` fails the test."""
+  after TIMEOUT_S fails the test."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   # Logs go to files: a full pipe would block one process mid-collective.
@@ -65,7 +65,7 @@ def _launch(commands: list[list[str]], log_prefix: str,
                             stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
            for command, log in zip(commands, logs)]
-  deadline = time.monotonic() + timeout_s
+  deadline = time.monotonic() + TIMEOUT_S
   try:
     for p in procs:
       p.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -83,8 +83,8 @@ def _launch(commands: list[list[str]], log_prefix: str,
 
 
 def _two_processes(config_name: str, arg: str, workdir: str,
-                   module: str = 'kd_jax.main', out_flag: str = '--workdir',
-                   timeout_s: float = TIMEOUT_S) -> list[tuple[int, str]]:
+                   module: str = 'kd_jax.main', out_flag: str = '--workdir'
+                   ) -> list[tuple[int, str]]:
   """(exit code, output) of each of 2 processes x 2 CPU devices running
   `python -m module --config=configs/<config_name>.py:arg` (default: trains
   into `workdir`)."""
@@ -93,7 +93,7 @@ def _two_processes(config_name: str, arg: str, workdir: str,
       ['-m', module, f'--config={REPO}/configs/{config_name}.py:{arg}',
        f'{out_flag}={workdir}', f'--coordinator_address={address}',
        '--num_processes=2', f'--process_id={i}', '--cpu_collectives=gloo']
-      for i in range(2)], workdir, timeout_s)
+      for i in range(2)], workdir)
 
 
 def _run_two_processes(config_name: str, arg: str, workdir: str,
@@ -202,7 +202,7 @@ def test_two_processes_stop_a_diverged_run_alike_and_resume_it(tmp_path):
          'log_every_steps=5,eval_every_steps=1000')
   config = load_config('mnist5k_student', arg)
   diverged = _two_processes('mnist5k_student', f'{arg},learning_rate=0.3',
-                            workdir, timeout_s=180)
+                            workdir)
   messages, commands = [], []
   for i, (code, out) in enumerate(diverged):
     last = out.strip().splitlines()[-1]
@@ -233,7 +233,7 @@ def test_two_processes_stop_a_diverged_run_alike_and_resume_it(tmp_path):
             in next(c for c in command if c.startswith('--config=')))
     commands[i] = [address if c.startswith('--coordinator_address=') else c
                    for c in command[1:]]
-  resumed = _launch(commands, f'{workdir}.resumed', timeout_s=240)
+  resumed = _launch(commands, f'{workdir}.resumed')
   for i, (code, out) in enumerate(resumed):
     assert code == 0, f'process {i} exited {code}:\n{out[-4000:]}'
     assert 'resuming with a changed config' in out  # From `healthy`.
