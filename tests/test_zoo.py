@@ -226,9 +226,12 @@ REFERENCE = {
     'vit_s16': (ref_vit(384, 12, 1536, 16, 224, 3, 1000), 1000, IMAGENET),
     'vit_mini': (ref_vit(64, 4, 128, 7, 28, 1, 10), 10, (1, 28, 28, 1)),
     'vit_tiny': (ref_vit(32, 2, 64, 4, 28, 1, 10), 10, (1, 28, 28, 1)),
+    # GroupNorm's scale and bias count as BatchNorm's.
+    'bit_r50x1': (ref_bottleneck_resnet((3, 4, 6, 3), 1000, True), 1000,
+                  IMAGENET),
 }
 # Models whose size is set by their kwargs, with no one reference count.
-CONFIGURABLE = ('mlp', 'cnn', 'wrn', 'vit')
+CONFIGURABLE = ('mlp', 'cnn', 'wrn', 'vit', 'bit')
 # Language models take tokens, not images: tests/test_decoder.py counts them.
 LANGUAGE_MODELS = ('decoder', 'decoder_tiny', 'decoder_small', 'decoder_base')
 
@@ -259,6 +262,39 @@ def test_distillation_token_adds_deit_token_and_head(name, width, depth, mlp):
   expected = ref_vit(width, depth, mlp, 16, 224, 3, 1000, distilled=True)
   assert count(name, 1000, IMAGENET, distill_token=True) == expected
   assert f'{expected:,}' in inspect.getdoc(models.MODELS[name])
+
+
+@pytest.mark.parametrize('options,change', [
+    # pool 'gap': no class token, its position embedding neither.
+    ({'pool': 'gap'}, -2 * 192),
+    # Position embeddings on the 196 patches only, not the class token.
+    ({'posemb': 'learned_patches'}, -192),
+    # Fixed sine-cosine ones: no parameters.
+    ({'posemb': 'sincos2d'}, -197 * 192),
+    ({'gelu': 'tanh'}, 0),
+    # A 192 -> 192 dense pre-logits layer.
+    ({'representation_size': 192}, 192 * 192 + 192),
+])
+def test_big_vision_vit_options_change_only_the_parameters_they_name(
+    options, change):
+  expected = ref_vit(192, 12, 768, 16, 224, 3, 1000) + change
+  assert count('vit', 1000, IMAGENET, **options) == expected
+
+
+@pytest.mark.parametrize('options,message', [
+    ({'pool': 'map'}, r"pool='map'.*config\.model\.pool.*'gap'"),
+    ({'posemb': 'sincos'}, r"posemb='sincos'.*'sincos2d'"),
+    ({'gelu': 'erf'}, r"gelu='erf'.*'tanh'"),
+    ({'distill_token': True, 'pool': 'gap'}, "needs pool='token'"),
+    ({'distill_token': True, 'representation_size': 8}, 'no representation'),
+])
+def test_vit_options_are_refused_by_name(options, message):
+  model = models.get_model({'name': 'vit', 'patch_size': 4, 'width': 32,
+                            'depth': 1, 'num_heads': 2, 'mlp_dim': 64,
+                            **options}, 10)
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(model.init, jax.random.key(0),
+                   jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))
 
 
 def test_unknown_model_name_is_refused_with_the_list():
@@ -307,12 +343,16 @@ FEATURES = {
                            1024),
     'resnet18': _stages((112, 112, 64), [(56, 56, 64), (28, 28, 128),
                                          (14, 14, 256), (7, 7, 512)], 512),
+    'bit_r50x1': _stages((112, 112, 64), [(56, 56, 256), (28, 28, 512),
+                                          (14, 14, 1024), (7, 7, 2048)],
+                         2048),
 }
 
 
 @pytest.mark.parametrize('name', sorted(FEATURES))
 def test_feature_shapes_are_the_reference_positions(name):
-  image = (2, 224, 224, 3) if name in ('mobilenetv1', 'resnet18') else (
+  image = (2, 224, 224, 3) if name in ('mobilenetv1', 'resnet18',
+                                       'bit_r50x1') else (
       2, 32, 32, 3)
   shapes = kd_features.feature_shapes({'name': name}, 100, image)
   assert {k: v.shape for k, v in shapes.items()} == FEATURES[name]

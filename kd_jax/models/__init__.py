@@ -12,8 +12,9 @@ ids [B, L] instead and return logits [B, L, V]; for them `get_model`'s
 
 The CIFAR models are the definitions of RepDistiller (Tian et al. 2020, the
 CRD benchmark), `mobilenetv1` that of the ImageNet ResNet-50 -> MobileNetV1
-row, the ViTs timm's / DeiT's; each factory's docstring gives its parameter
-count, which equals the reference's.
+row, the ViTs timm's / DeiT's (with options for big_vision's), `bit*`
+big_vision's GroupNorm ResNets; each factory's docstring gives its
+parameter count, which equals the reference's.
 """
 
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.models import bit
 from kd_jax.models import decoder
 from kd_jax.models import mobilenet
 from kd_jax.models import resnet
@@ -72,6 +74,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'vit_s16': vit.vit_s16,
     'vit_mini': vit.vit_mini,
     'vit_tiny': vit.vit_tiny,
+    'bit': bit.BiT,
+    'bit_r50x1': bit.bit_r50x1,
     'decoder': decoder.decoder,
     'decoder_tiny': decoder.decoder_tiny,
     'decoder_small': decoder.decoder_small,
