@@ -1,9 +1,11 @@
-r"""Imports a torchvision or timm checkpoint as a finished kd_jax run.
+r"""Imports a torchvision, timm or big_vision checkpoint as a finished run.
 
   pip install -e '.[import]'
   python -m kd_jax.import_teacher --format=torchvision --model=resnet18 \
       --weights=resnet18.safetensors --workdir=workdirs/resnet18_imagenet \
       [--num_classes=2] [--class_names=classes.txt] [--image_size=224]
+  python -m kd_jax.import_teacher --format=big_vision --model=vit-S/16 \
+      --weights=vit_s16_i1k_300ep.npz --workdir=workdirs/vit_s16_bv
 
 reads a state dict that the user already has (nothing downloads) and
 writes a run directory like a finished training run's: the checkpoint
@@ -18,13 +20,18 @@ from its run_info, `teacher_config(None, workdir)`, or one equal to it),
 Files: `.safetensors` (read with the `safetensors` package and NumPy; no
 PyTorch needed), `.pth` / `.pt` / `.bin` (only where PyTorch is installed:
 `torch.load(..., weights_only=True)`; a checkpoint dict's 'state_dict' or
-'model' entry, DataParallel's 'module.' prefixes dropped), `.npz`.
+'model' entry, DataParallel's 'module.' prefixes dropped), `.npz` (a
+big_vision checkpoint: params named by their tree paths joined by '/', at
+the top or under 'params/'; `kd_jax.interop.layouts.big_vision_state`).
 
 Models (`kd_jax.interop.layouts`): torchvision `resnet18`, `resnet34`,
 `resnet50`, `mobilenet_v2`; timm `vit_{tiny,small}_patch16_224`,
-`deit_{tiny,small}_patch16_224`, `deit_{tiny,small}_distilled_patch16_224`.
-`--format=big_vision` is refused: no big_vision model has an exact
-equivalent in `kd_jax.models` yet (see `BIG_VISION`).
+`deit_{tiny,small}_patch16_224`, `deit_{tiny,small}_distilled_patch16_224`;
+big_vision `vit-{Ti,S,M,B,L,H}/{8,14,16,32}` (models/vit.py: pool_type
+'tok' or 'gap', posemb 'learn' or 'sincos2d', with or without rep_size's
+pre-logits, all read from the file; the tanh GELU) and
+`bit-R{26,50,101,152}x{1,2,3,4}` (models/bit.py). What big_vision models
+stay refused, and why: `layouts.BIG_VISION_REFUSED`.
 
 Every tensor the architecture needs that the file lacks, every tensor of the
 file that it does not use, and every tensor of another shape is refused,
@@ -34,7 +41,8 @@ a freshly initialised one, as fine-tuning expects, and says so.
 
 The run records the normalisation the weights expect, of pixel / 255:
 ImageNet mean and std for torchvision and DeiT, 0.5 and 0.5 for timm's
-AugReg ViTs (override with --mean / --std). kd_jax's input pipeline
+AugReg ViTs and for big_vision's models (its `value_range(-1, 1)`; override
+with --mean / --std). kd_jax's input pipeline
 normalises with the dataset's constants (`kd_jax.data.preprocess`), so a
 run that distils from the imported teacher feeds it the dataset's
 normalisation; `export_model` builds the teacher's own into its file.
@@ -64,12 +72,6 @@ from kd_jax.interop import layouts
 
 FORMATS = ('torchvision', 'timm', 'big_vision')
 RECORD = 'imported.json'
-BIG_VISION = (
-    '--format=big_vision: no big_vision model has an exact equivalent in '
-    'kd_jax.models yet (BiT ResNets use GroupNorm and weight-standardised '
-    'convs; big_vision ViTs the tanh-approximated GELU and no position '
-    'embedding on the class token). For AugReg ViT weights use their timm '
-    'port: --format=timm --model=vit_tiny_patch16_224 (or vit_small_...).')
 # Shown at most this many mismatched tensors per kind.
 _SHOWN = 20
 
@@ -153,8 +155,8 @@ def check_tensors(tensors: Sequence[layouts.Tensor],
     raise WeightsMismatch(
         f'{where} is not that architecture\'s state dict: '
         + '. '.join(problems) + '. Check --format and --model (and '
-        '--image_size for a ViT, whose pos_embed holds one embedding per '
-        'patch plus its tokens).')
+        '--image_size for a ViT, whose position embeddings hold one per '
+        'patch, plus its tokens\' in timm\'s layout).')
 
 
 def _leaf(tree, path):
@@ -296,8 +298,9 @@ def import_weights(fmt: str, model: str, weights: str, workdir: str, *,
   """Writes the weights in `weights` as a finished run in `workdir`.
 
   Args:
-    fmt: 'torchvision' or 'timm' ('big_vision' is refused, `BIG_VISION`).
-    model: the library's model name, e.g. 'resnet18', 'deit_tiny_patch16_224'.
+    fmt: 'torchvision', 'timm' or 'big_vision'.
+    model: the library's model name, e.g. 'resnet18', 'deit_tiny_patch16_224',
+      'vit-S/16' (big_vision's `vit` of that variant), 'bit-R50x1'.
     weights: the state dict file.
     workdir: a fresh run directory.
     num_classes: the run's classes; default len(class_names), else the
@@ -317,8 +320,6 @@ def import_weights(fmt: str, model: str, weights: str, workdir: str, *,
   """
   if fmt not in FORMATS:
     raise ValueError(f'--format={fmt!r}; choose one of {FORMATS}.')
-  if fmt == 'big_vision':
-    raise ValueError(BIG_VISION)
   architecture = layouts.architecture(fmt, model)
   if class_names is not None:
     class_names = list(class_names)
@@ -340,7 +341,7 @@ def import_weights(fmt: str, model: str, weights: str, workdir: str, *,
     raise FileExistsError(f'--workdir={workdir!r} already holds a run: '
                           'import into a fresh workdir.')
   image_shape = (image_size, image_size, 3)
-  state = read_state_dict(weights)
+  architecture, state = architecture.for_file(read_state_dict(weights))
   variables, file_classes = convert(architecture, state, num_classes,
                                     image_shape, where=weights)
   num_classes = num_classes or file_classes
@@ -388,7 +389,8 @@ def define_flags() -> None:
   flags.DEFINE_enum('format', None, FORMATS, 'The library the weights are '
                     'laid out for.')
   flags.DEFINE_string('model', None, "The library's model name, e.g. "
-                      'resnet18, mobilenet_v2, deit_tiny_patch16_224.')
+                      'resnet18, mobilenet_v2, deit_tiny_patch16_224, '
+                      'vit-S/16 (big_vision), bit-R50x1.')
   flags.DEFINE_string('weights', None, 'The state dict (.safetensors, .pth, '
                       '.pt, .bin, .npz).')
   flags.DEFINE_string('workdir', None, 'The run directory to write (fresh).')

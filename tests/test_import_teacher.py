@@ -1,11 +1,14 @@
-"""Imported torchvision / timm weights: layouts, refusals, the run they make.
+"""Imported torchvision / timm / big_vision weights: layouts, refusals, runs.
 
 The fixtures are state dicts with the libraries' names and shapes, generated
-here from the architectures as torchvision's and timm's constructors build
-them (independently of `kd_jax.interop.layouts`), with random values; the
-imported models' logits are compared with NumPy forwards written as PyTorch
-computes (NCHW, OIHW weights, the libraries' module order), so no PyTorch is
-needed. experiments/interop/verify_torch.py checks the real libraries.
+here from the architectures as torchvision's, timm's and big_vision's
+constructors build them (independently of `kd_jax.interop.layouts`), with
+random values; the imported models' logits are compared with NumPy forwards
+written as PyTorch computes (NCHW, OIHW weights, the libraries' module
+order) or as big_vision's Flax modules do (NHWC, 'SAME' padding, the tanh
+GELU), so neither PyTorch nor big_vision is needed.
+experiments/interop/verify_torch.py and verify_big_vision.py check the real
+libraries.
 """
 
 import json
@@ -24,6 +27,7 @@ from kd_jax import rundir
 from kd_jax import teachers
 from kd_jax import warm_start
 from kd_jax.interop import layouts
+from kd_jax.models import features as kd_features
 
 # Slow: full-size ResNet, MobileNet and ViT forwards checked in NumPy.
 pytestmark = pytest.mark.slow
@@ -374,6 +378,343 @@ def test_timm_pretrained_tag_picks_weights_not_layout():
 
 
 # ---------------------------------------------------------------------------
+# big_vision: flat .npz files of '/'-joined Flax param paths
+# ---------------------------------------------------------------------------
+
+
+class FlaxParams(dict):
+  """'/'-joined name -> float32 array, as big_vision's .npz files hold."""
+
+  def __init__(self, seed):
+    super().__init__()
+    self.rng = np.random.default_rng(seed)
+
+  def tensor(self, name, shape, scale=0.1):
+    self[name] = self.rng.normal(0, scale, shape).astype(np.float32)
+
+  def dense(self, name, fan_in, *fan_out):
+    self.tensor(f'{name}/kernel', (fan_in, *fan_out), np.sqrt(1 / fan_in))
+    self.tensor(f'{name}/bias', fan_out)
+
+  def norm(self, name, c):
+    self[f'{name}/scale'] = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+    self.tensor(f'{name}/bias', c)
+
+
+def big_vision_vit(width=192, heads=3, depth=12, image=32, num_classes=10,
+                   pool='tok', posemb='learn', rep_size=0, seed=0):
+  """big_vision models/vit.py `Model(num_classes, variant='Ti/16', ...)`'s
+  params (MLP 4x, patch 16)."""
+  sd = FlaxParams(seed)
+  sd.tensor('embedding/kernel', (16, 16, 3, width), np.sqrt(1 / 768))
+  sd.tensor('embedding/bias', width)
+  if posemb == 'learn':
+    sd.tensor('pos_embedding', (1, (image // 16) ** 2, width))
+  if pool == 'tok':
+    sd.tensor('cls', (1, 1, width))
+  for i in range(depth):
+    p = f'Transformer/encoderblock_{i}'
+    sd.norm(f'{p}/LayerNorm_0', width)
+    for part in ('query', 'key', 'value'):
+      sd.dense(f'{p}/MultiHeadDotProductAttention_0/{part}', width, heads,
+               width // heads)
+    sd.tensor(f'{p}/MultiHeadDotProductAttention_0/out/kernel',
+              (heads, width // heads, width), np.sqrt(1 / width))
+    sd.tensor(f'{p}/MultiHeadDotProductAttention_0/out/bias', width)
+    sd.norm(f'{p}/LayerNorm_1', width)
+    sd.dense(f'{p}/MlpBlock_0/Dense_0', width, 4 * width)
+    sd.dense(f'{p}/MlpBlock_0/Dense_1', 4 * width, width)
+  sd.norm('Transformer/encoder_norm', width)
+  if rep_size:
+    sd.dense('pre_logits', width, rep_size)
+  sd.dense('head', rep_size or width, num_classes)
+  return dict(sd)
+
+
+def big_vision_bit(blocks=(2, 2, 2, 2), num_classes=10, seed=0):
+  """big_vision models/bit.py `Model(num_classes, depth=26, width=1)`."""
+  sd = FlaxParams(seed)
+  sd.tensor('conv_root/kernel', (7, 7, 3, 64))
+  sd.norm('gn_root', 64)
+  cin = 64
+  for stage, num in enumerate(blocks, 1):
+    mid = 64 * 2 ** (stage - 1)
+    for b in range(1, num + 1):
+      p = f'block{stage}/unit{b}'
+      if b == 1:
+        sd.tensor(f'{p}/conv_proj/kernel', (1, 1, cin, 4 * mid))
+        sd.norm(f'{p}/gn_proj', 4 * mid)
+      sd.tensor(f'{p}/conv1/kernel', (1, 1, cin, mid))
+      sd.norm(f'{p}/gn1', mid)
+      sd.tensor(f'{p}/conv2/kernel', (3, 3, mid, mid))
+      sd.norm(f'{p}/gn2', mid)
+      sd.tensor(f'{p}/conv3/kernel', (1, 1, mid, 4 * mid))
+      sd.norm(f'{p}/gn3', 4 * mid)
+      cin = 4 * mid
+  sd.dense('head', cin, num_classes)
+  return dict(sd)
+
+
+def np_layernorm_flax(x, sd, name):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return ((x - mean) / np.sqrt(var + 1e-6) * sd[f'{name}/scale']
+          + sd[f'{name}/bias'])
+
+
+def np_sincos_2d(rows, cols, width):
+  """MoCo v3's 2-D sine-cosine embeddings, row-major patches."""
+  omega = 10000.0 ** -(np.arange(width // 4) / (width // 4 - 1))
+  row, col = np.divmod(np.arange(rows * cols), cols)
+  return np.concatenate([np.sin(np.outer(col, omega)),
+                         np.cos(np.outer(col, omega)),
+                         np.sin(np.outer(row, omega)),
+                         np.cos(np.outer(row, omega))], axis=1)[None]
+
+
+def np_big_vision_vit(sd, x, heads=3):
+  """big_vision's ViT on NHWC images: patches + position embeddings, then
+  the class token prepended; tanh-GELU MLPs; 'tok' or 'gap' pooling; the
+  head's input (`pre_logits` there) and the logits."""
+  n, size = x.shape[:2]
+  grid = size // 16
+  kernel = sd['embedding/kernel']
+  width = kernel.shape[-1]
+  patches = x.reshape(n, grid, 16, grid, 16, 3).transpose(0, 1, 3, 2, 4, 5)
+  x = np.einsum('nabijc,ijcw->nabw', patches, kernel).reshape(n, -1, width)
+  x = x + sd['embedding/bias']
+  x = x + (sd['pos_embedding'] if 'pos_embedding' in sd
+           else np_sincos_2d(grid, grid, width))
+  if 'cls' in sd:
+    x = np.concatenate([np.broadcast_to(sd['cls'], (n, 1, width)), x], 1)
+  dense = lambda v, p: v @ sd[f'{p}/kernel'] + sd[f'{p}/bias']
+  for i in range(12):
+    p = f'Transformer/encoderblock_{i}'
+    a = f'{p}/MultiHeadDotProductAttention_0'
+    y = np_layernorm_flax(x, sd, f'{p}/LayerNorm_0')
+    q, k, v = (np.einsum('ntw,whd->nhtd', y, sd[f'{a}/{part}/kernel'])
+               + sd[f'{a}/{part}/bias'][None, :, None]
+               for part in ('query', 'key', 'value'))
+    att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(width // heads)
+    att = np.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    x = x + np.einsum('nhtd,hdw->ntw', att @ v, sd[f'{a}/out/kernel']) + sd[
+        f'{a}/out/bias']
+    y = dense(np_layernorm_flax(x, sd, f'{p}/LayerNorm_1'),
+              f'{p}/MlpBlock_0/Dense_0')
+    y = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
+    x = x + dense(y, f'{p}/MlpBlock_0/Dense_1')
+  x = np_layernorm_flax(x, sd, 'Transformer/encoder_norm')
+  x = x[:, 0] if 'cls' in sd else x.mean(1)
+  if 'pre_logits/kernel' in sd:
+    x = np.tanh(dense(x, 'pre_logits'))
+  return x, dense(x, 'head')
+
+
+def np_conv_same(x, w, stride=1):
+  """Flax nn.Conv(padding='SAME') on NHWC: the odd pixel of padding after."""
+  kh, kw = w.shape[:2]
+  pads = []
+  for size, k in zip(x.shape[1:3], (kh, kw)):
+    total = max((-(-size // stride) - 1) * stride + k - size, 0)
+    pads.append((total // 2, total - total // 2))
+  x = np.pad(x, ((0, 0), *pads, (0, 0)))
+  win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))
+  win = win[:, ::stride, ::stride]  # [n, ho, wo, c, kh, kw]
+  return np.einsum('nhwcij,ijco->nhwo', win, w)
+
+
+def np_std_conv(x, sd, name, stride=1):
+  w = sd[f'{name}/kernel'].astype(np.float64)
+  w = w - w.mean(axis=(0, 1, 2))
+  return np_conv_same(x, w / (w.std(axis=(0, 1, 2)) + 1e-5), stride)
+
+
+def np_groupnorm(x, sd, name, groups=32):
+  n, h, w, c = x.shape
+  g = x.reshape(n, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  g = ((g - mean) / np.sqrt(var + 1e-6)).reshape(n, h, w, c)
+  return g * sd[f'{name}/scale'] + sd[f'{name}/bias']
+
+
+def np_big_vision_bit(sd, x, blocks=(2, 2, 2, 2)):
+  x = relu(np_groupnorm(np_std_conv(x, sd, 'conv_root', 2), sd, 'gn_root'))
+  x = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-np.inf)
+  win = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))
+  x = win[:, ::2, ::2].max(axis=(-2, -1))  # 3x3/2 'SAME' on an even side.
+  for stage, num in enumerate(blocks, 1):
+    for b in range(1, num + 1):
+      p, stride = f'block{stage}/unit{b}', (2 if stage > 1 and b == 1 else 1)
+      residual = x
+      if f'{p}/conv_proj/kernel' in sd:
+        residual = np_groupnorm(np_std_conv(x, sd, f'{p}/conv_proj', stride),
+                                sd, f'{p}/gn_proj')
+      y = relu(np_groupnorm(np_std_conv(x, sd, f'{p}/conv1'), sd, f'{p}/gn1'))
+      y = relu(np_groupnorm(np_std_conv(y, sd, f'{p}/conv2', stride), sd,
+                            f'{p}/gn2'))
+      y = np_groupnorm(np_std_conv(y, sd, f'{p}/conv3'), sd, f'{p}/gn3')
+      x = relu(residual + y)
+  return x.mean(axis=(1, 2)) @ sd['head/kernel'] + sd['head/bias']
+
+
+def big_vision_logits(name, state, size=32, num_classes=None):
+  """(The imported model's logits, its spec, NHWC images)."""
+  arch, state = layouts.architecture('big_vision', name).for_file(state)
+  variables, classes = import_teacher.convert(arch, state, num_classes,
+                                              (size, size, 3))
+  model = models.get_model(arch.spec, num_classes or classes)
+  nhwc, _ = images(size)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return np.asarray(apply(variables, nhwc)), arch.spec, nhwc.astype(
+      np.float64)
+
+
+def save_npz(tmp_path, sd, name='weights.npz'):
+  path = str(tmp_path / name)
+  np.savez(path, **sd)
+  return path
+
+
+@pytest.mark.parametrize('options,spec', [
+    (dict(pool='tok'), dict(pool='token', posemb='learned_patches')),
+    (dict(pool='gap'), dict(pool='gap', posemb='learned_patches')),
+    # configs/vit_s16_i1k.py's: big_vision's released i1k ViT-S/16s.
+    (dict(pool='gap', posemb='sincos2d', rep_size=96),
+     dict(pool='gap', posemb='sincos2d', representation_size=96)),
+])
+def test_big_vision_vit_logits_equal_the_numpy_forward(options, spec):
+  sd = big_vision_vit(**options)
+  got, got_spec, x = big_vision_logits('vit-Ti/16', sd)
+  assert {k: got_spec[k] for k in spec} == spec
+  assert got_spec['gelu'] == 'tanh'
+  # Tight: Flax's tanh GELU and PyTorch's erf one differ by ~2e-4 here.
+  assert_close(got, np_big_vision_vit(sd, x)[1], rtol=1e-5)
+
+
+def test_big_vision_bit_logits_equal_the_numpy_forward():
+  sd = big_vision_bit()
+  got, spec, x = big_vision_logits('bit-R26x1', sd)
+  assert spec == {'name': 'bit', 'stage_sizes': (2, 2, 2, 2), 'width': 1}
+  assert_close(got, np_big_vision_bit(sd, x), rtol=1e-5)
+
+
+def test_big_vision_training_checkpoints_scans_and_bfloat16_are_read():
+  """A trainer's checkpoint holds the params under 'params/' beside the
+  optimizer state; a scanned ViT stacks its blocks; bfloat16 arrays are
+  saved by NumPy as 2-byte void. Each is read as big_vision reads it."""
+  sd = big_vision_vit(pool='gap')
+  want, _, _ = big_vision_logits('vit-Ti/16', sd)
+  checkpoint = {f'params/{k}': v for k, v in sd.items()}
+  checkpoint['opt/1/0/mu/head/bias'] = np.zeros(10, np.float32)
+  for key in [k for k in checkpoint
+              if k.startswith('params/Transformer/encoderblock_0/')]:
+    leaf = key[len('params/Transformer/encoderblock_0/'):]
+    checkpoint[f'params/Transformer/encoderblock/{leaf}'] = np.stack(
+        [checkpoint.pop(f'params/Transformer/encoderblock_{i}/{leaf}')
+         for i in range(12)])
+  got, _, _ = big_vision_logits('vit-Ti/16', checkpoint)
+  np.testing.assert_array_equal(got, want)
+  bf16 = dict(sd)
+  bf16['head/kernel'] = sd['head/kernel'].astype(jnp.bfloat16).view('V2')
+  _, state = layouts.architecture('big_vision', 'vit-Ti/16').for_file(bf16)
+  np.testing.assert_array_equal(
+      state['head/kernel'],
+      sd['head/kernel'].astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_old_vit_checkpoints_load_as_big_vision_fixes_them():
+  """vision_transformer's (AugReg's) files: pre-Linen module numbers, the
+  position embedding in 'Transformer/posembed_input' and covering the
+  class token too. The same model as the new layout, up to rounding of
+  cls + its position embedding."""
+  sd = big_vision_vit(pool='tok')
+  want, _, _ = big_vision_logits('vit-Ti/16', sd)
+  rng = np.random.default_rng(3)
+  cls_posemb = rng.normal(0, 0.1, (1, 1, 192)).astype(np.float32)
+  old = {}
+  renames = {'LayerNorm_1/': 'LayerNorm_2/',
+             'MultiHeadDotProductAttention_0/':
+                 'MultiHeadDotProductAttention_1/',
+             'MlpBlock_0/': 'MlpBlock_3/'}
+  for key, value in sd.items():
+    for new, was in renames.items():
+      key = key.replace(new, was)
+    old[key] = value
+  old['Transformer/posembed_input/pos_embedding'] = np.concatenate(
+      [cls_posemb, old.pop('pos_embedding')], axis=1)
+  old['cls'] = sd['cls'] - cls_posemb
+  got, _, _ = big_vision_logits('vit-Ti/16', old)
+  assert_close(got, want, rtol=1e-5)
+
+
+def test_big_vision_tensors_are_refused_by_name_with_shapes():
+  sd = big_vision_vit(pool='tok')
+  del sd['Transformer/encoderblock_3/LayerNorm_1/scale']
+  sd['Transformer/encoderblock_12/LayerNorm_0/bias'] = np.zeros(
+      192, np.float32)
+  sd['Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'] = np.zeros(
+      (192, 512), np.float32)
+  arch, state = layouts.architecture('big_vision', 'vit-Ti/16').for_file(sd)
+  with pytest.raises(import_teacher.WeightsMismatch) as e:
+    import_teacher.convert(arch, state, None, (32, 32, 3))
+  message = str(e.value)
+  assert ('1 missing (name [expected shape]): Transformer/encoderblock_3/'
+          'LayerNorm_1/scale [192]') in message
+  assert ('1 unexpected (name [file shape]): Transformer/encoderblock_12/'
+          'LayerNorm_0/bias [192]') in message
+  assert ('Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel: file '
+          '[192, 512], expected [192, 768]') in message
+  with pytest.raises(import_teacher.WeightsMismatch,
+                     match=r'pos_embedding: file \[1, 4, 192\], expected '
+                     r'\[1, 16, 192\].*--image_size'):
+    import_teacher.convert(*layouts.architecture(
+        'big_vision', 'vit-Ti/16').for_file(big_vision_vit()), None,
+                           (64, 64, 3))
+  with pytest.raises(import_teacher.WeightsMismatch,
+                     match=r'unexpected .*block1/unit3/conv1/kernel'):
+    import_teacher.convert(*layouts.architecture(
+        'big_vision', 'bit-R26x1').for_file(big_vision_bit((3, 4, 6, 3))),
+                           None, (32, 32, 3))
+
+
+def test_a_map_head_vit_and_unknown_big_vision_models_are_refused():
+  sd = big_vision_vit(pool='gap')
+  sd['MAPHead_0/probe'] = np.zeros((1, 1, 192), np.float32)
+  with pytest.raises(ValueError, match=r"MAP head.*pool_type='map'"):
+    layouts.architecture('big_vision', 'vit-Ti/16').for_file(sd)
+  with pytest.raises(ValueError, match=r"'bit_m_r50x1' is not an importable "
+                     r"big_vision.*'vit-Ti/16'.*bit_paper\.py"):
+    layouts.architecture('big_vision', 'bit_m_r50x1')
+
+
+def test_a_big_vision_import_replaces_the_head_for_other_classes(tmp_path):
+  sd = big_vision_vit(pool='gap', posemb='sincos2d', rep_size=96)
+  workdir = str(tmp_path / 'run')
+  record = import_teacher.import_weights(
+      'big_vision', 'vit-Ti/16', save_npz(tmp_path, sd), workdir,
+      num_classes=3, image_size=32)
+  assert record['head'].startswith("replaced: the checkpoint's 10 classes "
+                                   '-> 3, initialised')
+  assert record['spec']['posemb'] == 'sincos2d'
+  assert record['input_normalization']['mean'] == [0.5, 0.5, 0.5]
+  info = rundir.read_run_info(workdir)
+  assert info['num_classes'] == 3 and info['model'] == record['spec']
+  variables, _ = warm_start.restore_run(workdir)
+  params = variables['params']
+  assert params['head']['kernel'].shape == (96, 3)
+  np.testing.assert_array_equal(params['pre_logits']['kernel'],
+                                sd['pre_logits/kernel'])
+  # The kept tensors compute what the file's do, up to the head.
+  model = models.get_model(info['model'], 3)
+  _, features = jax.jit(lambda v, x: kd_features.apply_with_features(
+      model, v, x, train=False))(variables, images(32)[0])
+  pre_logits, _ = np_big_vision_vit(sd, images(32)[0].astype(np.float64))
+  assert_close(np.asarray(features['embedding']), pre_logits)
+
+
+# ---------------------------------------------------------------------------
 # Refusals
 # ---------------------------------------------------------------------------
 
@@ -411,10 +752,10 @@ def test_a_vit_at_another_image_size_names_the_position_embedding():
                            None, (64, 64, 3))
 
 
-def test_unknown_models_and_big_vision_are_refused_by_name(tmp_path):
+def test_unknown_models_are_refused_by_name(tmp_path):
   with pytest.raises(ValueError, match=r"'resnet101'.*'mobilenet_v2'"):
     layouts.architecture('torchvision', 'resnet101')
-  with pytest.raises(ValueError, match='no big_vision model has an exact'):
+  with pytest.raises(ValueError, match="'bit_m_r50x1' is not an importable"):
     import_teacher.import_weights('big_vision', 'bit_m_r50x1', 'w.npz',
                                   str(tmp_path / 'run'))
 
