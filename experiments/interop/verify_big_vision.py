@@ -72,7 +72,7 @@ def build(module: str, kwargs: dict, num_classes: int, image_size: int,
           seed: int):
   """big_vision's model and its params, every tensor drawn (not a no-op)."""
   import importlib  # pylint: disable=g-import-not-at-top
-  from big_vision import utils as bv_utils  # pylint: disable=g-import-not-at-top
+  from big_vision import utils as bv_utils  # pylint: disable=g-import-not-at-top,line-too-long
   bv = importlib.import_module(f'big_vision.models.{module}')
   model = bv.Model(num_classes=num_classes, **kwargs)
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -94,7 +94,7 @@ def build(module: str, kwargs: dict, num_classes: int, image_size: int,
 
 def save(params, path: str, form: str) -> None:
   """As big_vision writes a tree: flat names joined by '/', np.savez."""
-  from big_vision import utils as bv_utils  # pylint: disable=g-import-not-at-top
+  from big_vision import utils as bv_utils  # pylint: disable=g-import-not-at-top,line-too-long
   tree = {'params': params} if form == 'checkpoint' else params
   names_and_vals, _ = bv_utils.tree_flatten_with_names(tree)
   with open(path, 'wb') as f:

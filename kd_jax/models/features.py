@@ -15,7 +15,8 @@ Per model (N stages; shapes at 32x32 inputs via `feature_shapes`):
 
 * resnet8...resnet110, resnet8x4, resnet32x4: stem, stage1-3, preact1-3,
   embedding. resnet50_cifar, resnet18/34/50: stem, stage1-4, preact1-4,
-  embedding (ImageNet stems: before the max-pool, as mdistiller).
+  embedding (ImageNet stems: before the max-pool, as mdistiller). bit*:
+  the same as resnet50's (stem before the max-pool).
 * wrn*: stem (the first conv, no BN), stage1-3 (block outputs, no BN),
   preact1-3 (that output through the BN that reads it next, before its
   ReLU, as RepDistiller's WRN), embedding.
@@ -27,7 +28,8 @@ Per model (N stages; shapes at 32x32 inputs via `feature_shapes`):
 * mlp: preact1.../stage1... per hidden layer (before/after ReLU), embedding.
 * cnn: preact1.../stage1... per conv block (conv output / after ReLU and
   pool), pooled, embedding (the hidden dense layer).
-* vit_*: embedding (the class token after the final LayerNorm); with
+* vit_*: embedding (the class token after the final LayerNorm, or with
+  `pool='gap'` the mean token; through the pre-logits layer if any); with
   `distill_token=True` also dist_embedding and dist_logits (the distillation
   head's logits, which DeiT's hard distillation trains on the teacher's
   argmax; the returned logits are the class head's in train mode and the
