@@ -4,7 +4,8 @@ r"""Imports every importable architecture from the real PyTorch libraries.
   python experiments/interop/verify_torch.py [--image_size=224] \
       [--formats=onnx,tflite] [--models=resnet18,deit_tiny_patch16_224]
 
-For each architecture of `kd_jax.interop.layouts.ARCHITECTURES`, it builds
+For each torchvision and timm architecture of `kd_jax.interop.layouts.
+ARCHITECTURES` (big_vision's: verify_big_vision.py), it builds
 the model in torchvision or timm with random weights (the library's own
 initialisation, then every BatchNorm's and LayerNorm's scale, shift and
 running statistics and every bias redrawn, and zero-initialised weights
@@ -155,7 +156,8 @@ def main():
   rows = []
   with tempfile.TemporaryDirectory() as root:
     for fmt, name in layouts.ARCHITECTURES:
-      if wanted and name not in wanted:
+      if fmt not in ('torchvision', 'timm') or (wanted and name not in
+                                                 wanted):
         continue
       row = verify(fmt, name, args, root)
       rows.append(row)
