@@ -71,14 +71,19 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
   c.allow_config_change = False
+  # Devices on the mesh's 'model' axis: the mesh is (devices / mesh_model,
+  # mesh_model) over ('data', 'model'); batches are split over both.
+  c.mesh_model = 1
   c.distill = ml_collections.ConfigDict(dict(
       teacher_workdir='workdirs/shakespeare_teacher', divergence='kl',
       temperature=1.0, alpha=0.5, beta=0.5, skew=0.1,
       # A per-token top-k cache of the teacher (python -m kd_jax.lm_cache)
       # instead of the online teacher, and its sparse form.
       cache_dir='', convention='tail',
-      # The online teacher's computation dtype (float32 or bfloat16).
-      teacher_dtype='float32',
+      # The online teacher's computation dtype (float32 or bfloat16), and
+      # whether its params are split over the mesh's 'model' axis (all
+      # devices when mesh_model is 1) instead of replicated.
+      teacher_dtype='float32', shard_teacher=False,
       # Train, with probability `fraction`, on completions of each window's
       # first `prompt_length` tokens sampled from the student (on-policy,
       # GKD) or the teacher (sequence-level KD); 'none': the text only.

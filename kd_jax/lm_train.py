@@ -31,8 +31,12 @@ by `train_and_evaluate(config, workdir)` (what `kd_jax.main` calls for it):
   on the workdir, the config checked against the one the workdir holds;
   a non-finite loss stops the run before it is saved, naming the step.
 
-Data parallel over all devices: parameters replicated, the batch's rows
-split over a 1-D 'data' mesh.
+Data parallel over all devices, on the image trainer's ('data', 'model')
+mesh (`train.make_mesh`; 'model' has `config.mesh_model` devices, default
+1): the student's parameters replicated, the batch's rows split over both
+axes; the online teacher's parameters replicated too, or, with
+`distill.shard_teacher`, split over 'model' (over every device when it has
+one) and restored straight into that layout (`teachers.teacher_shardings`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from kd_jax import losses
 from kd_jax import models
 from kd_jax import on_policy
 from kd_jax import rundir
+from kd_jax import teachers
 from kd_jax.data import prefetch
 from kd_jax.data import text
 
@@ -107,6 +112,11 @@ def validate_config(config: ml_collections.ConfigDict,
   if not d.temperature > 0:
     raise ValueError(f'config.distill.temperature={d.temperature} must be '
                      '> 0.')
+  if d.get('shard_teacher', False) and not (d.teacher_workdir
+                                             or d.get('cache_dir')):
+    raise ValueError('config.distill.shard_teacher splits the teacher\'s '
+                     'params over devices; this run has no teacher: set '
+                     'shard_teacher=False.')
   if d.get('teacher_dtype', 'float32') not in TEACHER_DTYPES:
     raise ValueError(f'config.distill.teacher_dtype={d.teacher_dtype!r}; '
                      f'choose one of {tuple(TEACHER_DTYPES)}.')
@@ -307,9 +317,11 @@ def evaluate_samples(sample_fn, params, teacher_params, batches, mesh,
 
 
 def _load_teacher(config, mesh, workdir: str | None = None):
-  """(teacher model, its params replicated on the mesh, run info) of the LM
-  run in `workdir` (default config.distill.teacher_workdir), checked
-  against the run of `config`; (None, None, None) without a teacher."""
+  """(teacher model, its params on the mesh, run info) of the LM run in
+  `workdir` (default config.distill.teacher_workdir), checked against the
+  run of `config`; (None, None, None) without a teacher. The params are
+  restored replicated, or with `distill.shard_teacher` straight into the
+  split layout of `teachers.teacher_shardings`."""
   field = 'config.distill.teacher_workdir'
   if workdir is None:
     workdir = config.distill.teacher_workdir
@@ -335,10 +347,13 @@ def _load_teacher(config, mesh, workdir: str | None = None):
                      f'block_size {teacher.block_size} ({field}={workdir!r}).')
   abstract = jax.eval_shape(teacher.init, jax.random.key(0),
                             jnp.zeros((1, 1), jnp.int32))
-  replicated = NamedSharding(mesh, P())
+  abstract = {'params': abstract['params'], 'batch_stats': {}}
+  layout = (teachers.teacher_shardings(abstract, mesh)
+            if config.distill.get('shard_teacher', False) else
+            jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract))
   abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-      {'params': abstract['params'], 'batch_stats': {}})
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, layout)
   variables, step = checkpointing.restore_model(workdir, abstract)
   checkpointing.refuse_nonfinite(
       variables, f'{field}={workdir!r}', step, 'teacher',
@@ -396,15 +411,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   from kd_jax import train  # pylint: disable=g-import-not-at-top
   devices = list(devices or jax.devices())
   validate_config(config, len(devices))
+  mesh = train.make_mesh(devices, config.get('mesh_model', 1))
   rundir.prepare(workdir)
   with train._workdir_lock(workdir):  # pylint: disable=protected-access
-    return _train_and_evaluate(config, workdir, train.make_optimizer,
-                               devices)
+    return _train_and_evaluate(config, workdir, train.make_optimizer, mesh)
 
 
-def _train_and_evaluate(config, workdir: str, make_optimizer, devices=None):
-  mesh = jax.make_mesh((len(devices),), ('data',), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
+def _train_and_evaluate(config, workdir: str, make_optimizer, mesh):
   replicated = NamedSharding(mesh, P())
   is_chief = jax.process_index() == 0
   config_json = rundir.config_json(config)

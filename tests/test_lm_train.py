@@ -26,6 +26,7 @@ from kd_jax import on_policy
 from kd_jax import rundir
 from kd_jax import train
 from kd_jax.config_lib import load_config
+from kd_jax.data import prefetch
 from kd_jax.data import text
 
 pytestmark = pytest.mark.xdist_group('lm_train')
@@ -99,6 +100,7 @@ def final_params(workdir, config):
     ('distill.teacher_dtype="float16"', 'teacher_dtype'),
     ('distill.generation.source="student",distill.cache_dir="c"',
      'unset config.distill.cache_dir'),
+    ('role=student,distill.shard_teacher=True', 'set shard_teacher=False'),
 ])
 def test_bad_lm_config_values_are_named(arg, match):
   with pytest.raises(ValueError, match=match):
@@ -550,3 +552,84 @@ def test_at_alpha_zero_the_teacher_only_evaluates(lm_teacher_dir, tmp_path):
 def test_lm_cache_refuses_an_image_config(tmp_path):
   with pytest.raises(ValueError, match="task='lm' config"):
     lm_cache.export(load_config('mnist5k_distill'), str(tmp_path), k=4)
+
+
+@pytest.mark.parametrize('mesh_model', [3, 0])
+def test_a_mesh_model_that_does_not_divide_the_devices_is_refused(
+    tmp_path, mesh_model):
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(ValueError, match=rf'config.mesh_model={mesh_model} '
+                     r'must be >= 1 and divide the 8 devices'):
+    lm_train.train_and_evaluate(tiny(f'mesh_model={mesh_model}'), workdir)
+  assert not os.path.exists(workdir)  # Refused before the workdir is made.
+
+
+def two_lm_steps(config, mesh, teacher, teacher_params):
+  """The student's params and measurements after two steps on `mesh`, the
+  batch's rows split over every mesh axis."""
+  model, tx, state = student_at_step_zero(config)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step = jax.jit(functools.partial(
+      lm_train.lm_step, model=model, teacher_model=teacher, tx=tx,
+      distill=config.distill), out_shardings=(replicated, replicated))
+  tokens = text.load_split('pydoc_topics', 'validation[:5%]')
+  batch = next(text.eval_batches(tokens, batch_size=16, length=32))
+  batch = jax.device_put(
+      {k: v for k, v in batch.items() if k != 'start'},
+      jax.sharding.NamedSharding(mesh, prefetch.batch_spec(mesh)))
+  state = jax.device_put(dict(state), replicated)
+  for _ in range(2):
+    state, measurements = step(state, batch, teacher_params)
+  return jax.device_get((state['params'], measurements))
+
+
+@pytest.fixture(scope='session')
+def replicated_lm_steps(lm_teacher_dir):
+  """Two steps with today's layout: a 1-D 'data' mesh of 8 devices, the
+  teacher replicated."""
+  config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}"')
+  teacher, params = restored_teacher(config, devices=8)
+  return two_lm_steps(config, jax.make_mesh(
+      (8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,)), teacher,
+                      params)
+
+
+@pytest.mark.slow  # Two steps compiled per mesh, and the replicated ones.
+@pytest.mark.parametrize('mesh_model', [2, 4])
+def test_an_lm_teacher_split_over_the_model_axis_steps_like_a_replicated_one(
+    lm_teacher_dir, replicated_lm_steps, mesh_model):
+  """On the (8 / m, m) ('data', 'model') mesh of mesh_model=m, the teacher
+  is restored straight into its split over 'model' (each device holds 1/m
+  of every array) and the student's two steps equal the replicated
+  teacher's up to the order of float sums."""
+  config = tiny(f'distill.teacher_workdir="{lm_teacher_dir}",'
+                f'mesh_model={mesh_model},distill.shard_teacher=True')
+  mesh = train.make_mesh(jax.devices(), config.mesh_model)
+  assert dict(mesh.shape) == {'data': 8 // mesh_model, 'model': mesh_model}
+  teacher, params, _ = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
+  for leaf in jax.tree.leaves(params):
+    assert set(leaf.sharding.spec) <= {None, 'model'}, leaf.sharding
+    assert leaf.addressable_shards[0].data.size == leaf.size // mesh_model
+  (got, got_m), (want, want_m) = (
+      two_lm_steps(config, mesh, teacher, params), replicated_lm_steps)
+  close = functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-6)
+  jax.tree.map(close, got, want)
+  assert set(got_m) == set(want_m) and 'loss_soft' in got_m
+  for key in want_m:
+    close(got_m[key], want_m[key], err_msg=key)
+
+
+@pytest.mark.slow  # Two tiny runs.
+def test_a_run_with_a_split_teacher_ends_like_a_replicated_one(
+    lm_teacher_dir, tmp_path):
+  """The whole run (train stream split over both mesh axes, evaluation and
+  the sampled completions scored by the split teacher) on mesh_model=2."""
+  arg = f'distill.teacher_workdir="{lm_teacher_dir}"'
+  replicated = lm_train.train_and_evaluate(tiny(arg), str(tmp_path / 'r'))
+  split = lm_train.train_and_evaluate(
+      tiny(f'{arg},mesh_model=2,distill.shard_teacher=True'),
+      str(tmp_path / 's'))
+  want, got = (s['eval']['validation[:5%]'] for s in (replicated, split))
+  assert set(got) == set(want) and 'sample_teacher_nll' in got
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
