@@ -60,6 +60,33 @@ def test_process_shares_are_the_rows_of_the_global_batch(process_count):
         np.concatenate([s[key] for s in shares]), whole[key])
 
 
+def test_aligned_rows_drawn_by_share_stay_in_their_share():
+  """With `shares` S, row r of every batch is a window of share r * S // B
+  (what process r * S // B of a cache exported by S processes holds); one
+  share is the plain aligned draw."""
+  windows = text.num_windows(len(TOKENS), 4)  # 33 windows of 4 targets.
+
+  def draw(step, shares, **processes):
+    return text.train_batch(TOKENS, seed=0, step=step, batch_size=6,
+                            length=4, aligned=True, shares=shares,
+                            **processes)['start'] // 4
+  seen = [set(), set(), set()]
+  for step in range(200):
+    np.testing.assert_array_equal(
+        draw(step, 1), text.train_batch(TOKENS, seed=0, step=step,
+                                        batch_size=6, length=4,
+                                        aligned=True)['start'] // 4)
+    for row, window in enumerate(draw(step, 3)):
+      first, end = text.window_share(windows, row * 3 // 6, 3)
+      assert first <= window < end
+      seen[row * 3 // 6].add(int(window))
+    # Process 1 of 3 reads rows 2 and 3 of the global batch: its share.
+    np.testing.assert_array_equal(
+        draw(step, 3, process_index=1, process_count=3), draw(step, 3)[2:4])
+  assert seen == [set(range(*text.window_share(windows, s, 3)))
+                  for s in range(3)]
+
+
 @pytest.mark.parametrize('num_tokens,length,batch_size,process_count', [
     (len(TOKENS), 16, 4, 1), (len(TOKENS), 16, 4, 2), (33, 8, 2, 2),
     (17, 16, 2, 1), (9, 4, 6, 3)])

@@ -27,7 +27,11 @@ tokens (and fewer at each window's beginning).
 
 Processes: each global batch holds `batch_size` windows whatever the
 process count; process p of P takes rows p * B/P .. (p + 1) * B/P, like the
-image stream's process-local batches.
+image stream's process-local batches. A per-token cache exported by S
+processes holds S shares of the tiling windows (`window_share`); drawn with
+`shares=S`, row r of every batch comes from share r * S // B, so on S
+processes each reads its own share only, and the batches are the same on
+any process count.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from kd_jax.data import sources
 from kd_jax.datasets.text_bytes import VOCAB_SIZE
 
 __all__ = ['VOCAB_SIZE', 'decode', 'encode', 'eval_batches', 'load_split',
-           'num_eval_batches', 'num_windows', 'train_batch', 'train_batches']
+           'num_eval_batches', 'num_windows', 'train_batch', 'train_batches',
+           'window_share']
 
 
 def encode(text: str) -> np.ndarray:
@@ -140,7 +145,8 @@ def _hash(*values: int | np.ndarray) -> np.ndarray:
 
 def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
                 length: int, process_index: int = 0, process_count: int = 1,
-                aligned: bool = False) -> dict[str, np.ndarray]:
+                aligned: bool = False, shares: int = 1
+                ) -> dict[str, np.ndarray]:
   """This process's rows of the train batch of `step`.
 
   The global batch is `batch_size` windows of `length` + 1 tokens whose
@@ -150,7 +156,9 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
   `eval_batches` tiles the split with (starts at multiples of `length`,
   the last one's missing targets masked): those a per-token teacher cache
   holds (`kd_jax.lm_cache`), where each target was predicted from the same
-  context.
+  context. With `shares` S > 1, row r draws among the windows of share
+  r * S // batch_size (`window_share`): those of the shard that process
+  r * S // batch_size of a cache exported by S processes wrote.
 
   Args:
     tokens: the split (`load_split`), at least `length + 1` tokens.
@@ -160,6 +168,7 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
     length: tokens per window (inputs and targets each).
     process_index, process_count: this process and how many read.
     aligned: draw among the tiling windows only.
+    shares: with `aligned`, the window shares the rows are drawn from.
 
   Returns:
     The batch described in the module docstring; `mask` is all True (but
@@ -179,11 +188,29 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
     raise ValueError(f'seed={seed} and step={step} must be >= 0.')
   rows = np.arange(process_index * local, (process_index + 1) * local)
   if aligned:
-    windows = np.uint64(num_windows(len(tokens), length))
-    starts = (_hash(seed, step, rows) % windows) * np.uint64(length)
+    windows = num_windows(len(tokens), length)
+    if not 1 <= shares <= windows:
+      raise ValueError(f'shares={shares} must be in [1, the {windows} '
+                       'windows of the split].')
+    first, end = (np.asarray(b, np.uint64) for b in window_share(
+        windows, rows * shares // batch_size, shares))
+    starts = (first + _hash(seed, step, rows) % (end - first)) * np.uint64(
+        length)
   else:
     starts = _hash(seed, step, rows) % np.uint64(num_starts)
   return _windows(tokens, starts.astype(np.int64), length)
+
+
+def window_share(num_windows: int, index, count: int):
+  """(first, end): the windows first .. end - 1 of share `index` of `count`
+  that split `num_windows` tiling windows into contiguous runs whose sizes
+  differ by at most one (what process `index` of a per-token cache exported
+  by `count` processes holds). `index` may be an array.
+
+  >>> [window_share(10, i, 3) for i in range(3)]
+  [(0, 3), (3, 6), (6, 10)]
+  """
+  return index * num_windows // count, (index + 1) * num_windows // count
 
 
 def num_windows(num_tokens: int, length: int) -> int:
@@ -198,13 +225,14 @@ def num_windows(num_tokens: int, length: int) -> int:
 
 def train_batches(tokens: np.ndarray, *, seed: int, batch_size: int,
                   length: int, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1, aligned: bool = False
-                  ) -> Iterator[dict[str, np.ndarray]]:
+                  process_count: int = 1, aligned: bool = False,
+                  shares: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """`train_batch` of steps start_step, start_step + 1, ... forever."""
   for step in itertools.count(start_step):
     yield train_batch(tokens, seed=seed, step=step, batch_size=batch_size,
                       length=length, process_index=process_index,
-                      process_count=process_count, aligned=aligned)
+                      process_count=process_count, aligned=aligned,
+                      shares=shares)
 
 
 def num_eval_batches(num_tokens: int, batch_size: int, length: int) -> int:
