@@ -28,6 +28,17 @@ window length, temperature, dataset and split, the tokens' checksum) and
 refuses a mismatch by field; `lookup` gives a batch's sparse targets from
 its windows' starts. Positions past the split's end hold zeros and are
 masked in the batch.
+
+On n > 1 processes (--coordinator_address, --num_processes, --process_id,
+--cpu_collectives as for `kd_jax.main`) process i writes the windows of its
+share (`text.window_share`: a contiguous run, 1/n of them) to
+`out/shard-i-of-n/` (the same files, its manifest recording the share), in
+the shard layout of the image caches (`kd_jax.teachers.cache`, which
+names and finds the shards). A run from it draws each batch row from one
+share (`text.train_batch(shares=n)`), so a run on n processes loads on
+each only its own shard, and a run on any other count loads every shard
+and reads the same batches. Missing, unfinished or mixed shards are
+refused by name.
 """
 
 from __future__ import annotations
@@ -39,14 +50,16 @@ import os
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from kd_jax import checkpointing
 from kd_jax.data import text
+from kd_jax.teachers import cache as logits_cache
 
-__all__ = ['Cache', 'export', 'load', 'lookup']
+__all__ = ['Cache', 'Shard', 'export', 'load', 'lookup']
 
 MANIFEST = 'manifest.json'
 FORMAT = 1
@@ -75,15 +88,44 @@ def _top_k(teacher, temperature: float, k: int):
   return fn
 
 
+def _cache_parts(out: str, but: tuple[str, ...] = ()) -> list[str]:
+  """What of a cache `out` holds (its manifest, shard folders finished or
+  not), but the shard folders `but`."""
+  names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+  return [name for name in names if name not in but and (
+      name == MANIFEST or name.startswith('shard-')
+      and os.path.isdir(os.path.join(out, name)))]
+
+
+def _process_share(process_index: int | None, process_count: int | None
+                   ) -> tuple[int, int]:
+  """(index, count) of the share to export: as given, or this JAX process
+  of all."""
+  if (process_index is None) != (process_count is None):
+    raise ValueError(
+        f'process_index={process_index}, process_count={process_count}: '
+        'give both (one shard of an export by process_count processes) or '
+        'neither (this JAX process of all).')
+  if process_index is None:
+    return jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, '
+                     f'process_count={process_count}).')
+  return process_index, process_count
+
+
 def export(config: ml_collections.ConfigDict, out: str, *, k: int,
            temperature: float | None = None, split: str | None = None,
            dtype: str = 'float16', batch_size: int = 64,
-           overwrite: bool = False) -> dict[str, Any]:
+           overwrite: bool = False, process_index: int | None = None,
+           process_count: int | None = None) -> dict[str, Any]:
   """Writes the cache of `config.distill.teacher_workdir`'s teacher over
   `split` (default `config.train_split`) to `out`; its manifest.
 
   `temperature` (default `config.distill.temperature`) is the one the tail
-  mass is taken at: a run must train at it.
+  mass is taken at: a run must train at it. `process_index` of
+  `process_count` (default: this JAX process of all) writes that share of
+  the windows to `out/shard-i-of-n/` (`out` itself when n is 1).
   """
   from kd_jax import lm_train  # pylint: disable=g-import-not-at-top
   if config.get('task') != 'lm':
@@ -100,42 +142,44 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
     raise ValueError(f'temperature={temperature} must be > 0.')
   if dtype not in ('float16', 'float32'):
     raise ValueError(f'dtype={dtype!r}; choose float16 or float32.')
-  if os.path.exists(os.path.join(out, MANIFEST)) and not overwrite:
-    raise FileExistsError(f'{out} already holds a cache; pass '
+  index, count = _process_share(process_index, process_count)
+  # Each process checks before any writes (on a shared disk all see the
+  # same, and none waits at the barrier for one that refused); the other
+  # shards of this export may be there already.
+  others = tuple(logits_cache.shard_name(i, count) for i in range(count)
+                 if i != index and count > 1)
+  if _cache_parts(out, but=others) and not overwrite:
+    raise FileExistsError(f'{out} already holds a cache ('
+                          f'{_cache_parts(out, but=others)[:3]}); pass '
                           'overwrite=True (--overwrite) to replace it.')
   if not config.distill.teacher_workdir:
     raise ValueError('config.distill.teacher_workdir is empty: name the '
                      'finished LM run whose outputs to cache.')
-  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  teacher, params, info = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
   tokens = text.load_split(config.dataset, split, config.data_dir)
   length = config.length
   windows = text.num_windows(len(tokens), length)
-  os.makedirs(out, exist_ok=True)
-  if os.path.exists(os.path.join(out, MANIFEST)):
-    os.remove(os.path.join(out, MANIFEST))  # Invalid until rewritten.
+  if count > windows:
+    raise ValueError(f'{count} processes cannot share the {windows} windows '
+                     f'of {config.dataset} {split}: export on at most '
+                     f'{windows}.')
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('kd_jax.lm_cache: out checked')
+  # This process's own device: a multi-process export runs each share apart.
+  mesh = jax.make_mesh((1,), ('data',), devices=jax.local_devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  teacher, params, info = lm_train._load_teacher(config, mesh)  # pylint: disable=protected-access
+  directory = out if count == 1 else os.path.join(
+      out, logits_cache.shard_name(index, count))
+  os.makedirs(directory, exist_ok=True)
+  # Invalid until rewritten; process 0 also retires a one-process export.
+  logits_cache.remove_manifests([directory] + ([out] if index == 0 else []))
+  first, end = text.window_share(windows, index, count)
   value_dtype = np.dtype(dtype)
-  shapes = dict(topk_logits=((windows, length, k), value_dtype),
-                topk_indices=((windows, length, k),
-                              _index_dtype(config.vocab_size)),
-                rest_mass=((windows, length), value_dtype))
-  arrays = {name: np.lib.format.open_memmap(
-      os.path.join(out, f'{name}.npy'), mode='w+', dtype=d, shape=s)
-            for name, (s, d) in shapes.items()}
-  fn = _top_k(teacher, temperature, k)
-  for batch in text.eval_batches(tokens, batch_size=batch_size,
-                                 length=length):
-    rows = batch['start'] >= 0
-    values, indices, rest = jax.device_get(fn(params, batch['inputs']))
-    w = batch['start'][rows] // length
-    valid = batch['mask'][rows]
-    arrays['topk_logits'][w] = np.where(valid[..., None], values[rows], 0)
-    arrays['topk_indices'][w] = np.where(valid[..., None], indices[rows], 0)
-    arrays['rest_mass'][w] = np.where(valid, rest[rows], 0)
-  for array in arrays.values():
-    array.flush()
-  del arrays
+  _write_windows(directory, fn=_top_k(teacher, temperature, k),
+                 params=params, tokens=tokens, length=length, k=k,
+                 windows=(first, end), batch_size=batch_size,
+                 value_dtype=value_dtype,
+                 index_dtype=_index_dtype(config.vocab_size))
   item_bytes = (k * value_dtype.itemsize
                 + k * _index_dtype(config.vocab_size).itemsize
                 + value_dtype.itemsize)
@@ -151,61 +195,182 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
       num_windows=int(windows), dtype=dtype,
       bytes_per_token=item_bytes,
       dense_float16_bytes_per_token=2 * int(config.vocab_size))
-  tmp = os.path.join(out, f'{MANIFEST}.tmp')
+  if count > 1:
+    manifest['shard'] = dict(index=index, count=count, first_window=first,
+                             num_windows=end - first)
+  tmp = os.path.join(directory, f'{MANIFEST}.tmp')
   with open(tmp, 'w') as f:
     json.dump(manifest, f, indent=2)
-  os.replace(tmp, os.path.join(out, MANIFEST))
+  os.replace(tmp, os.path.join(directory, MANIFEST))
   return manifest
 
 
+def _write_windows(directory: str, *, fn, params, tokens: np.ndarray,
+                   length: int, k: int, windows: tuple[int, int],
+                   batch_size: int, value_dtype: np.dtype,
+                   index_dtype: np.dtype) -> None:
+  """The arrays of windows first .. end - 1 (`windows`), row w - first for
+  window w, from `fn`'s teacher outputs over the split's tiling."""
+  first, end = windows
+  shapes = dict(topk_logits=((end - first, length, k), value_dtype),
+                topk_indices=((end - first, length, k), index_dtype),
+                rest_mass=((end - first, length), value_dtype))
+  arrays = {name: np.lib.format.open_memmap(
+      os.path.join(directory, f'{name}.npy'), mode='w+', dtype=d, shape=s)
+            for name, (s, d) in shapes.items()}
+  for batch in text.eval_batches(tokens, batch_size=batch_size,
+                                 length=length):
+    w = batch['start'] // length
+    rows = (batch['start'] >= 0) & (w >= first) & (w < end)
+    if not rows.any():  # Another process's share.
+      continue
+    values, indices, rest = jax.device_get(fn(params, batch['inputs']))
+    w = w[rows] - first
+    valid = batch['mask'][rows]
+    arrays['topk_logits'][w] = np.where(valid[..., None], values[rows], 0)
+    arrays['topk_indices'][w] = np.where(valid[..., None], indices[rows], 0)
+    arrays['rest_mass'][w] = np.where(valid, rest[rows], 0)
+  for array in arrays.values():
+    array.flush()
+
+
 @dataclasses.dataclass(frozen=True)
-class Cache:
-  """A loaded cache: its manifest and memory-mapped arrays."""
-  manifest: dict[str, Any]
+class Shard:
+  """One table of a cache, memory-mapped: windows first_window ..
+  first_window + len(rest_mass) - 1 of the split."""
+  name: str  # '' for a one-process export, else shard-i-of-n.
+  first_window: int
   topk_logits: np.ndarray
   topk_indices: np.ndarray
   rest_mass: np.ndarray
 
 
-def load(cache_dir: str, config: ml_collections.ConfigDict,
-         tokens: np.ndarray, split: str | None = None) -> Cache:
-  """The cache in `cache_dir`, checked against the run of `config` that
-  trains on `tokens` (its `split`, default `config.train_split`)."""
+@dataclasses.dataclass(frozen=True)
+class Cache:
+  """A loaded cache: its manifest (the export's; a shard's without its
+  `shard` entry) and the shards this process reads."""
+  manifest: dict[str, Any]
+  shards: tuple[Shard, ...]
+  num_shares: int  # The export's process count: the train rows' shares.
+
+
+# Where a manifest's value comes from in the run's config, if it does.
+_FIXES = dict(vocab_size='config.vocab_size', length='config.length',
+              temperature='config.distill.temperature',
+              dataset='config.dataset', split='config.train_split')
+
+
+def _shard_names(cache_dir: str) -> list[str]:
+  """[''] for a one-process export, else its shard-i-of-n folders in order
+  (`teachers.cache.cache_shards`: missing or mixed ones refused by name)."""
   field = 'config.distill.cache_dir'
-  path = os.path.join(cache_dir, MANIFEST)
-  if not os.path.exists(path):
+  if not _cache_parts(cache_dir):
     raise FileNotFoundError(
-        f'{field}={cache_dir!r} holds no cache ({path} is missing; an export '
-        'cut short leaves none): write it with python -m kd_jax.lm_cache '
+        f'{field}={cache_dir!r} holds no cache '
+        f'({os.path.join(cache_dir, MANIFEST)} is missing; an export cut '
+        'short leaves none): write it with python -m kd_jax.lm_cache '
         f'--config=... --out={cache_dir}.')
-  with open(path) as f:
-    manifest = json.load(f)
+  return logits_cache.cache_shards(cache_dir, '')
+
+
+def _check_shard(cache_dir: str, name: str, manifest: dict[str, Any],
+                 first: dict[str, Any], count: int) -> tuple[int, int]:
+  """(first window, windows) of shard `name`, refused by name when it is
+  not the share `name` says of the export `first` (shard 0's manifest)."""
+  where = f'config.distill.cache_dir={cache_dir!r}: {name}'
+  differ = sorted(key for key in set(first) | set(manifest)
+                  if key != 'shard' and first.get(key) != manifest.get(key))
+  if differ:
+    raise ValueError(f'{where} and {logits_cache.shard_name(0, count)} '
+                     f'come from two exports (they differ in {differ}): '
+                     'export again into an empty --out.')
+  if count == 1:
+    return 0, manifest['num_windows']
+  index = int(name.split('-')[1])
+  share = text.window_share(manifest['num_windows'], index, count)
+  got = manifest.get('shard', {})
+  if (got.get('index'), got.get('count'), got.get('first_window'),
+      got.get('first_window', 0) + got.get('num_windows', 0)) != (
+          index, count, *share):
+    raise ValueError(f'{where} records the share {got}, not windows '
+                     f'{share[0]}..{share[1] - 1} of {count}: export again '
+                     'into an empty --out.')
+  return share[0], share[1] - share[0]
+
+
+def load(cache_dir: str, config: ml_collections.ConfigDict,
+         tokens: np.ndarray, split: str | None = None, *,
+         process_index: int | None = None,
+         process_count: int | None = None) -> Cache:
+  """The cache in `cache_dir`, checked against the run of `config` that
+  trains on `tokens` (its `split`, default `config.train_split`); of a
+  cache exported by n processes, on n processes (`process_index` of
+  `process_count`, default this JAX process of all) only this process's
+  shard, else every shard."""
+  field = 'config.distill.cache_dir'
+  names = _shard_names(cache_dir)
+  manifests = []
+  for name in names:
+    with open(os.path.join(cache_dir, name, MANIFEST)) as f:
+      manifests.append(json.load(f))
+  manifest = {k: v for k, v in manifests[0].items() if k != 'shard'}
   split = split or config.train_split
   wanted = dict(format=FORMAT, vocab_size=config.vocab_size,
                 length=config.length,
                 temperature=float(config.distill.temperature),
                 dataset=config.dataset, split=split,
                 corpus_sha256=corpus_checksum(tokens))
-  fixes = dict(vocab_size='config.vocab_size', length='config.length',
-               temperature='config.distill.temperature',
-               dataset='config.dataset', split='config.train_split')
   for key, value in wanted.items():
     if manifest.get(key) != value:
-      fix = (f'set {fixes[key]}={manifest.get(key)!r} or export the cache '
-             'again for this run' if key in fixes else
+      fix = (f'set {_FIXES[key]}={manifest.get(key)!r} or export the cache '
+             'again for this run' if key in _FIXES else
              'export the cache again from the text the run reads')
       raise ValueError(f'{field}={cache_dir!r} was written for {key}='
                        f'{manifest.get(key)!r}; this run has {value!r}: '
                        f'{fix}.')
-  arrays = {name: np.load(os.path.join(cache_dir, f'{name}.npy'),
-                          mmap_mode='r') for name in FILES}
-  expected = (manifest['num_windows'], manifest['length'])
-  for name, array in arrays.items():
-    if array.shape[:2] != expected:
-      raise ValueError(f'{field}={cache_dir!r}: {name}.npy has shape '
-                       f'{array.shape}, not the manifest\'s {expected}; '
-                       'export the cache again.')
-  return Cache(manifest=manifest, **arrays)
+  shares = [_check_shard(cache_dir, name, m, manifests[0], len(names))
+            for name, m in zip(names, manifests)]
+  if process_index is None:
+    process_index, process_count = jax.process_index(), jax.process_count()
+  local = logits_cache.local_shards(names, process_index, process_count)
+  return Cache(manifest=manifest, num_shares=len(names), shards=tuple(
+      _open_shard(cache_dir, name, *shares[names.index(name)],
+                  manifest['length']) for name in local))
+
+
+def _open_shard(cache_dir: str, name: str, first: int, windows: int,
+                length: int) -> Shard:
+  directory = os.path.join(cache_dir, name)
+  arrays = {array: np.load(os.path.join(directory, f'{array}.npy'),
+                           mmap_mode='r') for array in FILES}
+  for array, values in arrays.items():
+    if values.shape[:2] != (windows, length):
+      raise ValueError(f'config.distill.cache_dir={cache_dir!r}: '
+                       f'{os.path.join(name, array)}.npy has shape '
+                       f'{values.shape}, not the manifest\'s '
+                       f'{(windows, length)}; export the cache again.')
+  return Shard(name=name, first_window=first, **arrays)
+
+
+def _gather(cache: Cache, array: str, windows: np.ndarray,
+            valid: np.ndarray) -> np.ndarray:
+  """Rows `windows` of `array` from the loaded shards; zeros where not
+  `valid`."""
+  like = getattr(cache.shards[0], array)
+  out = np.zeros((len(windows), *like.shape[1:]), like.dtype)
+  found = ~valid
+  for shard in cache.shards:
+    values = getattr(shard, array)
+    rows = valid & (windows >= shard.first_window) & (
+        windows < shard.first_window + len(values))
+    out[rows] = values[windows[rows] - shard.first_window]
+    found |= rows
+  if not found.all():
+    raise ValueError(
+        f'windows {windows[~found][:3].tolist()} are in none of the shards '
+        f'this process loaded ({[s.name for s in cache.shards]}): draw '
+        f'train batches with text.train_batch(shares={cache.num_shares}).')
+  return out
 
 
 def lookup(cache: Cache, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -221,18 +386,17 @@ def lookup(cache: Cache, batch: dict[str, np.ndarray]) -> dict[str, Any]:
   w = np.where(starts >= 0, starts // length, 0)
   valid = starts >= 0
   out = dict(batch)
-  out['topk_logits'] = np.where(valid[:, None, None], cache.topk_logits[w],
-                                0).astype(np.float32)
-  out['topk_indices'] = np.where(valid[:, None, None], cache.topk_indices[w],
-                                 0).astype(np.int32)
-  out['rest_mass'] = np.where(valid[:, None], cache.rest_mass[w],
-                              0).astype(np.float32)
+  for array, dtype in (('topk_logits', np.float32),
+                       ('topk_indices', np.int32),
+                       ('rest_mass', np.float32)):
+    out[array] = _gather(cache, array, w, valid).astype(dtype)
   return out
 
 
 def define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from kd_jax import multihost  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', None, 'An LM config (task lm).',
                                   lock_config=True)
   flags.DEFINE_string('out', None, 'The cache folder.')
@@ -242,21 +406,30 @@ def define_flags() -> None:
   flags.DEFINE_string('split', None, 'Split (default: config.train_split).')
   flags.DEFINE_string('dtype', 'float16', 'float16 or float32.')
   flags.DEFINE_bool('overwrite', False, 'Replace a cache in --out.')
+  multihost.define_flags()
   flags.mark_flags_as_required(['config', 'out'])
 
 
 def main(argv) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from kd_jax import multihost  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if len(argv) > 1:
     raise ValueError(f'Unexpected arguments: {argv[1:]}')
+  multihost.initialize(f)
   manifest = export(f.config, f.out, k=f.k, temperature=f.temperature,
                     split=f.split, dtype=f.dtype, overwrite=f.overwrite)
+  where = f.out
+  if 'shard' in manifest:
+    share = manifest['shard']
+    name = logits_cache.shard_name(share['index'], share['count'])
+    where = (f'{os.path.join(f.out, name)} ({share["num_windows"]:,} of '
+             'them)')
   print(f'{manifest["num_windows"]:,} windows x {manifest["length"]} tokens '
         f'of {manifest["dataset"]} {manifest["split"]}, top {manifest["k"]} '
         f'at T={manifest["temperature"]}: {manifest["bytes_per_token"]} bytes '
         f'per token ({manifest["dense_float16_bytes_per_token"]} dense in '
-        f'float16): {f.out}')
+        f'float16): {where}')
 
 
 if __name__ == '__main__':

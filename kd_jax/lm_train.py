@@ -20,7 +20,9 @@ by `train_and_evaluate(config, workdir)` (what `kd_jax.main` calls for it):
   checksum and run frozen inside the one jitted step, on the batch's rows;
   or its per-token top-k cache (`distill.cache_dir`, `kd_jax.lm_cache`),
   checked against the run and read for the windows it tiles the split
-  with, in `losses.sparse_token_divergence`'s `distill.convention`.
+  with, in `losses.sparse_token_divergence`'s `distill.convention` (of a
+  cache exported by as many processes as the run's, each process reads
+  only its own shard).
 - Evaluation: the token cross-entropy in nats and in bits per token (bits
   per character for byte-level ASCII text), the next-token accuracy, and,
   with a teacher, the teacher's own and the student's KL to it at T = 1;
@@ -583,7 +585,8 @@ def _train_stream(config, train_tokens, start: int, cache, mesh,
       train_tokens, seed=config.seed, batch_size=config.batch_size,
       length=config.length, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      aligned=cache is not None or generations is not None)
+      aligned=cache is not None or generations is not None,
+      shares=1 if cache is None else cache.num_shares)
   if cache is not None:
     from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
     host_batches = (lm_cache.lookup(cache, b) for b in host_batches)
@@ -610,6 +613,8 @@ def _finish(config, workdir: str, summary, cache, teacher_info,
         **{k: cache.manifest[k] for k in (
             'teacher_workdir', 'teacher_step', 'teacher_model', 'k',
             'temperature', 'bytes_per_token')})
+    if cache.num_shares > 1:  # Exported by processes: what process 0 read.
+      summary['teacher']['shards_read'] = [s.name for s in cache.shards]
   if is_chief:
     rundir.write_run_info(workdir, model_spec=config.model,
                           num_classes=config.vocab_size, class_names=[],
