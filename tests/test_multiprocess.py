@@ -291,3 +291,57 @@ def test_two_processes_train_an_lm_like_one_process_on_four_devices(
   for k, v in one['eval']['validation[:5%]'].items():
     assert two['eval']['validation[:5%]'][k] == pytest.approx(
         v, rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.extended  # Four processes, one after the other pair.
+def test_two_processes_export_an_lm_cache_in_shards_then_read_their_own(
+    tmp_path):
+  """Two processes export one share of the windows each (kd_jax.lm_cache);
+  a two-process run on a (2, 2) ('data', 'model') mesh, the cache's
+  evaluation teacher split over 'model', then reads on each only its own
+  shard and trains like one process on four devices reading both."""
+  from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
+  from kd_jax import lm_train  # pylint: disable=g-import-not-at-top
+  from kd_jax.data import text  # pylint: disable=g-import-not-at-top
+  data = 'runlocal,dataset="pydoc_topics"'
+  teacher_dir = str(tmp_path / 'teacher')
+  lm_train.train_and_evaluate(
+      load_config('shakespeare_char', f'{data},role=teacher,seed=1'),
+      teacher_dir)
+  arg = (f'{data},distill.teacher_workdir="{teacher_dir}",'
+         'train_split="train[:10%]",distill.temperature=2.0')
+  whole, sharded = str(tmp_path / 'whole'), str(tmp_path / 'sharded')
+  lm_cache.export(load_config('shakespeare_char', arg), whole, k=16)
+  _run_two_processes('shakespeare_char', arg, sharded,
+                     module='kd_jax.lm_cache', out_flag='--out')
+  assert sorted(os.listdir(sharded)) == ['shard-00000-of-00002',
+                                         'shard-00001-of-00002']
+  config = load_config('shakespeare_char',
+                       f'{arg},distill.cache_dir="{sharded}"')
+  tokens = text.load_split('pydoc_topics', 'train[:10%]')
+  cut = lm_cache.load(sharded, config, tokens).shards
+  for name in lm_cache.FILES:
+    got = np.concatenate([getattr(shard, name) for shard in cut])
+    want = getattr(lm_cache.load(whole, config, tokens).shards[0], name)
+    # The subprocesses compile with XLA's optimisations: float16 values
+    # differ in their last bit, and near-ties may swap two ranks.
+    if name == 'topk_indices':
+      assert got.shape == want.shape and np.mean(got != want) < 1e-4
+    else:
+      np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4,
+                                 err_msg=name)
+  one_dir, two_dir = str(tmp_path / 'one'), str(tmp_path / 'two')
+  _run_two_processes('shakespeare_char', f'{arg},distill.cache_dir='
+                     f'"{sharded}",mesh_model=2,distill.shard_teacher=True',
+                     two_dir)
+  one = lm_train.train_and_evaluate(config, one_dir, devices=jax.devices()[:4])
+  two = json.load(open(os.path.join(two_dir, 'summary.json')))
+  assert one['teacher']['shards_read'] == ['shard-00000-of-00002',
+                                           'shard-00001-of-00002']
+  assert two['teacher']['shards_read'] == ['shard-00000-of-00002']
+  assert 'kl_to_teacher' in one['eval']['validation[:5%]']
+  for k, v in one['eval']['validation[:5%]'].items():
+    assert two['eval']['validation[:5%]'][k] == pytest.approx(
+        v, rel=1e-4, abs=1e-5), k
+  for a, b in zip(one['train_history'], two['train_history']):
+    assert b['loss_soft'] == pytest.approx(a['loss_soft'], rel=1e-4)
