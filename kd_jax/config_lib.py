@@ -277,6 +277,19 @@ LM_ADAPTIVE_DEFAULTS = dict(initial=0.0, increment=0.1, tolerance=0.1,
                             capacity=1000, replay='decreasing')
 
 
+def _upgrade_lm_json(config: dict[str, Any]) -> dict[str, Any]:
+  """An LM config.json with the fields added since it was written, at the
+  values that train as it did."""
+  distill = {'teacher_dtype': 'float32', 'shard_teacher': False,
+             **config['distill']}
+  generation = distill.get('generation')
+  if isinstance(generation, dict):
+    distill['generation'] = {
+        'schedule': 'fixed', 'adaptive': dict(LM_ADAPTIVE_DEFAULTS),
+        'cache_dir': '', **generation}
+  return {'mesh_model': 1, **config, 'distill': distill}
+
+
 def upgrade_json(config: dict[str, Any]) -> dict[str, Any]:
   """A config.json's contents in the current form, silently: a workdir
   written before a field moved or was added compares equal to the same run
@@ -284,14 +297,7 @@ def upgrade_json(config: dict[str, Any]) -> dict[str, Any]:
   if not isinstance(config.get('distill'), dict):
     return config
   if config.get('task') == 'lm':
-    generation = config['distill'].get('generation')
-    if not isinstance(generation, dict):
-      return config
-    added = dict(schedule='fixed', adaptive=dict(LM_ADAPTIVE_DEFAULTS),
-                 cache_dir='')
-    generation = {**added, **generation}
-    return dict(config, distill=dict(config['distill'],
-                                     generation=generation))
+    return _upgrade_lm_json(config)
   return dict(config, distill=translate_distill(config['distill'],
                                                 warn=False))
 
