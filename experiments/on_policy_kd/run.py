@@ -36,6 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 sys.path.insert(0, REPO)
 
+from kd_jax import lm_generations  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 _SPEC = importlib.util.spec_from_file_location(
     'token_kd_run', os.path.join(REPO, 'experiments', 'token_kd', 'run.py'))
@@ -48,7 +50,7 @@ GENERATION = {'distill.generation.prompt_length': 32,
               'distill.generation.temperature': 1.0}
 
 
-def plans(args, teacher_dir: str, seed: int):
+def plans(args, teacher_dir: str, seed: int, generations_dir: str):
   distill = {'distill.teacher_workdir': teacher_dir, 'distill.alpha': 1.0,
              **SAMPLES}
   # The student alone: alpha 0 (the teacher only evaluates).
@@ -59,6 +61,20 @@ def plans(args, teacher_dir: str, seed: int):
       'distill', args, seed=seed, **distill, **GENERATION, **{
           'distill.generation.source': 'teacher',
           'distill.generation.fraction': 1.0})
+  out['seqkd once kl'] = token_kd.config(
+      'distill', args, seed=seed, **distill, **GENERATION, **{
+          'distill.generation.source': 'teacher',
+          'distill.generation.schedule': 'once',
+          'distill.generation.cache_dir': generations_dir,
+          'distill.generation.fraction': 1.0})
+  for initial in (0.0, 0.5):
+    out[f'distillm skew_kl phi0={initial}'] = token_kd.config(
+        'distill', args, seed=seed, **distill, **GENERATION, **{
+            'distill.divergence': 'skew_kl',
+            'distill.generation.source': 'student',
+            'distill.generation.schedule': 'adaptive',
+            'distill.generation.adaptive.initial': initial,
+            'eval_every_steps': args.epoch_steps})
   for fraction in (0.5, 1.0):
     for beta in (0.0, 0.5, 1.0):
       out[f'gkd lambda={fraction} beta={beta}'] = token_kd.config(
@@ -67,6 +83,12 @@ def plans(args, teacher_dir: str, seed: int):
               'distill.beta': beta,
               'distill.generation.source': 'student',
               'distill.generation.fraction': fraction})
+  if args.tiny:
+    for c in out.values():
+      c.eval_samples.update(num_batches=1, prompt_length=8,
+                            completion_length=8)
+      c.distill.generation.prompt_length = 8
+      c.eval_every_steps = min(c.eval_every_steps, 2)
   return out
 
 
@@ -76,16 +98,23 @@ def main(argv=None):
   parser.add_argument('--teacher_workdir', required=True)
   parser.add_argument('--seeds', default='0')
   parser.add_argument('--steps', type=int, default=1000)
+  parser.add_argument('--epoch_steps', type=int, default=490,
+                      help='steps between the adaptive schedule\'s '
+                      'validation losses (DistiLLM: one epoch; 490 steps '
+                      'of 32 x 64 bytes)')
   parser.add_argument('--tiny', action='store_true')
   args = parser.parse_args(argv)
   args.teacher_steps = 0
   rows = {}
+  generations_dir = os.path.join(args.workdir, 'seqkd_generations')
+  if not os.path.exists(os.path.join(generations_dir,
+                                     lm_generations.MANIFEST)):
+    lm_generations.export(plans(args, args.teacher_workdir, 0,
+                                generations_dir)['seqkd once kl'],
+                          generations_dir)
   for seed in [int(s) for s in args.seeds.split(',')]:
-    for name, c in plans(args, args.teacher_workdir, seed).items():
-      if args.tiny:
-        c.eval_samples.update(num_batches=1, prompt_length=8,
-                              completion_length=8)
-        c.distill.generation.prompt_length = 8
+    for name, c in plans(args, args.teacher_workdir, seed,
+                         generations_dir).items():
       workdir = os.path.join(args.workdir, f'seed{seed}',
                              name.replace(' ', '_').replace('=', ''))
       rows.setdefault(name, []).append(token_kd.run(c, workdir))
@@ -114,6 +143,7 @@ def write_results(root: str, rows) -> None:
         f'| {name} | {col("bits_per_token")} | {col("kl_to_teacher")} | '
         f'{col("sample_teacher_nll")} | {col("sample_reverse_kl")} | '
         f'{seconds:.0f} | {(seconds - base) / seconds:+.0%} |')
+  lines += paired(rows, split)
   samples = rows['gkd lambda=1.0 beta=0.5'][0].get('samples') or []
   if samples:
     lines += ['', 'Three completions by the `gkd lambda=1.0 beta=0.5` '
@@ -122,6 +152,41 @@ def write_results(root: str, rows) -> None:
   with open(os.path.join(root, 'results.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))
+
+
+def paired(rows, split) -> list[str]:
+  """Each run against fixed-text KL, seed by seed (the issue's target),
+  the settings of each family chosen on validation bits, and the adaptive
+  schedule's last probability."""
+  text = [s['eval'][split] for s in rows['text kl']]
+  lines = ['', 'Against `text kl`, paired by seed: the seeds where the '
+           'teacher\'s NLL and KL(s || t) on the run\'s own samples are '
+           'lower than text kl\'s, and where its bits/char are within 5% of '
+           'text kl\'s.', '',
+           '| run | NLL on samples lower | KL(s \\|\\| t) lower | '
+           'bits/char within 5% |', '|---|---|---|---|']
+  for name, summaries in rows.items():
+    if name in ('scratch', 'text kl'):
+      continue
+    r = [s['eval'][split] for s in summaries]
+    n = len(r)
+    count = lambda ok: f'{sum(ok)}/{n}'  # pylint: disable=unnecessary-lambda-assignment
+    lines.append(
+        f'| {name} | '
+        f'{count(x["sample_teacher_nll"] < t["sample_teacher_nll"] for x, t in zip(r, text))} | '
+        f'{count(x["sample_reverse_kl"] < t["sample_reverse_kl"] for x, t in zip(r, text))} | '
+        f'{count(x["bits_per_token"] <= 1.05 * t["bits_per_token"] for x, t in zip(r, text))} |')
+  lines += ['', 'Chosen on validation bits/char (mean over seeds):']
+  for family in ('gkd', 'distillm'):
+    names = [n for n in rows if n.startswith(family)]
+    best = min(names, key=lambda n: statistics.mean(
+        s['eval'][split]['bits_per_token'] for s in rows[n]))
+    lines.append(f'- {family}: `{best}`')
+  for name in (n for n in rows if n.startswith('distillm')):
+    phi = [s['train_history'][-1].get('threshold') for s in rows[name]]
+    lines.append(f'- `{name}`: the probability at the last step, per seed: '
+                 f'{", ".join(f"{p:.1f}" for p in phi)}')
+  return lines
 
 
 if __name__ == '__main__':
