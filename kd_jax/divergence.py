@@ -19,6 +19,10 @@ A run that stops moves the checkpoints written after its last healthy one to
 resumes from the healthy one; `Diverged` says which, and which settings to
 change (`rerun_command` turns them into the command line).
 
+A training loop feeds each fetched window to `observe` and `check`, calls
+`pin` before each save and `release` at the end, and raises what `stop`
+returns.
+
 An update norm has no such test: under a warm-up its reference, the first
 update, is zero, and an exploding update shows in the next parameter norm.
 """
@@ -27,8 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shlex
 from typing import Any, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+from kd_jax import checkpointing
 
 # A loss this many times the run's first logged one is exploding (loss
 # scales differ between objectives, so the reference is the run's own).
@@ -150,6 +161,95 @@ def unhealthy(loss: float, param_norm: float, health: Health,
   if collapsed:
     return 'the train accuracy collapsed'
   return None
+
+
+def observe(health: Health, first_step: int, window: Sequence[dict[str, Any]],
+            run_start: bool) -> tuple[str, int] | None:
+  """Feeds `health` the measurements of consecutive steps from `first_step`
+  (the run's first window sets the reference loss when `run_start`, a run
+  from step 0) and judges the unconfirmed checkpoint; what went non-finite
+  first (`nonfinite`), or None."""
+  step_losses = [float(m['loss_total']) for m in window]
+  if health.loss is None and run_start:
+    health.loss = float(np.mean(step_losses))
+  health.judge_unconfirmed(first_step, step_losses)
+  return nonfinite(window, first_step)
+
+
+def check(health: Health, step: int, loss: float, param_norm: float,
+          collapsed: bool = False) -> None:
+  """Updates `health` with the window's mean `loss` and the `param_norm`
+  fetched at `step` (a log or checkpoint step), warning when it turns
+  unhealthy."""
+  reason = unhealthy(loss, param_norm, health, collapsed)
+  turned = reason is not None and health.reason is None
+  health.reason = reason
+  if turned:
+    health.warnings.append(dict(step=int(step), reason=reason))
+    logging.warning(
+        'training is diverging at step %d: %s. The run goes on; its last '
+        'healthy checkpoint (step %s) is kept until a later one is healthy, '
+        'and summary.json lists this in divergence_warnings.', step, reason,
+        health.last_healthy_step)
+
+
+def pin(health: Health, pinned: set[int], mngr, step: int) -> None:
+  """Before the checkpoint of `step`: keeps the last healthy checkpoint out
+  of the rotation of `mngr` (whose preservation policy reads `pinned`)
+  until a later one is healthy, and records the save in `health`."""
+  keep = ({health.last_healthy_step}
+          if health.last_healthy_step is not None else set())
+  if keep != pinned:
+    # No save may be finishing (and rotating) while the pins change.
+    mngr.wait_until_finished()
+    pinned.clear()
+    pinned.update(keep)
+  health.saved(step)
+
+
+def release(health: Health, pinned: set[int], mngr, keep: int,
+            workdir: str) -> None:
+  """At the end of a run, with its saves finished: a healthy run drops the
+  checkpoints it kept beyond the newest `keep`; a diverging one keeps its
+  last healthy checkpoint, and says so."""
+  if health.reason is None and pinned:
+    pinned.clear()
+    for old_step in sorted(mngr.all_steps())[:-keep]:
+      mngr.delete(old_step)
+  if health.reason is not None:
+    logging.warning(
+        'the run ended diverging (%s); its last healthy checkpoint, step '
+        '%s, is kept in %s. summary.json lists it in divergence_warnings.',
+        health.reason, health.last_healthy_step,
+        checkpointing.checkpoint_dir(workdir))
+
+
+def stop(what: str, step: int, mngr, workdir: str, config, health: Health,
+         start_step: int, is_chief: bool) -> Diverged:
+  """Stops a run that diverged at `step`: waits for the saves in flight,
+  moves the checkpoints saved after the last healthy one to
+  checkpoints_diverged/ (so that a rerun resumes from it) and returns the
+  error naming it and what to change (`config.learning_rate`,
+  `config.checkpoint_every_steps`)."""
+  mngr.wait_until_finished()
+  resume = health.last_healthy_step
+  moved = sorted(s for s in mngr.all_steps()
+                 if resume is None or s > resume)
+  moved_to = os.path.join(os.path.abspath(workdir),
+                          checkpointing.DIVERGED_DIR)
+  if moved and is_chief:
+    checkpointing.move_diverged(workdir, moved)
+  if jax.process_count() > 1:  # Every process sees them moved.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('kd_jax_diverged')
+  text, changes = message(
+      what, resume_step=resume, moved=moved, moved_to=moved_to,
+      first_warning=next((w for w in health.warnings
+                          if resume is None or w['step'] > resume), None),
+      first_checkpoint=config.checkpoint_every_steps,
+      learning_rate=config.learning_rate,
+      before_any_update=start_step == 0 and step == 1)
+  return Diverged(text, resume_step=resume, changes=changes)
 
 
 def lower_learning_rate(learning_rate: float) -> float:

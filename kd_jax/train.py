@@ -546,34 +546,6 @@ def _workdir_lock(workdir: str):
   return held()
 
 
-def _diverged(what: str, step: int, mngr, workdir: str, config,
-              health: divergence.Health, start_step: int, is_chief: bool
-              ) -> divergence.Diverged:
-  """Stops a run that diverged at `step`: waits for the saves in flight,
-  moves the checkpoints saved after the last healthy one to
-  checkpoints_diverged/ (so that a rerun resumes from it) and returns the
-  error naming it and what to change."""
-  mngr.wait_until_finished()
-  resume = health.last_healthy_step
-  moved = sorted(s for s in mngr.all_steps()
-                 if resume is None or s > resume)
-  moved_to = os.path.join(os.path.abspath(workdir),
-                          checkpointing.DIVERGED_DIR)
-  if moved and is_chief:
-    checkpointing.move_diverged(workdir, moved)
-  if jax.process_count() > 1:  # Every process sees them moved.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('kd_jax_diverged')
-  message, changes = divergence.message(
-      what, resume_step=resume, moved=moved, moved_to=moved_to,
-      first_warning=next((w for w in health.warnings
-                          if resume is None or w['step'] > resume), None),
-      first_checkpoint=config.checkpoint_every_steps,
-      learning_rate=config.learning_rate,
-      before_any_update=start_step == 0 and step == 1)
-  return divergence.Diverged(message, resume_step=resume, changes=changes)
-
-
 def _resume_checks(workdir: str, meta: dict[str, Any], config, teacher,
                    topology: dict[str, int]) -> list[dict[str, Any]]:
   """Checks a restored checkpoint against this run; the topology changes.
@@ -900,7 +872,9 @@ class _Loop:
       if log_step:
         self._log(step)
       if log_step or save_step:
-        _check_health(self.health, step, host, self.collapsed)
+        divergence.check(self.health, step,
+                         float(np.mean([m['loss_total'] for m in host])),
+                         float(host[-1]['param_norm']), self.collapsed)
       if step % self.run.eval_every == 0 or step == total:
         self.eval_results = self._evaluate(step)
       if save_step:
@@ -911,15 +885,12 @@ class _Loop:
     loss or parameter norm is no longer finite."""
     host = jax.device_get(self.pending)
     self.pending = []
-    first = step - len(host) + 1
-    step_losses = [float(m['loss_total']) for m in host]
-    if self.health.loss is None and self.start_step == 0:
-      self.health.loss = float(np.mean(step_losses))
-    self.health.judge_unconfirmed(first, step_losses)
-    bad = divergence.nonfinite(host, first)
+    bad = divergence.observe(self.health, step - len(host) + 1, host,
+                             run_start=self.start_step == 0)
     if bad is not None:
-      raise _diverged(*bad, self.mngr, self.run.workdir, self.run.config,
-                      self.health, self.start_step, self.run.is_chief)
+      raise divergence.stop(*bad, self.mngr, self.run.workdir,
+                            self.run.config, self.health, self.start_step,
+                            self.run.is_chief)
     self.window += host
     return host
 
@@ -951,15 +922,8 @@ class _Loop:
   def _save(self, step: int) -> None:
     """Checkpoints the state, keeping the last healthy checkpoint out of the
     rotation until a later one is healthy."""
-    health, pinned = self.health, self.pinned
-    keep = ({health.last_healthy_step}
-            if health.last_healthy_step is not None else set())
-    if keep != pinned:
-      # No save may be finishing (and rotating) while the pins change.
-      self.mngr.wait_until_finished()
-      pinned.clear()
-      pinned.update(keep)
-    health.saved(step)
+    health = self.health
+    divergence.pin(health, self.pinned, self.mngr, step)
     teacher = self.run.teacher
     checkpointing.save(self.mngr, self.state, dict(
         config_fingerprint=self.fingerprint,
@@ -975,22 +939,12 @@ class _Loop:
     needed, evaluates if no step did, and writes summary.json."""
     run, health, workdir = self.run, self.health, self.run.workdir
     self.mngr.wait_until_finished()
-    if health.reason is None and self.pinned:
-      # The run ended healthy: no older checkpoint needs keeping.
-      self.pinned.clear()
-      for old_step in sorted(self.mngr.all_steps())[
-          :-run.config.keep_checkpoints]:
-        self.mngr.delete(old_step)
     if not self.eval_results:
       self.eval_results = self._evaluate(run.total_steps)
     self.writer.flush()
     self.bar.close()
-    if health.reason is not None:
-      logging.warning(
-          'the run ended diverging (%s); its last healthy checkpoint, step '
-          '%s, is kept in %s. summary.json lists it in divergence_warnings.',
-          health.reason, health.last_healthy_step,
-          checkpointing.checkpoint_dir(workdir))
+    divergence.release(health, self.pinned, self.mngr,
+                       run.config.keep_checkpoints, workdir)
     summary = self._summary()
     if run.is_chief:
       rundir.write_summary(workdir, summary)
@@ -1021,22 +975,3 @@ class _Loop:
       summary['num_connector_params'] = models.param_count(
           state.connector_params)
     return summary
-
-
-def _check_health(health: divergence.Health, step: int,
-                  host: list[dict[str, Any]], collapsed: bool) -> None:
-  """Updates `health` with the measurements fetched at `step` (a log or
-  checkpoint step: its norms were computed), warning when it turns
-  unhealthy."""
-  reason = divergence.unhealthy(
-      float(np.mean([m['loss_total'] for m in host])),
-      float(host[-1]['param_norm']), health, collapsed)
-  turned = reason is not None and health.reason is None
-  health.reason = reason
-  if turned:
-    health.warnings.append(dict(step=int(step), reason=reason))
-    logging.warning(
-        'training is diverging at step %d: %s. The run goes on; its last '
-        'healthy checkpoint (step %s) is kept until a later one is healthy, '
-        'and summary.json lists this in divergence_warnings.', step, reason,
-        health.last_healthy_step)
