@@ -3,7 +3,8 @@
 The trainer checks each window of train measurements it fetches from the
 devices (every log step, and every checkpoint step before it saves), from
 values the step already returns (`train.train_step`'s measurements; the
-parameter norm is computed on those steps), so the step's math is untouched:
+parameter norm is computed on those steps; a language model's loop takes it
+from the state after `lm_train.lm_step`), so the step's math is untouched:
 
 * a non-finite loss or parameter norm stops the run before that state is
   checkpointed (`Diverged`);
@@ -19,9 +20,9 @@ A run that stops moves the checkpoints written after its last healthy one to
 resumes from the healthy one; `Diverged` says which, and which settings to
 change (`rerun_command` turns them into the command line).
 
-A training loop feeds each fetched window to `observe` and `check`, calls
-`pin` before each save and `release` at the end, and raises what `stop`
-returns.
+A training loop (`train`'s for image runs, `lm_train`'s for language
+models) feeds each fetched window to `observe` and `check`, calls `pin`
+before each save and `release` at the end, and raises what `stop` returns.
 
 An update norm has no such test: under a warm-up its reference, the first
 update, is zero, and an exploding update shows in the next parameter norm.

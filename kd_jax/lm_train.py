@@ -30,8 +30,14 @@ by `train_and_evaluate(config, workdir)` (what `kd_jax.main` calls for it):
   keys, and the teacher's NLL and KL(student || teacher) per token of
   those completions measure what on-policy training is for.
 - Checkpoints every `checkpoint_every_steps` (orbax, as image runs), a lock
-  on the workdir, the config checked against the one the workdir holds;
-  a non-finite loss stops the run before it is saved, naming the step.
+  on the workdir, the config checked against the one the workdir holds.
+- Divergence is judged as for image runs (`kd_jax.divergence`), from the
+  step's losses and the parameters' norm (taken from the state on log and
+  checkpoint steps, outside the step): an exploding loss or norm keeps the
+  last healthy checkpoint out of the rotation; a non-finite one stops the
+  run before it is saved, moves the checkpoints saved since the healthy one
+  to checkpoints_diverged/ and raises `divergence.Diverged`, naming it and
+  the settings a rerun changes.
 
 Data parallel over all devices, on the image trainer's ('data', 'model')
 mesh (`train.make_mesh`; 'model' has `config.mesh_model` devices, default
@@ -59,6 +65,7 @@ import numpy as np
 import optax
 
 from kd_jax import checkpointing
+from kd_jax import divergence
 from kd_jax import losses
 from kd_jax import models
 from kd_jax import on_policy
@@ -363,22 +370,6 @@ def _load_teacher(config, mesh, workdir: str | None = None):
   return teacher, variables['params'], dict(info, step=step)
 
 
-def _diverged(step: int, loss: float, nonfinite: list[str],
-              resume: int | None) -> FloatingPointError:
-  """The error that stops a diverged run before it saves: what went
-  non-finite at `step`, and the checkpoint a rerun resumes from."""
-  what = (f'the loss is {loss}' if not math.isfinite(loss) else
-          f'{len(nonfinite)} parameter arrays hold NaN or Inf (e.g. '
-          f'{nonfinite[0]})')
-  where = (f'the last checkpoint, step {resume}, was saved before it: rerun '
-           'with a lower config.learning_rate and allow_config_change=True '
-           'to resume from it' if resume is not None else
-           'no checkpoint was saved before it: rerun with a lower '
-           'config.learning_rate in a new workdir')
-  return FloatingPointError(f'training diverged: {what} at step {step}; '
-                            f'{where}.')
-
-
 def _cache_teacher(cache, config, mesh):
   """The cache's teacher for evaluation only (its KL to the student), when
   its run is still where the cache was written from and has the params the
@@ -436,9 +427,10 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, mesh):
   cache, teacher, teacher_params, teacher_info = _teacher_of(
       config, train_tokens, mesh)
   tx, _ = make_optimizer(config, config.num_train_steps)
-  mngr = checkpointing.manager(workdir, config.keep_checkpoints)
+  pinned: set[int] = set()  # Steps kept out of rotation (divergence).
+  mngr = checkpointing.manager(workdir, config.keep_checkpoints, pinned)
   try:
-    state = _restore_or_init(config, model, tx, mngr, workdir, replicated,
+    state, resumed = _restore_or_init(config, model, tx, mngr, workdir, replicated,
                              is_chief)
     if is_chief:
       rundir.write_config(workdir, config_json)
@@ -456,11 +448,11 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, mesh):
     meta = dict(config_fingerprint=checkpointing.config_fingerprint(
         config_json))
     generations = _generations_of(config, train_tokens, teacher_params)
-    state, history, train_seconds = _loop(
+    state, history, train_seconds, warnings = _loop(
         config, state,
         lambda state, batch: step_fn(state, batch, teacher_params),
         _train_stream(config, train_tokens, start, cache, mesh, generations),
-        mngr,
+        mngr, pinned, resumed,
         workdir, meta, lambda params: evaluate(
             eval_fn, params, teacher_params, eval_batches(), mesh), start)
     final = evaluate(eval_fn, state['params'], teacher_params,
@@ -475,13 +467,16 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, mesh):
       num_params=models.param_count(state['params']),
       eval={config.eval_split: final}, train_history=history,
       train_seconds=train_seconds, start_step=start)
+  if warnings:
+    summary['divergence_warnings'] = warnings
   _finish(config, workdir, summary, cache, teacher_info, is_chief)
   return summary
 
 
 def _restore_or_init(config, model, tx, mngr, workdir: str, replicated,
                      is_chief: bool):
-  """The state of the latest restorable checkpoint, else a fresh one."""
+  """(state, meta) of the latest restorable checkpoint, else a fresh state
+  and {}."""
   init, abstract = _abstract_state(model, tx, config)
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -489,8 +484,9 @@ def _restore_or_init(config, model, tx, mngr, workdir: str, replicated,
   restored = checkpointing.restore(mngr, abstract, workdir,
                                    move_broken=is_chief)
   if restored is not None:
-    return restored[0]
-  return jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+    return restored
+  return jax.jit(init, out_shardings=replicated)(
+      jax.random.key(config.seed)), {}
 
 
 def _eval_batches(config, eval_tokens):
@@ -499,31 +495,41 @@ def _eval_batches(config, eval_tokens):
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _loop(config, state, step_fn, batches, mngr, workdir: str, meta,
-          evaluate_params, start: int):
+def _loop(config, state, step_fn, batches, mngr, pinned: set[int],
+          resumed: dict[str, Any], workdir: str, meta, evaluate_params,
+          start: int):
   """Steps `start`..num_train_steps: logs, saves, evaluates every
-  eval_every_steps, and stops before a save once the loss or the
-  parameters are non-finite. (state, history, train seconds)."""
+  eval_every_steps, and judges the run's health (`kd_jax.divergence`;
+  `resumed`: the restored checkpoint's meta) on every log and checkpoint
+  step: keeps the last healthy checkpoint in `pinned` (out of `mngr`'s
+  rotation) while the run diverges, and raises `divergence.Diverged` before
+  a non-finite state is saved. (state, history, train seconds, divergence
+  warnings)."""
   history, started = [], time.time()
   generation_config = config.distill.get('generation')
   if on_policy.needs_first_loss(state):
     state = on_policy.after_evaluation(
         state, evaluate_params(state['params'])['loss'], generation_config)
+  health = _health(state, resumed, pinned)
+  param_norm = jax.jit(optax.tree.norm)
+  pending = []  # Each step's measurements since the last fetch.
   for step in range(start, config.num_train_steps):
     state, measurements = step_fn(state, next(batches))
     done = step + 1
     last = done == config.num_train_steps
     save = done % config.checkpoint_every_steps == 0 or last
+    pending.append(measurements)
     if done % config.log_every_steps == 0 or save:
-      values = {k: float(v) for k, v in jax.device_get(measurements).items()}
-      bad = checkpointing.nonfinite_arrays(state['params']) if save else []
-      if not math.isfinite(values['loss_total']) or bad:
-        mngr.wait_until_finished()  # Name committed checkpoints only.
-        raise _diverged(done, values['loss_total'], bad,
-                        checkpointing.latest_step(workdir))
+      # Measured from the state, outside the step: its math is untouched.
+      pending[-1] = dict(measurements, param_norm=param_norm(state['params']))
+      window = _fetch(pending, done, health, mngr, workdir, config, start)
+      pending = []
       if done % config.log_every_steps == 0 or last:
-        history.append(dict(step=done, **values))
-        logging.info('step %d: %s', done, values)
+        history.append(dict(step=done, **window[-1]))
+        logging.info('step %d: %s', done, window[-1])
+      divergence.check(health, done,
+                       float(np.mean([m['loss_total'] for m in window])),
+                       window[-1]['param_norm'])
     if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 \
         and not last:
       measured = evaluate_params(state['params'])
@@ -532,9 +538,41 @@ def _loop(config, state, step_fn, batches, mngr, workdir: str, meta,
         state = on_policy.after_evaluation(state, measured['loss'],
                                            generation_config)
     if save:
-      checkpointing.save(mngr, state, meta)
+      divergence.pin(health, pinned, mngr, done)
+      checkpointing.save(mngr, state, dict(meta, **health.meta()))
   mngr.wait_until_finished()
-  return state, history, time.time() - started
+  divergence.release(health, pinned, mngr, config.keep_checkpoints, workdir)
+  return state, history, time.time() - started, health.warnings
+
+
+def _health(state, resumed: dict[str, Any], pinned: set[int]
+            ) -> divergence.Health:
+  """The run's health as the restored checkpoint's meta (`resumed`)
+  recorded it, else measured from `state` before its first step; its last
+  healthy checkpoint is added to `pinned`."""
+  norm = resumed.get('reference_param_norm')
+  if norm is None:
+    norm = float(jax.jit(optax.tree.norm)(state['params']))
+  health = (divergence.Health.from_meta(resumed, norm) if resumed
+            else divergence.Health(param_norm=norm))
+  if health.last_healthy_step is not None:
+    pinned.add(health.last_healthy_step)
+  return health
+
+
+def _fetch(pending, step: int, health: divergence.Health, mngr,
+           workdir: str, config, start: int) -> list[dict[str, float]]:
+  """The measurements of the steps up to `step` (`pending`) on the host,
+  fed to `health`; stops the run (`divergence.stop`) once a loss or the
+  parameter norm is not finite."""
+  window = [{k: float(v) for k, v in m.items()}
+            for m in jax.device_get(pending)]
+  bad = divergence.observe(health, step - len(window) + 1, window,
+                           run_start=start == 0)
+  if bad is not None:
+    raise divergence.stop(*bad, mngr, workdir, config, health, start,
+                          jax.process_index() == 0)
+  return window
 
 
 def _evaluate_on_samples(config, model, teacher, params, teacher_params,

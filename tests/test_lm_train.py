@@ -5,6 +5,8 @@ import functools
 import importlib.util
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 
 from kd_jax import checkpointing
 from kd_jax import config_lib
+from kd_jax import divergence
 from kd_jax import generation
 from kd_jax import lm_cache
 from kd_jax import lm_generations
@@ -336,9 +339,9 @@ def test_a_diverged_lm_run_stops_before_saving_and_names_the_checkpoint(
   # Resumed at step 6 with a rate that blows the parameters up.
   config = tiny('role=student,num_train_steps=12,learning_rate=1e30,'
                 'warmup_steps=0,allow_config_change=True')
-  with pytest.raises(FloatingPointError,
-                     match=r'diverged: .* at step 8; the last checkpoint, '
-                           r'step 6, was saved before it'):
+  with pytest.raises(divergence.Diverged,
+                     match=r'diverged: .* at step 8\. The last healthy '
+                           r'checkpoint, step 6, is kept'):
     lm_train.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
   # config.json holds every field the run reads: a change is named.
@@ -348,6 +351,80 @@ def test_a_diverged_lm_run_stops_before_saving_and_names_the_checkpoint(
       tiny('role=student,length=16')))) == [
           'allow_config_change', 'learning_rate', 'length',
           'num_train_steps', 'warmup_steps']
+
+
+def committed_steps(workdir, folder=checkpointing.CHECKPOINT_DIR):
+  path = os.path.join(workdir, folder)
+  return sorted(int(n) for n in os.listdir(path)) if os.path.isdir(
+      path) else []
+
+
+# The audit's probe: step 1 trains at rate 0 (the warm-up's first), step 2
+# at the full rate blows the parameters up (finite, but unhealthy), and
+# step 3's loss is NaN. A checkpoint every step: step 2's is saved.
+DIVERGING = 'role=student,checkpoint_every_steps=1,log_every_steps=1'
+
+
+def test_a_diverged_lm_run_keeps_its_last_healthy_checkpoint_and_resumes(
+    tmp_path):
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(divergence.Diverged) as e:
+    lm_train.train_and_evaluate(tiny(f'{DIVERGING},learning_rate=1e8'),
+                                workdir)
+  message = str(e.value)
+  assert re.match(r'training diverged: (loss|parameter norm) is (nan|inf) at '
+                  r'step 3\. It had been diverging since step 2 \(the '
+                  r'parameter norm .* is over 100 times the initial one',
+                  message), message
+  assert ('Checkpoint 2, saved as it diverged, was moved to '
+          f'{os.path.join(workdir, checkpointing.DIVERGED_DIR)}.') in message
+  assert 'The last healthy checkpoint, step 1, is kept' in message
+  assert e.value.resume_step == 1
+  assert committed_steps(workdir) == [1]
+  assert committed_steps(workdir, checkpointing.DIVERGED_DIR) == [2]
+  # The checkpoint it names is finite and recorded healthy.
+  config = tiny(DIVERGING)
+  assert not checkpointing.nonfinite_arrays(final_params(workdir, config))
+  with checkpointing.manager(workdir, 2) as mngr:
+    meta = mngr.restore(1, args=checkpointing.ocp.args.Composite(
+        meta=checkpointing.ocp.args.JsonRestore()))['meta']
+  # Saved healthy; step 2's loss, from its parameters, confirmed it.
+  assert meta['unhealthy'] is None and meta['unconfirmed_step'] == 1
+  assert e.value.changes == dict(learning_rate=1e7, allow_config_change=True)
+  # The rerun the message asks for, at a rate that trains, resumes from it.
+  changes = dict(e.value.changes, learning_rate=1e-3)
+  summary = lm_train.train_and_evaluate(tiny(','.join(
+      [DIVERGING] + [f'{k}={v!r}' for k, v in changes.items()])), workdir)
+  assert (summary['start_step'], summary['step']) == (1, 6)
+  assert 'divergence_warnings' not in summary
+  assert np.isfinite(summary['eval']['validation[:5%]']['loss'])
+  assert committed_steps(workdir) == [5, 6]
+
+
+@pytest.mark.slow  # Two CLI processes.
+def test_the_cli_ends_a_diverged_lm_run_with_the_command_that_resumes(
+    tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = f'{repo}/configs/shakespeare_char.py:{DATA},{DIVERGING}'
+  run = functools.partial(
+      subprocess.run, cwd=repo, capture_output=True, text=True, timeout=600,
+      check=False, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  done = run([sys.executable, '-m', 'kd_jax.main',
+              f'--config={config},learning_rate=1e8', f'--workdir={tmp_path}'])
+  lines = done.stderr.strip().splitlines()
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert 'Traceback' not in done.stderr
+  assert lines[-1].startswith('kd_jax.main: training diverged: ')
+  assert 'The last healthy checkpoint, step 1, is kept' in lines[-1]
+  command = lines[-1].split(' Command: ')[1]
+  assert command == (f'python -m kd_jax.main \'--config={config},'
+                     'learning_rate=10000000.0,allow_config_change=True\' '
+                     f'--workdir={tmp_path}')
+  # Followed with a rate that trains, it resumes and finishes.
+  command = command.replace('learning_rate=10000000.0', 'learning_rate=0.001')
+  resumed = run([sys.executable, *shlex.split(command)[1:]])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert committed_steps(str(tmp_path)) == [5, 6]
 
 
 @pytest.mark.slow  # A CLI process.
