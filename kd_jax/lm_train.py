@@ -430,8 +430,8 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, mesh):
   pinned: set[int] = set()  # Steps kept out of rotation (divergence).
   mngr = checkpointing.manager(workdir, config.keep_checkpoints, pinned)
   try:
-    state, resumed = _restore_or_init(config, model, tx, mngr, workdir, replicated,
-                             is_chief)
+    state, resumed = _restore_or_init(config, model, tx, mngr, workdir,
+                                      replicated, is_chief)
     if is_chief:
       rundir.write_config(workdir, config_json)
     step_fn = jax.jit(functools.partial(
