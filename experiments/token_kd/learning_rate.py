@@ -36,7 +36,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', required=True,
                       help="the study's workdir (run.py --workdir)")
-  parser.add_argument('--learning_rates', default='3e-4,1e-3,3e-3')
+  parser.add_argument('--learning_rates', default='3e-4,1e-3,3e-3,1e-2,3e-2')
   parser.add_argument('--out_dir', default=os.path.dirname(
       os.path.abspath(__file__)))
   parser.add_argument('--steps', type=int, default=2000)
