@@ -159,6 +159,16 @@ def _next_token_ce(logits, targets):
       logits.astype(jnp.float32), targets)
 
 
+def _predicted_token(logits):
+  """`jnp.argmax(logits, -1)` (the first maximal index) for finite logits."""
+  # XLA:CPU runs argmax as a scalar (value, index) reduce: 2.3 ms at
+  # [32, 64, 256], 17% on top of a 2x48 student's step; max, then the least
+  # index equal to it, vectorises (0.26 ms).
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  vocab = logits.shape[-1]
+  return jnp.min(jnp.where(logits == top, jnp.arange(vocab), vocab), axis=-1)
+
+
 def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
             teacher_params, *, model, teacher_model, tx, distill,
             num_train_steps: int = 1
@@ -223,7 +233,7 @@ def lm_step(state: dict[str, Any], batch: dict[str, jax.Array],
   params = optax.apply_updates(state['params'], updates)
   measurements.update({f'loss_{k}': v for k, v in terms.items()})
   measurements['accuracy'] = losses.masked_mean(
-      jnp.argmax(logits, -1) == batch['targets'], mask)
+      _predicted_token(logits) == batch['targets'], mask)
   measurements['grad_norm'] = optax.tree.norm(grads)
   return dict(state, step=state['step'] + 1, params=params,
               opt_state=opt_state), measurements
@@ -237,7 +247,7 @@ def eval_sums(params, batch, teacher_params, *, model, teacher_model
   weight = mask.astype(jnp.float32)
   sums = dict(count=jnp.sum(weight),
               ce=jnp.sum(_next_token_ce(logits, batch['targets']) * weight),
-              correct=jnp.sum((jnp.argmax(logits, -1) == batch['targets'])
+              correct=jnp.sum((_predicted_token(logits) == batch['targets'])
                               * weight))
   if teacher_model is not None:
     teacher_logits = teacher_model.apply({'params': teacher_params},

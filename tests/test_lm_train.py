@@ -110,6 +110,19 @@ def test_bad_lm_config_values_are_named(arg, match):
     lm_train.validate_config(tiny(arg))
 
 
+def test_the_predicted_token_is_the_first_argmax_ties_included():
+  logits = jnp.array([[[0.0, 2.0, 2.0, -1.0],      # A tie: the first.
+                       [-0.0, 0.0, -1.0, -2.0],    # -0 and +0 are equal.
+                       [1.0, -jnp.inf, jnp.inf, 3.0],
+                       [-5.0, -4.0, -4.5, -4.0]]])
+  predicted_token = lm_train._predicted_token  # pylint: disable=protected-access
+  np.testing.assert_array_equal(jax.jit(predicted_token)(logits),
+                                jnp.argmax(logits, -1))
+  random = jax.random.normal(jax.random.key(0), (4, 8, 256))
+  np.testing.assert_array_equal(predicted_token(random),
+                                jnp.argmax(random, -1))
+
+
 @pytest.mark.slow  # Two tiny decoders trained; several steps compiled.
 def test_distilled_step_is_the_token_mean_mix_of_ce_and_divergence(
     lm_teacher_dir):
