@@ -37,6 +37,9 @@ def main(argv=None):
   parser.add_argument('--workdir', required=True,
                       help="the study's workdir (run.py --workdir)")
   parser.add_argument('--learning_rates', default='3e-4,1e-3,3e-3,1e-2,3e-2')
+  parser.add_argument('--teacher_learning_rates', default='',
+                      help='also train the teacher at these rates (its '
+                      'study run is the 1e-3 one) and add its row')
   parser.add_argument('--out_dir', default=os.path.dirname(
       os.path.abspath(__file__)))
   parser.add_argument('--steps', type=int, default=2000)
@@ -58,16 +61,27 @@ def main(argv=None):
       summary = token_kd.run(c, workdir)
       split = next(iter(summary['eval']))
       table[name, rate] = summary['eval'][split]['bits_per_token']
+  teacher_rates = [float(r) for r in args.teacher_learning_rates.split(',')
+                   if r]
+  for rate in teacher_rates:
+    workdir = (teacher_dir if rate == CONFIG_RATE else os.path.join(
+        args.workdir, 'learning_rate', f'lr{rate:g}', 'teacher'))
+    summary = token_kd.run(token_kd.config('teacher', args, seed=0,
+                                           learning_rate=rate), workdir)
+    table['teacher', rate] = summary['eval'][split]['bits_per_token']
+  columns = sorted(set(rates) | set(teacher_rates))
   lines = [f'Validation ({split}) bits per character at each learning rate, '
            'seed 0 (`python experiments/token_kd/learning_rate.py '
            '--workdir=workdirs/token_kd`); the lowest per run is chosen.', '',
-           '| run | ' + ' | '.join(f'lr {r:g}' for r in rates)
-           + ' | chosen |', '|---|' + '---|' * (len(rates) + 1)]
-  for name in plans(args, teacher_dir):
-    bits = [table[name, r] for r in rates]
-    best = rates[bits.index(min(bits))]
-    lines.append(f'| {name} | ' + ' | '.join(f'{b:.4f}' for b in bits)
-                 + f' | {best:g} |')
+           '| run | ' + ' | '.join(f'lr {r:g}' for r in columns)
+           + ' | chosen |', '|---|' + '---|' * (len(columns) + 1)]
+  for name in ['teacher'] * bool(teacher_rates) + list(plans(args,
+                                                           teacher_dir)):
+    bits = [table.get((name, r)) for r in columns]
+    tried = [(b, r) for b, r in zip(bits, columns) if b is not None]
+    lines.append(f'| {name} | ' + ' | '.join(
+        '-' if b is None else f'{b:.4f}' for b in bits)
+                 + f' | {min(tried)[1]:g} |')
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, 'learning_rate.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
