@@ -222,8 +222,7 @@ def jax_programs(tiny: bool, reference: str, warmup: int):
   teacher_params = jax.jit(teacher.init, out_shardings=replicated)(
       jax.random.key(1), tokens[:1, :-1])['params']
   tx, _ = train.make_optimizer(config, config.num_train_steps)
-  init, _ = lm_train._abstract_state(  # pylint: disable=protected-access
-      model, tx, config.seed, config.length)
+  init, _ = lm_train._abstract_state(model, tx, config)  # pylint: disable=protected-access
   init = jax.jit(init, out_shardings=replicated)
   student_distill = config.distill.copy_and_resolve_references()
   student_distill.alpha = 0.0
