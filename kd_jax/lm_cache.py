@@ -378,13 +378,7 @@ def lookup(cache: Cache, batch: dict[str, np.ndarray]) -> dict[str, Any]:
   teacher targets added: `topk_logits` float32 [B, L, k], `topk_indices`
   int32 [B, L, k], `rest_mass` float32 [B, L]."""
   length = cache.manifest['length']
-  starts = batch['start']
-  if np.any((starts >= 0) & (starts % length != 0)):
-    raise ValueError('lookup takes aligned windows (starts at multiples of '
-                     f'{length}): cut train batches with '
-                     'text.train_batch(aligned=True).')
-  w = np.where(starts >= 0, starts // length, 0)
-  valid = starts >= 0
+  w, valid = text.aligned_windows(batch['start'], length)
   out = dict(batch)
   for array, dtype in (('topk_logits', np.float32),
                        ('topk_indices', np.int32),

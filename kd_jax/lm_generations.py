@@ -201,13 +201,7 @@ def lookup(generations: Generations, batch: dict[str, np.ndarray]
   windows' stored completions added as `generated_inputs`,
   `generated_targets` (int32) and `generated_mask` [B, L]."""
   length = generations.manifest['length']
-  starts = batch['start']
-  if np.any((starts >= 0) & (starts % length != 0)):
-    raise ValueError('lookup takes aligned windows (starts at multiples of '
-                     f'{length}): cut train batches with '
-                     'text.train_batch(aligned=True).')
-  valid = starts >= 0
-  w = np.where(valid, starts // length, 0)
+  w, valid = text.aligned_windows(batch['start'], length)
   out = dict(batch)
   for name in FILES:
     value = getattr(generations, name)[w]

@@ -1100,17 +1100,6 @@ def _weighted_terms(alpha: Any, teacher_logits: Any,
   return use_soft, use_hard
 
 
-def _example_mask(where: Any, batch_shape: tuple[int, ...]) -> jax.Array:
-  if where is None:
-    return jnp.ones(batch_shape, bool)
-  valid = jnp.asarray(where)
-  if valid.shape != batch_shape:
-    raise ValueError(
-        f'where shape {valid.shape} does not match the examples of '
-        f'student_logits, shape {batch_shape}; pass one bool per example.')
-  return valid.astype(bool)
-
-
 def _soft_term(student: jax.Array, teacher_logits: ArrayLike, soft: str,
                temperature: Any, logit_standardization: bool) -> jax.Array:
   """Per-example soft loss of `distillation_loss`."""
@@ -1218,7 +1207,7 @@ def distillation_loss(
   _check_label_smoothing(label_smoothing)
   student = _as_float_logits(student_logits, 'student_logits')
   use_soft, use_hard = _weighted_terms(alpha, teacher_logits, labels)
-  valid = _example_mask(where, student.shape[:-1])
+  valid = _valid_mask(where, student.shape[:-1])
   zero = jnp.zeros((), student.dtype)
   soft_mean = hard_mean = zero
   if teacher_logits is not None:

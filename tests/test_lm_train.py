@@ -337,7 +337,10 @@ def test_lm_studies_run_every_divergence_cache_and_generation_mode(tmp_path):
   spec.loader.exec_module(on_policy)
   rows = on_policy.main(['--tiny', f'--workdir={tmp_path / "on_policy"}',
                          f'--teacher_workdir={tmp_path / "teacher"}'])
-  assert len(rows) == 9
+  # Scratch, text KL, sequence-level KD per batch and generated once,
+  # DistiLLM at two starting probabilities, GKD at 2 lambdas x 3 betas.
+  assert len(rows) == 12
+  assert {'seqkd once kl', 'distillm skew_kl phi0=0.0'} <= set(rows)
   for name, summaries in rows.items():
     r = next(iter(summaries[0]['eval'].values()))
     assert np.isfinite(r['sample_teacher_nll']), name

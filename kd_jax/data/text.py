@@ -201,6 +201,22 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
   return _windows(tokens, starts.astype(np.int64), length)
 
 
+def aligned_windows(starts: np.ndarray, length: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(window index, valid) of a batch's aligned `starts` (-1: padding rows,
+  index 0); refuses a start that is not a multiple of `length`.
+
+  >>> [a.tolist() for a in aligned_windows(np.array([8, -1, 0]), 4)]
+  [[2, 0, 0], [True, False, True]]
+  """
+  valid = starts >= 0
+  if np.any(valid & (starts % length != 0)):
+    raise ValueError('lookup takes aligned windows (starts at multiples of '
+                     f'{length}): cut train batches with '
+                     'text.train_batch(aligned=True).')
+  return np.where(valid, starts // length, 0), valid
+
+
 def window_share(num_windows: int, index, count: int):
   """(first, end): the windows first .. end - 1 of share `index` of `count`
   that split `num_windows` tiling windows into contiguous runs whose sizes
