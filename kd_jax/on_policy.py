@@ -40,6 +40,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -224,11 +225,17 @@ def after_evaluation(state, loss: float, g) -> dict[str, Any]:
     phi, previous = min(phi + g.adaptive.increment, 1.0), loss
   else:
     return state
-  sharding = state['step'].sharding
-  schedule = jax.jit(
-      lambda p, l: dict(threshold=jnp.float32(p), previous_loss=jnp.float32(l)),
-      out_shardings=sharding)(phi, previous)
+  schedule = _schedule_setter(state['step'].sharding)(phi, previous)
   return dict(state, schedule=schedule)
+
+
+@functools.lru_cache(maxsize=None)
+def _schedule_setter(sharding):
+  """A jitted (phi, loss) -> schedule dict placed on `sharding` (replicated
+  like the step counter), compiled once per sharding."""
+  return jax.jit(
+      lambda p, l: dict(threshold=jnp.float32(p), previous_loss=jnp.float32(l)),
+      out_shardings=sharding)
 
 
 def needs_first_loss(state) -> bool:
