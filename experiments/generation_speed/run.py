@@ -49,10 +49,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SIDES = {'jax': ('cache', 'no_cache'), 'torch': ('cache',)}
 
@@ -79,21 +81,8 @@ def setting(tiny: bool, batch_sizes: str) -> Setting:
   return Setting(256, 96, 4, 4, 32, 128, sizes)
 
 
-def pin(threads: int) -> None:
-  """Pins this process to CPUs 0..threads-1, before JAX or torch start."""
-  cpus = sorted(os.sched_getaffinity(0))[:threads]
-  os.sched_setaffinity(0, cpus)
 
 
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------
@@ -343,7 +332,7 @@ def torch_programs(s: Setting, reference: str, threads: int
 
 def worker(args) -> int:
   """Builds and warms up its programs, then answers `run PROGRAM BATCH S`."""
-  pin(args.threads)
+  benchlib.pin(args.threads)
   s = setting(args.tiny, args.batch_sizes)
   start = time.perf_counter()
   if args.worker == 'jax':
@@ -369,22 +358,11 @@ def worker(args) -> int:
 
 
 def start_worker(side: str, reference: str, args):
-  command = [sys.executable, os.path.abspath(__file__), f'--worker={side}',
-             f'--reference={reference}', f'--threads={args.threads}',
-             f'--batch_sizes={args.batch_sizes}']
-  if args.tiny:
-    command.append('--tiny')
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  return subprocess.Popen(command, stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True, env=env)
+  flags = [f'--worker={side}', f'--reference={reference}',
+           f'--threads={args.threads}', f'--batch_sizes={args.batch_sizes}']
+  return benchlib.start_worker(__file__, flags + ['--tiny'] * args.tiny)
 
 
-def reply(proc) -> dict:
-  line = proc.stdout.readline()
-  if not line:
-    raise RuntimeError(f'worker {proc.args[2]} ended without a reply; see '
-                       'its stderr above.')
-  return json.loads(line)
 
 
 def spread(values) -> str:
@@ -443,7 +421,7 @@ def main(argv=None) -> int:
     reference = os.path.join(tmp, 'reference.npz')
     write_reference(s, reference)
     procs = {side: start_worker(side, reference, args) for side in SIDES}
-    info = {side: reply(p) for side, p in procs.items()}
+    info = {side: benchlib.reply(p) for side, p in procs.items()}
   check = info['torch']['check']
   print('PyTorch against JAX: ' + ', '.join(
       f'{k} {v:.3g}' for k, v in check.items()), flush=True)
@@ -466,7 +444,7 @@ def main(argv=None) -> int:
           procs[side].stdin.write(f'run {program} {b} {args.seconds}\n')
           procs[side].stdin.flush()
           rounds[f'{side} {program} {b}'].append(
-              statistics.median(reply(procs[side])['times']))
+              statistics.median(benchlib.reply(procs[side])['times']))
     print(f'round {r + 1}/{args.rounds}: load average '
           f'{os.getloadavg()[0]:.1f}', file=sys.stderr, flush=True)
   for p in procs.values():
@@ -478,7 +456,7 @@ def main(argv=None) -> int:
   record = dict(
       setting=dataclasses.asdict(s), threads=args.threads,
       rounds=args.rounds, seconds=args.seconds, tiny=args.tiny,
-      machine=dict(cpu=cpu_name(), cpus=os.cpu_count(),
+      machine=dict(cpu=benchlib.cpu_name(), cpus=os.cpu_count(),
                    python=platform.python_version()),
       versions={**{k: v for k, v in info['jax'].items() if k == 'jax'},
                 'torch': info['torch']['torch']},

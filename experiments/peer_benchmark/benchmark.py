@@ -46,10 +46,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PROGRAMS = ('student', 'teacher', 'kd', 'kd_minimal')
 
@@ -81,10 +83,6 @@ def pairs(tiny: bool) -> dict[str, Pair]:
   }
 
 
-def pin(threads: int) -> None:
-  """Pins this process to CPUs 0..threads-1, before JAX or torch start."""
-  cpus = sorted(os.sched_getaffinity(0))[:threads]
-  os.sched_setaffinity(0, cpus)
 
 
 def random_batch(pair: Pair):
@@ -346,7 +344,7 @@ def torch_program(pair: Pair, program: str, threads: int, workdir: str):
 
 def worker(args) -> int:
   """Builds the programs (kd first), then answers `run PROGRAM N` / `quit`."""
-  pin(args.threads)
+  benchlib.pin(args.threads)
   pair = pairs(args.tiny)[args.pair]
   start = time.perf_counter()
   runs, kd_peak = {}, None
@@ -378,28 +376,17 @@ def worker(args) -> int:
 
 
 def start_worker(side: str, key: str, args):
-  command = [sys.executable, os.path.abspath(__file__), f'--worker={side}',
-             f'--pair={key}', f'--program={args.programs}',
-             f'--threads={args.threads}', f'--warmup={args.warmup}']
-  if args.tiny:
-    command.append('--tiny')
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  return subprocess.Popen(command, stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True, env=env)
+  flags = [f'--worker={side}', f'--pair={key}', f'--program={args.programs}',
+           f'--threads={args.threads}', f'--warmup={args.warmup}']
+  return benchlib.start_worker(__file__, flags + ['--tiny'] * args.tiny)
 
 
-def reply(proc) -> dict:
-  line = proc.stdout.readline()
-  if not line:
-    raise RuntimeError(f'worker {proc.args[2:5]} ended without a reply; '
-                       'see its stderr above.')
-  return json.loads(line)
 
 
 def measure(key: str, args) -> list[dict]:
   """Rounds of every program of one pair; both sides' workers start at once."""
   procs = {side: start_worker(side, key, args) for side in ('jax', 'torch')}
-  ready = {side: reply(p)['ready'] for side, p in procs.items()}
+  ready = {side: benchlib.reply(p)['ready'] for side, p in procs.items()}
   programs = args.programs.split(',')
   rounds = {(side, p): [] for side in procs for p in programs}
   for r in range(args.rounds):
@@ -409,12 +396,12 @@ def measure(key: str, args) -> list[dict]:
         procs[side].stdin.write(f'run {program} {args.steps}\n')
         procs[side].stdin.flush()
         rounds[side, program].append(
-            statistics.median(reply(procs[side])['times']))
+            statistics.median(benchlib.reply(procs[side])['times']))
   peaks = {}
   for side, p in procs.items():
     p.stdin.write('quit\n')
     p.stdin.flush()
-    peaks[side] = reply(p)
+    peaks[side] = benchlib.reply(p)
     p.wait()
   out = []
   for program in programs:

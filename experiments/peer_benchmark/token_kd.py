@@ -81,6 +81,9 @@ import tempfile
 import time
 import types
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 PROGRAMS = ('kd', 'kd_minimal', 'student', 'student_minimal')
@@ -171,21 +174,8 @@ def random_tokens(s: Setting):
       np.int32)
 
 
-def pin(threads: int) -> None:
-  """Pins this process to CPUs 0..threads-1, before JAX or torch start."""
-  cpus = sorted(os.sched_getaffinity(0))[:threads]
-  os.sched_setaffinity(0, cpus)
 
 
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------
@@ -442,7 +432,7 @@ def torch_programs(s: Setting, reference: str, threads: int, warmup: int):
 def worker(args) -> int:
   """Builds its programs (kd first), then answers `run PROGRAM N` / `quit`."""
   threads = int(args.threads)
-  pin(threads)
+  benchlib.pin(threads)
   start = time.perf_counter()
   if args.worker == 'jax':
     programs, info = jax_programs(args.tiny, args.reference, args.warmup)
@@ -467,23 +457,12 @@ def worker(args) -> int:
 
 
 def start_worker(side: str, s: Setting, reference: str, threads: int, args):
-  command = [sys.executable, os.path.abspath(__file__), f'--worker={side}',
-             f'--reference={reference}', f'--threads={threads}',
-             f'--warmup={args.warmup}',
-             f'--setting={json.dumps(dataclasses.asdict(s))}']
-  if args.tiny:
-    command.append('--tiny')
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  return subprocess.Popen(command, stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True, env=env)
+  flags = [f'--worker={side}', f'--reference={reference}',
+           f'--threads={threads}', f'--warmup={args.warmup}',
+           f'--setting={json.dumps(dataclasses.asdict(s))}']
+  return benchlib.start_worker(__file__, flags + ['--tiny'] * args.tiny)
 
 
-def reply(proc) -> dict:
-  line = proc.stdout.readline()
-  if not line:
-    raise RuntimeError(f'worker {proc.args[2]} ended without a reply; see '
-                       'its stderr above.')
-  return json.loads(line)
 
 
 def uptime() -> str:
@@ -498,9 +477,9 @@ def measure(s: Setting, threads: int, args) -> dict:
     reference = os.path.join(tmp, 'reference.npz')
     # JAX first: it writes the weights and losses the PyTorch side checks.
     procs = {'jax': start_worker('jax', s, reference, threads, args)}
-    info = {'jax': reply(procs['jax'])}
+    info = {'jax': benchlib.reply(procs['jax'])}
     procs['torch'] = start_worker('torch', s, reference, threads, args)
-    info['torch'] = reply(procs['torch'])
+    info['torch'] = benchlib.reply(procs['torch'])
   check = info['torch']['check']
   print(f'{threads} thread(s): KD loss over the {args.warmup} warm-up steps, '
         f'JAX {check["jax_kd_losses"]}, PyTorch {check["torch_kd_losses"]}: '
@@ -522,7 +501,7 @@ def measure(s: Setting, threads: int, args) -> dict:
         name = program if side == 'jax' else TORCH_PROGRAM[program]
         procs[side].stdin.write(f'run {name} {args.steps}\n')
         procs[side].stdin.flush()
-        answer = reply(procs[side])
+        answer = benchlib.reply(procs[side])
         rounds[f'{side} {program}'].append(statistics.median(answer['times']))
         cpu_rounds[f'{side} {program}'].append(
             statistics.median(answer['cpu_times']))
@@ -615,7 +594,7 @@ def main(argv=None) -> int:
   record = dict(
       setting=dataclasses.asdict(s), tokens_per_step=s.tokens,
       rounds=args.rounds, steps=args.steps, warmup=args.warmup,
-      tiny=args.tiny, machine=dict(cpu=cpu_name(), cpus=os.cpu_count(),
+      tiny=args.tiny, machine=dict(cpu=benchlib.cpu_name(), cpus=os.cpu_count(),
                                    python=platform.python_version()),
       environment={k: os.environ.get(k) for k in ENVIRONMENT},
       results=results, table=text)
