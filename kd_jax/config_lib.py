@@ -296,7 +296,10 @@ def upgrade_json(config: dict[str, Any]) -> dict[str, Any]:
   now."""
   if not isinstance(config.get('distill'), dict):
     return config
-  if config.get('task') == 'lm':
+  # An LM config.json of kd_jax's first LM version has no 'task' field; its
+  # distill block (skew, convention) tells it from an image run's.
+  if config.get('task') == 'lm' or {'skew', 'convention'} & set(
+      config['distill']):
     return _upgrade_lm_json(config)
   return dict(config, distill=translate_distill(config['distill'],
                                                 warn=False))

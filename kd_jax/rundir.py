@@ -157,6 +157,10 @@ def config_diff(previous: dict[str, Any], now: dict[str, Any]) -> list[str]:
   resume.
   """
   from kd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  # Language-model workdirs of kd_jax's first LM version stored no field
+  # that the image config lacks (task, length, vocab_size, eval_split...):
+  # what such a file does not hold, it cannot contradict.
+  unrecorded_lm = now.get('task') == 'lm' and 'task' not in previous
   previous = config_lib.upgrade_json(previous)
   default = config_lib.default_config()
   defaults = _leaves(json.loads(config_json(default)))
@@ -169,11 +173,29 @@ def config_diff(previous: dict[str, Any], now: dict[str, Any]) -> list[str]:
   for key in sorted(set(old) | set(new)):
     if key not in old and key in defaults and new[key] == defaults[key]:
       continue
+    if key not in old and unrecorded_lm:
+      continue
     if key.split('.')[0] in launch:
       continue
-    if old.get(key, diff) != new.get(key, diff):
+    if key not in old or key not in new or not _same(key, old[key],
+                                                     new[key]):
       diff.append(key)
   return diff
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+  """a == b, except that a directory field (`*dir`, `*workdir`, also
+  inside lists such as `teachers`) written relative in one and absolute in
+  the other is the same when both name the same directory."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    return a.keys() == b.keys() and all(
+        _same(f'{key}.{k}', a[k], b[k]) for k in a)
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(_same(key, x, y) for x, y in zip(a, b))
+  if key.endswith('dir') and isinstance(a, str) and isinstance(b, str) and (
+      a and b):
+    return os.path.realpath(a) == os.path.realpath(b)
+  return a == b
 
 
 def write_config(workdir: str, resolved_json: str) -> None:

@@ -9,7 +9,9 @@ checkpoint), so a study that was stopped continues where it stopped.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -41,11 +43,31 @@ def read_summary(workdir: str) -> dict[str, Any] | None:
   return rundir.read_summary(workdir)
 
 
+def check_finished_config(config, workdir: str) -> None:
+  """Raises ValueError if the finished run in `workdir` was trained with
+  a config other than `config` (`rundir.config_diff`: fields added since
+  with their defaults are no difference), so that a study never reports a
+  run it did not ask for."""
+  path = os.path.join(workdir, rundir.CONFIG)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    previous = json.load(f)
+  diff = rundir.config_diff(previous, json.loads(rundir.config_json(config)))
+  if diff:
+    raise ValueError(
+        f'workdir {workdir!r} holds a finished run of a different config '
+        f'(fields that differ: {diff}); a study reads a finished run only '
+        'for the config it asks for. Give the study another --workdir, or '
+        'move that run aside to train it again.')
+
+
 def run_or_read(config, workdir: str) -> tuple[dict[str, Any], bool]:
   """(summary, whether this call trained it) of one run: an image run
   (`train`), or a language model's (`lm_train`, task 'lm')."""
   summary = read_summary(workdir)
   if summary is not None:
+    check_finished_config(config, workdir)
     return summary, False
   if hasattr(config, 'get') and config.get('task') == 'lm':
     from kd_jax import lm_train  # pylint: disable=g-import-not-at-top
@@ -71,19 +93,16 @@ def run_all(runs: Sequence[dict[str, Any]],
   trained = 0
   for i, run in enumerate(runs, start=1):
     t0 = time.perf_counter()
-    summary = read_summary(run['workdir'])
-    now = summary is None
-    if now:
-      try:
-        summary, _ = run_or_read(make(run), run['workdir'])
-      except FloatingPointError as e:
-        if not record_divergence:
-          raise
-        run['summary'], run['diverged'] = None, str(e)
-        trained += 1
-        log(f'[{i}/{len(runs)}] {run["name"]}: diverged after '
-            f'{time.perf_counter() - t0:.0f} s ({str(e).split(";")[0]})')
-        continue
+    try:
+      summary, now = run_or_read(make(run), run['workdir'])
+    except FloatingPointError as e:
+      if not record_divergence:
+        raise
+      run['summary'], run['diverged'] = None, str(e)
+      trained += 1
+      log(f'[{i}/{len(runs)}] {run["name"]}: diverged after '
+          f'{time.perf_counter() - t0:.0f} s ({str(e).split(";")[0]})')
+      continue
     run['summary'] = summary
     trained += now
     how = (f'trained in {time.perf_counter() - t0:.0f} s' if now

@@ -41,11 +41,14 @@ def test_finished_runs_are_read_and_never_retrained(tmp_path, monkeypatch):
     raise AssertionError('a finished run was trained again')
 
   monkeypatch.setattr(train, 'train_and_evaluate', refuse)
+  config = study.make_config('mnist5k_student', 'seed=3', {})
+  rundir.write_config(str(tmp_path), rundir.config_json(config))
   runs = [dict(name='done', workdir=str(tmp_path))]
-  trained, _ = study.run_all(runs, make=refuse, log=lambda line: None)
+  trained, _ = study.run_all(runs, make=lambda run: config,
+                             log=lambda line: None)
   assert trained == 0 and runs[0]['summary'] == summary
   assert study.errors(summary, 'test') == 7
-  assert json.loads(json.dumps(study.run_or_read(None, str(tmp_path))[0])) \
+  assert json.loads(json.dumps(study.run_or_read(config, str(tmp_path))[0])) \
       == summary
 
 
@@ -64,3 +67,48 @@ def test_a_diverged_run_is_recorded_only_when_asked(tmp_path, monkeypatch):
                              record_divergence=True)
   assert trained == 1 and runs[0]['summary'] is None
   assert 'step 20' in runs[0]['diverged'] and 'diverged' in logged[0]
+
+
+def test_a_finished_run_of_another_config_is_refused_by_name(tmp_path):
+  config = study.make_config('mnist5k_student', 'seed=3', {})
+  rundir.write_config(str(tmp_path), rundir.config_json(config))
+  rundir.write_summary(str(tmp_path), {'eval': {'test': {'errors': 7}}})
+  other = study.make_config('mnist5k_student', 'seed=4', {})
+  with pytest.raises(ValueError, match=r"different config.*'seed'"):
+    study.run_or_read(other, str(tmp_path))
+  runs = [dict(name='done', workdir=str(tmp_path))]
+  with pytest.raises(ValueError, match='another --workdir'):
+    study.run_all(runs, make=lambda run: other, log=lambda line: None)
+  assert study.run_or_read(config, str(tmp_path))[1] is False
+
+
+def test_a_directory_written_relative_or_absolute_is_the_same_run(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'teacher').mkdir()
+  config = study.make_config('mnist5k_distill', 'teacher_workdir=teacher', {})
+  stored = json.loads(rundir.config_json(study.make_config(
+      'mnist5k_distill', f'teacher_workdir={tmp_path / "teacher"}', {})))
+  assert rundir.config_diff(stored, json.loads(rundir.config_json(
+      config))) == []
+  other = study.make_config('mnist5k_distill', 'teacher_workdir=other', {})
+  assert rundir.config_diff(stored, json.loads(rundir.config_json(
+      other))) == ['teachers']
+
+
+def test_an_lm_config_json_of_the_first_lm_version_compares_what_it_holds():
+  config = study.make_config('shakespeare_char', 'role=student', {})
+  now = json.loads(rundir.config_json(config))
+  # That version stored no field the image config lacks.
+  from kd_jax import config_lib  # pylint: disable=g-import-not-at-top
+  image_fields = set(config_lib.default_config())
+  legacy = {k: v for k, v in now.items() if k in image_fields}
+  legacy['distill'] = {k: now['distill'][k] for k in (
+      'alpha', 'beta', 'cache_dir', 'convention', 'divergence', 'skew',
+      'teacher_workdir', 'temperature')}
+  assert 'task' not in legacy and 'length' not in legacy
+  assert rundir.config_diff(legacy, now) == []
+  legacy['learning_rate'] = 1.0
+  legacy['distill'] = dict(legacy['distill'], divergence='reverse_kl')
+  assert rundir.config_diff(legacy, now) == ['distill.divergence',
+                                             'learning_rate']

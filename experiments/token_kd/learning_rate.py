@@ -5,7 +5,9 @@
 Seed 0 of the study's student from scratch and distilled online with the
 forward KL (alpha 0.5), each at the learning rates --learning_rates, on the
 study's teacher, data and schedule (`run.py`; its seed-0 runs at the
-config's 1e-3 are read from --workdir, not retrained). Each run's validation
+study's rates, the config's 1e-3 unless --teacher_learning_rate,
+--student_learning_rate or --distill_learning_rate say otherwise as for
+run.py, are read from --workdir, not retrained). Each run's validation
 bits per character: tiny-shakespeare has no split beside train and
 validation (nanoGPT's), so the rate is chosen on the split the study
 reports. Writes `learning_rate.md` beside this file (--out_dir).
@@ -32,6 +34,13 @@ def plans(args, teacher_dir: str) -> dict[str, dict]:
                         'distill.divergence': 'kl'}}
 
 
+def study_rate(args, role: str) -> float:
+  """The rate run.py trains `role` at with these flags: a run at it is the
+  study's own seed-0 run (the teacher: its one teacher)."""
+  rate = getattr(args, token_kd.RATE_FLAGS[role])
+  return CONFIG_RATE if rate is None else rate
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', required=True,
@@ -45,6 +54,7 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, default=2000)
   parser.add_argument('--teacher_steps', type=int, default=3000)
   parser.add_argument('--tiny', action='store_true')
+  token_kd.add_rate_flags(parser)
   args = parser.parse_args(argv)
   teacher_dir = os.path.join(args.workdir, 'teacher')
   token_kd.run(token_kd.config('teacher', args), teacher_dir)
@@ -54,7 +64,7 @@ def main(argv=None):
     role = 'student' if name == 'scratch' else 'distill'
     for rate in rates:
       workdir = (os.path.join(args.workdir, 'seed0', name.replace(' ', '_'))
-                 if rate == CONFIG_RATE else
+                 if rate == study_rate(args, role) else
                  os.path.join(args.workdir, 'learning_rate', f'lr{rate:g}',
                               name.replace(' ', '_')))
       c = token_kd.config(role, args, seed=0, learning_rate=rate, **fields)
@@ -64,15 +74,16 @@ def main(argv=None):
   teacher_rates = [float(r) for r in args.teacher_learning_rates.split(',')
                    if r]
   for rate in teacher_rates:
-    workdir = (teacher_dir if rate == CONFIG_RATE else os.path.join(
+    workdir = (teacher_dir if rate == study_rate(args, 'teacher') else os.path.join(
         args.workdir, 'learning_rate', f'lr{rate:g}', 'teacher'))
     summary = token_kd.run(token_kd.config('teacher', args, seed=0,
                                            learning_rate=rate), workdir)
     table['teacher', rate] = summary['eval'][split]['bits_per_token']
   columns = sorted(set(rates) | set(teacher_rates))
+  flags = ' '.join(sys.argv[1:] if argv is None else argv)
   lines = [f'Validation ({split}) bits per character at each learning rate, '
-           'seed 0 (`python experiments/token_kd/learning_rate.py '
-           '--workdir=workdirs/token_kd`); the lowest per run is chosen.', '',
+           f'seed 0 (`python experiments/token_kd/learning_rate.py {flags}`); '
+           'the lowest per run is chosen.', '',
            '| run | ' + ' | '.join(f'lr {r:g}' for r in columns)
            + ' | chosen |', '|---|' + '---|' * (len(columns) + 1)]
   for name in ['teacher'] * bool(teacher_rates) + list(plans(args,

@@ -47,12 +47,20 @@ CACHES = ((1, 'kl', 'tail'), (4, 'kl', 'tail'), (16, 'kl', 'tail'),
           (64, 'kl', 'tail'), (16, 'reverse_kl', 'tail'),
           (16, 'reverse_kl', 'renormalize_both'))
 
+# The flag that sets each role's learning rate (None: the config's 1e-3).
+RATE_FLAGS = {'teacher': 'teacher_learning_rate',
+              'student': 'student_learning_rate',
+              'distill': 'distill_learning_rate'}
+
 
 def config(role: str, args, **fields):
   """configs/shakespeare_char.py for `role` with this study's models and
   schedule, then `fields` (dotted names) on top."""
   model = TEACHER if role == 'teacher' else STUDENT
   overrides = {f'model.{k}': v for k, v in model.items()}
+  rate = getattr(args, RATE_FLAGS[role], None)
+  if rate is not None:
+    overrides['learning_rate'] = rate
   overrides.update({
       'length': 64, 'eval_samples.prompt_length': 32,
       'eval_samples.completion_length': 32,
@@ -77,6 +85,13 @@ def run(c, workdir: str):
   return summary
 
 
+def add_rate_flags(parser: argparse.ArgumentParser) -> None:
+  for role, flag in RATE_FLAGS.items():
+    parser.add_argument(f'--{flag}', type=float, default=None,
+                        help=f'the {role} runs\' learning rate (default: the '
+                        'config\'s 1e-3)')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', required=True)
@@ -85,6 +100,7 @@ def main(argv=None):
   parser.add_argument('--teacher_steps', type=int, default=3000)
   parser.add_argument('--tiny', action='store_true',
                       help='seconds-long runs on pydoc_topics (tests)')
+  add_rate_flags(parser)
   args = parser.parse_args(argv)
   root = args.workdir
   teacher_dir = os.path.join(root, 'teacher')

@@ -157,6 +157,7 @@ def ensure_run(config, workdir: str, name: str) -> dict[str, Any]:
   """`study.run_or_read`, saying whether it reads or trains and how long."""
   summary = study.read_summary(workdir)
   if summary is not None:
+    study.check_finished_config(config, workdir)
     print(f'{name}: finished before, read '
           f'{os.path.join(workdir, rundir.SUMMARY)}', flush=True)
     return summary
