@@ -209,17 +209,20 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 def aggregate(runs: list[dict[str, Any]], val: str = VAL
               ) -> dict[str, dict[str, Any]]:
   """Per group: test errors per seed, their mean, sample std, min and max
-  (and validation errors per seed where the runs hold out validation)."""
+  (and validation errors and cross-entropy per seed where the runs hold out
+  validation: the loss tells apart runs whose few validation errors tie)."""
   groups: dict[str, dict[str, Any]] = {}
   for run in runs:
     test = run['summary']['eval']['test']
     g = groups.setdefault(run['group'], dict(
         errors=[], num_examples=int(test['num_examples']),
-        temperature=run['temperature'], seeds=[], val_errors=[]))
+        temperature=run['temperature'], seeds=[], val_errors=[],
+        val_loss=[]))
     g['errors'].append(int(test['errors']))
     g['seeds'].append(run['seed'])
     if val in run['summary']['eval']:
       g['val_errors'].append(int(run['summary']['eval'][val]['errors']))
+      g['val_loss'].append(float(run['summary']['eval'][val]['loss']))
   for g in groups.values():
     s = study.stats(g['errors'])
     g.update({k: s[k] for k in ('mean', 'std', 'min', 'max')})
@@ -266,12 +269,14 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
               if with_val else '')
            + f'. Students: {epochs:g} epochs.', '',
            '| model | test errors per seed | mean | std | min-max | error % |'
-           + (' val errors (mean +- std) |' if with_val else ''),
-           '|---|---|---:|---:|---:|---:|' + ('---:|' if with_val else '')]
+           + (' val errors (mean +- std) | val loss |' if with_val else ''),
+           '|---|---|---:|---:|---:|---:|' + ('---:|---:|' if with_val else '')]
   for name, g in groups.items():
     val = ''
     if with_val:
-      val = f' {study.fmt(study.stats(g["val_errors"]))} |'
+      loss = study.stats(g['val_loss'])
+      val = (f' {study.fmt(study.stats(g["val_errors"]))} | '
+             f'{loss["mean"]:.4f} +- {loss["std"]:.4f} |')
     lines.append(f'| {name} | {", ".join(map(str, g["errors"]))} | '
                  f'{g["mean"]:.1f} | {g["std"]:.1f} | {g["min"]:g}-'
                  f'{g["max"]:g} | {100 * g["mean"] / n:.2f} |' + val)
