@@ -318,4 +318,14 @@ def rerun_command(argv: Sequence[str], changes: dict[str, Any]) -> str:
       else:
         args[i + 1] = new
       break
-  return ' '.join(['python -m kd_jax.main'] + [shlex.quote(a) for a in args])
+  words = ['python -m kd_jax.main'] + [shlex.quote(a) for a in args]
+  # Every process of a multi-process run reruns it with its own index.
+  for i, arg in enumerate(args):
+    if arg.startswith(('--process_id=', '-process_id=')):
+      words[i + 1] = '--process_id="$PROCESS_ID"'
+    elif arg in ('--process_id', '-process_id') and i + 1 < len(args):
+      words[i + 2] = '"$PROCESS_ID"'
+  command = ' '.join(words)
+  if '"$PROCESS_ID"' in command:
+    command += ' (on every process, PROCESS_ID its index as before)'
+  return command

@@ -219,6 +219,18 @@ def test_rerun_command_replaces_the_fields_in_the_config_argument():
       dict(learning_rate=0.5)) == (
           'python -m kd_jax.main --config configs/x.py:learning_rate=0.5 '
           '--workdir /w')
+  # A multi-process run: each process reruns with its own --process_id.
+  two = ['main.py', '--config=configs/x.py', '--workdir=/w',
+         '--num_processes=2', '--process_id=1',
+         '--coordinator_address=localhost:1234']
+  command = divergence.rerun_command(two, dict(learning_rate=0.5))
+  assert command.startswith(
+      'python -m kd_jax.main --config=configs/x.py:learning_rate=0.5 '
+      '--workdir=/w --num_processes=2 --process_id="$PROCESS_ID" '
+      '--coordinator_address=localhost:1234')
+  assert 'PROCESS_ID its index' in command and '=1' not in command
+  assert '"$PROCESS_ID"' in divergence.rerun_command(
+      ['main.py', '--process_id', '0'], {})
 
 
 def test_cli_adds_the_command_to_a_diverged_run_s_message(monkeypatch):

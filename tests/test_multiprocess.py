@@ -210,8 +210,14 @@ def test_two_processes_stop_a_diverged_run_alike_and_resume_it(tmp_path):
     assert 'Traceback' not in out, out[-4000:]
     assert last.startswith('kd_jax.main: training diverged: '), last
     message, command = last.split(' Command: ')
+    command, _, note = command.partition(' (on every process')
+    assert 'PROCESS_ID its index' in note, last
     messages.append(message)
     commands.append(shlex.split(command))
+  # One command for both, each process filling in its own index.
+  assert commands[0] == commands[1]
+  commands = [[f'--process_id={i}' if c == '--process_id=$PROCESS_ID' else c
+               for c in command] for i, command in enumerate(commands)]
   assert messages[0] == messages[1]
   healthy = int(re.search(r'The last healthy checkpoint, step (\d+), is kept',
                           messages[0]).group(1))
