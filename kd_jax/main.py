@@ -9,7 +9,8 @@ process dies, every other one stops within --peer_timeout_s seconds with a
 last line that names the lost process and says to rerun the same command on
 every host, which resumes from the last checkpoint (each process runs as a
 child of a small supervisor, which outlives the coordination service's
-native abort).
+native abort). When one process fails with an error, the others stop within
+about 15 s, naming it and its error.
 
 Prints a progress bar per run on stderr and the run's summary lines; library
 INFO logs come back with --log_level=info. A run that is refused (a bad
@@ -90,13 +91,14 @@ def use_compilation_cache(cache_dir: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
-def _lost(process: int, count: int, why: str) -> None:
+def _lost(process: int, count: int, why: str,
+          then: str = 'rerun the same command on every host') -> None:
   """Ends this process with a last line that says what happened and what to
   do; os._exit, so that no collective's abort dump comes after it."""
   role = ' (the coordinator)' if process == 0 else ''
   line = (f'kd_jax: lost JAX process {process}{role} of {count}: {why}. '
-          'Checkpoints up to the last one are safe: rerun the same command on '
-          'every host to resume from it.')
+          f'Checkpoints up to the last one are safe: {then} to resume from '
+          'it.')
   logging.error(line)
   logging.flush()
   print(line, file=sys.stderr, flush=True)
@@ -147,6 +149,35 @@ def supervise(process_id: int, num_processes: int,
   return 1
 
 
+# The exit code of this process once it has told its peers that it failed
+# (`_announce_failure`); None while it has not.
+_failure_code = None
+
+
+def _announce_failure(error: BaseException, code: int) -> None:
+  """Tells the peer processes that this one failed (and with what), so
+  that a failure in one process ends every one of them instead of leaving
+  the others waiting in a collective: see `watch_peers`."""
+  global _failure_code
+  _failure_code = code
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    text = ' '.join(f'{type(error).__name__}: {error}'.split())
+    distributed.global_state.client.key_value_set(
+        f'kd_jax/failed/{jax.process_index()}', text[:300] or 'an error',
+        allow_overwrite=True)
+  except Exception:  # pylint: disable=broad-except
+    pass  # Its peers still notice when its heartbeat stops.
+
+
+def _exit_failed() -> None:
+  """Ends a process that failed (and said so) once its peers are gone."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(_failure_code)  # pylint: disable=protected-access
+
+
 def watch_peers(interval_s: float = 2.0, timeout_s: float = PEER_TIMEOUT_S
                 ) -> threading.Thread:
   """Starts a daemon thread that stops this process within about
@@ -157,16 +188,41 @@ def watch_peers(interval_s: float = 2.0, timeout_s: float = PEER_TIMEOUT_S
   `timeout_s`, or a store that no longer answers (process 0, which hosts
   it, is gone), ends the run with `_lost`'s message, well before the
   coordination service's own heartbeat timeout aborts it with a dump.
+
+  A peer that failed says so (`_announce_failure`): unless this process
+  fails too within `grace_s` (a divergence, met by every process at the same
+  step, ends each with its own message), it ends naming that peer and its
+  error (also when it notices the peer gone first). A process that failed
+  itself ends with the exit code of its own error and no further line,
+  `2 * interval_s + 1` seconds after its error (time for every peer to read
+  it), without waiting in JAX's shutdown barrier for peers it ended.
   """
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   client = distributed.global_state.client
   me, count = jax.process_index(), jax.process_count()
   seen = {p: ('', time.monotonic()) for p in range(count) if p != me}
-  # Set before JAX's own exit handler (registered earlier, so run later)
-  # shuts the store down: the store of a process that is ending stops
-  # answering, and that names no lost peer.
+  grace_s = 3 * interval_s + 5
+  # `at_exit` runs before JAX's own exit handler (registered earlier, so
+  # run later) shuts the store down: the store of a process that is ending
+  # stops answering, and that names no lost peer.
   exiting = threading.Event()
-  atexit.register(exiting.set)
+  failures: dict[int, tuple[str, float]] = {}  # Peer: (its error, seen at).
+
+  def at_exit():
+    exiting.set()
+    if _failure_code is not None:
+      # Long enough for every peer to read this process's failure, then
+      # out, without waiting in JAX's shutdown barrier for peers it ended.
+      time.sleep(2 * interval_s + 1)
+      _exit_failed()
+
+  atexit.register(at_exit)
+
+  def lost(p: int, why: str) -> None:
+    if p in failures:
+      _lost(p, count, f'it failed with {failures[p][0]} (its own log has '
+            'the rest)', then='fix that, then rerun the command on every host')
+    _lost(p, count, why)
 
   def beat():
     n = 0
@@ -176,20 +232,33 @@ def watch_peers(interval_s: float = 2.0, timeout_s: float = PEER_TIMEOUT_S
         client.key_value_set(f'kd_jax/alive/{me}', str(n),
                              allow_overwrite=True)
       except Exception as e:  # pylint: disable=broad-except
+        if _failure_code is not None:
+          _exit_failed()
         if exiting.is_set():
           return
-        _lost(0, count, f'the key-value store it hosts does not answer '
-              f'({type(e).__name__})')
+        lost(0, f'the key-value store it hosts does not answer '
+             f'({type(e).__name__})')
       now = time.monotonic()
       for p, (value, since) in seen.items():
         try:
           current = client.key_value_try_get(f'kd_jax/alive/{p}')
         except Exception:  # pylint: disable=broad-except
           current = value  # Not written yet.
+        if p not in failures:
+          try:
+            failures[p] = (client.key_value_try_get(f'kd_jax/failed/{p}'),
+                           now)
+          except Exception:  # pylint: disable=broad-except
+            pass  # It has not failed.
         if current != value:
           seen[p] = (current, now)
         elif now - since > timeout_s:
-          _lost(p, count, f'no heartbeat for {timeout_s:.0f} s')
+          if _failure_code is not None:
+            _exit_failed()
+          lost(p, f'no heartbeat for {timeout_s:.0f} s')
+        if (_failure_code is None and p in failures
+            and now - failures[p][1] > grace_s):
+          lost(p, '')
       time.sleep(interval_s)
 
   thread = threading.Thread(target=beat, name='kd_jax_peers', daemon=True)
@@ -230,13 +299,15 @@ def main(argv):
         summary = train.train_and_evaluate(
             f.config, f.workdir, overwrite_finished=f.overwrite_finished)
     except Exception as e:  # pylint: disable=broad-except
-      if jax.process_count() > 1 and not progress.refusal(e):
-        # A collective that failed because a peer died: give the watcher
-        # time to name it (it ends the process); any other error is
-        # re-raised. A refusal is kd_jax's own, never a lost peer's.
-        logging.exception('the run failed; checking that every peer process '
-                          'is alive.')
-        time.sleep(f.peer_timeout_s + 5)
+      if jax.process_count() > 1:
+        if not progress.refusal(e):
+          # A collective that failed because a peer died: give the watcher
+          # time to name it (it ends the process). A refusal is kd_jax's
+          # own, never a lost peer's.
+          logging.exception('the run failed; checking that every peer '
+                            'process is alive.')
+          time.sleep(f.peer_timeout_s + 5)
+        _announce_failure(e, refused if progress.refusal(e) else 1)
       raise
   if jax.process_index() == 0:
     print(f'{summary["model"]}, {summary["num_params"]:,} params, '

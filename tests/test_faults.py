@@ -582,6 +582,48 @@ def test_killed_peer_ends_the_survivor_naming_it(tmp_path, victim):
   assert waited < 30
 
 
+@pytest.mark.slow
+def test_a_failure_in_one_process_ends_both_naming_it(tmp_path):
+  """Process 1 cannot write its workdir (a path under a file); process 0 is
+  fine. Neither waits for the other: process 0 ends naming process 1 and
+  its error, process 1 with its own error."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    address = f'localhost:{s.getsockname()[1]}'
+  (tmp_path / 'file').write_text('not a folder')
+  workdirs = [str(tmp_path / 'run'), str(tmp_path / 'file' / 'run')]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  logs = [open(tmp_path / f'process{i}.log', 'w+') for i in range(2)]
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'kd_jax.main',
+       f'--config={config_lib.CONFIG_DIR}/mnist5k_student.py:{ARG}',
+       f'--workdir={workdirs[i]}', f'--coordinator_address={address}',
+       '--num_processes=2', f'--process_id={i}', '--cpu_collectives=gloo',
+       '--peer_timeout_s=5'],
+      env=env, stdout=logs[i], stderr=subprocess.STDOUT,
+      start_new_session=True) for i in range(2)]
+  try:
+    for p in procs:
+      p.wait(timeout=150)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  out = []
+  for log in logs:
+    log.seek(0)
+    out.append(log.read())
+  last = out[0].strip().splitlines()[-1]
+  assert procs[0].returncode == 75, out[0][-3000:]
+  assert re.match(r'kd_jax: lost JAX process 1 of 2: it failed with '
+                  r'WorkdirUnusable: .*file/run.*fix that, then rerun', last), last
+  assert procs[1].returncode == 1, out[1][-3000:]
+  assert 'lost JAX process' not in out[1], out[1][-3000:]
+  assert 'file' in out[1]
+
+
 # ---------------------------------------------------------------------------
 # 9. Small things a user hits.
 # ---------------------------------------------------------------------------
