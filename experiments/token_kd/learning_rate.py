@@ -80,7 +80,8 @@ def main(argv=None):
                                            learning_rate=rate), workdir)
     table['teacher', rate] = summary['eval'][split]['bits_per_token']
   columns = sorted(set(rates) | set(teacher_rates))
-  flags = ' '.join(sys.argv[1:] if argv is None else argv)
+  flags = ' '.join(a for a in (sys.argv[1:] if argv is None else argv)
+                   if not a.startswith('--out_dir'))
   lines = [f'Validation ({split}) bits per character at each learning rate, '
            f'seed 0 (`python experiments/token_kd/learning_rate.py {flags}`); '
            'the lowest per run is chosen.', '',
