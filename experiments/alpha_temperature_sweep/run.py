@@ -132,6 +132,10 @@ def train_run(run: dict[str, Any]) -> None:
 def run_all(runs: list[dict[str, Any]], parallel: int) -> None:
   """Trains every unfinished run, `parallel` subprocesses at a time."""
   pending = [r for r in runs if not rundir.is_finished(r['workdir'])]
+  for r in runs:
+    if r not in pending:  # Only a run of the config asked for is read.
+      study.check_finished_config(
+          study.make_config(r['config_name'], r['arg']), r['workdir'])
   done = len(runs) - len(pending)
   if done:
     print(f'{done} of {len(runs)} runs finished before; reading them.',
