@@ -102,9 +102,13 @@ def main(argv=None):
                       help='steps between the adaptive schedule\'s '
                       'validation losses (DistiLLM: one epoch; 490 steps '
                       'of 32 x 64 bytes)')
+  parser.add_argument('--learning_rate', type=float, default=None,
+                      help='every run\'s learning rate (default: the '
+                      'config\'s 1e-3)')
   parser.add_argument('--tiny', action='store_true')
   args = parser.parse_args(argv)
   args.teacher_steps = 0
+  args.distill_learning_rate = args.learning_rate
   rows = {}
   generations_dir = os.path.join(args.workdir, 'seqkd_generations')
   if not os.path.exists(os.path.join(generations_dir,
