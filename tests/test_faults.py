@@ -536,28 +536,35 @@ def test_resume_on_another_topology_warns_and_is_recorded(finished, tmp_path):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('victim', [0, 1])
-def test_killed_peer_ends_the_survivor_naming_it(tmp_path, victim):
-  workdir = str(tmp_path / 'run')
+def _two_processes(tmp_path, arg: str, workdirs: list[str]):
+  """(processes, their logs): mnist5k_student at `arg` on two local
+  processes (gloo, a 5 s peer timeout), process i in workdirs[i]; each in
+  a session of its own, so that killing one kills all of it, as a host that
+  dies would."""
   with socket.socket() as s:
     s.bind(('localhost', 0))
     address = f'localhost:{s.getsockname()[1]}'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  arg = (f'{ARG},num_train_steps=1000000,checkpoint_every_steps=20,'
-         'log_every_steps=1000,eval_every_steps=1000000')
   logs = [open(tmp_path / f'process{i}.log', 'w+') for i in range(2)]
-  # A session per process, so that killing one kills all of it, as a host
-  # that dies would.
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'kd_jax.main',
        f'--config={config_lib.CONFIG_DIR}/mnist5k_student.py:{arg}',
-       f'--workdir={workdir}', f'--coordinator_address={address}',
+       f'--workdir={workdirs[i]}', f'--coordinator_address={address}',
        '--num_processes=2', f'--process_id={i}', '--cpu_collectives=gloo',
        '--peer_timeout_s=5'],
       env=env, stdout=logs[i], stderr=subprocess.STDOUT,
       start_new_session=True) for i in range(2)]
+  return procs, logs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('victim', [0, 1])
+def test_killed_peer_ends_the_survivor_naming_it(tmp_path, victim):
+  workdir = str(tmp_path / 'run')
+  arg = (f'{ARG},num_train_steps=1000000,checkpoint_every_steps=20,'
+         'log_every_steps=1000,eval_every_steps=1000000')
+  procs, logs = _two_processes(tmp_path, arg, [workdir, workdir])
   try:
     deadline = time.monotonic() + 240
     while (checkpointing.latest_step(workdir) is None
@@ -587,22 +594,9 @@ def test_a_failure_in_one_process_ends_both_naming_it(tmp_path):
   """Process 1 cannot write its workdir (a path under a file); process 0 is
   fine. Neither waits for the other: process 0 ends naming process 1 and
   its error, process 1 with its own error."""
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    address = f'localhost:{s.getsockname()[1]}'
   (tmp_path / 'file').write_text('not a folder')
-  workdirs = [str(tmp_path / 'run'), str(tmp_path / 'file' / 'run')]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  logs = [open(tmp_path / f'process{i}.log', 'w+') for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'kd_jax.main',
-       f'--config={config_lib.CONFIG_DIR}/mnist5k_student.py:{ARG}',
-       f'--workdir={workdirs[i]}', f'--coordinator_address={address}',
-       '--num_processes=2', f'--process_id={i}', '--cpu_collectives=gloo',
-       '--peer_timeout_s=5'],
-      env=env, stdout=logs[i], stderr=subprocess.STDOUT,
-      start_new_session=True) for i in range(2)]
+  procs, logs = _two_processes(tmp_path, ARG, [
+      str(tmp_path / 'run'), str(tmp_path / 'file' / 'run')])
   try:
     for p in procs:
       p.wait(timeout=150)
