@@ -110,14 +110,7 @@ def check_config(workdir: str, resolved_json: str, *, allow_change: bool,
         'replace its summary.json and config.json. Use a fresh --workdir, or '
         'pass --overwrite_finished (train_and_evaluate(..., '
         'overwrite_finished=True)) to replace it.')
-  path = _path(workdir, CONFIG)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    previous = f.read()
-  if previous == resolved_json:
-    return
-  diff = config_diff(json.loads(previous), json.loads(resolved_json))
+  diff = stored_config_diff(workdir, resolved_json)
   if not diff:
     return
   if not has_checkpoint:
@@ -134,6 +127,19 @@ def check_config(workdir: str, resolved_json: str, *, allow_change: bool,
       f'workdir {workdir!r} holds a run of a different config (fields that '
       f'differ: {diff}). Use a fresh --workdir, or set '
       f'config.allow_config_change=True to resume it anyway.')
+
+
+def stored_config_diff(workdir: str, resolved_json: str) -> list[str]:
+  """`config_diff` between the workdir's config.json and `resolved_json`
+  (`config_json` of a config); [] when the workdir holds none."""
+  path = _path(workdir, CONFIG)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    previous = f.read()
+  if previous == resolved_json:
+    return []
+  return config_diff(json.loads(previous), json.loads(resolved_json))
 
 
 def _leaves(tree: Any, prefix: str = '') -> dict[str, Any]:

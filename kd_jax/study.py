@@ -9,9 +9,7 @@ checkpoint), so a study that was stopped continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -48,12 +46,7 @@ def check_finished_config(config, workdir: str) -> None:
   a config other than `config` (`rundir.config_diff`: fields added since
   with their defaults are no difference), so that a study never reports a
   run it did not ask for."""
-  path = os.path.join(workdir, rundir.CONFIG)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    previous = json.load(f)
-  diff = rundir.config_diff(previous, json.loads(rundir.config_json(config)))
+  diff = rundir.stored_config_diff(workdir, rundir.config_json(config))
   if diff:
     raise ValueError(
         f'workdir {workdir!r} holds a finished run of a different config '
