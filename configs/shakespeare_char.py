@@ -74,6 +74,9 @@ def get_config(arg=None):
   # Devices on the mesh's 'model' axis: the mesh is (devices / mesh_model,
   # mesh_model) over ('data', 'model'); batches are split over both.
   c.mesh_model = 1
+  # The workdir of a finished LM run of the same decoder to start from (its
+  # params; the optimizer and step start afresh): '' starts from random.
+  c.init_from = ''
   c.distill = ml_collections.ConfigDict(dict(
       teacher_workdir='workdirs/shakespeare_teacher', divergence='kl',
       temperature=1.0, alpha=0.5, beta=0.5, skew=0.1,

@@ -479,6 +479,8 @@ def _train_and_evaluate(config, workdir: str, make_optimizer, mesh):
       train_seconds=train_seconds, start_step=start)
   if warnings:
     summary['divergence_warnings'] = warnings
+  if config.get('init_from'):
+    summary['init_from'] = os.path.abspath(config.init_from)
   _finish(config, workdir, summary, cache, teacher_info, is_chief)
   return summary
 
@@ -495,8 +497,49 @@ def _restore_or_init(config, model, tx, mngr, workdir: str, replicated,
                                    move_broken=is_chief)
   if restored is not None:
     return restored
-  return jax.jit(init, out_shardings=replicated)(
-      jax.random.key(config.seed)), {}
+  state = jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+  if config.get('init_from'):
+    params = warm_start_params(config, abstract['params'])
+    state = dict(state, params=params, opt_state=jax.jit(
+        tx.init, out_shardings=replicated)(params))
+  return state, {}
+
+
+def warm_start_params(config, abstract_params):
+  """The params of the finished LM run in `config.init_from`, laid out as
+  `abstract_params` (this run's decoder): refused, naming the field, unless
+  it is a language-model run with this vocabulary and these parameter
+  shapes that trained to its last step, its params finite."""
+  field, workdir = 'config.init_from', config.init_from
+  info = rundir.read_run_info(workdir, field)
+  if info.get('task') != 'lm':
+    raise ValueError(f'{field}={workdir!r} is not a language-model run (its '
+                     'run_info.json has no task \'lm\'): warm-start from a '
+                     'finished task=\'lm\' run, or set init_from=\'\'.')
+  if info['num_classes'] != config.vocab_size:
+    raise ValueError(f'{field}={workdir!r} has a vocabulary of '
+                     f'{info["num_classes"]} tokens; this run\'s '
+                     f'config.vocab_size is {config.vocab_size}.')
+  try:
+    variables, step = checkpointing.restore_model(
+        workdir, {'params': abstract_params, 'batch_stats': {}})
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{field}={workdir!r}: {e}; train that run '
+                            'first.') from None
+  except checkpointing.ModelChanged:
+    raise ValueError(
+        f'{field}={workdir!r} trained the decoder {info["model"]}, whose '
+        'parameter shapes are not config.model\'s '
+        f'{rundir.spec_dict(config.model)}: warm-start from a run of the '
+        'same decoder, or set init_from=\'\'.') from None
+  if step != info['final_step']:
+    raise ValueError(f'{field}={workdir!r} has not finished training: latest '
+                     f'checkpoint step {step}, final step '
+                     f'{info["final_step"]}. Let it finish.')
+  checkpointing.refuse_nonfinite(variables, f'{field}={workdir!r}', step,
+                                 'run to start from',
+                                 'choose another run to start from.')
+  return variables['params']
 
 
 def _eval_batches(config, eval_tokens):

@@ -216,6 +216,49 @@ def test_one_and_eight_devices_train_the_same_lm(lm_teacher_dir, tmp_path):
         v, rel=1e-4, abs=1e-5), k
 
 
+def test_a_warm_started_lm_run_starts_from_the_finished_runs_params(
+    lm_teacher_dir, tmp_path):
+  # At learning rate 0 the params never move: the run evaluates exactly as
+  # the run it started from did.
+  config = tiny(f'role=teacher,init_from="{lm_teacher_dir}",'
+                'learning_rate=0.0,num_train_steps=2')
+  summary = lm_train.train_and_evaluate(config, str(tmp_path / 'warm'))
+  (split, r), = summary['eval'].items()
+  source = rundir.read_summary(lm_teacher_dir)['eval'][split]
+  assert r['loss'] == pytest.approx(source['loss'], rel=1e-6)
+  assert summary['init_from'] == os.path.abspath(lm_teacher_dir)
+  jax.tree.map(np.testing.assert_array_equal,
+               final_params(str(tmp_path / 'warm'), config),
+               final_params(lm_teacher_dir, config))
+  cold = lm_train.train_and_evaluate(
+      tiny('role=teacher,learning_rate=0.0,num_train_steps=2'),
+      str(tmp_path / 'cold'))
+  assert cold['eval'][split]['loss'] != r['loss']
+
+
+def test_a_warm_start_from_another_decoder_or_an_unfinished_run_is_refused(
+    lm_teacher_dir, tmp_path):
+  with pytest.raises(ValueError, match='init_from=.*parameter shapes'):
+    lm_train.train_and_evaluate(
+        tiny(f'role=teacher,teacher_model.block_size=64,'
+             f'init_from="{lm_teacher_dir}"'),
+        str(tmp_path / 'student'))
+  with pytest.raises(ValueError, match='init_from=.*vocabulary of 256'):
+    lm_train.train_and_evaluate(
+        tiny(f'role=teacher,init_from="{lm_teacher_dir}",vocab_size=128'),
+        str(tmp_path / 'vocab'))
+  unfinished = str(tmp_path / 'unfinished')
+  shutil.copytree(lm_teacher_dir, unfinished)
+  info = rundir.read_run_info(unfinished)
+  info['final_step'] += 10
+  with open(os.path.join(unfinished, rundir.RUN_INFO), 'w') as f:
+    json.dump(info, f)
+  with pytest.raises(ValueError, match='has not finished training'):
+    lm_train.train_and_evaluate(
+        tiny(f'role=teacher,init_from="{unfinished}"'),
+        str(tmp_path / 'from_unfinished'))
+
+
 @pytest.mark.slow  # One tiny image run as the would-be teacher.
 def test_an_image_run_or_another_vocabulary_is_refused_as_teacher(
     lm_teacher_dir, mnist5k_teacher_dir, tmp_path):
@@ -345,6 +388,25 @@ def test_lm_studies_run_every_divergence_cache_and_generation_mode(tmp_path):
     r = next(iter(summaries[0]['eval'].values()))
     assert np.isfinite(r['sample_teacher_nll']), name
   assert (tmp_path / 'on_policy' / 'results.md').exists()
+
+
+def test_the_on_policy_study_starts_each_seed_from_that_seeds_student():
+  import argparse  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'experiments', 'on_policy_kd', 'run.py')
+  spec = importlib.util.spec_from_file_location('on_policy_kd_run', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  args = argparse.Namespace(tiny=True, steps=4, teacher_steps=0,
+                            epoch_steps=2, distill_learning_rate=None,
+                            init_from='runs/seed{seed}/text_kl')
+  for seed in (0, 2):
+    configs = module.plans(args, 'teacher', seed, 'generations')
+    assert {c.init_from for c in configs.values()} == {
+        f'runs/seed{seed}/text_kl'}
+  args.init_from = ''
+  assert {c.init_from for c in module.plans(args, 'teacher', 0, 'g').values()
+          } == {''}
 
 
 @pytest.mark.slow  # Two tiny runs.
@@ -536,6 +598,7 @@ def test_an_lm_workdir_from_before_the_new_fields_compares_equal():
   del before['distill']['generation']['adaptive']
   del before['distill']['generation']['cache_dir']
   del before['distill']['shard_teacher'], before['mesh_model']
+  del before['init_from']
   assert config_lib.upgrade_json(before) == current
   assert config_lib.upgrade_json(current) == current
 

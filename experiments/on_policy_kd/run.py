@@ -8,7 +8,11 @@ student's own completions of fixed prompts.
 
 The teacher is the token_kd study's (`experiments/token_kd/run.py` trains
 it); the student, data and optimizer are that study's, every distilled run
-at alpha = 1 (the divergence alone, as GKD). Runs per seed:
+at alpha = 1 (the divergence alone, as GKD). With `--init_from`, every
+run of seed s starts from the params of a finished student of seed s (a
+template with {seed}, e.g. the token_kd study's text-KL student), as GKD
+and DistiLLM start from a student already trained on the text, and trains
+--steps more with a fresh optimizer. Runs per seed:
 
 - `scratch`: the student alone (alpha 0; the teacher loaded for the
   measures only);
@@ -53,6 +57,8 @@ GENERATION = {'distill.generation.prompt_length': 32,
 def plans(args, teacher_dir: str, seed: int, generations_dir: str):
   distill = {'distill.teacher_workdir': teacher_dir, 'distill.alpha': 1.0,
              **SAMPLES}
+  if args.init_from:
+    distill['init_from'] = args.init_from.format(seed=seed)
   # The student alone: alpha 0 (the teacher only evaluates).
   out = {'scratch': token_kd.config('distill', args, seed=seed, **{
       **distill, 'distill.alpha': 0.0})}
@@ -105,6 +111,12 @@ def main(argv=None):
   parser.add_argument('--learning_rate', type=float, default=None,
                       help='every run\'s learning rate (default: the '
                       'config\'s 1e-3)')
+  parser.add_argument('--init_from', default='',
+                      help='a finished student run every run of seed s '
+                      'starts from, {seed} standing for s (e.g. '
+                      'workdirs/token_kd_tuned/seed{seed}/online_kl): GKD '
+                      'and DistiLLM start from a student already trained on '
+                      'the text; default: from random')
   parser.add_argument('--tiny', action='store_true')
   args = parser.parse_args(argv)
   args.teacher_steps = 0
