@@ -62,7 +62,7 @@ from kd_jax import checkpointing
 from kd_jax import config_lib
 from kd_jax import demo
 from kd_jax import models
-from kd_jax import train
+from kd_jax import study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_COMMAND = 'python -m kd_jax.demo --workdir={}'
@@ -172,7 +172,8 @@ def zoo_entries(names: Sequence[str], tiny: bool) -> list[Entry]:
 
 
 def train_missing(demo_workdir: str, workdir: str) -> None:
-  """Trains the mnist5k runs whose summary.json is missing."""
+  """Trains the mnist5k runs that have not finished (a finished small run
+  of another config is refused)."""
   if not all(os.path.exists(os.path.join(demo_workdir, sub, 'summary.json'))
              for sub in ('teacher', 'student', 'distill')):
     demo.run_demo(demo_workdir)
@@ -181,12 +182,9 @@ def train_missing(demo_workdir: str, workdir: str) -> None:
       ('mnist5k_2x30', 'mnist5k_student', ''),
       ('mnist5k_2x30_distill', 'mnist5k_distill',
        f'teacher_workdir={teacher_workdir}')):
-    run_dir = os.path.join(workdir, sub)
-    if os.path.exists(os.path.join(run_dir, 'summary.json')):
-      continue
     config = config_lib.load_config(name, arg)
     config.model.hidden = SMALL_HIDDEN
-    train.train_and_evaluate(config, run_dir)
+    study.run_or_read(config, os.path.join(workdir, sub))
 
 
 def directory_bytes(path: str) -> int:

@@ -46,7 +46,7 @@ from kd_jax import input_pipeline
 from kd_jax import losses
 from kd_jax import models
 from kd_jax import rundir
-from kd_jax import train
+from kd_jax import study
 
 TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0)
 GENERIC_LOGITS = (1.0, 2.0, 3.0, 4.0, 5.0)
@@ -79,10 +79,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def ensure_teacher(config, workdir: str) -> None:
-  """Trains the teacher in `workdir` unless a finished run is there."""
-  finished = os.path.exists(os.path.join(workdir, 'summary.json'))
-  if not finished:
-    train.train_and_evaluate(config, workdir)
+  """Trains the teacher in `workdir` unless a finished run of `config` is
+  there (a finished run of another config is refused, naming the fields)."""
+  study.run_or_read(config, workdir)
 
 
 def restore_teacher(config, workdir: str):
