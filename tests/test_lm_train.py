@@ -409,6 +409,39 @@ def test_the_on_policy_study_starts_each_seed_from_that_seeds_student():
           } == {''}
 
 
+def test_on_policy_rates_choose_each_runs_rate_on_validation_bits(
+    tmp_path, monkeypatch):
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'experiments', 'on_policy_kd', 'rates.py')
+  spec = importlib.util.spec_from_file_location('on_policy_rates', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  calls = []
+  bits = {('text kl', 0.001): [3.0, 3.2], ('text kl', 0.01): [2.9, 3.2],
+          ('gkd', 0.001): [3.5, 3.5], ('gkd', 0.01): [3.6, 3.6]}
+
+  def fake_main(argv):
+    calls.append(argv)
+    rate = float(next(a for a in argv if a.startswith('--learning_rate='))
+                 .split('=')[1])
+    return {name: [dict(eval={'validation': dict(
+        bits_per_token=b, sample_teacher_nll=1.0, sample_reverse_kl=0.5)})
+                   for b in bits[(name, rate)]]
+            for name in ('text kl', 'gkd')}
+
+  monkeypatch.setattr(module.study_run, 'main', fake_main)
+  table, chosen = module.main([
+      f'--workdir={tmp_path}', '--teacher_workdir=t', '--seeds=0,1',
+      '--learning_rates=0.001,0.01', '--init_from=s{seed}',
+      f'--out_dir={tmp_path}'])
+  assert chosen == {'text kl': 0.01, 'gkd': 0.001}
+  assert table['text kl'][0.01]['bits_per_token'] == pytest.approx(3.05)
+  assert [a[0] for a in calls] == [f'--workdir={tmp_path}/lr0.001',
+                                   f'--workdir={tmp_path}/lr0.01']
+  assert all('--init_from=s{seed}' in a for a in calls)
+  assert '**3.0500**' in (tmp_path / 'rates.md').read_text()
+
+
 @pytest.mark.slow  # Two tiny runs.
 def test_a_diverged_lm_run_stops_before_saving_and_names_the_checkpoint(
     tmp_path):
