@@ -179,6 +179,44 @@ def test_sweep_chooses_the_cell_with_the_fewest_validation_errors():
   assert module.best_cell(args, grids) == (1, 0)
 
 
+def test_student_settings_choose_each_student_on_validation_only():
+  module = _load('hinton_mnist', 'student_settings.py')
+
+  def cell(lr, scratch, distilled):
+    return {'lr': lr, '2x800 scratch': scratch, '2x800 distilled': distilled}
+  cells = [cell(0.01, dict(val_errors=60.0, val_loss=0.07, test_errors=200),
+                dict(val_errors=45.0, val_loss=0.036, test_errors=80)),
+           cell(0.03, dict(val_errors=60.0, val_loss=0.06, test_errors=300),
+                dict(val_errors=44.0, val_loss=0.040, test_errors=99))]
+  best = module.choose(cells)
+  # Ties on errors go to the lower loss; test errors never choose.
+  assert best['2x800 scratch']['lr'] == 0.03
+  assert best['2x800 distilled']['lr'] == 0.03
+
+
+@pytest.mark.extended
+def test_student_settings_run_a_grid_over_one_teacher(hinton):
+  _, hinton_workdir, _ = hinton
+  workdir = os.path.join(hinton_workdir, 'settings')
+  out = _load('hinton_mnist', 'student_settings.py').main([
+      '--tiny', f'--workdir={workdir}', f'--teachers_dir={hinton_workdir}',
+      '--dataset=mnist5k', '--learning_rates=0.03,0.1', '--epochs=1',
+      '--temperatures=4,20'])
+  assert [(c['lr'], c['temperature']) for c in out['cells']] == [
+      (0.03, 4.0), (0.03, 20.0), (0.1, 4.0), (0.1, 20.0)]
+  # One scratch run per (lr, epochs), shared by both temperatures.
+  for c in out['cells'][::2]:
+    assert c['2x800 scratch'] == out['cells'][out['cells'].index(c) + 1][
+        '2x800 scratch']
+  assert os.path.isdir(os.path.join(workdir, 'lr0.1_e1', 'student800_T4_s0'))
+  config = json.load(open(os.path.join(workdir, 'lr0.1_e1',
+                                       'student800_T4_s0', 'config.json')))
+  assert config['distill']['temperature'] == 4.0
+  assert config['learning_rate'] == 0.1
+  assert config['teachers'][0]['workdir'] == os.path.join(hinton_workdir,
+                                                         'teacher_s0')
+
+
 def _finished(run, val_errors):
   split = _load('logit_methods').SPLITS[run['dataset']][1]
   return dict(run, summary={'eval': {split: {'errors': val_errors},

