@@ -217,6 +217,24 @@ def test_student_settings_run_a_grid_over_one_teacher(hinton):
                                                          'teacher_s0')
 
 
+@pytest.mark.extended
+def test_hinton_train_all_students_use_every_train_digit_and_the_same_teacher(
+    hinton):
+  module, hinton_workdir, _ = hinton
+  workdir = os.path.join(hinton_workdir, 'train_all')
+  record = module.main(['--tiny', '--cache', '--train_all', '--small_widths=',
+                        f'--workdir={workdir}',
+                        f'--teachers_dir={hinton_workdir}'])
+  assert record['runs'][0]['summary'] == json.load(open(os.path.join(
+      hinton_workdir, 'teacher_s0', 'summary.json')))
+  for name in ('student800_scratch_s0', 'student800_T20_s0'):
+    config = json.load(open(os.path.join(workdir, name, 'config.json')))
+    assert (config['train_split'], config['eval_splits']) == ('train',
+                                                              ['test'])
+  cache_dir = os.path.join(hinton_workdir, 'teacher_s0_logits')
+  assert {'train', 'test'} <= set(os.listdir(cache_dir))
+
+
 def _finished(run, val_errors):
   split = _load('logit_methods').SPLITS[run['dataset']][1]
   return dict(run, summary={'eval': {split: {'errors': val_errors},

@@ -34,6 +34,10 @@ the teacher config's 150 epochs and lr 0.02, `--student_lr` the students'
 to `<teachers_dir>/teacher_s<seed>_logits`) and distils every student from
 that cache (configs/mnist5k_distill_cached.py): the same targets as the
 online teacher, since the students' stream is not augmented.
+`--temperature` sets the 2x800 student's T (default 20). `--train_all`
+trains the students on the whole train split (the teachers keep theirs),
+for final runs with settings chosen on validation before (with --cache,
+the teachers' logits of that split are exported beside the others).
 `--only_teachers` trains (or reads) the teachers and stops, so teachers of
 several seeds can train in parallel processes. `--tiny` shrinks every run to
 a few steps (one seed, one tiny-net temperature) for tests.
@@ -108,6 +112,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--cache', action='store_true',
                       help='Distil the students from each teacher\'s '
                       'exported logits instead of the online teacher.')
+  parser.add_argument('--train_all', action='store_true',
+                      help='Train the students on the whole train split '
+                      '(the teachers keep theirs, holding out validation): '
+                      'for the final runs, with settings chosen on '
+                      'validation before.')
   parser.add_argument('--only_teachers', action='store_true',
                       help='Train (or read) the teachers, then stop.')
   parser.add_argument('--data_dir', default=None,
@@ -161,6 +170,9 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
                                    eval_splits=(args.val_split, 'test'))
   if args.data_dir:
     overrides['data_dir'] = args.data_dir
+  teacher_overrides = overrides
+  if args.train_all:
+    overrides = dict(overrides, train_split='train', eval_splits=('test',))
   student_args = [] if args.num_epochs is None else [
       f'num_epochs={args.num_epochs:g}']
   if args.student_lr is not None:
@@ -180,7 +192,8 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         config_name=config_name,
         arg=','.join(common + (student_args if student else teacher_args)
                      + arg_parts),
-        overrides={**overrides, **(extra or {})},
+        overrides={**(overrides if student else teacher_overrides),
+                   **(extra or {})},
         workdir=os.path.join(args.workdir if student else args.teachers_dir,
                              name)))
 
@@ -272,7 +285,9 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
            + (f', and validation errors on the held-out train digits '
               f'`{args.val_split}` (every run trained on `{args.train_split}`)'
               if with_val else '')
-           + f'. Students: {epochs:g} epochs.', '',
+           + f'. Students: {epochs:g} epochs'
+           + (', trained on the whole train split' if args.train_all else '')
+           + '.', '',
            '| model | test errors per seed | mean | std | min-max | error % |'
            + (' val errors (mean +- std) | val loss |' if with_val else ''),
            '|---|---|---:|---:|---:|---:|' + ('---:|---:|' if with_val else '')]
@@ -381,15 +396,18 @@ def plot(path: str, groups: dict[str, dict[str, Any]], n: int) -> None:
 
 
 def export_cache(config) -> None:
-  """Writes config.cache_dir from config.teachers once (never rewritten)."""
+  """Writes each split of config that config.cache_dir lacks, from
+  config.teachers (a split written is never rewritten)."""
   from kd_jax import export_logits  # pylint: disable=g-import-not-at-top
   from kd_jax import teachers  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(config.cache_dir, 'test',
-                                 teachers.cache.MANIFEST)):
+  missing = [split for split in (config.train_split, *config.eval_splits)
+             if not os.path.exists(os.path.join(config.cache_dir, split,
+                                                teachers.cache.MANIFEST))]
+  if not missing:
     return
   t0 = time.perf_counter()
-  export_logits.export(config, config.cache_dir, write_csv=False,
-                       overwrite=True)
+  export_logits.export(config, config.cache_dir, splits=missing,
+                       write_csv=False, overwrite=True)
   print(f'exported {config.cache_dir} in {time.perf_counter() - t0:.0f} s',
         flush=True)
 
