@@ -335,6 +335,22 @@ def evaluate_samples(sample_fn, params, teacher_params, batches, mesh,
 # ---------------------------------------------------------------------------
 
 
+def _lm_run_info(config, workdir: str, field: str, fix: str
+                 ) -> dict[str, Any]:
+  """The run_info of the LM run in `workdir` that `field` names, refused
+  unless it is a language model of this run's vocabulary (`fix`: what to
+  do instead)."""
+  info = rundir.read_run_info(workdir, field)
+  if info.get('task') != 'lm':
+    raise ValueError(f'{field}={workdir!r} is not a language-model run (its '
+                     f'run_info.json has no task \'lm\'): {fix}')
+  if info['num_classes'] != config.vocab_size:
+    raise ValueError(f'{field}={workdir!r} has a vocabulary of '
+                     f'{info["num_classes"]} tokens; this run\'s '
+                     f'config.vocab_size is {config.vocab_size}.')
+  return info
+
+
 def _load_teacher(config, mesh, workdir: str | None = None):
   """(teacher model, its params on the mesh, run info) of the LM run in
   `workdir` (default config.distill.teacher_workdir), checked against the
@@ -348,16 +364,9 @@ def _load_teacher(config, mesh, workdir: str | None = None):
     field = f'the teacher of config.distill.cache_dir ({field})'
   if not workdir:
     return None, None, None
-  info = rundir.read_run_info(workdir, field)
-  if info.get('task') != 'lm':
-    raise ValueError(f'{field}={workdir!r} is not a language-model run (its '
-                     'run_info.json has no task \'lm\'): train the teacher '
-                     'with a task=\'lm\' config, e.g. configs/'
-                     'shakespeare_char.py:role=teacher.')
-  if info['num_classes'] != config.vocab_size:
-    raise ValueError(f'{field}={workdir!r} has a vocabulary of '
-                     f'{info["num_classes"]} tokens; the student\'s '
-                     f'config.vocab_size is {config.vocab_size}.')
+  info = _lm_run_info(config, workdir, field,
+                      'train the teacher with a task=\'lm\' config, e.g. '
+                      'configs/shakespeare_char.py:role=teacher.')
   spec = ml_collections.ConfigDict(info['model'])
   dtype = TEACHER_DTYPES[config.distill.get('teacher_dtype', 'float32')]
   teacher = models.get_model(spec, config.vocab_size, dtype=dtype)
@@ -511,15 +520,9 @@ def warm_start_params(config, abstract_params):
   it is a language-model run with this vocabulary and these parameter
   shapes that trained to its last step, its params finite."""
   field, workdir = 'config.init_from', config.init_from
-  info = rundir.read_run_info(workdir, field)
-  if info.get('task') != 'lm':
-    raise ValueError(f'{field}={workdir!r} is not a language-model run (its '
-                     'run_info.json has no task \'lm\'): warm-start from a '
-                     'finished task=\'lm\' run, or set init_from=\'\'.')
-  if info['num_classes'] != config.vocab_size:
-    raise ValueError(f'{field}={workdir!r} has a vocabulary of '
-                     f'{info["num_classes"]} tokens; this run\'s '
-                     f'config.vocab_size is {config.vocab_size}.')
+  info = _lm_run_info(config, workdir, field,
+                      'warm-start from a finished task=\'lm\' run, or set '
+                      'init_from=\'\'.')
   try:
     variables, step = checkpointing.restore_model(
         workdir, {'params': abstract_params, 'batch_stats': {}})
