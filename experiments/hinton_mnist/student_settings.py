@@ -16,8 +16,8 @@ beside, never used to choose.
 Pairs can be split across processes (`--learning_rates=0.01` in one,
 `0.03,0.1` in another, each its own cells); a last invocation with the
 whole grid reads every finished cell and writes the table. Writes
-student_settings.{md,json} to --out_dir (default: experiments/hinton_mnist/
-full; with --tiny, --workdir).
+<name>.{md,json} (--name, default student_settings) to --out_dir (default:
+experiments/hinton_mnist/full; with --tiny, --workdir).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help='Holds teacher_s<seed> (and, with --cache, its '
                       'logits): the study\'s teachers.')
   parser.add_argument('--out_dir', default=None)
+  parser.add_argument('--name', default='student_settings',
+                      help='The stem of the .md and .json written.')
   parser.add_argument('--seeds', default='0')
   parser.add_argument('--learning_rates', default='0.01,0.03,0.1')
   parser.add_argument('--epochs', default='30,60,120')
@@ -165,13 +167,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   best = choose(cells)
   table = markdown(cells, best, args)
   os.makedirs(args.out_dir, exist_ok=True)
-  with open(os.path.join(args.out_dir, 'student_settings.md'), 'w') as f:
+  with open(os.path.join(args.out_dir, f'{args.name}.md'), 'w') as f:
     f.write(table + '\n')
   out = dict(args=vars(args), cells=cells,
              chosen={k: dict(lr=b['lr'], epochs=b['epochs'],
                              temperature=b['temperature'])
                      for k, b in best.items()})
-  with open(os.path.join(args.out_dir, 'student_settings.json'), 'w') as f:
+  with open(os.path.join(args.out_dir, f'{args.name}.json'), 'w') as f:
     json.dump(out, f, indent=2)
   print('\n' + table)
   return out
