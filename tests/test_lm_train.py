@@ -1,6 +1,7 @@
 """Language-model runs (kd_jax.lm_train): decoder_tiny on pydoc_topics (text
 that ships with Python), teacher -> student distilled token by token."""
 
+import argparse
 import functools
 import importlib.util
 import json
@@ -391,7 +392,6 @@ def test_lm_studies_run_every_divergence_cache_and_generation_mode(tmp_path):
 
 
 def test_the_on_policy_study_starts_each_seed_from_that_seeds_student():
-  import argparse  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), 'experiments', 'on_policy_kd', 'run.py')
   spec = importlib.util.spec_from_file_location('on_policy_kd_run', path)
@@ -407,6 +407,38 @@ def test_the_on_policy_study_starts_each_seed_from_that_seeds_student():
   args.init_from = ''
   assert {c.init_from for c in module.plans(args, 'teacher', 0, 'g').values()
           } == {''}
+
+
+def test_the_on_policy_study_trains_each_run_at_its_chosen_rate(
+    tmp_path, monkeypatch):
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'experiments', 'on_policy_kd', 'run.py')
+  spec = importlib.util.spec_from_file_location('on_policy_kd_run', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  names = list(module.plans(
+      argparse.Namespace(tiny=True, steps=4, teacher_steps=0, epoch_steps=2,
+                         distill_learning_rate=None, init_from=''),
+      't', 0, 'g'))
+  chosen = {name: (0.003 if 'gkd' in name else 0.001) for name in names}
+  with open(tmp_path / 'rates.json', 'w') as f:
+    json.dump({'chosen': chosen}, f)
+  trained, exported = [], []
+  monkeypatch.setattr(module.lm_generations, 'export',
+                      lambda c, d: exported.append(d))
+  monkeypatch.setattr(module.token_kd, 'run', lambda c, d: trained.append(
+      (c, d)) or {'eval': {'v': {}}, 'train_seconds': 1.0})
+  monkeypatch.setattr(module, 'write_results', lambda *a: None)
+  module.main([f'--workdir={tmp_path}', '--teacher_workdir=t', '--tiny',
+               '--seeds=0,1', f'--chosen_rates={tmp_path / "rates.json"}'])
+  assert exported == [os.path.join(tmp_path, 'lr0.001', 'seqkd_generations')]
+  assert len(trained) == 2 * len(names)
+  for c, d in trained:
+    rate = 0.003 if '/gkd' in d else 0.001
+    assert c.learning_rate == rate
+    assert d.startswith(os.path.join(str(tmp_path), f'lr{rate:g}', 'seed'))
+    if c.distill.generation.schedule == 'once':
+      assert c.distill.generation.cache_dir == exported[0]
 
 
 def test_on_policy_rates_choose_each_runs_rate_on_validation_bits(

@@ -32,6 +32,7 @@ steps that generated (from the step time of `text kl` and of each run).
 
 import argparse
 import importlib.util
+import json
 import os
 import statistics
 import sys
@@ -117,31 +118,53 @@ def main(argv=None):
                       'workdirs/token_kd_tuned/seed{seed}/online_kl): GKD '
                       'and DistiLLM start from a student already trained on '
                       'the text; default: from random')
+  parser.add_argument('--chosen_rates', default='',
+                      help='rates.json of rates.py run over --workdir: each '
+                      'run at the rate chosen for it, in the workdir '
+                      '<workdir>/lr<rate> where rates.py trained it (its '
+                      'runs there are read, not retrained)')
   parser.add_argument('--tiny', action='store_true')
   args = parser.parse_args(argv)
   args.teacher_steps = 0
   args.distill_learning_rate = args.learning_rate
+  chosen = {}
+  if args.chosen_rates:
+    with open(args.chosen_rates) as f:
+      chosen = json.load(f)['chosen']
+
+  def root(name: str) -> str:
+    return (os.path.join(args.workdir, f'lr{chosen[name]:g}') if chosen
+            else args.workdir)
+
+  def configs(seed: int):
+    generations_dir = os.path.join(root('seqkd once kl'), 'seqkd_generations')
+    out = plans(args, args.teacher_workdir, seed, generations_dir)
+    for name, c in out.items():
+      if chosen:
+        c.learning_rate = chosen[name]
+    return out, generations_dir
+
   rows = {}
-  generations_dir = os.path.join(args.workdir, 'seqkd_generations')
+  first, generations_dir = configs(0)
   if not os.path.exists(os.path.join(generations_dir,
                                      lm_generations.MANIFEST)):
-    lm_generations.export(plans(args, args.teacher_workdir, 0,
-                                generations_dir)['seqkd once kl'],
-                          generations_dir)
+    lm_generations.export(first['seqkd once kl'], generations_dir)
   for seed in [int(s) for s in args.seeds.split(',')]:
-    for name, c in plans(args, args.teacher_workdir, seed,
-                         generations_dir).items():
-      workdir = os.path.join(args.workdir, f'seed{seed}',
+    for name, c in configs(seed)[0].items():
+      workdir = os.path.join(root(name), f'seed{seed}',
                              name.replace(' ', '_').replace('=', ''))
       rows.setdefault(name, []).append(token_kd.run(c, workdir))
-  write_results(args.workdir, rows)
+  write_results(args.workdir, rows, chosen)
   return rows
 
 
-def write_results(root: str, rows) -> None:
+def write_results(root: str, rows, chosen=None) -> None:
   split = next(iter(rows['scratch'][0]['eval']))
   base = statistics.mean(s['train_seconds'] for s in rows['text kl'])
-  lines = [f'{split} bits per character and KL(teacher || student) on the '
+  lines = ([f'Each run at its learning rate chosen on validation bits '
+            f'(rates.py): {", ".join(f"{n} {r:g}" for n, r in chosen.items())}.',
+            ''] if chosen else [])
+  lines += [f'{split} bits per character and KL(teacher || student) on the '
            'text; on the student\'s completions of fixed prompts, the '
            'teacher\'s NLL and KL(student || teacher) per token (nats); '
            f'mean +- std over {len(rows["scratch"])} seed(s). Time: train '
