@@ -192,6 +192,13 @@ def test_student_settings_choose_each_student_on_validation_only():
   # Ties on errors go to the lower loss; test errors never choose.
   assert best['2x800 scratch']['lr'] == 0.03
   assert best['2x800 distilled']['lr'] == 0.03
+  # A diverged run (no summary) makes its cell unchoosable, not the grid fail.
+  runs = [dict(seed=0, summary=None), dict(seed=1, summary={'eval': {
+      'val': {'errors': 1, 'loss': 0.1}, 'test': {'errors': 2}}})]
+  cells[1]['2x800 distilled'] = module.kind_result(runs, 'val')
+  assert cells[1]['2x800 distilled']['diverged']
+  assert module.choose(cells)['2x800 distilled']['lr'] == 0.01
+  assert module.kind_result(runs[1:], 'val')['val_errors'] == 1
 
 
 @pytest.mark.extended

@@ -25,10 +25,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from kd_jax import divergence
+from kd_jax import study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KINDS = ('2x800 scratch', '2x800 distilled')
@@ -99,6 +103,38 @@ def cell_argv(args, lr: float, epochs: float, temperature: float
   return argv
 
 
+def run_cell(run, argv: list[str]) -> tuple[list[dict[str, Any]], str]:
+  """Trains (or reads) the runs of one cell (`run.py` with `argv`); a run
+  that diverges gets the summary None instead of ending the grid."""
+  args = run.parse_args(argv)
+  runs = run.plan_runs(args)
+  for r in runs:
+    config = study.make_config(r['config_name'], r['arg'], r['overrides'])
+    if args.cache and r['config_name'] == 'mnist5k_distill_cached':
+      run.export_cache(config)
+    try:
+      r['summary'], _ = study.run_or_read(config, r['workdir'])
+    except divergence.Diverged as e:
+      print(f'{r["workdir"]}: {e}', flush=True)
+      r['summary'] = None
+  return runs, args.val_split
+
+
+def kind_result(runs: list[dict[str, Any]], val_split: str
+                ) -> dict[str, Any]:
+  """Mean validation errors and loss and test errors of one kind's runs
+  (one per seed); a kind with a diverged run is inf, never chosen."""
+  seeds = [r['seed'] for r in runs]
+  if any(r['summary'] is None for r in runs):
+    return dict(val_errors=math.inf, val_loss=math.inf,
+                test_errors=math.nan, seeds=seeds, diverged=True)
+  evals = [r['summary']['eval'] for r in runs]
+  return dict(val_errors=_mean([e[val_split]['errors'] for e in evals]),
+              val_loss=_mean([e[val_split]['loss'] for e in evals]),
+              test_errors=_mean([e['test']['errors'] for e in evals]),
+              seeds=seeds)
+
+
 def choose(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
   """Per student kind: the cell with the fewest mean validation errors,
   then the lowest mean validation loss."""
@@ -128,6 +164,9 @@ def markdown(cells, best, args) -> str:
     for kind in KINDS:
       r = c[kind]
       mark = '**' if best[kind] is c else ''
+      if r.get('diverged'):
+        parts.append('diverged | - | -')
+        continue
       parts.append(f'{mark}{r["val_errors"]:.1f}{mark} | {r["val_loss"]:.4f}'
                    f' | {r["test_errors"]:.1f}')
     lines.append(f'| {c["lr"]:g} | {c["epochs"]:g} | {c["temperature"]:g} '
@@ -151,18 +190,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for lr in args.learning_rates:
     for epochs in args.epochs:
       for t in args.temperatures:
-        record = run.main(cell_argv(args, lr, epochs, t))
+        runs, val_split = run_cell(run, cell_argv(args, lr, epochs, t))
         # The scratch run is one per (lr, epochs): counted with the first T.
         cell = dict(lr=lr, epochs=epochs, temperature=t, train_seconds=sum(
-            r['summary']['train_seconds'] for r in record['runs']
-            if r['config_name'] != 'mnist5k_teacher' and (
+            r['summary']['train_seconds'] for r in runs
+            if r['summary'] and r['config_name'] != 'mnist5k_teacher' and (
                 t == args.temperatures[0] or r['temperature'] is not None)))
-        groups = (record['groups']['2x800 scratch'],
-                  record['groups'][f'2x800 distilled T={t:g}'])
-        for kind, g in zip(KINDS, groups):
-          cell[kind] = dict(val_errors=_mean(g['val_errors']),
-                            val_loss=_mean(g['val_loss']),
-                            test_errors=g['mean'], seeds=g['seeds'])
+        for kind in KINDS:
+          cell[kind] = kind_result(
+              [r for r in runs if r['group'].startswith(kind)], val_split)
         cells.append(cell)
   best = choose(cells)
   table = markdown(cells, best, args)
