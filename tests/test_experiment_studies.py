@@ -179,6 +179,26 @@ def test_sweep_chooses_the_cell_with_the_fewest_validation_errors():
   assert module.best_cell(args, grids) == (1, 0)
 
 
+def test_hinton_student_options_reach_the_students_and_spare_the_teachers():
+  module = _load('hinton_mnist')
+  args = module.parse_args(['--seeds=0', '--small_widths=',
+                            '--dataset=mnist_full', '--train_all',
+                            '--student_augment=mnist_jitter',
+                            '--temperature=8'])
+  runs = {r['name']: r for r in module.plan_runs(args)}
+  assert set(runs) == {'teacher_s0', 'student800_scratch_s0',
+                       'student800_T8_s0'}
+  teacher = runs.pop('teacher_s0')['overrides']
+  assert 'augment' not in teacher
+  assert teacher['train_split'] == 'train[:55000]'
+  for run in runs.values():
+    assert run['overrides']['augment'] == 'mnist_jitter'
+    assert run['overrides']['train_split'] == 'train'
+  assert 'distill.temperature=8.0' in runs['student800_T8_s0']['arg']
+  with pytest.raises(ValueError, match='drop --cache'):
+    module.parse_args(['--student_augment=mnist_jitter', '--cache'])
+
+
 def test_student_settings_choose_each_student_on_validation_only():
   module = _load('hinton_mnist', 'student_settings.py')
 

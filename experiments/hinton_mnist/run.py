@@ -38,6 +38,8 @@ online teacher, since the students' stream is not augmented.
 trains the students on the whole train split (the teachers keep theirs),
 for final runs with settings chosen on validation before (with --cache,
 the teachers' logits of that split are exported beside the others).
+`--student_augment=mnist_jitter` jitters the students' stream (scratch and
+distilled; the online teacher sees the same jittered images).
 `--only_teachers` trains (or reads) the teachers and stops, so teachers of
 several seeds can train in parallel processes. `--tiny` shrinks every run to
 a few steps (one seed, one tiny-net temperature) for tests.
@@ -112,6 +114,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--cache', action='store_true',
                       help='Distil the students from each teacher\'s '
                       'exported logits instead of the online teacher.')
+  parser.add_argument('--student_augment', default='',
+                      help='An augmentation of the students\' stream (e.g. '
+                      'mnist_jitter, the teacher\'s): the transfer set holds '
+                      'the translations Hinton et al.\'s did not; needs the '
+                      'online teacher (no --cache).')
   parser.add_argument('--train_all', action='store_true',
                       help='Train the students on the whole train split '
                       '(the teachers keep theirs, holding out validation): '
@@ -136,6 +143,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     raise ValueError(f'--seeds={args.seeds} and --tiny_temperatures='
                      f'{args.tiny_temperatures} must each name at least one '
                      'value, e.g. --seeds=0,1,2.')
+  if args.student_augment and args.cache:
+    raise ValueError(f'--student_augment={args.student_augment!r} draws new '
+                     'views every step, which a logits cache does not hold: '
+                     'drop --cache (the teacher then runs online).')
   if args.out_dir is None:
     args.out_dir = (args.workdir if args.tiny else
                     HERE if args.dataset == 'mnist5k' else
@@ -173,6 +184,8 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
   teacher_overrides = overrides
   if args.train_all:
     overrides = dict(overrides, train_split='train', eval_splits=('test',))
+  if args.student_augment:
+    overrides = dict(overrides, augment=args.student_augment)
   student_args = [] if args.num_epochs is None else [
       f'num_epochs={args.num_epochs:g}']
   if args.student_lr is not None:
@@ -287,6 +300,9 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
               if with_val else '')
            + f'. Students: {epochs:g} epochs'
            + (', trained on the whole train split' if args.train_all else '')
+           + (f', their stream augmented by {args.student_augment} (the '
+              'online teacher sees the same images)'
+              if args.student_augment else '')
            + '.', '',
            '| model | test errors per seed | mean | std | min-max | error % |'
            + (' val errors (mean +- std) | val loss |' if with_val else ''),
