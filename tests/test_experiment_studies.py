@@ -195,6 +195,14 @@ def test_hinton_student_options_reach_the_students_and_spare_the_teachers():
     assert run['overrides']['augment'] == 'mnist_jitter'
     assert run['overrides']['train_split'] == 'train'
   assert 'distill.temperature=8.0' in runs['student800_T8_s0']['arg']
+  args = module.parse_args(['--seeds=0', '--small_widths=30',
+                            '--num_epochs=120', '--student_lr=0.03',
+                            '--scratch_lr=0.1', '--scratch_epochs=60'])
+  for run in module.plan_runs(args):
+    if 'scratch' in run['name']:
+      assert 'num_epochs=60,learning_rate=0.1' in run['arg'], run['name']
+    elif 'teacher' not in run['name']:
+      assert 'num_epochs=120,learning_rate=0.03' in run['arg'], run['name']
   with pytest.raises(ValueError, match='drop --cache'):
     module.parse_args(['--student_augment=mnist_jitter', '--cache'])
 

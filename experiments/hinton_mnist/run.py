@@ -34,7 +34,8 @@ the teacher config's 150 epochs and lr 0.02, `--student_lr` the students'
 to `<teachers_dir>/teacher_s<seed>_logits`) and distils every student from
 that cache (configs/mnist5k_distill_cached.py): the same targets as the
 online teacher, since the students' stream is not augmented.
-`--temperature` sets the 2x800 student's T (default 20). `--train_all`
+`--temperature` sets the 2x800 student's T (default 20); `--scratch_epochs`
+and `--scratch_lr` give the students from scratch settings of their own. `--train_all`
 trains the students on the whole train split (the teachers keep theirs),
 for final runs with settings chosen on validation before (with --cache,
 the teachers' logits of that split are exported beside the others).
@@ -111,6 +112,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="Overrides the teacher config's lr 0.02.")
   parser.add_argument('--student_lr', type=float, default=None,
                       help="Overrides the students' lr 0.03.")
+  parser.add_argument('--scratch_epochs', type=float, default=None,
+                      help='The students from scratch\'s epochs (default: '
+                      'the distilled students\', --num_epochs).')
+  parser.add_argument('--scratch_lr', type=float, default=None,
+                      help='The students from scratch\'s lr (default: '
+                      '--student_lr): each kind at its own settings chosen '
+                      'on validation.')
   parser.add_argument('--cache', action='store_true',
                       help='Distil the students from each teacher\'s '
                       'exported logits instead of the online teacher.')
@@ -186,25 +194,27 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     overrides = dict(overrides, train_split='train', eval_splits=('test',))
   if args.student_augment:
     overrides = dict(overrides, augment=args.student_augment)
-  student_args = [] if args.num_epochs is None else [
-      f'num_epochs={args.num_epochs:g}']
-  if args.student_lr is not None:
-    student_args.append(f'learning_rate={args.student_lr:g}')
-  teacher_args = [] if args.teacher_epochs is None else [
-      f'num_epochs={args.teacher_epochs:g}']
-  if args.teacher_lr is not None:
-    teacher_args.append(f'learning_rate={args.teacher_lr:g}')
+  def settings(epochs, lr):
+    return ([] if epochs is None else [f'num_epochs={epochs:g}']) + (
+        [] if lr is None else [f'learning_rate={lr:g}'])
+
+  student_args = settings(args.num_epochs, args.student_lr)
+  scratch_args = settings(
+      args.num_epochs if args.scratch_epochs is None else args.scratch_epochs,
+      args.student_lr if args.scratch_lr is None else args.scratch_lr)
+  teacher_args = settings(args.teacher_epochs, args.teacher_lr)
   distill_config = 'mnist5k_distill_cached' if args.cache else 'mnist5k_distill'
   runs = []
 
   def add(name, group, config_name, arg_parts, extra=None, temperature=None,
           seed=None):
     student = config_name != 'mnist5k_teacher'
+    role_args = (teacher_args if not student else scratch_args
+                 if config_name == 'mnist5k_student' else student_args)
     runs.append(dict(
         name=name, group=group, temperature=temperature, seed=seed,
         config_name=config_name,
-        arg=','.join(common + (student_args if student else teacher_args)
-                     + arg_parts),
+        arg=','.join(common + role_args + arg_parts),
         overrides={**(overrides if student else teacher_overrides),
                    **(extra or {})},
         workdir=os.path.join(args.workdir if student else args.teachers_dir,
@@ -292,6 +302,8 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
   """The error, paired and gap-recovered tables, with the paper's numbers."""
   n = next(iter(groups.values()))['num_examples']
   epochs = 60 if args.num_epochs is None else args.num_epochs
+  scratch = (epochs if args.scratch_epochs is None else args.scratch_epochs,
+             args.student_lr if args.scratch_lr is None else args.scratch_lr)
   with_val = all(g['val_errors'] for g in groups.values())
   lines = [f'Test errors on the {n:,} {args.dataset} test digits, over seeds '
            f'{args.seeds} (mean, sample std, min-max; error % of the mean)'
@@ -299,6 +311,9 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
               f'`{args.val_split}` (every run trained on `{args.train_split}`)'
               if with_val else '')
            + f'. Students: {epochs:g} epochs'
+           + (f' (distilled; from scratch {scratch[0]:g} epochs at lr '
+              f'{scratch[1]:g})' if (args.scratch_epochs, args.scratch_lr)
+              != (None, None) else '')
            + (', trained on the whole train split' if args.train_all else '')
            + (f', their stream augmented by {args.student_augment} (the '
               'online teacher sees the same images)'
