@@ -123,6 +123,8 @@ def main(argv=None):
                       'run at the rate chosen for it, in the workdir '
                       '<workdir>/lr<rate> where rates.py trained it (its '
                       'runs there are read, not retrained)')
+  parser.add_argument('--out_dir', default=None,
+                      help='where results.md goes (default: --workdir)')
   parser.add_argument('--tiny', action='store_true')
   args = parser.parse_args(argv)
   args.teacher_steps = 0
@@ -154,7 +156,8 @@ def main(argv=None):
       workdir = os.path.join(root(name), f'seed{seed}',
                              name.replace(' ', '_').replace('=', ''))
       rows.setdefault(name, []).append(token_kd.run(c, workdir))
-  write_results(args.workdir, rows, chosen)
+  os.makedirs(args.out_dir or args.workdir, exist_ok=True)
+  write_results(args.out_dir or args.workdir, rows, chosen)
   return rows
 
 
