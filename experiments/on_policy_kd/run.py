@@ -42,6 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 sys.path.insert(0, REPO)
 
 from kd_jax import lm_generations  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kd_jax import study  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -147,6 +148,9 @@ def main(argv=None):
     return out, generations_dir
 
   rows = {}
+  if args.init_from:  # The students every run starts from, as measured.
+    rows['start'] = [study.read_summary(args.init_from.format(
+        seed=int(seed))) for seed in args.seeds.split(',')]
   first, generations_dir = configs(0)
   if not os.path.exists(os.path.join(generations_dir,
                                      lm_generations.MANIFEST)):
@@ -208,7 +212,7 @@ def paired(rows, split) -> list[str]:
            '| run | NLL on samples lower | KL(s \\|\\| t) lower | '
            'bits/char within 5% |', '|---|---|---|---|']
   for name, summaries in rows.items():
-    if name in ('scratch', 'text kl'):
+    if name in ('start', 'scratch', 'text kl'):
       continue
     r = [s['eval'][split] for s in summaries]
     n = len(r)
