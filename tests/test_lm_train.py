@@ -472,6 +472,17 @@ def test_on_policy_rates_choose_each_runs_rate_on_validation_bits(
                                    f'--workdir={tmp_path}/lr0.01']
   assert all('--init_from=s{seed}' in a for a in calls)
   assert '**3.0500**' in (tmp_path / 'rates.md').read_text()
+  # On samples: the lowest teacher NLL among rates within 5% of text KL's
+  # bits; text KL itself keeps its bits.
+  def m(bits, nll):
+    return dict(bits_per_token=bits, sample_teacher_nll=nll)
+  table = {'text kl': {1: m(3.0, 1.6), 2: m(2.9, 1.5)},
+           'scratch': {1: m(2.8, 1.9), 2: m(2.9, 1.8)},
+           'gkd': {1: m(3.0, 1.6), 2: m(3.04, 1.4), 3: m(3.1, 1.2)},
+           'far': {1: m(4.0, 1.0), 2: m(3.5, 1.1)}}
+  assert module.choose(table, 'samples') == {
+      'text kl': 2, 'scratch': 1, 'gkd': 2, 'far': 2}
+  assert module.choose(table)['gkd'] == 1
 
 
 @pytest.mark.slow  # Two tiny runs.

@@ -35,6 +35,25 @@ MEASURES = (('bits_per_token', 'bits/char'),
             ('sample_reverse_kl', 'KL(s || t) on samples'))
 
 
+def choose(table, criterion: str = 'bits') -> dict[str, float]:
+  """{run: its rate}: the lowest validation bits; with 'samples', for the
+  runs on generated text, the lowest teacher NLL on samples among the rates
+  whose bits are within 5% of text KL's lowest (the lowest bits if none)."""
+  def lowest(by_rate, key, rates=None):
+    return min(rates or by_rate, key=lambda r: by_rate[r][key])
+  chosen = {n: lowest(t, 'bits_per_token') for n, t in table.items()}
+  if criterion == 'samples':
+    text = table['text kl'][chosen['text kl']]['bits_per_token']
+    for name, by_rate in table.items():
+      if name in ('scratch', 'text kl'):
+        continue
+      near = [r for r, m in by_rate.items()
+              if m['bits_per_token'] <= 1.05 * text]
+      if near:
+        chosen[name] = lowest(by_rate, 'sample_teacher_nll', near)
+  return chosen
+
+
 def rate_dir(workdir: str, rate: float) -> str:
   return os.path.join(workdir, f'lr{rate:g}')
 
@@ -48,6 +67,15 @@ def main(argv=None):
   parser.add_argument('--seeds', default='0')
   parser.add_argument('--steps', type=int, default=1000)
   parser.add_argument('--out_dir', default=HERE)
+  parser.add_argument('--criterion', default='bits',
+                      choices=('bits', 'samples'),
+                      help='bits: each run\'s lowest validation bits; '
+                      'samples: for the runs on generated text, the lowest '
+                      'teacher NLL on the run\'s own samples among the '
+                      'rates whose bits are within 5%% of text KL\'s (at '
+                      'its lowest bits), what on-policy training is for')
+  parser.add_argument('--name', default='rates',
+                      help='the stem of the .md and .json written')
   parser.add_argument('--tiny', action='store_true')
   args = parser.parse_args(argv)
   rates = [float(r) for r in args.learning_rates.split(',')]
@@ -66,14 +94,18 @@ def main(argv=None):
       evals = [next(iter(s['eval'].values())) for s in summaries]
       table.setdefault(name, {})[rate] = {
           key: statistics.mean(e[key] for e in evals) for key, _ in MEASURES}
-  chosen = {name: min(by_rate, key=lambda r: by_rate[r]['bits_per_token'])
-            for name, by_rate in table.items()}
+  chosen = choose(table, args.criterion)
   lines = [f'Seeds {args.seeds}, {args.steps} steps'
            + (f', each run started from `{args.init_from}`'
               if args.init_from else ', each run from random')
            + ': validation bits per character (teacher NLL and KL(s || t) '
            'in nats per token on the run\'s own completions) per learning '
-           'rate; **bold**: the rate chosen on validation bits.', '',
+           'rate; **bold**: the rate chosen, '
+           + ('on validation bits.' if args.criterion == 'bits' else
+              'for the runs on generated text, the lowest teacher NLL on '
+              'samples among the rates with bits within 5% of text KL\'s '
+              'best (else the lowest bits); for scratch and text KL, the '
+              'lowest bits.'), '',
            '| run | ' + ' | '.join(f'lr {r:g}' for r in rates) + ' |',
            '|---|' + '---|' * len(rates)]
   for name, by_rate in table.items():
@@ -87,9 +119,9 @@ def main(argv=None):
                    f'{m["sample_reverse_kl"]:.3f})')
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   os.makedirs(args.out_dir, exist_ok=True)
-  with open(os.path.join(args.out_dir, 'rates.md'), 'w') as f:
+  with open(os.path.join(args.out_dir, f'{args.name}.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
-  with open(os.path.join(args.out_dir, 'rates.json'), 'w') as f:
+  with open(os.path.join(args.out_dir, f'{args.name}.json'), 'w') as f:
     json.dump(dict(args=vars(args), table={
         n: {f'{r:g}': m for r, m in t.items()} for n, t in table.items()},
                    chosen={n: r for n, r in chosen.items()}), f, indent=2)
