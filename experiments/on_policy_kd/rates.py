@@ -91,6 +91,8 @@ def main(argv=None):
       argv.append('--tiny')
     rows = study_run.main(argv)
     for name, summaries in rows.items():
+      if name == 'start':  # The students every run starts from: no rate.
+        continue
       evals = [next(iter(s['eval'].values())) for s in summaries]
       table.setdefault(name, {})[rate] = {
           key: statistics.mean(e[key] for e in evals) for key, _ in MEASURES}
