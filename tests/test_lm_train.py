@@ -441,6 +441,19 @@ def test_the_on_policy_study_trains_each_run_at_its_chosen_rate(
       assert c.distill.generation.cache_dir == exported[0]
 
 
+@pytest.mark.slow  # Three tiny steps compiled and timed.
+def test_the_step_overhead_benchmark_times_each_way_of_training():
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'experiments', 'on_policy_kd',
+                      'step_overhead.py')
+  spec = importlib.util.spec_from_file_location('step_overhead', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  times = module.main(['--tiny'])
+  assert list(times) == list(module.PROGRAMS)
+  assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+
+
 def test_on_policy_rates_choose_each_runs_rate_on_validation_bits(
     tmp_path, monkeypatch):
   path = os.path.join(os.path.dirname(os.path.dirname(
