@@ -529,6 +529,9 @@ def warm_start_params(config, abstract_params):
   except FileNotFoundError as e:
     raise FileNotFoundError(f'{field}={workdir!r}: {e}; train that run '
                             'first.') from None
+  except checkpointing.CheckpointDamaged as e:
+    raise checkpointing.CheckpointDamaged(
+        f'{field}={workdir!r} cannot be used: {e}') from None
   except checkpointing.ModelChanged:
     raise ValueError(
         f'{field}={workdir!r} trained the decoder {info["model"]}, whose '
