@@ -391,12 +391,19 @@ def test_lm_studies_run_every_divergence_cache_and_generation_mode(tmp_path):
   assert (tmp_path / 'on_policy' / 'results.md').exists()
 
 
-def test_the_on_policy_study_starts_each_seed_from_that_seeds_student():
+def _script(study, script):
+  """experiments/<study>/<script>, loaded as a module."""
   path = os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), 'experiments', 'on_policy_kd', 'run.py')
-  spec = importlib.util.spec_from_file_location('on_policy_kd_run', path)
+      os.path.abspath(__file__))), 'experiments', study, script)
+  spec = importlib.util.spec_from_file_location(f'{study}_{script[:-3]}',
+                                                path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def test_the_on_policy_study_starts_each_seed_from_that_seeds_student():
+  module = _script('on_policy_kd', 'run.py')
   args = argparse.Namespace(tiny=True, steps=4, teacher_steps=0,
                             epoch_steps=2, distill_learning_rate=None,
                             init_from='runs/seed{seed}/text_kl')
@@ -411,11 +418,7 @@ def test_the_on_policy_study_starts_each_seed_from_that_seeds_student():
 
 def test_the_on_policy_study_trains_each_run_at_its_chosen_rate(
     tmp_path, monkeypatch):
-  path = os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), 'experiments', 'on_policy_kd', 'run.py')
-  spec = importlib.util.spec_from_file_location('on_policy_kd_run', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _script('on_policy_kd', 'run.py')
   names = list(module.plans(
       argparse.Namespace(tiny=True, steps=4, teacher_steps=0, epoch_steps=2,
                          distill_learning_rate=None, init_from=''),
@@ -439,16 +442,18 @@ def test_the_on_policy_study_trains_each_run_at_its_chosen_rate(
     assert d.startswith(os.path.join(str(tmp_path), f'lr{rate:g}', 'seed'))
     if c.distill.generation.schedule == 'once':
       assert c.distill.generation.cache_dir == exported[0]
+  # A rates file without every run's rate is refused, naming the runs.
+  del chosen['scratch']
+  with open(tmp_path / 'rates.json', 'w') as f:
+    json.dump({'chosen': chosen}, f)
+  with pytest.raises(ValueError, match=r"no rate for \['scratch'\]"):
+    module.main([f'--workdir={tmp_path}', '--teacher_workdir=t', '--tiny',
+                 f'--chosen_rates={tmp_path / "rates.json"}'])
 
 
 @pytest.mark.slow  # Three tiny steps compiled and timed.
 def test_the_step_overhead_benchmark_times_each_way_of_training():
-  path = os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), 'experiments', 'on_policy_kd',
-                      'step_overhead.py')
-  spec = importlib.util.spec_from_file_location('step_overhead', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _script('on_policy_kd', 'step_overhead.py')
   times = module.main(['--tiny'])
   assert list(times) == list(module.PROGRAMS)
   assert all(len(t) == 2 and min(t) > 0 for t in times.values())
@@ -456,11 +461,7 @@ def test_the_step_overhead_benchmark_times_each_way_of_training():
 
 def test_on_policy_rates_choose_each_runs_rate_on_validation_bits(
     tmp_path, monkeypatch):
-  path = os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), 'experiments', 'on_policy_kd', 'rates.py')
-  spec = importlib.util.spec_from_file_location('on_policy_rates', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _script('on_policy_kd', 'rates.py')
   calls = []
   bits = {('text kl', 0.001): [3.0, 3.2], ('text kl', 0.01): [2.9, 3.2],
           ('gkd', 0.001): [3.5, 3.5], ('gkd', 0.01): [3.6, 3.6]}

@@ -130,10 +130,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   args.teacher_steps = 0
   args.distill_learning_rate = args.learning_rate
-  chosen = {}
+  chosen, criterion = {}, ''
   if args.chosen_rates:
     with open(args.chosen_rates) as f:
-      chosen = json.load(f)['chosen']
+      record = json.load(f)
+    chosen = record['chosen']
+    criterion = record.get('args', {}).get('criterion', 'bits')
 
   def root(name: str) -> str:
     return (os.path.join(args.workdir, f'lr{chosen[name]:g}') if chosen
@@ -142,15 +144,17 @@ def main(argv=None):
   def configs(seed: int):
     generations_dir = os.path.join(root('seqkd once kl'), 'seqkd_generations')
     out = plans(args, args.teacher_workdir, seed, generations_dir)
-    for name, c in out.items():
-      if chosen:
+    if chosen:
+      missing = sorted(set(out) - set(chosen))
+      if missing:
+        raise ValueError(f'--chosen_rates={args.chosen_rates!r} has no rate '
+                         f'for {missing}: run rates.py again over every run '
+                         'of the study.')
+      for name, c in out.items():
         c.learning_rate = chosen[name]
     return out, generations_dir
 
   rows = {}
-  if args.init_from:  # The students every run starts from, as measured.
-    rows['start'] = [study.read_summary(args.init_from.format(
-        seed=int(seed))) for seed in args.seeds.split(',')]
   first, generations_dir = configs(0)
   if not os.path.exists(os.path.join(generations_dir,
                                      lm_generations.MANIFEST)):
@@ -160,16 +164,20 @@ def main(argv=None):
       workdir = os.path.join(root(name), f'seed{seed}',
                              name.replace(' ', '_').replace('=', ''))
       rows.setdefault(name, []).append(token_kd.run(c, workdir))
+  if args.init_from:  # The students every run started from, as measured.
+    rows = {'start': [study.read_summary(args.init_from.format(seed=int(s)))
+                      for s in args.seeds.split(',')], **rows}
   os.makedirs(args.out_dir or args.workdir, exist_ok=True)
-  write_results(args.out_dir or args.workdir, rows, chosen)
+  write_results(args.out_dir or args.workdir, rows, chosen, criterion)
   return rows
 
 
-def write_results(root: str, rows, chosen=None) -> None:
+def write_results(root: str, rows, chosen=None, criterion='bits') -> None:
   split = next(iter(rows['scratch'][0]['eval']))
   base = statistics.mean(s['train_seconds'] for s in rows['text kl'])
-  lines = ([f'Each run at its learning rate chosen on validation bits '
-            f'(rates.py): {", ".join(f"{n} {r:g}" for n, r in chosen.items())}.',
+  lines = ([f'Each run at its learning rate chosen by rates.py '
+            f'(--criterion={criterion}): '
+            f'{", ".join(f"{n} {r:g}" for n, r in chosen.items())}.',
             ''] if chosen else [])
   lines += [f'{split} bits per character and KL(teacher || student) on the '
            'text; on the student\'s completions of fixed prompts, the '
