@@ -84,18 +84,16 @@ def cell_argv(args, lr: float, epochs: float, temperature: float
               ) -> list[str]:
   """run.py's arguments for one (lr, epochs, temperature) cell."""
   cell = os.path.join(args.workdir, f'lr{lr:g}_e{epochs:g}')
-  out = cell if temperature == 20 else f'{cell}_T{temperature:g}'
-  argv = [f'--workdir={cell}', f'--out_dir={out}',
-          f'--temperature={temperature:g}',
+  argv = [f'--workdir={cell}', f'--temperature={temperature:g}',
           f'--teachers_dir={args.teachers_dir}', f'--seeds={args.seeds}',
           '--small_widths=', f'--dataset={args.dataset}',
           f'--num_epochs={epochs:g}', f'--student_lr={lr:g}',
           f'--alpha={args.alpha:g}']
   for name in ('teacher_epochs', 'teacher_lr', 'data_dir'):
-    if getattr(args, name) is not None:
-      argv.append(f'--{name}={getattr(args, name):g}'
-                  if isinstance(getattr(args, name), float)
-                  else f'--{name}={getattr(args, name)}')
+    value = getattr(args, name)
+    if value is not None:
+      argv.append(f'--{name}={value:g}' if isinstance(value, float)
+                  else f'--{name}={value}')
   if args.cache:
     argv.append('--cache')
   if args.tiny:

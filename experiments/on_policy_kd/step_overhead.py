@@ -22,9 +22,8 @@ import sys
 import time
 import types
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
-sys.path.insert(0, REPO)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import functools  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
 
@@ -35,13 +34,14 @@ from kd_jax import lm_train  # pylint: disable=g-import-not-at-top,wrong-import-
 from kd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from kd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# The study's script: its token_kd configs and its generation settings.
 _SPEC = importlib.util.spec_from_file_location(
-    'token_kd_run', os.path.join(REPO, 'experiments', 'token_kd', 'run.py'))
-token_kd = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(token_kd)
+    'on_policy_kd_run', os.path.join(HERE, 'run.py'))
+study_run = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(study_run)
+token_kd = study_run.token_kd
 
-GENERATION = {'distill.alpha': 1.0, 'distill.generation.prompt_length': 32,
-              'distill.generation.temperature': 1.0,
+GENERATION = {**study_run.GENERATION, 'distill.alpha': 1.0,
               'distill.generation.fraction': 1.0}
 PROGRAMS = {
     'fixed text (kl)': {'distill.alpha': 1.0},
