@@ -1,19 +1,26 @@
-"""The token_kd study's learning rate, chosen on validation.
+"""The token_kd study's learning rates, chosen on validation.
 
   python experiments/token_kd/learning_rate.py --workdir=workdirs/token_kd
 
-Seed 0 of the study's student from scratch and distilled online with the
-forward KL (alpha 0.5), each at the learning rates --learning_rates, on the
-study's teacher, data and schedule (`run.py`; its seed-0 runs at the
-study's rates, the config's 1e-3 unless --teacher_learning_rate,
---student_learning_rate or --distill_learning_rate say otherwise as for
-run.py, are read from --workdir, not retrained). Each run's validation
-bits per character: tiny-shakespeare has no split beside train and
-validation (nanoGPT's), so the rate is chosen on the split the study
-reports. Writes `learning_rate.md` beside this file (--out_dir).
+Seed 0 of each of the study's runs named by --runs (default: the student
+from scratch and distilled online with the forward KL), each at every rate
+of --learning_rates, on the study's teacher, data and schedule (`run.py`,
+with the same flags). A run at its role's rate (the rate flags, the
+config's 1e-3 where unset) is the study's own seed-0 run, in
+<workdir>/seed0; the others live in <workdir>/learning_rate/lr<rate>/seed0.
+Finished runs are read, not retrained. --teacher_learning_rates also
+trains the teacher at those rates (its run at --teacher_learning_rate is
+the study's teacher, --teacher_workdir) and adds its row; with an empty
+--learning_rates only those teachers are trained.
+
+Each run's validation bits per character decide: tiny-shakespeare has no
+split beside train and validation (nanoGPT's), so the rate is chosen on the
+split the study reports. Writes <name>.md and <name>.json (the table and
+{run: chosen rate}, what run.py --chosen_rates reads) to --out_dir.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -24,62 +31,57 @@ sys.path.insert(0, REPO)
 
 import run as token_kd  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-CONFIG_RATE = 1e-3
 
-
-def plans(args, teacher_dir: str) -> dict[str, dict]:
-  """{run name: its config fields}: scratch and online KL."""
-  return {'scratch': {},
-          'online kl': {'distill.teacher_workdir': teacher_dir,
-                        'distill.divergence': 'kl'}}
-
-
-def study_rate(args, role: str) -> float:
-  """The rate run.py trains `role` at with these flags: a run at it is the
-  study's own seed-0 run (the teacher: its one teacher)."""
-  rate = getattr(args, token_kd.RATE_FLAGS[role])
-  return CONFIG_RATE if rate is None else rate
+def teacher_rate_dir(args, rate: float) -> str:
+  """The teacher's run at `rate`: the study's teacher at its rate."""
+  if rate == token_kd.study_rate(args, 'teacher'):
+    return token_kd.teacher_dir(args)
+  return os.path.join(args.workdir, 'learning_rate', f'lr{rate:g}',
+                      'teacher')
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument('--workdir', required=True,
-                      help="the study's workdir (run.py --workdir)")
+  token_kd.add_study_flags(parser)
+  parser.add_argument('--runs', default='scratch,online kl',
+                      help='comma-separated run names of run.py\'s study')
   parser.add_argument('--learning_rates', default='3e-4,1e-3,3e-3,1e-2,3e-2')
   parser.add_argument('--teacher_learning_rates', default='',
-                      help='also train the teacher at these rates (its '
-                      'study run is the 1e-3 one) and add its row')
+                      help='also train the teacher at these rates and add '
+                      'its row')
   parser.add_argument('--out_dir', default=os.path.dirname(
       os.path.abspath(__file__)))
-  parser.add_argument('--steps', type=int, default=2000)
-  parser.add_argument('--teacher_steps', type=int, default=3000)
-  parser.add_argument('--tiny', action='store_true')
-  token_kd.add_rate_flags(parser)
+  parser.add_argument('--name', default='learning_rate',
+                      help='the stem of the .md and .json written')
   args = parser.parse_args(argv)
-  teacher_dir = os.path.join(args.workdir, 'teacher')
-  token_kd.run(token_kd.config('teacher', args), teacher_dir)
-  rates = [float(r) for r in args.learning_rates.split(',')]
-  table = {}
-  for name, fields in plans(args, teacher_dir).items():
-    role = 'student' if name == 'scratch' else 'distill'
-    for rate in rates:
-      workdir = (os.path.join(args.workdir, 'seed0', name.replace(' ', '_'))
-                 if rate == study_rate(args, role) else
-                 os.path.join(args.workdir, 'learning_rate', f'lr{rate:g}',
-                              name.replace(' ', '_')))
-      c = token_kd.config(role, args, seed=0, learning_rate=rate, **fields)
-      summary = token_kd.run(c, workdir)
-      split = next(iter(summary['eval']))
-      table[name, rate] = summary['eval'][split]['bits_per_token']
+  names = [n for n in args.runs.split(',') if n]
+  unknown = sorted(set(names) - set(token_kd.run_names()))
+  if unknown:
+    raise ValueError(f'--runs names {unknown}: not runs of the study; it '
+                     f'has {token_kd.run_names()}')
+  rates = [float(r) for r in args.learning_rates.split(',') if r]
   teacher_rates = [float(r) for r in args.teacher_learning_rates.split(',')
                    if r]
+  table = {}
   for rate in teacher_rates:
-    workdir = (teacher_dir if rate == study_rate(args, 'teacher') else os.path.join(
-        args.workdir, 'learning_rate', f'lr{rate:g}', 'teacher'))
     summary = token_kd.run(token_kd.config('teacher', args, seed=0,
-                                           learning_rate=rate), workdir)
+                                           learning_rate=rate),
+                           teacher_rate_dir(args, rate))
+    split = next(iter(summary['eval']))
     table['teacher', rate] = summary['eval'][split]['bits_per_token']
-  columns = sorted(set(rates) | set(teacher_rates))
+  if rates and names:
+    token_kd.run(token_kd.config('teacher', args), token_kd.teacher_dir(args))
+    caches = token_kd.export_caches(args, names)
+    for name in names:
+      for rate in rates:
+        summary = token_kd.run(
+            token_kd.plan(args, name, 0, caches, rate),
+            token_kd.run_dir(args, 0, name, rate))
+        split = next(iter(summary['eval']))
+        table[name, rate] = summary['eval'][split]['bits_per_token']
+  else:
+    names = []
+  columns = sorted(set(rates if names else []) | set(teacher_rates))
   flags = ' '.join(a for a in (sys.argv[1:] if argv is None else argv)
                    if not a.startswith('--out_dir'))
   lines = [f'Validation ({split}) bits per character at each learning rate, '
@@ -87,16 +89,22 @@ def main(argv=None):
            'the lowest per run is chosen.', '',
            '| run | ' + ' | '.join(f'lr {r:g}' for r in columns)
            + ' | chosen |', '|---|' + '---|' * (len(columns) + 1)]
-  for name in ['teacher'] * bool(teacher_rates) + list(plans(args,
-                                                           teacher_dir)):
+  chosen = {}
+  for name in ['teacher'] * bool(teacher_rates) + names:
     bits = [table.get((name, r)) for r in columns]
     tried = [(b, r) for b, r in zip(bits, columns) if b is not None]
+    chosen[name] = min(tried)[1]
     lines.append(f'| {name} | ' + ' | '.join(
         '-' if b is None else f'{b:.4f}' for b in bits)
-                 + f' | {min(tried)[1]:g} |')
+                 + f' | {chosen[name]:g} |')
   os.makedirs(args.out_dir, exist_ok=True)
-  with open(os.path.join(args.out_dir, 'learning_rate.md'), 'w') as f:
+  with open(os.path.join(args.out_dir, f'{args.name}.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
+  with open(os.path.join(args.out_dir, f'{args.name}.json'), 'w') as f:
+    json.dump({'args': vars(args),
+               'table': {name: {f'{r:g}': table[name, r] for r in columns
+                                if (name, r) in table} for name in chosen},
+               'chosen': chosen}, f, indent=2)
   print('\n'.join(lines))
   return table
 

@@ -41,6 +41,11 @@ TEACHER = dict(name='decoder', width=128, depth=4, num_heads=4, block_size=64,
                dropout=0.1)
 STUDENT = dict(name='decoder', width=48, depth=2, num_heads=2, block_size=64,
                dropout=0.0)
+# --pair: (teacher, student). 'large': a teacher of a few million params
+# and a student about 10x smaller.
+PAIRS = {'small': (TEACHER, STUDENT),
+         'large': (dict(TEACHER, width=192, depth=6, num_heads=6),
+                   dict(STUDENT, width=72, depth=4, num_heads=3))}
 DIVERGENCES = ('kl', 'reverse_kl', 'generalized_jsd', 'skew_kl',
                'skew_reverse_kl', 'total_variation')
 CACHES = ((1, 'kl', 'tail'), (4, 'kl', 'tail'), (16, 'kl', 'tail'),
@@ -48,6 +53,7 @@ CACHES = ((1, 'kl', 'tail'), (4, 'kl', 'tail'), (16, 'kl', 'tail'),
           (16, 'reverse_kl', 'renormalize_both'))
 
 # The flag that sets each role's learning rate (None: the config's 1e-3).
+CONFIG_RATE = 1e-3
 RATE_FLAGS = {'teacher': 'teacher_learning_rate',
               'student': 'student_learning_rate',
               'distill': 'distill_learning_rate'}
@@ -56,7 +62,8 @@ RATE_FLAGS = {'teacher': 'teacher_learning_rate',
 def config(role: str, args, **fields):
   """configs/shakespeare_char.py for `role` with this study's models and
   schedule, then `fields` (dotted names) on top."""
-  model = TEACHER if role == 'teacher' else STUDENT
+  teacher, student = PAIRS[getattr(args, 'pair', 'small')]
+  model = teacher if role == 'teacher' else student
   overrides = {f'model.{k}': v for k, v in model.items()}
   rate = getattr(args, RATE_FLAGS[role], None)
   if rate is not None:
@@ -92,45 +99,141 @@ def add_rate_flags(parser: argparse.ArgumentParser) -> None:
                         'config\'s 1e-3)')
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser()
+def add_study_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags run.py and learning_rate.py share."""
   parser.add_argument('--workdir', required=True)
-  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--teacher_workdir', default='',
+                      help='the teacher\'s run (trained there if unfinished; '
+                      'default <workdir>/teacher); its caches are written '
+                      'beside it')
+  parser.add_argument('--pair', default='small', choices=sorted(PAIRS),
+                      help='small: teacher 4 x 128 (834k params), student '
+                      '2 x 48 (72k); large: teacher 6 x 192 (2.7M), student '
+                      '4 x 72 (0.27M)')
   parser.add_argument('--steps', type=int, default=2000)
   parser.add_argument('--teacher_steps', type=int, default=3000)
   parser.add_argument('--tiny', action='store_true',
                       help='seconds-long runs on pydoc_topics (tests)')
   add_rate_flags(parser)
-  args = parser.parse_args(argv)
-  root = args.workdir
-  teacher_dir = os.path.join(root, 'teacher')
-  rows = {'teacher': [run(config('teacher', args), teacher_dir)]}
+
+
+def teacher_dir(args) -> str:
+  return args.teacher_workdir or os.path.join(args.workdir, 'teacher')
+
+
+def role(name: str) -> str:
+  """The role whose rate flag a run takes: 'teacher', 'student' (the
+  scratch student) or 'distill'."""
+  return name if name in ('teacher',) else (
+      'student' if name == 'scratch' else 'distill')
+
+
+def study_rate(args, name: str) -> float:
+  """The rate a run trains at by the rate flags (the config's 1e-3 where a
+  flag is unset)."""
+  rate = getattr(args, RATE_FLAGS[role(name)])
+  return CONFIG_RATE if rate is None else rate
+
+
+def run_dir(args, seed: int, name: str, rate: float) -> str:
+  """Where a run lives: <workdir>/seed<seed>/<name> at its role's rate (the
+  rate flags), <workdir>/learning_rate/lr<rate>/seed<seed>/<name> at any
+  other."""
+  leaf = os.path.join(f'seed{seed}', name.replace(' ', '_'))
+  if rate == study_rate(args, name):
+    return os.path.join(args.workdir, leaf)
+  return os.path.join(args.workdir, 'learning_rate', f'lr{rate:g}', leaf)
+
+
+def run_names() -> list[str]:
+  """Every student run of the study, in the order of its table."""
+  return (['scratch'] + [f'online {d}' for d in DIVERGENCES]
+          + [f'top-{k} {d} {c}' for k, d, c in CACHES])
+
+
+def cache_k(name: str) -> int | None:
+  """k of a cached run's name ('top-16 kl tail' -> 16), None for others."""
+  return int(name.split()[0][4:]) if name.startswith('top-') else None
+
+
+def export_caches(args, names) -> dict[int, str]:
+  """{k: cache dir} for the cached runs among `names`, each exported beside
+  the teacher unless it is there."""
   caches = {}
-  for k in sorted({k for k, _, _ in CACHES}):
-    out = os.path.join(root, f'cache_top{k}')
+  for k in sorted({cache_k(n) for n in names} - {None}):
+    out = os.path.join(os.path.dirname(teacher_dir(args)), f'cache_top{k}')
     if not os.path.exists(os.path.join(out, lm_cache.MANIFEST)):
-      lm_cache.export(config('distill', args,
-                             **{'distill.teacher_workdir': teacher_dir}),
-                      out, k=k)
+      lm_cache.export(config('distill', args, **{
+          'distill.teacher_workdir': teacher_dir(args)}), out, k=k)
     caches[k] = out
-  for seed in [int(s) for s in args.seeds.split(',')]:
-    plans = {'scratch': config('student', args, seed=seed)}
-    for divergence in DIVERGENCES:
-      plans[f'online {divergence}'] = config(
-          'distill', args, seed=seed, **{
-              'distill.teacher_workdir': teacher_dir,
-              'distill.divergence': divergence})
-    for k, divergence, convention in CACHES:
-      plans[f'top-{k} {divergence} {convention}'] = config(
-          'distill', args, seed=seed, **{
-              'distill.teacher_workdir': teacher_dir,
-              'distill.cache_dir': caches[k],
-              'distill.divergence': divergence,
-              'distill.convention': convention})
-    for name, c in plans.items():
-      workdir = os.path.join(root, f'seed{seed}', name.replace(' ', '_'))
-      rows.setdefault(name, []).append(run(c, workdir))
-  write_results(root, rows, caches)
+  return caches
+
+
+def plan(args, name: str, seed: int, caches: dict[int, str], rate=None):
+  """The config of one student run of the study (`rate`: its learning rate
+  instead of its role's)."""
+  fields = {'seed': seed}
+  if rate is not None:
+    fields['learning_rate'] = rate
+  if name == 'scratch':
+    return config('student', args, **fields)
+  fields['distill.teacher_workdir'] = teacher_dir(args)
+  words = name.split()
+  if words[0] == 'online':
+    fields['distill.divergence'] = words[1]
+  else:
+    fields.update({'distill.cache_dir': caches[cache_k(name)],
+                   'distill.divergence': words[1],
+                   'distill.convention': words[2]})
+  return config('distill', args, **fields)
+
+
+def chosen_rates(path: str, names) -> dict[str, float]:
+  """{run: rate} from a learning_rate.py JSON for the runs it chose a rate
+  for; every other run takes its role's rate."""
+  if not path:
+    return {}
+  with open(path) as f:
+    chosen = json.load(f)['chosen']
+  unknown = sorted(set(chosen) - set(run_names()) - {'teacher'})
+  if unknown:
+    raise ValueError(f'--chosen_rates={path} names runs the study does not '
+                     f'have: {unknown}; it has {run_names()}')
+  return {n: float(r) for n, r in chosen.items() if n in names}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  add_study_flags(parser)
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--runs', default=','.join(run_names()),
+                      help='comma-separated run names (default: all; '
+                      'empty: the teacher only)')
+  parser.add_argument('--chosen_rates', default='',
+                      help='a learning_rate.py JSON: each run it names '
+                      'trains at its chosen rate')
+  parser.add_argument('--out', default='',
+                      help='the results table (default <workdir>/results.md)')
+  args = parser.parse_args(argv)
+  names = [n for n in args.runs.split(',') if n]
+  unknown = sorted(set(names) - set(run_names()))
+  if unknown:
+    raise ValueError(f'--runs names {unknown}: not runs of the study; it '
+                     f'has {run_names()}')
+  rates = chosen_rates(args.chosen_rates, names)
+  rows = {'teacher': [run(config('teacher', args), teacher_dir(args))]}
+  caches = export_caches(args, names)
+  seeds = [int(s) for s in args.seeds.split(',') if s]
+  for seed in seeds if names else []:
+    for name in names:
+      rate = rates.get(name, study_rate(args, name))
+      rows.setdefault(name, []).append(run(
+          plan(args, name, seed, caches, rate),
+          run_dir(args, seed, name, rate)))
+  if seeds and 'scratch' in rows:  # The table measures against scratch.
+    write_results(args.out or os.path.join(args.workdir, 'results.md'), rows,
+                  caches, {n: rates.get(n, study_rate(args, n))
+                           for n in rows})
   return rows
 
 
@@ -141,7 +244,9 @@ def cell(values, digits=4):
   return f'{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}'
 
 
-def write_results(root: str, rows, caches) -> None:
+def write_results(path: str, rows, caches, rates) -> None:
+  """The study's table at `path`: every run (rows: {name: summaries by
+  seed}, trained at rates: {name: rate}) against scratch and the teacher."""
   split = next(iter(rows['teacher'][0]['eval']))
   teacher = rows['teacher'][0]['eval'][split]['bits_per_token']
   scratch = [s['eval'][split]['bits_per_token'] for s in rows['scratch']]
@@ -150,15 +255,15 @@ def write_results(root: str, rows, caches) -> None:
            f'{len(scratch)} seed(s). Gap recovered: (scratch - run) / '
            f'(scratch - teacher), scratch and teacher {statistics.mean(scratch):.4f} '
            f'and {teacher:.4f}.', '',
-           '| run | bits/char | KL(teacher \\|\\| student) nats | gap '
-           'recovered | train s |', '|---|---|---|---|---|']
+           '| run | lr | bits/char | KL(teacher \\|\\| student) nats | gap '
+           'recovered | train s |', '|---|---|---|---|---|---|']
   for name, summaries in rows.items():
     bits = [s['eval'][split]['bits_per_token'] for s in summaries]
     kl = [s['eval'][split].get('kl_to_teacher') for s in summaries]
     recovered = [(statistics.mean(scratch) - b) / gap for b in bits]
     seconds = [s.get('train_seconds', 0.0) for s in summaries]
     lines.append(
-        f'| {name} | {cell(bits)} | '
+        f'| {name} | {rates[name]:g} | {cell(bits)} | '
         f'{cell(kl) if None not in kl else "-"} | '
         f'{cell(recovered, 2) if name != "teacher" else "-"} | '
         f'{statistics.mean(seconds):.0f} |')
@@ -168,7 +273,7 @@ def write_results(root: str, rows, caches) -> None:
       m = json.load(f)
     lines.append(f'| top-{k} | {m["bytes_per_token"]} | '
                  f'{m["dense_float16_bytes_per_token"]} |')
-  with open(os.path.join(root, 'results.md'), 'w') as f:
+  with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))
 
