@@ -881,3 +881,64 @@ def test_a_run_with_a_split_teacher_ends_like_a_replicated_one(
   assert set(got) == set(want) and 'sample_teacher_nll' in got
   for key, value in want.items():
     assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_the_token_kd_study_trains_each_run_at_its_chosen_rate(
+    tmp_path, monkeypatch):
+  module = _script('token_kd', 'run.py')
+  chosen = {'online reverse_kl': 0.003, 'top-16 reverse_kl tail': 0.01}
+  with open(tmp_path / 'rates.json', 'w') as f:
+    json.dump({'chosen': chosen}, f)
+  trained, exported = [], []
+  monkeypatch.setattr(module.lm_cache, 'export',
+                      lambda c, d, k: exported.append((d, k)))
+  monkeypatch.setattr(module, 'run', lambda c, d: trained.append(
+      (c, d)) or {'eval': {'v': {'bits_per_token': 1.0}},
+                  'train_seconds': 1.0})
+  monkeypatch.setattr(module, 'write_results', lambda *a: None)
+  runs = 'scratch,online kl,online reverse_kl,top-16 reverse_kl tail'
+  module.main([f'--workdir={tmp_path}', '--tiny', '--seeds=0,1',
+               '--distill_learning_rate=0.03', f'--runs={runs}',
+               f'--teacher_workdir={tmp_path / "t" / "teacher"}',
+               f'--chosen_rates={tmp_path / "rates.json"}'])
+  # The cache is written beside the teacher, once.
+  assert exported == [(str(tmp_path / 't' / 'cache_top16'), 16)]
+  (teacher, teacher_dir), *students = trained
+  assert teacher_dir == str(tmp_path / 't' / 'teacher')
+  assert teacher.learning_rate == 1e-3
+  assert len(students) == 2 * 4
+  for c, d in students:
+    name = os.path.basename(d)
+    seed = os.path.basename(os.path.dirname(d))
+    rate = {'scratch': 1e-3, 'online_kl': 0.03, 'online_reverse_kl': 0.003,
+            'top-16_reverse_kl_tail': 0.01}[name]
+    assert c.learning_rate == rate
+    assert seed == f'seed{c.seed}'
+    at_flag_rate = name in ('scratch', 'online_kl')
+    assert d == os.path.join(
+        str(tmp_path), *([] if at_flag_rate else
+                         ['learning_rate', f'lr{rate:g}']), seed, name)
+    assert c.distill.get('teacher_workdir', '') in (
+        '', str(tmp_path / 't' / 'teacher'))
+  # A rates file naming a run the study does not have is refused by name.
+  with open(tmp_path / 'rates.json', 'w') as f:
+    json.dump({'chosen': {'online kl2': 0.01}}, f)
+  with pytest.raises(ValueError, match=r"does not have: \['online kl2'\]"):
+    module.main([f'--workdir={tmp_path}', '--tiny',
+                 f'--chosen_rates={tmp_path / "rates.json"}'])
+  with pytest.raises(ValueError, match=r"--runs names \['scratc'\]"):
+    module.main([f'--workdir={tmp_path}', '--tiny', '--runs=scratc'])
+
+
+def test_the_token_kd_large_pair_is_about_ten_times_smaller():
+  module = _script('token_kd', 'run.py')
+  counts = {}
+  for pair, (teacher, student) in module.PAIRS.items():
+    for role, spec in (('teacher', teacher), ('student', student)):
+      model = models.get_model(spec, 256)
+      shapes = jax.eval_shape(lambda m=model: m.init(
+          jax.random.key(0), jnp.zeros((1, 64), jnp.int32)))
+      counts[pair, role] = models.param_count(shapes['params'])
+  assert counts['small', 'teacher'] == 834_304
+  assert counts['large', 'teacher'] == 2_731_008
+  assert 9 <= counts['large', 'teacher'] / counts['large', 'student'] <= 11

@@ -5,23 +5,30 @@ that teacher.
 
   python experiments/token_kd/run.py --workdir=workdirs/token_kd
 
-Teacher `decoder` 4 x 128 (4 heads; 834,304 params), student 2 x 48
-(2 heads; 72,000 params, 11.6x fewer), windows of 64 bytes, batch 32,
-AdamW at nanoGPT's character-level settings (lr 1e-3, weight decay 0.1,
-clip 1.0, cosine, 100 warm-up steps), `configs/shakespeare_char.py` with
-these models. Hyperparameters come from that config, not from this study's
-measure: the student's learning rate and alpha are the config's; the
-divergence settings are the issue's (JSD beta 0.5, skew 0.1), T = 1.
+Pairs (--pair): 'small', teacher `decoder` 4 x 128 (4 heads; 834,304
+params) and student 2 x 48 (2 heads; 72,000 params, 11.6x fewer); 'large',
+teacher 6 x 192 (6 heads; 2,731,008 params) and student 4 x 72 (3 heads;
+275,760 params, 9.9x fewer). Windows of 64 bytes, batch 32, AdamW at
+nanoGPT's character-level settings (weight decay 0.1, clip 1.0, cosine, 100
+warm-up steps), `configs/shakespeare_char.py` with these models. Learning
+rates: the config's 1e-3 unless --teacher_learning_rate,
+--student_learning_rate or --distill_learning_rate say otherwise, and per
+run from --chosen_rates (a `learning_rate.py` JSON, rates chosen on
+validation). Alpha 0.5, T = 1 and the divergences' settings (JSD beta 0.5,
+skew 0.1) are the config's.
 
 Runs (each a `kd_jax.lm_train` run; finished ones are read, not rerun):
 the teacher (seed 0), then per seed the scratch student (alpha 0) and
 students at alpha 0.5 distilled online with kl, reverse_kl,
 generalized_jsd, skew_kl, skew_reverse_kl and total_variation, and from
-caches of the teacher's top k (k = 1, 4, 16, 64, float16) with the tail
-bucket (kl; reverse_kl at k = 16 with and without the tail). The measure is
-validation bits per character (the last 10% of the text, nanoGPT's split)
-and KL(teacher || student) there; `results.md` lists every run and the
-share of the teacher-scratch gap each recovers.
+caches of the teacher's top k (k = 1, 4, 16, 64, float16, written beside
+the teacher) with the tail bucket (kl; reverse_kl at k = 16 with and
+without the tail); --runs picks some. A run at its role's rate lives in
+<workdir>/seed<s>/<name>, at any other in
+<workdir>/learning_rate/lr<rate>/seed<s>/<name>. The measure is validation
+bits per character (the last 10% of the text, nanoGPT's split) and
+KL(teacher || student) there; the results table (--out) lists every run,
+its rate and the share of the teacher-scratch gap it recovers.
 """
 
 import argparse
