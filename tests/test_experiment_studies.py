@@ -203,6 +203,13 @@ def test_hinton_student_options_reach_the_students_and_spare_the_teachers():
       assert 'num_epochs=60,learning_rate=0.1' in run['arg'], run['name']
     elif 'teacher' not in run['name']:
       assert 'num_epochs=120,learning_rate=0.03' in run['arg'], run['name']
+  # One rule for the students from scratch, in the plan and in the table:
+  # their own flags, else the distilled students', else the config's.
+  assert module.scratch_settings(args) == (60, 0.1)
+  assert module.scratch_settings(module.parse_args(
+      ['--num_epochs=120', '--scratch_lr=0.1'])) == (120, 0.1)
+  assert module.scratch_settings(module.parse_args(
+      ['--scratch_epochs=30'])) == (30, None)
   with pytest.raises(ValueError, match='drop --cache'):
     module.parse_args(['--student_augment=mnist_jitter', '--cache'])
 

@@ -181,6 +181,15 @@ def parse_widths(spec: str) -> tuple[list[int], dict[int, list[float]]]:
   return widths, temperatures
 
 
+def scratch_settings(args) -> tuple[float | None, float | None]:
+  """(epochs, learning rate) of the students from scratch: --scratch_epochs
+  and --scratch_lr where given, else the distilled students' (None: the
+  config's)."""
+  return (args.num_epochs if args.scratch_epochs is None
+          else args.scratch_epochs,
+          args.student_lr if args.scratch_lr is None else args.scratch_lr)
+
+
 def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
   """Every run of the study, teachers first: name, group, config and workdir."""
   common = ['tiny'] if args.tiny else []
@@ -199,9 +208,7 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         [] if lr is None else [f'learning_rate={lr:g}'])
 
   student_args = settings(args.num_epochs, args.student_lr)
-  scratch_args = settings(
-      args.num_epochs if args.scratch_epochs is None else args.scratch_epochs,
-      args.student_lr if args.scratch_lr is None else args.scratch_lr)
+  scratch_args = settings(*scratch_settings(args))
   teacher_args = settings(args.teacher_epochs, args.teacher_lr)
   distill_config = 'mnist5k_distill_cached' if args.cache else 'mnist5k_distill'
   runs = []
@@ -302,8 +309,7 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
   """The error, paired and gap-recovered tables, with the paper's numbers."""
   n = next(iter(groups.values()))['num_examples']
   epochs = 60 if args.num_epochs is None else args.num_epochs
-  scratch = (epochs if args.scratch_epochs is None else args.scratch_epochs,
-             args.student_lr if args.scratch_lr is None else args.scratch_lr)
+  scratch_epochs, scratch_lr = scratch_settings(args)
   with_val = all(g['val_errors'] for g in groups.values())
   lines = [f'Test errors on the {n:,} {args.dataset} test digits, over seeds '
            f'{args.seeds} (mean, sample std, min-max; error % of the mean)'
@@ -311,8 +317,10 @@ def markdown(groups, rows, args, runs, trained: int, seconds: float) -> str:
               f'`{args.val_split}` (every run trained on `{args.train_split}`)'
               if with_val else '')
            + f'. Students: {epochs:g} epochs'
-           + (f' (distilled; from scratch {scratch[0]:g} epochs at lr '
-              f'{scratch[1]:g})' if (args.scratch_epochs, args.scratch_lr)
+           + (f' (distilled; from scratch {scratch_epochs or epochs:g} '
+              'epochs at lr '
+              + ('the config\'s' if scratch_lr is None else f'{scratch_lr:g}')
+              + ')' if (args.scratch_epochs, args.scratch_lr)
               != (None, None) else '')
            + (', trained on the whole train split' if args.train_all else '')
            + (f', their stream augmented by {args.student_augment} (the '
