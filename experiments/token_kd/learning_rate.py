@@ -54,11 +54,7 @@ def main(argv=None):
   parser.add_argument('--name', default='learning_rate',
                       help='the stem of the .md and .json written')
   args = parser.parse_args(argv)
-  names = [n for n in args.runs.split(',') if n]
-  unknown = sorted(set(names) - set(token_kd.run_names()))
-  if unknown:
-    raise ValueError(f'--runs names {unknown}: not runs of the study; it '
-                     f'has {token_kd.run_names()}')
+  names = token_kd.parse_runs(args.runs)
   rates = [float(r) for r in args.learning_rates.split(',') if r]
   teacher_rates = [float(r) for r in args.teacher_learning_rates.split(',')
                    if r]

@@ -158,6 +158,17 @@ def run_names() -> list[str]:
           + [f'top-{k} {d} {c}' for k, d, c in CACHES])
 
 
+def parse_runs(runs: str) -> list[str]:
+  """--runs as a list, each a run of the study, or a ValueError naming the
+  others."""
+  names = [n for n in runs.split(',') if n]
+  unknown = sorted(set(names) - set(run_names()))
+  if unknown:
+    raise ValueError(f'--runs names {unknown}: not runs of the study; it '
+                     f'has {run_names()}')
+  return names
+
+
 def cache_k(name: str) -> int | None:
   """k of a cached run's name ('top-16 kl tail' -> 16), None for others."""
   return int(name.split()[0][4:]) if name.startswith('top-') else None
@@ -222,11 +233,7 @@ def main(argv=None):
   parser.add_argument('--out', default='',
                       help='the results table (default <workdir>/results.md)')
   args = parser.parse_args(argv)
-  names = [n for n in args.runs.split(',') if n]
-  unknown = sorted(set(names) - set(run_names()))
-  if unknown:
-    raise ValueError(f'--runs names {unknown}: not runs of the study; it '
-                     f'has {run_names()}')
+  names = parse_runs(args.runs)
   rates = chosen_rates(args.chosen_rates, names)
   rows = {'teacher': [run(config('teacher', args), teacher_dir(args))]}
   caches = export_caches(args, names)
