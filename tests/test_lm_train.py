@@ -945,3 +945,42 @@ def test_the_token_kd_large_pair_is_about_ten_times_smaller():
   assert counts['small', 'teacher'] == 834_304
   assert counts['large', 'teacher'] == 2_731_008
   assert 9 <= counts['large', 'teacher'] / counts['large', 'student'] <= 11
+
+
+def test_token_kd_learning_rates_are_chosen_per_run_on_validation(
+    tmp_path, monkeypatch):
+  study = _script('token_kd', 'run.py')
+  module = _script('token_kd', 'learning_rate.py')
+  module.token_kd = study
+  bits = {('online_skew_kl', 0.003): 2.5, ('online_skew_kl', 0.01): 2.4,
+          ('scratch', 0.003): 2.6, ('scratch', 0.01): 2.7}
+  trained = []
+
+  def run(c, d):
+    trained.append((c.learning_rate, d))
+    name = os.path.basename(d)
+    value = 2.0 if name == 'teacher' else bits[name, c.learning_rate]
+    return {'eval': {'validation': {'bits_per_token': value}}}
+  monkeypatch.setattr(study, 'run', run)
+  module.main([f'--workdir={tmp_path}', '--tiny', '--runs=scratch,online '
+               'skew_kl', '--learning_rates=0.003,0.01',
+               '--student_learning_rate=0.01', f'--out_dir={tmp_path}',
+               '--name=rates'])
+  with open(tmp_path / 'rates.json') as f:
+    chosen = json.load(f)['chosen']
+  assert chosen == {'scratch': 0.003, 'online skew_kl': 0.01}
+  # The scratch run at its flag's rate is the study's own seed-0 run.
+  assert (0.01, str(tmp_path / 'seed0' / 'scratch')) in trained
+  assert (0.003, str(tmp_path / 'learning_rate' / 'lr0.003' / 'seed0' /
+                     'scratch')) in trained
+  # That JSON is what run.py trains each run at.
+  monkeypatch.setattr(study, 'write_results', lambda *a: None)
+  trained.clear()
+  study.main([f'--workdir={tmp_path}', '--tiny', '--seeds=0',
+              '--runs=scratch,online skew_kl', '--student_learning_rate=0.01',
+              f'--chosen_rates={tmp_path / "rates.json"}'])
+  assert trained[1:] == [
+      (0.003, str(tmp_path / 'learning_rate' / 'lr0.003' / 'seed0' /
+                  'scratch')),
+      (0.01, str(tmp_path / 'learning_rate' / 'lr0.01' / 'seed0' /
+                 'online_skew_kl'))]
