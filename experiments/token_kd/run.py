@@ -258,6 +258,12 @@ def cell(values, digits=4):
   return f'{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}'
 
 
+def better(bits, scratch) -> str:
+  """'k of n': the seeds whose run has fewer bits than scratch of that seed
+  (both lists in seed order)."""
+  return f'{sum(b < a for b, a in zip(bits, scratch))} of {len(bits)}'
+
+
 def write_results(path: str, rows, caches, rates) -> None:
   """The study's table at `path`: every run (rows: {name: summaries by
   seed}, trained at rates: {name: rate}) against scratch and the teacher."""
@@ -270,7 +276,8 @@ def write_results(path: str, rows, caches, rates) -> None:
            f'(scratch - teacher), scratch and teacher {statistics.mean(scratch):.4f} '
            f'and {teacher:.4f}.', '',
            '| run | lr | bits/char | KL(teacher \\|\\| student) nats | gap '
-           'recovered | train s |', '|---|---|---|---|---|---|']
+           'recovered | seeds better than scratch | train s |',
+           '|---|---|---|---|---|---|---|']
   for name, summaries in rows.items():
     bits = [s['eval'][split]['bits_per_token'] for s in summaries]
     kl = [s['eval'][split].get('kl_to_teacher') for s in summaries]
@@ -280,6 +287,7 @@ def write_results(path: str, rows, caches, rates) -> None:
         f'| {name} | {rates[name]:g} | {cell(bits)} | '
         f'{cell(kl) if None not in kl else "-"} | '
         f'{cell(recovered, 2) if name != "teacher" else "-"} | '
+        f'{better(bits, scratch) if name not in ("teacher", "scratch") else "-"} | '
         f'{statistics.mean(seconds):.0f} |')
   lines += ['', '| cache | bytes per token | dense float16 |', '|---|---|---|']
   for k, out in caches.items():
