@@ -46,6 +46,11 @@ def get_config(arg=None):
   c.eval_split = 'validation'
   c.vocab_size = 256
   c.length = 128
+  # Draw train windows only among those that tile the split (starts at
+  # multiples of `length`), as runs from a per-token cache or stored
+  # completions always do: an online run that reads the same windows as a
+  # cached one, so that the two differ in the teacher's form alone.
+  c.aligned_windows = False
   # config.model is the role's: teacher_model or student_model.
   c.teacher_model = ml_collections.ConfigDict(TEACHER)
   c.student_model = ml_collections.ConfigDict(STUDENT)

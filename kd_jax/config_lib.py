@@ -287,7 +287,8 @@ def _upgrade_lm_json(config: dict[str, Any]) -> dict[str, Any]:
     distill['generation'] = {
         'schedule': 'fixed', 'adaptive': dict(LM_ADAPTIVE_DEFAULTS),
         'cache_dir': '', **generation}
-  return {'mesh_model': 1, 'init_from': '', **config, 'distill': distill}
+  return {'mesh_model': 1, 'init_from': '', 'aligned_windows': False, **config,
+          'distill': distill}
 
 
 def upgrade_json(config: dict[str, Any]) -> dict[str, Any]:

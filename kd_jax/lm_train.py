@@ -103,6 +103,9 @@ def validate_config(config: ml_collections.ConfigDict,
   if config.num_train_steps < 1:
     raise ValueError(f'config.num_train_steps={config.num_train_steps} must '
                      'be >= 1.')
+  if not isinstance(config.aligned_windows, bool):
+    raise ValueError(f'config.aligned_windows={config.aligned_windows!r} '
+                     'must be True or False.')
   d = config.distill
   if not 0.0 <= d.alpha <= 1.0:
     raise ValueError(f'config.distill.alpha={d.alpha} must be in [0, 1] (the '
@@ -682,7 +685,8 @@ def _train_stream(config, train_tokens, start: int, cache, mesh,
       train_tokens, seed=config.seed, batch_size=config.batch_size,
       length=config.length, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      aligned=cache is not None or generations is not None,
+      aligned=(config.aligned_windows or cache is not None
+               or generations is not None),
       shares=1 if cache is None else cache.num_shares)
   if cache is not None:
     from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top

@@ -691,7 +691,7 @@ def test_an_lm_workdir_from_before_the_new_fields_compares_equal():
   del before['distill']['generation']['adaptive']
   del before['distill']['generation']['cache_dir']
   del before['distill']['shard_teacher'], before['mesh_model']
-  del before['init_from']
+  del before['init_from'], before['aligned_windows']
   assert config_lib.upgrade_json(before) == current
   assert config_lib.upgrade_json(current) == current
 
@@ -800,6 +800,30 @@ def test_at_alpha_zero_the_teacher_only_evaluates(lm_teacher_dir, tmp_path):
                final_params(str(tmp_path / 'alone'), alone))
 
 
+def test_aligned_windows_give_an_online_run_the_cached_runs_windows():
+  config = tiny(f'aligned_windows=True,{CACHED_SPLIT}')
+  tokens = text.load_split('pydoc_topics', 'train[:10%]')
+  mesh = jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+  def first_inputs(config):
+    return np.asarray(next(lm_train._train_stream(  # pylint: disable=protected-access
+        config, tokens, 3, None, mesh))['inputs'])
+  aligned = text.train_batch(tokens, seed=config.seed, step=3,
+                             batch_size=config.batch_size,
+                             length=config.length, aligned=True)
+  np.testing.assert_array_equal(first_inputs(config), aligned['inputs'])
+  config.aligned_windows = False
+  anywhere = first_inputs(config)
+  assert not np.array_equal(anywhere, aligned['inputs'])
+  np.testing.assert_array_equal(anywhere, text.train_batch(
+      tokens, seed=config.seed, step=3, batch_size=config.batch_size,
+      length=config.length)['inputs'])
+  config.aligned_windows = None
+  with pytest.raises(ValueError, match='aligned_windows=None must be True'):
+    lm_train.validate_config(config)
+
+
 def test_lm_cache_refuses_an_image_config(tmp_path):
   with pytest.raises(ValueError, match="task='lm' config"):
     lm_cache.export(load_config('mnist5k_distill'), str(tmp_path), k=4)
@@ -899,7 +923,8 @@ def test_the_token_kd_study_trains_each_run_at_its_chosen_rate(
       (c, d)) or {'eval': {'v': {'bits_per_token': 1.0}},
                   'train_seconds': 1.0})
   monkeypatch.setattr(module, 'write_results', lambda *a: None)
-  runs = 'scratch,online kl,online reverse_kl,top-16 reverse_kl tail'
+  runs = ('scratch,online kl,online kl aligned,online reverse_kl,'
+          'top-16 reverse_kl tail')
   module.main([f'--workdir={tmp_path}', '--tiny', '--seeds=0,1',
                '--distill_learning_rate=0.03', f'--runs={runs}',
                f'--teacher_workdir={tmp_path / "t" / "teacher"}',
@@ -909,15 +934,18 @@ def test_the_token_kd_study_trains_each_run_at_its_chosen_rate(
   (teacher, teacher_dir), *students = trained
   assert teacher_dir == str(tmp_path / 't' / 'teacher')
   assert teacher.learning_rate == 1e-3
-  assert len(students) == 2 * 4
+  assert len(students) == 2 * 5
   for c, d in students:
     name = os.path.basename(d)
     seed = os.path.basename(os.path.dirname(d))
-    rate = {'scratch': 1e-3, 'online_kl': 0.03, 'online_reverse_kl': 0.003,
-            'top-16_reverse_kl_tail': 0.01}[name]
+    # Only 'online kl aligned' draws the cached runs' windows by its config;
+    # the cached runs draw them because they read a cache.
+    assert c.aligned_windows == (name == 'online_kl_aligned')
+    rate = {'scratch': 1e-3, 'online_kl': 0.03, 'online_kl_aligned': 0.03,
+            'online_reverse_kl': 0.003, 'top-16_reverse_kl_tail': 0.01}[name]
     assert c.learning_rate == rate
     assert seed == f'seed{c.seed}'
-    at_flag_rate = name in ('scratch', 'online_kl')
+    at_flag_rate = name in ('scratch', 'online_kl', 'online_kl_aligned')
     assert d == os.path.join(
         str(tmp_path), *([] if at_flag_rate else
                          ['learning_rate', f'lr{rate:g}']), seed, name)

@@ -20,7 +20,10 @@ skew 0.1) are the config's.
 Runs (each a `kd_jax.lm_train` run; finished ones are read, not rerun):
 the teacher (seed 0), then per seed the scratch student (alpha 0) and
 students at alpha 0.5 distilled online with kl, reverse_kl,
-generalized_jsd, skew_kl, skew_reverse_kl and total_variation, and from
+generalized_jsd, skew_kl, skew_reverse_kl and total_variation, online with
+kl on the windows a cache holds ('online kl aligned': the cached runs'
+windows, so that it differs from 'top-k kl tail' in the teacher's form
+alone; the other online runs draw windows at any offset), and from
 caches of the teacher's top k (k = 1, 4, 16, 64, float16, written beside
 the teacher) with the tail bucket (kl; reverse_kl at k = 16 with and
 without the tail); --runs picks some. A run at its role's rate lives in
@@ -155,6 +158,7 @@ def run_dir(args, seed: int, name: str, rate: float) -> str:
 def run_names() -> list[str]:
   """Every student run of the study, in the order of its table."""
   return (['scratch'] + [f'online {d}' for d in DIVERGENCES]
+          + ['online kl aligned']
           + [f'top-{k} {d} {c}' for k, d, c in CACHES])
 
 
@@ -199,6 +203,7 @@ def plan(args, name: str, seed: int, caches: dict[int, str], rate=None):
   words = name.split()
   if words[0] == 'online':
     fields['distill.divergence'] = words[1]
+    fields['aligned_windows'] = words[2:] == ['aligned']
   else:
     fields.update({'distill.cache_dir': caches[cache_k(name)],
                    'distill.divergence': words[1],
