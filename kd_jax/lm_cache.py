@@ -23,6 +23,17 @@ w * L + j + 1) the cache holds
   SHA-256 of the split's tokens, the counts, dtypes and the storage per
   token beside a dense float16 cache's.
 
+With `layout='positions'` (`--layout=positions`) the cache is keyed by
+position instead: one row per target of the split (`topk_logits`
+[N - 1, k], `topk_indices` [N - 1, k], `rest_mass` [N - 1]), so a run
+draws its train windows at any offset, as an online run does, for the
+same bytes per token. The teacher reads windows at starts j * S (`stride`
+S, default L // 2); window 0 gives targets 0 .. L - 1 and window j > 0 its
+last S, so every target past the first L was predicted from L - S + 1 to
+L tokens of context (at least as many as any position of a student's
+window), where the windows layout gives the context the student sees.
+Exporting takes L / S times the teacher passes of the windows layout.
+
 `load` checks the manifest against the run that reads it (vocabulary,
 window length, temperature, dataset and split, the tokens' checksum) and
 refuses a mismatch by field; `lookup` gives a batch's sparse targets from
@@ -37,13 +48,15 @@ the shard layout of the image caches (`kd_jax.teachers.cache`, which
 names and finds the shards). A run from it draws each batch row from one
 share (`text.train_batch(shares=n)`), so a run on n processes loads on
 each only its own shard, and a run on any other count loads every shard
-and reads the same batches. Missing, unfinished or mixed shards are
-refused by name.
+and reads the same batches (a positions cache: each process loads every
+shard, memory-mapped, and draws anywhere). Missing, unfinished or mixed
+shards are refused by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -64,6 +77,7 @@ __all__ = ['Cache', 'Shard', 'export', 'load', 'lookup']
 MANIFEST = 'manifest.json'
 FORMAT = 1
 FILES = ('topk_logits', 'topk_indices', 'rest_mass')
+LAYOUTS = ('windows', 'positions')
 
 
 def corpus_checksum(tokens: np.ndarray) -> str:
@@ -118,9 +132,14 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
            temperature: float | None = None, split: str | None = None,
            dtype: str = 'float16', batch_size: int = 64,
            overwrite: bool = False, process_index: int | None = None,
-           process_count: int | None = None) -> dict[str, Any]:
+           process_count: int | None = None, layout: str = 'windows',
+           stride: int | None = None) -> dict[str, Any]:
   """Writes the cache of `config.distill.teacher_workdir`'s teacher over
   `split` (default `config.train_split`) to `out`; its manifest.
+
+  `layout` 'windows' keys the targets by tiling window, 'positions' by
+  position (the teacher reading windows every `stride` tokens, default
+  `config.length // 2`; module docstring).
 
   `temperature` (default `config.distill.temperature`) is the one the tail
   mass is taken at: a run must train at it. `process_index` of
@@ -142,6 +161,15 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
     raise ValueError(f'temperature={temperature} must be > 0.')
   if dtype not in ('float16', 'float32'):
     raise ValueError(f'dtype={dtype!r}; choose float16 or float32.')
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout={layout!r}; choose one of {LAYOUTS}.')
+  if layout == 'windows' and stride is not None:
+    raise ValueError(f'stride={stride} is for layout=\'positions\'; the '
+                     'windows layout tiles the split without overlap.')
+  stride = max(1, config.length // 2) if stride is None else int(stride)
+  if layout == 'positions' and not 1 <= stride <= config.length:
+    raise ValueError(f'stride={stride} must be in [1, config.length='
+                     f'{config.length}].')
   index, count = _process_share(process_index, process_count)
   # Each process checks before any writes (on a shared disk all see the
   # same, and none waits at the barrier for one that refused); the other
@@ -157,7 +185,8 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
                      'finished LM run whose outputs to cache.')
   tokens = text.load_split(config.dataset, split, config.data_dir)
   length = config.length
-  windows = text.num_windows(len(tokens), length)
+  windows = (text.num_windows(len(tokens), length) if layout == 'windows'
+             else _num_position_windows(len(tokens), length, stride))
   if count > windows:
     raise ValueError(f'{count} processes cannot share the {windows} windows '
                      f'of {config.dataset} {split}: export on at most '
@@ -175,11 +204,12 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
   logits_cache.remove_manifests([directory] + ([out] if index == 0 else []))
   first, end = text.window_share(windows, index, count)
   value_dtype = np.dtype(dtype)
-  _write_windows(directory, fn=_top_k(teacher, temperature, k),
-                 params=params, tokens=tokens, length=length, k=k,
-                 windows=(first, end), batch_size=batch_size,
-                 value_dtype=value_dtype,
-                 index_dtype=_index_dtype(config.vocab_size))
+  write = _write_windows if layout == 'windows' else functools.partial(
+      _write_positions, stride=stride)
+  write(directory, fn=_top_k(teacher, temperature, k), params=params,
+        tokens=tokens, length=length, k=k, windows=(first, end),
+        batch_size=batch_size, value_dtype=value_dtype,
+        index_dtype=_index_dtype(config.vocab_size))
   item_bytes = (k * value_dtype.itemsize
                 + k * _index_dtype(config.vocab_size).itemsize
                 + value_dtype.itemsize)
@@ -195,6 +225,9 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
       num_windows=int(windows), dtype=dtype,
       bytes_per_token=item_bytes,
       dense_float16_bytes_per_token=2 * int(config.vocab_size))
+  if layout == 'positions':
+    manifest.update(layout=layout, stride=stride,
+                    num_positions=max(0, len(tokens) - 1))
   if count > 1:
     manifest['shard'] = dict(index=index, count=count, first_window=first,
                              num_windows=end - first)
@@ -234,12 +267,70 @@ def _write_windows(directory: str, *, fn, params, tokens: np.ndarray,
     array.flush()
 
 
+def _num_position_windows(num_tokens: int, length: int, stride: int) -> int:
+  """The teacher's windows of a positions cache: window 0 gives targets
+  0 .. length - 1, window j > 0 (start j * stride) the targets
+  j * stride + length - stride .. j * stride + length - 1.
+
+  >>> _num_position_windows(11, 4, 2)  # Targets 0..9: 4, then 2, 2, 2.
+  4
+  """
+  return 1 + max(0, -(-(num_tokens - 1 - length) // stride))
+
+
+def _position_rows(window: int, length: int, stride: int) -> tuple[int, int]:
+  """(first, end) targets that the teacher's `window` gives a positions
+  cache."""
+  if window == 0:
+    return 0, length
+  return window * stride + length - stride, window * stride + length
+
+
+def _share_rows(windows: tuple[int, int], num_positions: int, length: int,
+                stride: int) -> tuple[int, int]:
+  """(first, end) rows of a positions cache that windows first .. end - 1
+  give."""
+  first, end = windows
+  return (min(_position_rows(first, length, stride)[0], num_positions),
+          min(_position_rows(end - 1, length, stride)[1], num_positions))
+
+
+def _write_positions(directory: str, *, fn, params, tokens: np.ndarray,
+                     length: int, k: int, windows: tuple[int, int],
+                     batch_size: int, value_dtype: np.dtype,
+                     index_dtype: np.dtype, stride: int) -> None:
+  """The rows (targets) that windows first .. end - 1 of a positions
+  cache give, from `fn`'s teacher outputs over those windows."""
+  num_positions = len(tokens) - 1
+  lo, hi = _share_rows(windows, num_positions, length, stride)
+  shapes = dict(topk_logits=((hi - lo, k), value_dtype),
+                topk_indices=((hi - lo, k), index_dtype),
+                rest_mass=((hi - lo,), value_dtype))
+  arrays = {name: np.lib.format.open_memmap(
+      os.path.join(directory, f'{name}.npy'), mode='w+', dtype=d, shape=s)
+            for name, (s, d) in shapes.items()}
+  for chunk in range(windows[0], windows[1], batch_size):
+    js = np.arange(chunk, min(chunk + batch_size, windows[1]))
+    batch = text.windows_at(tokens, js * stride, length)
+    values, indices, rest = jax.device_get(fn(params, batch['inputs']))
+    for row, j in enumerate(js):
+      first, end = _position_rows(int(j), length, stride)
+      end = min(end, num_positions)
+      p = np.arange(first, end) - j * stride  # Positions in the window.
+      arrays['topk_logits'][first - lo:end - lo] = values[row, p]
+      arrays['topk_indices'][first - lo:end - lo] = indices[row, p]
+      arrays['rest_mass'][first - lo:end - lo] = rest[row, p]
+  for array in arrays.values():
+    array.flush()
+
+
 @dataclasses.dataclass(frozen=True)
 class Shard:
-  """One table of a cache, memory-mapped: windows first_window ..
-  first_window + len(rest_mass) - 1 of the split."""
+  """One table of a cache, memory-mapped: rows first_row ..
+  first_row + len(rest_mass) - 1 of the split (windows, or targets of a
+  positions cache)."""
   name: str  # '' for a one-process export, else shard-i-of-n.
-  first_window: int
+  first_row: int
   topk_logits: np.ndarray
   topk_indices: np.ndarray
   rest_mass: np.ndarray
@@ -251,7 +342,12 @@ class Cache:
   `shard` entry) and the shards this process reads."""
   manifest: dict[str, Any]
   shards: tuple[Shard, ...]
-  num_shares: int  # The export's process count: the train rows' shares.
+  num_shares: int  # The train rows' shares: the export's process count
+  # (1 for a positions cache, whose rows are drawn anywhere).
+
+  @property
+  def layout(self) -> str:
+    return self.manifest.get('layout', 'windows')
 
 
 # Where a manifest's value comes from in the run's config, if it does.
@@ -328,28 +424,41 @@ def load(cache_dir: str, config: ml_collections.ConfigDict,
       raise ValueError(f'{field}={cache_dir!r} was written for {key}='
                        f'{manifest.get(key)!r}; this run has {value!r}: '
                        f'{fix}.')
+  if manifest.get('layout', 'windows') not in LAYOUTS:
+    raise ValueError(f'{field}={cache_dir!r} has layout '
+                     f'{manifest["layout"]!r}, which this kd_jax does not '
+                     f'read ({LAYOUTS}): export the cache again.')
   shares = [_check_shard(cache_dir, name, m, manifests[0], len(names))
             for name, m in zip(names, manifests)]
   if process_index is None:
     process_index, process_count = jax.process_index(), jax.process_count()
+  if manifest.get('layout', 'windows') == 'positions':
+    rows = [_share_rows((first, first + n), manifest['num_positions'],
+                        manifest['length'], manifest['stride'])
+            for first, n in shares]
+    return Cache(manifest=manifest, num_shares=1, shards=tuple(
+        _open_shard(cache_dir, name, first, (end - first,))
+        for name, (first, end) in zip(names, rows)))
   local = logits_cache.local_shards(names, process_index, process_count)
   return Cache(manifest=manifest, num_shares=len(names), shards=tuple(
-      _open_shard(cache_dir, name, *shares[names.index(name)],
-                  manifest['length']) for name in local))
+      _open_shard(cache_dir, name, shares[names.index(name)][0],
+                  (shares[names.index(name)][1], manifest['length']))
+      for name in local))
 
 
-def _open_shard(cache_dir: str, name: str, first: int, windows: int,
-                length: int) -> Shard:
+def _open_shard(cache_dir: str, name: str, first: int,
+                shape: tuple[int, ...]) -> Shard:
+  """Shard `name` of `cache_dir`, its arrays' leading `shape` checked."""
   directory = os.path.join(cache_dir, name)
   arrays = {array: np.load(os.path.join(directory, f'{array}.npy'),
                            mmap_mode='r') for array in FILES}
   for array, values in arrays.items():
-    if values.shape[:2] != (windows, length):
+    if values.shape[:len(shape)] != shape:
       raise ValueError(f'config.distill.cache_dir={cache_dir!r}: '
                        f'{os.path.join(name, array)}.npy has shape '
-                       f'{values.shape}, not the manifest\'s '
-                       f'{(windows, length)}; export the cache again.')
-  return Shard(name=name, first_window=first, **arrays)
+                       f'{values.shape}, not the manifest\'s {shape}; '
+                       'export the cache again.')
+  return Shard(name=name, first_row=first, **arrays)
 
 
 def _gather(cache: Cache, array: str, windows: np.ndarray,
@@ -361,9 +470,9 @@ def _gather(cache: Cache, array: str, windows: np.ndarray,
   found = ~valid
   for shard in cache.shards:
     values = getattr(shard, array)
-    rows = valid & (windows >= shard.first_window) & (
-        windows < shard.first_window + len(values))
-    out[rows] = values[windows[rows] - shard.first_window]
+    rows = valid & (windows >= shard.first_row) & (
+        windows < shard.first_row + len(values))
+    out[rows] = values[windows[rows] - shard.first_row]
     found |= rows
   if not found.all():
     raise ValueError(
@@ -374,16 +483,26 @@ def _gather(cache: Cache, array: str, windows: np.ndarray,
 
 
 def lookup(cache: Cache, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-  """`batch` (aligned windows; `start` -1 for padding rows) with its sparse
-  teacher targets added: `topk_logits` float32 [B, L, k], `topk_indices`
-  int32 [B, L, k], `rest_mass` float32 [B, L]."""
+  """`batch` (aligned windows for the windows layout, any for positions;
+  `start` -1 for padding rows) with its sparse teacher targets added:
+  `topk_logits` float32 [B, L, k], `topk_indices` int32 [B, L, k],
+  `rest_mass` float32 [B, L]; zeros where `mask` is False."""
   length = cache.manifest['length']
-  w, valid = text.aligned_windows(batch['start'], length)
+  if cache.layout == 'positions':
+    # Target t of row b is token start[b] + 1 + t: row start[b] + t.
+    rows = (batch['start'][:, None] + np.arange(batch['mask'].shape[1]))
+    valid = batch['mask'] & (batch['start'][:, None] >= 0)
+    shape = rows.shape
+    rows, valid = np.where(valid, rows, 0).ravel(), valid.ravel()
+  else:
+    rows, valid = text.aligned_windows(batch['start'], length)
+    shape = rows.shape
   out = dict(batch)
   for array, dtype in (('topk_logits', np.float32),
                        ('topk_indices', np.int32),
                        ('rest_mass', np.float32)):
-    out[array] = _gather(cache, array, w, valid).astype(dtype)
+    values = _gather(cache, array, rows, valid)
+    out[array] = values.reshape(*shape, *values.shape[1:]).astype(dtype)
   return out
 
 
@@ -400,6 +519,11 @@ def define_flags() -> None:
   flags.DEFINE_string('split', None, 'Split (default: config.train_split).')
   flags.DEFINE_string('dtype', 'float16', 'float16 or float32.')
   flags.DEFINE_bool('overwrite', False, 'Replace a cache in --out.')
+  flags.DEFINE_enum('layout', 'windows', LAYOUTS, 'windows: keyed by tiling '
+                    'window (a run draws those); positions: by position (a '
+                    'run draws windows anywhere).')
+  flags.DEFINE_integer('stride', None, 'positions: the teacher\'s windows '
+                       'start every stride tokens (default length // 2).')
   multihost.define_flags()
   flags.mark_flags_as_required(['config', 'out'])
 
@@ -412,18 +536,21 @@ def main(argv) -> None:
     raise ValueError(f'Unexpected arguments: {argv[1:]}')
   multihost.initialize(f)
   manifest = export(f.config, f.out, k=f.k, temperature=f.temperature,
-                    split=f.split, dtype=f.dtype, overwrite=f.overwrite)
+                    split=f.split, dtype=f.dtype, overwrite=f.overwrite,
+                    layout=f.layout, stride=f.stride)
   where = f.out
   if 'shard' in manifest:
     share = manifest['shard']
     name = logits_cache.shard_name(share['index'], share['count'])
     where = (f'{os.path.join(f.out, name)} ({share["num_windows"]:,} of '
              'them)')
+  layout = (f' (positions, teacher windows every {manifest["stride"]})'
+            if manifest.get('layout') == 'positions' else '')
   print(f'{manifest["num_windows"]:,} windows x {manifest["length"]} tokens '
         f'of {manifest["dataset"]} {manifest["split"]}, top {manifest["k"]} '
         f'at T={manifest["temperature"]}: {manifest["bytes_per_token"]} bytes '
         f'per token ({manifest["dense_float16_bytes_per_token"]} dense in '
-        f'float16): {where}')
+        f'float16){layout}: {where}')
 
 
 if __name__ == '__main__':

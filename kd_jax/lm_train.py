@@ -685,8 +685,8 @@ def _train_stream(config, train_tokens, start: int, cache, mesh,
       train_tokens, seed=config.seed, batch_size=config.batch_size,
       length=config.length, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      aligned=(config.aligned_windows or cache is not None
-               or generations is not None),
+      aligned=(config.aligned_windows or generations is not None
+               or cache is not None and cache.layout == 'windows'),
       shares=1 if cache is None else cache.num_shares)
   if cache is not None:
     from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
@@ -713,7 +713,7 @@ def _finish(config, workdir: str, summary, cache, teacher_info,
         cache_dir=os.path.abspath(config.distill.cache_dir),
         **{k: cache.manifest[k] for k in (
             'teacher_workdir', 'teacher_step', 'teacher_model', 'k',
-            'temperature', 'bytes_per_token')})
+            'temperature', 'bytes_per_token')}, layout=cache.layout)
     if cache.num_shares > 1:  # Exported by processes: what process 0 read.
       summary['teacher']['shards_read'] = [s.name for s in cache.shards]
   if is_chief:

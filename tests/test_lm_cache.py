@@ -139,3 +139,103 @@ def test_an_export_refuses_an_out_that_holds_shards(caches):
   with pytest.raises(FileExistsError, match='already holds a cache'):
     lm_cache.export(config(), caches[1], k=4, process_index=0,
                     process_count=3)
+
+
+STRIDE = 8
+
+
+@pytest.fixture(scope='module')
+def position_caches(tmp_path_factory):
+  """(a one-process positions export with the teacher windows every 8
+  tokens, the same as 2 shards)."""
+  root = tmp_path_factory.mktemp('lm_cache_positions')
+  whole, sharded = str(root / 'whole'), str(root / 'sharded')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(lm_train, '_load_teacher', random_teacher)
+    patch.setattr(text, 'load_split', lambda *args: TOKENS)
+    lm_cache.export(config(), whole, k=4, layout='positions', stride=STRIDE,
+                    batch_size=5)
+    for index in range(2):
+      lm_cache.export(config(), sharded, k=4, process_index=index,
+                      process_count=2, layout='positions', stride=STRIDE)
+  return whole, sharded
+
+
+def test_a_positions_cache_holds_each_target_from_a_long_context(
+    position_caches):
+  cache = lm_cache.load(position_caches[0], config(), TOKENS)
+  assert cache.layout == 'positions' and cache.num_shares == 1
+  assert cache.manifest['num_positions'] == len(TOKENS) - 1
+  (shard,) = cache.shards
+  assert shard.topk_logits.shape == (len(TOKENS) - 1, 4)
+  model, params, _ = random_teacher(config(), None)
+  seen = set()
+  for t in range(len(TOKENS) - 1):  # Target t: token t + 1.
+    j = 0 if t < LENGTH else (t - LENGTH) // STRIDE + 1
+    start = j * STRIDE
+    context = t - start + 1
+    assert context >= (1 if j == 0 else LENGTH - STRIDE + 1)
+    assert context <= LENGTH
+    window = text.windows_at(TOKENS, np.array([start]), LENGTH)
+    logits = np.asarray(model.apply({'params': params}, window['inputs']))
+    np.testing.assert_allclose(shard.topk_logits[t],
+                               np.sort(logits[0, t - start])[::-1][:4],
+                               rtol=1e-3, atol=1e-3)
+    seen.add(t)
+  assert seen == set(range(len(TOKENS) - 1))
+  assert not np.any(np.all(shard.topk_logits == 0, axis=-1))
+
+
+def test_a_run_from_a_positions_cache_reads_windows_at_any_offset(
+    position_caches):
+  whole = lm_cache.load(position_caches[0], config(), TOKENS)
+  starts = set()
+  for step in range(10):
+    batch = text.train_batch(TOKENS, seed=0, step=step, batch_size=8,
+                             length=LENGTH)
+    starts |= set((batch['start'] % LENGTH).tolist())
+    got = lm_cache.lookup(whole, batch)
+    for b, start in enumerate(batch['start']):
+      rows = start + np.arange(LENGTH)
+      valid = batch['mask'][b]
+      np.testing.assert_array_equal(
+          got['topk_logits'][b][valid],
+          whole.shards[0].topk_logits[rows[valid]].astype(np.float32))
+      assert not got['rest_mass'][b][~valid].any()
+  assert len(starts) > 1  # Not only the tiling windows.
+  # The shards, each loaded by every process, give the same targets.
+  for process in range(2):
+    sharded = lm_cache.load(position_caches[1], config(), TOKENS,
+                            process_index=process, process_count=2)
+    assert [s.name for s in sharded.shards] == SHARDS
+    assert sharded.num_shares == 1
+    batch = text.train_batch(TOKENS, seed=1, step=3, batch_size=8,
+                             length=LENGTH, process_index=process,
+                             process_count=2)
+    got, want = lm_cache.lookup(sharded, batch), lm_cache.lookup(whole, batch)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_the_train_stream_draws_a_positions_caches_windows_anywhere(
+    position_caches):
+  c = config()
+  cache = lm_cache.load(position_caches[0], c, TOKENS)
+  mesh = jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  batch = next(lm_train._train_stream(c, TOKENS, 2, cache, mesh))  # pylint: disable=protected-access
+  want = lm_cache.lookup(cache, text.train_batch(
+      TOKENS, seed=c.seed, step=2, batch_size=c.batch_size, length=LENGTH))
+  for key in ('inputs', 'topk_logits', 'rest_mass'):
+    np.testing.assert_array_equal(np.asarray(batch[key]), want[key])
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(layout='rows'), "layout='rows'; choose one of"),
+    (dict(stride=8), "stride=8 is for layout='positions'"),
+    (dict(layout='positions', stride=0), r'stride=0 must be in \[1, '),
+    (dict(layout='positions', stride=LENGTH + 1), 'config.length=32'),
+])
+def test_bad_layouts_and_strides_are_refused_by_name(tmp_path, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    lm_cache.export(config(), str(tmp_path / 'c'), k=4, **kwargs)

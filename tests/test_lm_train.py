@@ -918,23 +918,26 @@ def test_the_token_kd_study_trains_each_run_at_its_chosen_rate(
     json.dump({'chosen': chosen}, f)
   trained, exported = [], []
   monkeypatch.setattr(module.lm_cache, 'export',
-                      lambda c, d, k: exported.append((d, k)))
+                      lambda c, d, k, **kw: exported.append((d, k, kw)))
   monkeypatch.setattr(module, 'run', lambda c, d: trained.append(
       (c, d)) or {'eval': {'v': {'bits_per_token': 1.0}},
                   'train_seconds': 1.0})
   monkeypatch.setattr(module, 'write_results', lambda *a: None)
   runs = ('scratch,online kl,online kl aligned,online reverse_kl,'
-          'top-16 reverse_kl tail')
+          'top-16 reverse_kl tail,top-16 kl tail positions')
   module.main([f'--workdir={tmp_path}', '--tiny', '--seeds=0,1',
                '--distill_learning_rate=0.03', f'--runs={runs}',
                f'--teacher_workdir={tmp_path / "t" / "teacher"}',
                f'--chosen_rates={tmp_path / "rates.json"}'])
   # The cache is written beside the teacher, once.
-  assert exported == [(str(tmp_path / 't' / 'cache_top16'), 16)]
+  assert exported == [
+      (str(tmp_path / 't' / 'cache_top16_positions'), 16,
+       {'layout': 'positions'}),
+      (str(tmp_path / 't' / 'cache_top16'), 16, {})]
   (teacher, teacher_dir), *students = trained
   assert teacher_dir == str(tmp_path / 't' / 'teacher')
   assert teacher.learning_rate == 1e-3
-  assert len(students) == 2 * 5
+  assert len(students) == 2 * 6
   for c, d in students:
     name = os.path.basename(d)
     seed = os.path.basename(os.path.dirname(d))
@@ -942,10 +945,16 @@ def test_the_token_kd_study_trains_each_run_at_its_chosen_rate(
     # the cached runs draw them because they read a cache.
     assert c.aligned_windows == (name == 'online_kl_aligned')
     rate = {'scratch': 1e-3, 'online_kl': 0.03, 'online_kl_aligned': 0.03,
-            'online_reverse_kl': 0.003, 'top-16_reverse_kl_tail': 0.01}[name]
+            'online_reverse_kl': 0.003, 'top-16_reverse_kl_tail': 0.01,
+            'top-16_kl_tail_positions': 0.03}[name]
     assert c.learning_rate == rate
     assert seed == f'seed{c.seed}'
-    at_flag_rate = name in ('scratch', 'online_kl', 'online_kl_aligned')
+    at_flag_rate = name in ('scratch', 'online_kl', 'online_kl_aligned',
+                            'top-16_kl_tail_positions')
+    if name.startswith('top-16'):
+      assert c.distill.cache_dir == str(tmp_path / 't' / (
+          'cache_top16_positions' if name.endswith('positions')
+          else 'cache_top16'))
     assert d == os.path.join(
         str(tmp_path), *([] if at_flag_rate else
                          ['learning_rate', f'lr{rate:g}']), seed, name)

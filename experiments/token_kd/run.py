@@ -26,7 +26,9 @@ windows, so that it differs from 'top-k kl tail' in the teacher's form
 alone; the other online runs draw windows at any offset), and from
 caches of the teacher's top k (k = 1, 4, 16, 64, float16, written beside
 the teacher) with the tail bucket (kl; reverse_kl at k = 16 with and
-without the tail); --runs picks some. A run at its role's rate lives in
+without the tail), and from a top-16 cache keyed by position ('top-16 kl
+tail positions': windows at any offset, each target predicted by the
+teacher from 33-64 tokens of context); --runs picks some. A run at its role's rate lives in
 <workdir>/seed<s>/<name>, at any other in
 <workdir>/learning_rate/lr<rate>/seed<s>/<name>. The measure is validation
 bits per character (the last 10% of the text, nanoGPT's split) and
@@ -61,6 +63,9 @@ DIVERGENCES = ('kl', 'reverse_kl', 'generalized_jsd', 'skew_kl',
 CACHES = ((1, 'kl', 'tail'), (4, 'kl', 'tail'), (16, 'kl', 'tail'),
           (64, 'kl', 'tail'), (16, 'reverse_kl', 'tail'),
           (16, 'reverse_kl', 'renormalize_both'))
+# Caches keyed by position (`lm_cache` layout 'positions'): runs that draw
+# windows at any offset.
+POSITION_CACHES = ((16, 'kl', 'tail'),)
 
 # The flag that sets each role's learning rate (None: the config's 1e-3).
 CONFIG_RATE = 1e-3
@@ -159,7 +164,8 @@ def run_names() -> list[str]:
   """Every student run of the study, in the order of its table."""
   return (['scratch'] + [f'online {d}' for d in DIVERGENCES]
           + ['online kl aligned']
-          + [f'top-{k} {d} {c}' for k, d, c in CACHES])
+          + [f'top-{k} {d} {c}' for k, d, c in CACHES]
+          + [f'top-{k} {d} {c} positions' for k, d, c in POSITION_CACHES])
 
 
 def parse_runs(runs: str) -> list[str]:
@@ -173,21 +179,30 @@ def parse_runs(runs: str) -> list[str]:
   return names
 
 
-def cache_k(name: str) -> int | None:
-  """k of a cached run's name ('top-16 kl tail' -> 16), None for others."""
-  return int(name.split()[0][4:]) if name.startswith('top-') else None
+def cache_k(name: str) -> tuple[int, str] | None:
+  """(k, layout) of a cached run's name ('top-16 kl tail' -> (16,
+  'windows'), 'top-16 kl tail positions' -> (16, 'positions')), None for
+  the others."""
+  if not name.startswith('top-'):
+    return None
+  words = name.split()
+  return int(words[0][4:]), 'positions' if words[3:] == ['positions'] else (
+      'windows')
 
 
-def export_caches(args, names) -> dict[int, str]:
-  """{k: cache dir} for the cached runs among `names`, each exported beside
-  the teacher unless it is there."""
+def export_caches(args, names) -> dict[tuple[int, str], str]:
+  """{(k, layout): cache dir} for the cached runs among `names`, each
+  exported beside the teacher unless it is there."""
   caches = {}
-  for k in sorted({cache_k(n) for n in names} - {None}):
-    out = os.path.join(os.path.dirname(teacher_dir(args)), f'cache_top{k}')
+  for k, layout in sorted({cache_k(n) for n in names} - {None}):
+    out = os.path.join(os.path.dirname(teacher_dir(args)), f'cache_top{k}'
+                       + ('_positions' if layout == 'positions' else ''))
     if not os.path.exists(os.path.join(out, lm_cache.MANIFEST)):
       lm_cache.export(config('distill', args, **{
-          'distill.teacher_workdir': teacher_dir(args)}), out, k=k)
-    caches[k] = out
+          'distill.teacher_workdir': teacher_dir(args)}), out, k=k,
+                      **({'layout': layout} if layout == 'positions'
+                         else {}))
+    caches[k, layout] = out
   return caches
 
 
@@ -295,10 +310,11 @@ def write_results(path: str, rows, caches, rates) -> None:
         f'{better(bits, scratch) if name not in ("teacher", "scratch") else "-"} | '
         f'{statistics.mean(seconds):.0f} |')
   lines += ['', '| cache | bytes per token | dense float16 |', '|---|---|---|']
-  for k, out in caches.items():
+  for (k, layout), out in caches.items():
     with open(os.path.join(out, lm_cache.MANIFEST)) as f:
       m = json.load(f)
-    lines.append(f'| top-{k} | {m["bytes_per_token"]} | '
+    label = f'top-{k}' + (' positions' if layout == 'positions' else '')
+    lines.append(f'| {label} | {m["bytes_per_token"]} | '
                  f'{m["dense_float16_bytes_per_token"]} |')
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')

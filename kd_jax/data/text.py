@@ -46,7 +46,7 @@ from kd_jax.datasets.text_bytes import VOCAB_SIZE
 
 __all__ = ['VOCAB_SIZE', 'decode', 'encode', 'eval_batches', 'load_split',
            'num_eval_batches', 'num_windows', 'train_batch', 'train_batches',
-           'window_share']
+           'window_share', 'windows_at']
 
 
 def encode(text: str) -> np.ndarray:
@@ -124,6 +124,17 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, length: int
   ids = ids.astype(np.int32)
   return {'inputs': ids[:, :-1], 'targets': ids[:, 1:],
           'mask': valid[:, 1:], 'start': starts.astype(np.int64)}
+
+
+def windows_at(tokens: np.ndarray, starts: np.ndarray, length: int
+               ) -> dict[str, np.ndarray]:
+  """The batch of windows at `starts` (-1: a padding row); targets past
+  the split's end are masked.
+
+  >>> windows_at(np.arange(6, dtype=np.uint8), np.array([3]), 4)['mask']
+  array([[ True,  True, False, False]])
+  """
+  return _windows(tokens, np.asarray(starts, np.int64), length)
 
 
 _MASK64 = (1 << 64) - 1
