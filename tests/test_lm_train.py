@@ -370,7 +370,10 @@ def test_lm_studies_run_every_divergence_cache_and_generation_mode(tmp_path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   rows = module.main(['--tiny', '--seeds=0', f'--workdir={tmp_path}'])
-  assert len(rows) == 2 + len(module.DIVERGENCES) + len(module.CACHES)
+  assert list(rows) == ['teacher'] + module.run_names()
+  # Scratch, each divergence, kl on aligned windows, each cache.
+  assert len(rows) == (2 + len(module.DIVERGENCES) + 1 + len(module.CACHES)
+                       + len(module.POSITION_CACHES))
   for name, summaries in rows.items():
     r = next(iter(summaries[0]['eval'].values()))
     assert np.isfinite(r['bits_per_token']), name
