@@ -26,9 +26,10 @@ windows, so that it differs from 'top-k kl tail' in the teacher's form
 alone; the other online runs draw windows at any offset), and from
 caches of the teacher's top k (k = 1, 4, 16, 64, float16, written beside
 the teacher) with the tail bucket (kl; reverse_kl at k = 16 with and
-without the tail), and from a top-16 cache keyed by position ('top-16 kl
-tail positions': windows at any offset, each target predicted by the
-teacher from 33-64 tokens of context); --runs picks some. A run at its role's rate lives in
+without the tail), and from caches keyed by position ('top-16 kl tail
+positions', top-64, top-256: every token; windows at any offset, each
+target predicted by the teacher from 33-64 tokens of context); --runs
+picks some. A run at its role's rate lives in
 <workdir>/seed<s>/<name>, at any other in
 <workdir>/learning_rate/lr<rate>/seed<s>/<name>. The measure is validation
 bits per character (the last 10% of the text, nanoGPT's split) and
@@ -65,7 +66,7 @@ CACHES = ((1, 'kl', 'tail'), (4, 'kl', 'tail'), (16, 'kl', 'tail'),
           (16, 'reverse_kl', 'renormalize_both'))
 # Caches keyed by position (`lm_cache` layout 'positions'): runs that draw
 # windows at any offset.
-POSITION_CACHES = ((16, 'kl', 'tail'),)
+POSITION_CACHES = ((16, 'kl', 'tail'), (64, 'kl', 'tail'), (256, 'kl', 'tail'))
 
 # The flag that sets each role's learning rate (None: the config's 1e-3).
 CONFIG_RATE = 1e-3
