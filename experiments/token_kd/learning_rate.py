@@ -22,6 +22,7 @@ split the study reports. Writes <name>.md and <name>.json (the table and
 import argparse
 import json
 import os
+import shlex
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
@@ -78,8 +79,8 @@ def main(argv=None):
   else:
     names = []
   columns = sorted(set(rates if names else []) | set(teacher_rates))
-  flags = ' '.join(a for a in (sys.argv[1:] if argv is None else argv)
-                   if not a.startswith('--out_dir'))
+  flags = shlex.join(a for a in (sys.argv[1:] if argv is None else argv)
+                     if not a.startswith('--out_dir'))
   lines = [f'Validation ({split}) bits per character at each learning rate, '
            f'seed 0 (`python experiments/token_kd/learning_rate.py {flags}`); '
            'the lowest per run is chosen.', '',
