@@ -128,6 +128,29 @@ def _process_share(process_index: int | None, process_count: int | None
   return process_index, process_count
 
 
+def _check_export(config: ml_collections.ConfigDict, k: int,
+                  temperature: float, dtype: str, layout: str,
+                  stride: int | None) -> int:
+  """Refuses bad export settings by name; the positions layout's stride."""
+  if not 1 <= k <= config.vocab_size:
+    raise ValueError(f'k={k} must be in [1, config.vocab_size '
+                     f'{config.vocab_size}].')
+  if not temperature > 0:
+    raise ValueError(f'temperature={temperature} must be > 0.')
+  if dtype not in ('float16', 'float32'):
+    raise ValueError(f'dtype={dtype!r}; choose float16 or float32.')
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout={layout!r}; choose one of {LAYOUTS}.')
+  if layout == 'windows' and stride is not None:
+    raise ValueError(f'stride={stride} is for layout=\'positions\'; the '
+                     'windows layout tiles the split without overlap.')
+  stride = max(1, config.length // 2) if stride is None else int(stride)
+  if layout == 'positions' and not 1 <= stride <= config.length:
+    raise ValueError(f'stride={stride} must be in [1, config.length='
+                     f'{config.length}].')
+  return stride
+
+
 def export(config: ml_collections.ConfigDict, out: str, *, k: int,
            temperature: float | None = None, split: str | None = None,
            dtype: str = 'float16', batch_size: int = 64,
@@ -154,22 +177,7 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
   temperature = float(config.distill.temperature if temperature is None
                       else temperature)
   split = split or config.train_split
-  if not 1 <= k <= config.vocab_size:
-    raise ValueError(f'k={k} must be in [1, config.vocab_size '
-                     f'{config.vocab_size}].')
-  if not temperature > 0:
-    raise ValueError(f'temperature={temperature} must be > 0.')
-  if dtype not in ('float16', 'float32'):
-    raise ValueError(f'dtype={dtype!r}; choose float16 or float32.')
-  if layout not in LAYOUTS:
-    raise ValueError(f'layout={layout!r}; choose one of {LAYOUTS}.')
-  if layout == 'windows' and stride is not None:
-    raise ValueError(f'stride={stride} is for layout=\'positions\'; the '
-                     'windows layout tiles the split without overlap.')
-  stride = max(1, config.length // 2) if stride is None else int(stride)
-  if layout == 'positions' and not 1 <= stride <= config.length:
-    raise ValueError(f'stride={stride} must be in [1, config.length='
-                     f'{config.length}].')
+  stride = _check_export(config, k, temperature, dtype, layout, stride)
   index, count = _process_share(process_index, process_count)
   # Each process checks before any writes (on a shared disk all see the
   # same, and none waits at the barrier for one that refused); the other
