@@ -23,6 +23,11 @@ w * L + j + 1) the cache holds
   SHA-256 of the split's tokens, the counts, dtypes and the storage per
   token beside a dense float16 cache's.
 
+With `stride` S < L (`--stride`) the windows overlap: window w starts at
+token w * S, a run draws windows at any multiple of S, and the cache takes
+L / S times the bytes per token of text (each a target of L / S windows,
+each from its own window's context).
+
 With `layout='positions'` (`--layout=positions`) the cache is keyed by
 position instead: one row per target of the split (`topk_logits`
 [N - 1, k], `topk_indices` [N - 1, k], `rest_mass` [N - 1]), so a run
@@ -141,11 +146,10 @@ def _check_export(config: ml_collections.ConfigDict, k: int,
     raise ValueError(f'dtype={dtype!r}; choose float16 or float32.')
   if layout not in LAYOUTS:
     raise ValueError(f'layout={layout!r}; choose one of {LAYOUTS}.')
-  if layout == 'windows' and stride is not None:
-    raise ValueError(f'stride={stride} is for layout=\'positions\'; the '
-                     'windows layout tiles the split without overlap.')
-  stride = max(1, config.length // 2) if stride is None else int(stride)
-  if layout == 'positions' and not 1 <= stride <= config.length:
+  if stride is None:
+    stride = config.length if layout == 'windows' else max(
+        1, config.length // 2)
+  if not 1 <= stride <= config.length:
     raise ValueError(f'stride={stride} must be in [1, config.length='
                      f'{config.length}].')
   return stride
@@ -160,8 +164,9 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
   """Writes the cache of `config.distill.teacher_workdir`'s teacher over
   `split` (default `config.train_split`) to `out`; its manifest.
 
-  `layout` 'windows' keys the targets by tiling window, 'positions' by
-  position (the teacher reading windows every `stride` tokens, default
+  `layout` 'windows' keys the targets by window (windows every `stride`
+  tokens, default `config.length`: a tiling), 'positions' by position (the
+  teacher reading windows every `stride` tokens, default
   `config.length // 2`; module docstring).
 
   `temperature` (default `config.distill.temperature`) is the one the tail
@@ -193,7 +198,7 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
                      'finished LM run whose outputs to cache.')
   tokens = text.load_split(config.dataset, split, config.data_dir)
   length = config.length
-  windows = (text.num_windows(len(tokens), length) if layout == 'windows'
+  windows = (text.num_windows(len(tokens), stride) if layout == 'windows'
              else _num_position_windows(len(tokens), length, stride))
   if count > windows:
     raise ValueError(f'{count} processes cannot share the {windows} windows '
@@ -212,8 +217,8 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
   logits_cache.remove_manifests([directory] + ([out] if index == 0 else []))
   first, end = text.window_share(windows, index, count)
   value_dtype = np.dtype(dtype)
-  write = _write_windows if layout == 'windows' else functools.partial(
-      _write_positions, stride=stride)
+  write = functools.partial(_write_windows if layout == 'windows'
+                            else _write_positions, stride=stride)
   write(directory, fn=_top_k(teacher, temperature, k), params=params,
         tokens=tokens, length=length, k=k, windows=(first, end),
         batch_size=batch_size, value_dtype=value_dtype,
@@ -236,6 +241,8 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
   if layout == 'positions':
     manifest.update(layout=layout, stride=stride,
                     num_positions=max(0, len(tokens) - 1))
+  elif stride != length:  # Overlapping windows: a run draws their starts.
+    manifest.update(stride=stride)
   if count > 1:
     manifest['shard'] = dict(index=index, count=count, first_window=first,
                              num_windows=end - first)
@@ -249,9 +256,10 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
 def _write_windows(directory: str, *, fn, params, tokens: np.ndarray,
                    length: int, k: int, windows: tuple[int, int],
                    batch_size: int, value_dtype: np.dtype,
-                   index_dtype: np.dtype) -> None:
-  """The arrays of windows first .. end - 1 (`windows`), row w - first for
-  window w, from `fn`'s teacher outputs over the split's tiling."""
+                   index_dtype: np.dtype, stride: int) -> None:
+  """The arrays of windows first .. end - 1 (`windows`, window w starting
+  at token w * stride), row w - first for window w, from `fn`'s teacher
+  outputs."""
   first, end = windows
   shapes = dict(topk_logits=((end - first, length, k), value_dtype),
                 topk_indices=((end - first, length, k), index_dtype),
@@ -259,18 +267,14 @@ def _write_windows(directory: str, *, fn, params, tokens: np.ndarray,
   arrays = {name: np.lib.format.open_memmap(
       os.path.join(directory, f'{name}.npy'), mode='w+', dtype=d, shape=s)
             for name, (s, d) in shapes.items()}
-  for batch in text.eval_batches(tokens, batch_size=batch_size,
-                                 length=length):
-    w = batch['start'] // length
-    rows = (batch['start'] >= 0) & (w >= first) & (w < end)
-    if not rows.any():  # Another process's share.
-      continue
+  for chunk in range(first, end, batch_size):
+    w = np.arange(chunk, min(chunk + batch_size, end))
+    batch = text.windows_at(tokens, w * stride, length)
     values, indices, rest = jax.device_get(fn(params, batch['inputs']))
-    w = w[rows] - first
-    valid = batch['mask'][rows]
-    arrays['topk_logits'][w] = np.where(valid[..., None], values[rows], 0)
-    arrays['topk_indices'][w] = np.where(valid[..., None], indices[rows], 0)
-    arrays['rest_mass'][w] = np.where(valid, rest[rows], 0)
+    w, valid = w - first, batch['mask']
+    arrays['topk_logits'][w] = np.where(valid[..., None], values, 0)
+    arrays['topk_indices'][w] = np.where(valid[..., None], indices, 0)
+    arrays['rest_mass'][w] = np.where(valid, rest, 0)
   for array in arrays.values():
     array.flush()
 
@@ -356,6 +360,12 @@ class Cache:
   @property
   def layout(self) -> str:
     return self.manifest.get('layout', 'windows')
+
+  @property
+  def stride(self) -> int:
+    """Tokens between the teacher's windows' starts (the window length
+    for a tiling)."""
+    return self.manifest.get('stride', self.manifest['length'])
 
 
 # Where a manifest's value comes from in the run's config, if it does.
@@ -503,7 +513,7 @@ def lookup(cache: Cache, batch: dict[str, np.ndarray]) -> dict[str, Any]:
     shape = rows.shape
     rows, valid = np.where(valid, rows, 0).ravel(), valid.ravel()
   else:
-    rows, valid = text.aligned_windows(batch['start'], length)
+    rows, valid = text.aligned_windows(batch['start'], cache.stride)
     shape = rows.shape
   out = dict(batch)
   for array, dtype in (('topk_logits', np.float32),
@@ -530,8 +540,9 @@ def define_flags() -> None:
   flags.DEFINE_enum('layout', 'windows', LAYOUTS, 'windows: keyed by tiling '
                     'window (a run draws those); positions: by position (a '
                     'run draws windows anywhere).')
-  flags.DEFINE_integer('stride', None, 'positions: the teacher\'s windows '
-                       'start every stride tokens (default length // 2).')
+  flags.DEFINE_integer('stride', None, 'The teacher\'s windows start '
+                       'every stride tokens (default: length for windows, '
+                       'a tiling; length // 2 for positions).')
   multihost.define_flags()
   flags.mark_flags_as_required(['config', 'out'])
 

@@ -687,7 +687,9 @@ def _train_stream(config, train_tokens, start: int, cache, mesh,
       process_index=jax.process_index(), process_count=jax.process_count(),
       aligned=(config.aligned_windows or generations is not None
                or cache is not None and cache.layout == 'windows'),
-      shares=1 if cache is None else cache.num_shares)
+      shares=1 if cache is None else cache.num_shares,
+      stride=(cache.stride if cache is not None
+              and cache.layout == 'windows' else None))
   if cache is not None:
     from kd_jax import lm_cache  # pylint: disable=g-import-not-at-top
     host_batches = (lm_cache.lookup(cache, b) for b in host_batches)

@@ -232,10 +232,48 @@ def test_the_train_stream_draws_a_positions_caches_windows_anywhere(
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(layout='rows'), "layout='rows'; choose one of"),
-    (dict(stride=8), "stride=8 is for layout='positions'"),
+    (dict(stride=LENGTH + 1), r'stride=33 must be in \[1, '),
     (dict(layout='positions', stride=0), r'stride=0 must be in \[1, '),
     (dict(layout='positions', stride=LENGTH + 1), 'config.length=32'),
 ])
 def test_bad_layouts_and_strides_are_refused_by_name(tmp_path, kwargs, match):
   with pytest.raises(ValueError, match=match):
     lm_cache.export(config(), str(tmp_path / 'c'), k=4, **kwargs)
+
+
+def test_a_windows_cache_with_a_stride_holds_overlapping_windows(tmp_path):
+  out = str(tmp_path / 'stride8')
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(lm_train, '_load_teacher', random_teacher)
+    patch.setattr(text, 'load_split', lambda *args: TOKENS)
+    manifest = lm_cache.export(config(), out, k=4, stride=STRIDE,
+                               batch_size=5)
+  assert manifest['stride'] == STRIDE
+  assert manifest['num_windows'] == -(-(len(TOKENS) - 1) // STRIDE)  # 47.
+  cache = lm_cache.load(out, config(), TOKENS)
+  assert cache.stride == STRIDE and cache.layout == 'windows'
+  model, params, _ = random_teacher(config(), None)
+  starts = set()
+  for step in range(6):
+    batch = text.train_batch(TOKENS, seed=0, step=step, batch_size=8,
+                             length=LENGTH, aligned=True, stride=STRIDE)
+    assert not np.any(batch['start'] % STRIDE)
+    starts |= set((batch['start'] % LENGTH).tolist())
+    got = lm_cache.lookup(cache, batch)
+    logits = np.asarray(model.apply({'params': params}, batch['inputs']))
+    top = np.sort(logits, -1)[..., ::-1][..., :4]
+    valid = batch['mask']
+    np.testing.assert_allclose(got['topk_logits'][valid], top[valid],
+                               rtol=1e-3, atol=1e-3)
+  assert len(starts) > 1  # Not only the tiling's starts.
+  with pytest.raises(ValueError, match='multiples of 8'):
+    lm_cache.lookup(cache, text.train_batch(
+        TOKENS, seed=0, step=1, batch_size=8, length=LENGTH))
+  # A run from it draws those windows.
+  mesh = jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  c = config()
+  batch = next(lm_train._train_stream(c, TOKENS, 4, cache, mesh))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(batch['inputs']), text.train_batch(
+      TOKENS, seed=c.seed, step=4, batch_size=c.batch_size, length=LENGTH,
+      aligned=True, stride=STRIDE)['inputs'])

@@ -373,7 +373,8 @@ def test_lm_studies_run_every_divergence_cache_and_generation_mode(tmp_path):
   assert list(rows) == ['teacher'] + module.run_names()
   # Scratch, each divergence, kl on aligned windows, each cache.
   assert len(rows) == (2 + len(module.DIVERGENCES) + 1 + len(module.CACHES)
-                       + len(module.POSITION_CACHES))
+                       + len(module.POSITION_CACHES)
+                       + len(module.STRIDE_CACHES))
   for name, summaries in rows.items():
     r = next(iter(summaries[0]['eval'].values()))
     assert np.isfinite(r['bits_per_token']), name
@@ -927,20 +928,22 @@ def test_the_token_kd_study_trains_each_run_at_its_chosen_rate(
                   'train_seconds': 1.0})
   monkeypatch.setattr(module, 'write_results', lambda *a: None)
   runs = ('scratch,online kl,online kl aligned,online reverse_kl,'
-          'top-16 reverse_kl tail,top-16 kl tail positions')
+          'top-16 reverse_kl tail,top-16 kl tail positions,'
+          'top-16 kl tail stride16')
   module.main([f'--workdir={tmp_path}', '--tiny', '--seeds=0,1',
                '--distill_learning_rate=0.03', f'--runs={runs}',
                f'--teacher_workdir={tmp_path / "t" / "teacher"}',
                f'--chosen_rates={tmp_path / "rates.json"}'])
   # The cache is written beside the teacher, once.
   assert exported == [
+      (str(tmp_path / 't' / 'cache_top16'), 16, {}),
       (str(tmp_path / 't' / 'cache_top16_positions'), 16,
        {'layout': 'positions'}),
-      (str(tmp_path / 't' / 'cache_top16'), 16, {})]
+      (str(tmp_path / 't' / 'cache_top16_stride16'), 16, {'stride': 16})]
   (teacher, teacher_dir), *students = trained
   assert teacher_dir == str(tmp_path / 't' / 'teacher')
   assert teacher.learning_rate == 1e-3
-  assert len(students) == 2 * 6
+  assert len(students) == 2 * 7
   for c, d in students:
     name = os.path.basename(d)
     seed = os.path.basename(os.path.dirname(d))
@@ -949,14 +952,17 @@ def test_the_token_kd_study_trains_each_run_at_its_chosen_rate(
     assert c.aligned_windows == (name == 'online_kl_aligned')
     rate = {'scratch': 1e-3, 'online_kl': 0.03, 'online_kl_aligned': 0.03,
             'online_reverse_kl': 0.003, 'top-16_reverse_kl_tail': 0.01,
-            'top-16_kl_tail_positions': 0.03}[name]
+            'top-16_kl_tail_positions': 0.03,
+            'top-16_kl_tail_stride16': 0.03}[name]
     assert c.learning_rate == rate
     assert seed == f'seed{c.seed}'
     at_flag_rate = name in ('scratch', 'online_kl', 'online_kl_aligned',
-                            'top-16_kl_tail_positions')
+                            'top-16_kl_tail_positions',
+                            'top-16_kl_tail_stride16')
     if name.startswith('top-16'):
+      form = name.split('_')[-1]
       assert c.distill.cache_dir == str(tmp_path / 't' / (
-          'cache_top16_positions' if name.endswith('positions')
+          f'cache_top16_{form}' if form in ('positions', 'stride16')
           else 'cache_top16'))
     assert d == os.path.join(
         str(tmp_path), *([] if at_flag_rate else

@@ -28,7 +28,10 @@ caches of the teacher's top k (k = 1, 4, 16, 64, float16, written beside
 the teacher) with the tail bucket (kl; reverse_kl at k = 16 with and
 without the tail), and from caches keyed by position ('top-16 kl tail
 positions', top-64, top-256: every token; windows at any offset, each
-target predicted by the teacher from 33-64 tokens of context); --runs
+target predicted by the teacher from 33-64 tokens of context), and from a
+top-16 cache of windows every 16 tokens ('top-16 kl tail stride16': four
+overlapping tilings, 4x the bytes per character of text; windows at any
+multiple of 16, each target from the student's own context); --runs
 picks some. A run at its role's rate lives in
 <workdir>/seed<s>/<name>, at any other in
 <workdir>/learning_rate/lr<rate>/seed<s>/<name>. The measure is validation
@@ -67,6 +70,9 @@ CACHES = ((1, 'kl', 'tail'), (4, 'kl', 'tail'), (16, 'kl', 'tail'),
 # Caches keyed by position (`lm_cache` layout 'positions'): runs that draw
 # windows at any offset.
 POSITION_CACHES = ((16, 'kl', 'tail'), (64, 'kl', 'tail'), (256, 'kl', 'tail'))
+# Caches of windows that overlap (every `stride` tokens): runs that draw
+# windows at any multiple of it.
+STRIDE_CACHES = ((16, 'kl', 'tail', 16),)
 
 # The flag that sets each role's learning rate (None: the config's 1e-3).
 CONFIG_RATE = 1e-3
@@ -166,7 +172,8 @@ def run_names() -> list[str]:
   return (['scratch'] + [f'online {d}' for d in DIVERGENCES]
           + ['online kl aligned']
           + [f'top-{k} {d} {c}' for k, d, c in CACHES]
-          + [f'top-{k} {d} {c} positions' for k, d, c in POSITION_CACHES])
+          + [f'top-{k} {d} {c} positions' for k, d, c in POSITION_CACHES]
+          + [f'top-{k} {d} {c} stride{n}' for k, d, c, n in STRIDE_CACHES])
 
 
 def parse_runs(runs: str) -> list[str]:
@@ -181,29 +188,31 @@ def parse_runs(runs: str) -> list[str]:
 
 
 def cache_k(name: str) -> tuple[int, str] | None:
-  """(k, layout) of a cached run's name ('top-16 kl tail' -> (16,
-  'windows'), 'top-16 kl tail positions' -> (16, 'positions')), None for
-  the others."""
+  """(k, form) of a cached run's name: 'top-16 kl tail' -> (16, ''),
+  'top-16 kl tail positions' -> (16, 'positions'), 'top-16 kl tail
+  stride16' -> (16, 'stride16'); None for the others."""
   if not name.startswith('top-'):
     return None
   words = name.split()
-  return int(words[0][4:]), 'positions' if words[3:] == ['positions'] else (
-      'windows')
+  return int(words[0][4:]), ' '.join(words[3:])
 
 
 def export_caches(args, names) -> dict[tuple[int, str], str]:
-  """{(k, layout): cache dir} for the cached runs among `names`, each
+  """{(k, form): cache dir} for the cached runs among `names`, each
   exported beside the teacher unless it is there."""
   caches = {}
-  for k, layout in sorted({cache_k(n) for n in names} - {None}):
-    out = os.path.join(os.path.dirname(teacher_dir(args)), f'cache_top{k}'
-                       + ('_positions' if layout == 'positions' else ''))
+  for k, form in sorted({cache_k(n) for n in names} - {None}):
+    out = os.path.join(os.path.dirname(teacher_dir(args)),
+                       f'cache_top{k}' + (f'_{form}' if form else ''))
+    layout = {}
+    if form == 'positions':
+      layout = {'layout': 'positions'}
+    elif form:
+      layout = {'stride': int(form[len('stride'):])}
     if not os.path.exists(os.path.join(out, lm_cache.MANIFEST)):
       lm_cache.export(config('distill', args, **{
-          'distill.teacher_workdir': teacher_dir(args)}), out, k=k,
-                      **({'layout': layout} if layout == 'positions'
-                         else {}))
-    caches[k, layout] = out
+          'distill.teacher_workdir': teacher_dir(args)}), out, k=k, **layout)
+    caches[k, form] = out
   return caches
 
 
@@ -311,10 +320,10 @@ def write_results(path: str, rows, caches, rates) -> None:
         f'{better(bits, scratch) if name not in ("teacher", "scratch") else "-"} | '
         f'{statistics.mean(seconds):.0f} |')
   lines += ['', '| cache | bytes per token | dense float16 |', '|---|---|---|']
-  for (k, layout), out in caches.items():
+  for (k, form), out in caches.items():
     with open(os.path.join(out, lm_cache.MANIFEST)) as f:
       m = json.load(f)
-    label = f'top-{k}' + (' positions' if layout == 'positions' else '')
+    label = f'top-{k} {form}'.strip()
     lines.append(f'| {label} | {m["bytes_per_token"]} | '
                  f'{m["dense_float16_bytes_per_token"]} |')
   with open(path, 'w') as f:

@@ -156,8 +156,8 @@ def _hash(*values: int | np.ndarray) -> np.ndarray:
 
 def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
                 length: int, process_index: int = 0, process_count: int = 1,
-                aligned: bool = False, shares: int = 1
-                ) -> dict[str, np.ndarray]:
+                aligned: bool = False, shares: int = 1,
+                stride: int | None = None) -> dict[str, np.ndarray]:
   """This process's rows of the train batch of `step`.
 
   The global batch is `batch_size` windows of `length` + 1 tokens whose
@@ -169,7 +169,9 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
   holds (`kd_jax.lm_cache`), where each target was predicted from the same
   context. With `shares` S > 1, row r draws among the windows of share
   r * S // batch_size (`window_share`): those of the shard that process
-  r * S // batch_size of a cache exported by S processes wrote.
+  r * S // batch_size of a cache exported by S processes wrote. `stride`
+  (with `aligned`; default `length`) draws among the windows at multiples
+  of it instead, those of a per-token cache whose windows overlap.
 
   Args:
     tokens: the split (`load_split`), at least `length + 1` tokens.
@@ -180,6 +182,7 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
     process_index, process_count: this process and how many read.
     aligned: draw among the tiling windows only.
     shares: with `aligned`, the window shares the rows are drawn from.
+    stride: with `aligned`, the windows' starts are its multiples.
 
   Returns:
     The batch described in the module docstring; `mask` is all True (but
@@ -199,14 +202,17 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
     raise ValueError(f'seed={seed} and step={step} must be >= 0.')
   rows = np.arange(process_index * local, (process_index + 1) * local)
   if aligned:
-    windows = num_windows(len(tokens), length)
+    stride = length if stride is None else stride
+    if not 1 <= stride <= length:
+      raise ValueError(f'stride={stride} must be in [1, length={length}].')
+    windows = num_windows(len(tokens), stride)
     if not 1 <= shares <= windows:
       raise ValueError(f'shares={shares} must be in [1, the {windows} '
                        'windows of the split].')
     first, end = (np.asarray(b, np.uint64) for b in window_share(
         windows, rows * shares // batch_size, shares))
     starts = (first + _hash(seed, step, rows) % (end - first)) * np.uint64(
-        length)
+        stride)
   else:
     starts = _hash(seed, step, rows) % np.uint64(num_starts)
   return _windows(tokens, starts.astype(np.int64), length)
@@ -215,7 +221,8 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
 def aligned_windows(starts: np.ndarray, length: int
                     ) -> tuple[np.ndarray, np.ndarray]:
   """(window index, valid) of a batch's aligned `starts` (-1: padding rows,
-  index 0); refuses a start that is not a multiple of `length`.
+  index 0); refuses a start that is not a multiple of `length` (the
+  windows' stride).
 
   >>> [a.tolist() for a in aligned_windows(np.array([8, -1, 0]), 4)]
   [[2, 0, 0], [True, False, True]]
@@ -224,7 +231,7 @@ def aligned_windows(starts: np.ndarray, length: int
   if np.any(valid & (starts % length != 0)):
     raise ValueError('lookup takes aligned windows (starts at multiples of '
                      f'{length}): cut train batches with '
-                     'text.train_batch(aligned=True).')
+                     f'text.train_batch(aligned=True, stride={length}).')
   return np.where(valid, starts // length, 0), valid
 
 
@@ -242,7 +249,8 @@ def window_share(num_windows: int, index, count: int):
 
 def num_windows(num_tokens: int, length: int) -> int:
   """Windows of `length` targets that tile a split of `num_tokens` tokens
-  (the last one may be shorter).
+  (the last one may be shorter); with `length` a stride S, the windows that
+  start at multiples of S and hold a target.
 
   >>> num_windows(11, 4)  # Targets 1..10: 4 + 4 + 2.
   3
@@ -253,13 +261,14 @@ def num_windows(num_tokens: int, length: int) -> int:
 def train_batches(tokens: np.ndarray, *, seed: int, batch_size: int,
                   length: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, aligned: bool = False,
-                  shares: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                  shares: int = 1, stride: int | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """`train_batch` of steps start_step, start_step + 1, ... forever."""
   for step in itertools.count(start_step):
     yield train_batch(tokens, seed=seed, step=step, batch_size=batch_size,
                       length=length, process_index=process_index,
                       process_count=process_count, aligned=aligned,
-                      shares=shares)
+                      shares=shares, stride=stride)
 
 
 def num_eval_batches(num_tokens: int, batch_size: int, length: int) -> int:
