@@ -319,13 +319,23 @@ def write_results(path: str, rows, caches, rates) -> None:
         f'{cell(recovered, 2) if name != "teacher" else "-"} | '
         f'{better(bits, scratch) if name not in ("teacher", "scratch") else "-"} | '
         f'{statistics.mean(seconds):.0f} |')
-  lines += ['', '| cache | bytes per token | dense float16 |', '|---|---|---|']
+  lines += ['', 'Bytes per cached token, and per character of the train '
+            'text (a cache of overlapping windows holds each character '
+            'length / stride times), against dense float16 logits of every '
+            'character:', '',
+            '| cache | bytes per token | bytes per character | dense '
+            'float16 per character | less than dense |',
+            '|---|---|---|---|---|']
   for (k, form), out in caches.items():
     with open(os.path.join(out, lm_cache.MANIFEST)) as f:
       m = json.load(f)
     label = f'top-{k} {form}'.strip()
-    lines.append(f'| {label} | {m["bytes_per_token"]} | '
-                 f'{m["dense_float16_bytes_per_token"]} |')
+    per_char = m['bytes_per_token'] * (
+        1 if m.get('layout') == 'positions'
+        else m['length'] / m.get('stride', m['length']))
+    dense = m['dense_float16_bytes_per_token']
+    lines.append(f'| {label} | {m["bytes_per_token"]} | {per_char:g} | '
+                 f'{dense} | {dense / per_char:.1f}x |')
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))
