@@ -294,6 +294,29 @@ def better(bits, scratch) -> str:
   return f'{sum(b < a for b, a in zip(bits, scratch))} of {len(bits)}'
 
 
+def online_share_lines(rows, split: str) -> list[str]:
+  """The table of each distilled run's gain over scratch as a share of the
+  online KL's, (scratch - run) / (scratch - online kl), per seed and of
+  the means; none without an online KL run."""
+  if 'online kl' not in rows:
+    return []
+  bits = {name: [s['eval'][split]['bits_per_token'] for s in summaries]
+          for name, summaries in rows.items()}
+  scratch, online = bits['scratch'], bits['online kl']
+  lines = ['', 'Each run\'s gain over scratch as a share of the online KL\'s '
+           '(scratch - run) / (scratch - online kl), per seed and of the '
+           'means:', '', '| run | per seed | of the means |', '|---|---|---|']
+  for name, values in bits.items():
+    if name in ('teacher', 'scratch', 'online kl'):
+      continue
+    shares = [(a - b) / (a - o) for a, b, o in zip(scratch, values, online)]
+    of_means = ((statistics.mean(scratch) - statistics.mean(values))
+                / (statistics.mean(scratch) - statistics.mean(online)))
+    lines.append(f'| {name} | {", ".join(f"{x:.2f}" for x in shares)} | '
+                 f'{of_means:.2f} |')
+  return lines
+
+
 def write_results(path: str, rows, caches, rates) -> None:
   """The study's table at `path`: every run (rows: {name: summaries by
   seed}, trained at rates: {name: rate}) against scratch and the teacher."""
@@ -319,6 +342,7 @@ def write_results(path: str, rows, caches, rates) -> None:
         f'{cell(recovered, 2) if name != "teacher" else "-"} | '
         f'{better(bits, scratch) if name not in ("teacher", "scratch") else "-"} | '
         f'{statistics.mean(seconds):.0f} |')
+  lines += online_share_lines(rows, split)
   lines += ['', 'Bytes per cached token, and per character of the train '
             'text (a cache of overlapping windows holds each character '
             'length / stride times), against dense float16 logits of every '
