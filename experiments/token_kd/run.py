@@ -46,6 +46,8 @@ import os
 import statistics
 import sys
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 sys.path.insert(0, REPO)
@@ -348,8 +350,8 @@ def write_results(path: str, rows, caches, rates) -> None:
             'length / stride times), against dense float16 logits of every '
             'character:', '',
             '| cache | bytes per token | bytes per character | dense '
-            'float16 per character | less than dense |',
-            '|---|---|---|---|---|']
+            'float16 per character | less than dense | teacher mass outside '
+            'the top k (mean) |', '|---|---|---|---|---|---|']
   for (k, form), out in caches.items():
     with open(os.path.join(out, lm_cache.MANIFEST)) as f:
       m = json.load(f)
@@ -358,8 +360,10 @@ def write_results(path: str, rows, caches, rates) -> None:
         1 if m.get('layout') == 'positions'
         else m['length'] / m.get('stride', m['length']))
     dense = m['dense_float16_bytes_per_token']
+    tail = np.load(os.path.join(out, 'rest_mass.npy'), mmap_mode='r')
     lines.append(f'| {label} | {m["bytes_per_token"]} | {per_char:g} | '
-                 f'{dense} | {dense / per_char:.1f}x |')
+                 f'{dense} | {dense / per_char:.1f}x | '
+                 f'{np.mean(tail, dtype=np.float64):.4f} |')
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))
