@@ -253,6 +253,19 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
   return manifest
 
 
+def _open_arrays(directory: str, rows: tuple[int, ...], k: int,
+                 value_dtype: np.dtype, index_dtype: np.dtype
+                 ) -> dict[str, np.ndarray]:
+  """The cache's `.npy` files in `directory`, memory-mapped for writing:
+  `rows` (the leading shape) by k, and the tail mass by `rows`."""
+  shapes = dict(topk_logits=((*rows, k), value_dtype),
+                topk_indices=((*rows, k), index_dtype),
+                rest_mass=(rows, value_dtype))
+  return {name: np.lib.format.open_memmap(
+      os.path.join(directory, f'{name}.npy'), mode='w+', dtype=d, shape=s)
+          for name, (s, d) in shapes.items()}
+
+
 def _write_windows(directory: str, *, fn, params, tokens: np.ndarray,
                    length: int, k: int, windows: tuple[int, int],
                    batch_size: int, value_dtype: np.dtype,
@@ -261,12 +274,8 @@ def _write_windows(directory: str, *, fn, params, tokens: np.ndarray,
   at token w * stride), row w - first for window w, from `fn`'s teacher
   outputs."""
   first, end = windows
-  shapes = dict(topk_logits=((end - first, length, k), value_dtype),
-                topk_indices=((end - first, length, k), index_dtype),
-                rest_mass=((end - first, length), value_dtype))
-  arrays = {name: np.lib.format.open_memmap(
-      os.path.join(directory, f'{name}.npy'), mode='w+', dtype=d, shape=s)
-            for name, (s, d) in shapes.items()}
+  arrays = _open_arrays(directory, (end - first, length), k, value_dtype,
+                        index_dtype)
   for chunk in range(first, end, batch_size):
     w = np.arange(chunk, min(chunk + batch_size, end))
     batch = text.windows_at(tokens, w * stride, length)
@@ -315,12 +324,7 @@ def _write_positions(directory: str, *, fn, params, tokens: np.ndarray,
   cache give, from `fn`'s teacher outputs over those windows."""
   num_positions = len(tokens) - 1
   lo, hi = _share_rows(windows, num_positions, length, stride)
-  shapes = dict(topk_logits=((hi - lo, k), value_dtype),
-                topk_indices=((hi - lo, k), index_dtype),
-                rest_mass=((hi - lo,), value_dtype))
-  arrays = {name: np.lib.format.open_memmap(
-      os.path.join(directory, f'{name}.npy'), mode='w+', dtype=d, shape=s)
-            for name, (s, d) in shapes.items()}
+  arrays = _open_arrays(directory, (hi - lo,), k, value_dtype, index_dtype)
   for chunk in range(windows[0], windows[1], batch_size):
     js = np.arange(chunk, min(chunk + batch_size, windows[1]))
     batch = text.windows_at(tokens, js * stride, length)
