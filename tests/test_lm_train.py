@@ -1030,3 +1030,59 @@ def test_token_kd_learning_rates_are_chosen_per_run_on_validation(
                   'scratch')),
       (0.01, str(tmp_path / 'learning_rate' / 'lr0.01' / 'seed0' /
                  'online_skew_kl'))]
+
+
+def test_token_kd_alphas_are_chosen_per_run_on_validation(
+    tmp_path, monkeypatch):
+  study = _script('token_kd', 'run.py')
+  module = _script('token_kd', 'alpha.py')
+  module.token_kd = study
+  module.learning_rate.token_kd = study
+  bits = {('online_kl', 0.5): 2.5, ('online_kl', 0.9): 2.4,
+          ('top-16_kl_tail', 0.5): 2.6, ('top-16_kl_tail', 0.9): 2.7,
+          ('scratch', 0.0): 2.8}
+  trained = []
+
+  def run(c, d):
+    trained.append((c.learning_rate, float(c.distill.alpha), d))
+    name = os.path.basename(d)
+    value = 2.0 if name == 'teacher' else bits[name, c.distill.alpha]
+    return {'eval': {'validation': {'bits_per_token': value}}}
+  monkeypatch.setattr(study, 'run', run)
+  monkeypatch.setattr(study.lm_cache, 'export', lambda *a, **kw: None)
+  with open(tmp_path / 'rates.json', 'w') as f:
+    json.dump({'chosen': {'top-16 kl tail': 0.003}}, f)
+  module.main([f'--workdir={tmp_path}', '--tiny',
+               '--runs=online kl,top-16 kl tail', '--alphas=0.9,0.5',
+               '--distill_learning_rate=0.01', f'--out_dir={tmp_path}',
+               f'--chosen_rates={tmp_path / "rates.json"}', '--name=alphas'])
+  with open(tmp_path / 'alphas.json') as f:
+    chosen = json.load(f)['chosen']
+  assert chosen == {'online kl': 0.9, 'top-16 kl tail': 0.5}
+  with open(tmp_path / 'alphas.md') as f:
+    assert '| online kl | 2.5000 | 2.4000 | 0.9 |' in f.read()
+  # Alpha 0.5 at the role's rate is the study's own seed-0 run; another
+  # alpha one folder deeper, under the run's chosen rate's folder.
+  assert (0.01, 0.5, str(tmp_path / 'seed0' / 'online_kl')) in trained
+  assert (0.01, 0.9, str(tmp_path / 'alpha0.9' / 'seed0' / 'online_kl')
+          ) in trained
+  assert (0.003, 0.9, str(tmp_path / 'learning_rate' / 'lr0.003' /
+                          'alpha0.9' / 'seed0' / 'top-16_kl_tail')) in trained
+  # That JSON is what run.py trains each run at; scratch stays at alpha 0.
+  monkeypatch.setattr(study, 'write_results', lambda *a: None)
+  trained.clear()
+  study.main([f'--workdir={tmp_path}', '--tiny', '--seeds=1',
+              '--runs=scratch,online kl,top-16 kl tail',
+              '--distill_learning_rate=0.01',
+              f'--chosen_alphas={tmp_path / "alphas.json"}'])
+  assert trained[1:] == [
+      (1e-3, 0.0, str(tmp_path / 'seed1' / 'scratch')),
+      (0.01, 0.9, str(tmp_path / 'alpha0.9' / 'seed1' / 'online_kl')),
+      (0.01, 0.5, str(tmp_path / 'seed1' / 'top-16_kl_tail'))]
+  with open(tmp_path / 'alphas.json', 'w') as f:
+    json.dump({'chosen': {'scratch': 0.5}}, f)
+  with pytest.raises(ValueError, match='alpha for scratch'):
+    study.main([f'--workdir={tmp_path}', '--tiny',
+                f'--chosen_alphas={tmp_path / "alphas.json"}'])
+  with pytest.raises(ValueError, match=r'--alphas=.*in \(0, 1\]'):
+    module.main([f'--workdir={tmp_path}', '--tiny', '--alphas=0,0.5'])

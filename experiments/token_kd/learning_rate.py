@@ -79,15 +79,26 @@ def main(argv=None):
   else:
     names = []
   columns = sorted(set(rates if names else []) | set(teacher_rates))
+  write_choice(args, argv, 'learning_rate.py', 'learning rate', 'lr', split,
+               table, ['teacher'] * bool(teacher_rates) + names, columns)
+  return table
+
+
+def write_choice(args, argv, script: str, what: str, label: str, split: str,
+                 table, names, columns) -> dict[str, float]:
+  """<out_dir>/<name>.md and .json: validation bits of each run (`table`:
+  {(run, value): bits}) at each of `columns` (values of `what`, headed
+  '<label> <value>'), and the value with the fewest bits per run, which
+  the JSON's 'chosen' gives as {run: value}."""
   flags = shlex.join(a for a in (sys.argv[1:] if argv is None else argv)
                      if not a.startswith('--out_dir'))
-  lines = [f'Validation ({split}) bits per character at each learning rate, '
-           f'seed 0 (`python experiments/token_kd/learning_rate.py {flags}`); '
+  lines = [f'Validation ({split}) bits per character at each {what}, '
+           f'seed 0 (`python experiments/token_kd/{script} {flags}`); '
            'the lowest per run is chosen.', '',
-           '| run | ' + ' | '.join(f'lr {r:g}' for r in columns)
+           '| run | ' + ' | '.join(f'{label} {r:g}' for r in columns)
            + ' | chosen |', '|---|' + '---|' * (len(columns) + 1)]
   chosen = {}
-  for name in ['teacher'] * bool(teacher_rates) + names:
+  for name in names:
     bits = [table.get((name, r)) for r in columns]
     tried = [(b, r) for b, r in zip(bits, columns) if b is not None]
     chosen[name] = min(tried)[1]
@@ -103,7 +114,7 @@ def main(argv=None):
                                 if (name, r) in table} for name in chosen},
                'chosen': chosen}, f, indent=2)
   print('\n'.join(lines))
-  return table
+  return chosen
 
 
 if __name__ == '__main__':

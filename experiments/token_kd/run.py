@@ -14,8 +14,9 @@ warm-up steps), `configs/shakespeare_char.py` with these models. Learning
 rates: the config's 1e-3 unless --teacher_learning_rate,
 --student_learning_rate or --distill_learning_rate say otherwise, and per
 run from --chosen_rates (a `learning_rate.py` JSON, rates chosen on
-validation). Alpha 0.5, T = 1 and the divergences' settings (JSD beta 0.5,
-skew 0.1) are the config's.
+validation). Alpha 0.5 unless --chosen_alphas (an `alpha.py` JSON, alphas
+chosen on validation) names the run; T = 1 and the divergences' settings
+(JSD beta 0.5, skew 0.1) are the config's.
 
 Runs (each a `kd_jax.lm_train` run; finished ones are read, not rerun):
 the teacher (seed 0), then per seed the scratch student (alpha 0) and
@@ -32,9 +33,10 @@ target predicted by the teacher from 33-64 tokens of context), and from a
 top-16 cache of windows every 16 tokens ('top-16 kl tail stride16': four
 overlapping tilings, 4x the bytes per character of text; windows at any
 multiple of 16, each target from the student's own context); --runs
-picks some. A run at its role's rate lives in
-<workdir>/seed<s>/<name>, at any other in
-<workdir>/learning_rate/lr<rate>/seed<s>/<name>. The measure is validation
+picks some. A run at its role's rate and alpha 0.5 lives in
+<workdir>/seed<s>/<name>, at any other rate in
+<workdir>/learning_rate/lr<rate>/seed<s>/<name>, at any other alpha one
+folder alpha<alpha> deeper (<workdir>/alpha<alpha>/seed<s>/<name>). The measure is validation
 bits per character (the last 10% of the text, nanoGPT's split) and
 KL(teacher || student) there; the results table (--out) lists every run,
 its rate and the share of the teacher-scratch gap it recovers.
@@ -78,6 +80,8 @@ STRIDE_CACHES = ((16, 'kl', 'tail', 16),)
 
 # The flag that sets each role's learning rate (None: the config's 1e-3).
 CONFIG_RATE = 1e-3
+# The distilled runs' alpha unless --chosen_alphas says otherwise.
+CONFIG_ALPHA = 0.5
 RATE_FLAGS = {'teacher': 'teacher_learning_rate',
               'student': 'student_learning_rate',
               'distill': 'distill_learning_rate'}
@@ -159,14 +163,17 @@ def study_rate(args, name: str) -> float:
   return CONFIG_RATE if rate is None else rate
 
 
-def run_dir(args, seed: int, name: str, rate: float) -> str:
+def run_dir(args, seed: int, name: str, rate: float,
+            alpha: float = CONFIG_ALPHA) -> str:
   """Where a run lives: <workdir>/seed<seed>/<name> at its role's rate (the
-  rate flags), <workdir>/learning_rate/lr<rate>/seed<seed>/<name> at any
-  other."""
-  leaf = os.path.join(f'seed{seed}', name.replace(' ', '_'))
-  if rate == study_rate(args, name):
-    return os.path.join(args.workdir, leaf)
-  return os.path.join(args.workdir, 'learning_rate', f'lr{rate:g}', leaf)
+  rate flags) and alpha 0.5; <workdir>/learning_rate/lr<rate>/... at any
+  other rate, .../alpha<alpha>/seed<seed>/<name> at any other alpha."""
+  parts = [args.workdir]
+  if rate != study_rate(args, name):
+    parts += ['learning_rate', f'lr{rate:g}']
+  if alpha != CONFIG_ALPHA:
+    parts.append(f'alpha{alpha:g}')
+  return os.path.join(*parts, f'seed{seed}', name.replace(' ', '_'))
 
 
 def run_names() -> list[str]:
@@ -218,15 +225,20 @@ def export_caches(args, names) -> dict[tuple[int, str], str]:
   return caches
 
 
-def plan(args, name: str, seed: int, caches: dict[int, str], rate=None):
+def plan(args, name: str, seed: int, caches: dict[int, str], rate=None,
+         alpha=None):
   """The config of one student run of the study (`rate`: its learning rate
-  instead of its role's)."""
+  instead of its role's; `alpha`: a distilled run's instead of 0.5)."""
   fields = {'seed': seed}
   if rate is not None:
     fields['learning_rate'] = rate
   if name == 'scratch':
+    if alpha is not None:
+      raise ValueError(f'alpha={alpha} for the scratch run: it is alpha 0')
     return config('student', args, **fields)
   fields['distill.teacher_workdir'] = teacher_dir(args)
+  if alpha is not None:
+    fields['distill.alpha'] = alpha
   words = name.split()
   if words[0] == 'online':
     fields['distill.divergence'] = words[1]
@@ -238,18 +250,39 @@ def plan(args, name: str, seed: int, caches: dict[int, str], rate=None):
   return config('distill', args, **fields)
 
 
-def chosen_rates(path: str, names) -> dict[str, float]:
-  """{run: rate} from a learning_rate.py JSON for the runs it chose a rate
-  for; every other run takes its role's rate."""
+def chosen_values(path: str, names, flag: str = 'chosen_rates'
+                  ) -> dict[str, float]:
+  """{run: value} from a learning_rate.py (rates) or alpha.py (alphas) JSON
+  given as --<flag>, for the runs among `names` it chose a value for."""
   if not path:
     return {}
   with open(path) as f:
     chosen = json.load(f)['chosen']
   unknown = sorted(set(chosen) - set(run_names()) - {'teacher'})
   if unknown:
-    raise ValueError(f'--chosen_rates={path} names runs the study does not '
+    raise ValueError(f'--{flag}={path} names runs the study does not '
                      f'have: {unknown}; it has {run_names()}')
+  if flag == 'chosen_alphas' and 'scratch' in chosen:
+    raise ValueError(f'--{flag}={path} chooses an alpha for scratch, which '
+                     'is alpha 0; choose for distilled runs only')
   return {n: float(r) for n, r in chosen.items() if n in names}
+
+
+def chosen_rates(path: str, names) -> dict[str, float]:
+  """{run: rate} from a learning_rate.py JSON for the runs it chose a rate
+  for; every other run takes its role's rate."""
+  return chosen_values(path, names, 'chosen_rates')
+
+
+def chosen_alphas(path: str, names) -> dict[str, float]:
+  """{run: alpha} from an alpha.py JSON; every other distilled run takes
+  alpha 0.5."""
+  return chosen_values(path, names, 'chosen_alphas')
+
+
+def run_alpha(alphas: dict[str, float], name: str) -> float:
+  """A run's alpha: 0 for scratch, else its chosen one or 0.5."""
+  return 0.0 if name == 'scratch' else alphas.get(name, CONFIG_ALPHA)
 
 
 def main(argv=None):
@@ -262,11 +295,15 @@ def main(argv=None):
   parser.add_argument('--chosen_rates', default='',
                       help='a learning_rate.py JSON: each run it names '
                       'trains at its chosen rate')
+  parser.add_argument('--chosen_alphas', default='',
+                      help='an alpha.py JSON: each distilled run it names '
+                      'trains at its chosen alpha (others at 0.5)')
   parser.add_argument('--out', default='',
                       help='the results table (default <workdir>/results.md)')
   args = parser.parse_args(argv)
   names = parse_runs(args.runs)
   rates = chosen_rates(args.chosen_rates, names)
+  alphas = chosen_alphas(args.chosen_alphas, names)
   rows = {'teacher': [run(config('teacher', args), teacher_dir(args))]}
   caches = export_caches(args, names)
   seeds = [int(s) for s in args.seeds.split(',') if s]
@@ -274,12 +311,13 @@ def main(argv=None):
     for name in names:
       rate = rates.get(name, study_rate(args, name))
       rows.setdefault(name, []).append(run(
-          plan(args, name, seed, caches, rate),
-          run_dir(args, seed, name, rate)))
+          plan(args, name, seed, caches, rate, alphas.get(name)),
+          run_dir(args, seed, name, rate, alphas.get(name, CONFIG_ALPHA))))
   if seeds and 'scratch' in rows:  # The table measures against scratch.
     write_results(args.out or os.path.join(args.workdir, 'results.md'), rows,
                   caches, {n: rates.get(n, study_rate(args, n))
-                           for n in rows})
+                           for n in rows},
+                  alphas)
   return rows
 
 
@@ -319,9 +357,11 @@ def online_share_lines(rows, split: str) -> list[str]:
   return lines
 
 
-def write_results(path: str, rows, caches, rates) -> None:
+def write_results(path: str, rows, caches, rates, alphas=None) -> None:
   """The study's table at `path`: every run (rows: {name: summaries by
-  seed}, trained at rates: {name: rate}) against scratch and the teacher."""
+  seed}, trained at rates: {name: rate} and alphas: {name: alpha}, 0.5 for
+  distilled runs it does not name) against scratch and the teacher."""
+  alphas = alphas or {}
   split = next(iter(rows['teacher'][0]['eval']))
   teacher = rows['teacher'][0]['eval'][split]['bits_per_token']
   scratch = [s['eval'][split]['bits_per_token'] for s in rows['scratch']]
@@ -330,16 +370,18 @@ def write_results(path: str, rows, caches, rates) -> None:
            f'{len(scratch)} seed(s). Gap recovered: (scratch - run) / '
            f'(scratch - teacher), scratch and teacher {statistics.mean(scratch):.4f} '
            f'and {teacher:.4f}.', '',
-           '| run | lr | bits/char | KL(teacher \\|\\| student) nats | gap '
-           'recovered | seeds better than scratch | train s |',
-           '|---|---|---|---|---|---|---|']
+           '| run | lr | alpha | bits/char | KL(teacher \\|\\| student) nats '
+           '| gap recovered | seeds better than scratch | train s |',
+           '|---|---|---|---|---|---|---|---|']
   for name, summaries in rows.items():
     bits = [s['eval'][split]['bits_per_token'] for s in summaries]
     kl = [s['eval'][split].get('kl_to_teacher') for s in summaries]
     recovered = [(statistics.mean(scratch) - b) / gap for b in bits]
     seconds = [s.get('train_seconds', 0.0) for s in summaries]
     lines.append(
-        f'| {name} | {rates[name]:g} | {cell(bits)} | '
+        f'| {name} | {rates[name]:g} | '
+        f'{"-" if name == "teacher" else f"{run_alpha(alphas, name):g}"} | '
+        f'{cell(bits)} | '
         f'{cell(kl) if None not in kl else "-"} | '
         f'{cell(recovered, 2) if name != "teacher" else "-"} | '
         f'{better(bits, scratch) if name not in ("teacher", "scratch") else "-"} | '
