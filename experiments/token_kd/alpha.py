@@ -41,10 +41,7 @@ def main(argv=None):
   parser.add_argument('--chosen_rates', default='',
                       help='a learning_rate.py JSON: each run it names '
                       'trains at its chosen rate')
-  parser.add_argument('--out_dir', default=os.path.dirname(
-      os.path.abspath(__file__)))
-  parser.add_argument('--name', default='alpha',
-                      help='the stem of the .md and .json written')
+  learning_rate.add_choice_flags(parser, 'alpha')
   args = parser.parse_args(argv)
   names = token_kd.parse_runs(args.runs)
   if 'scratch' in names:

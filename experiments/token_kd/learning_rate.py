@@ -41,6 +41,14 @@ def teacher_rate_dir(args, rate: float) -> str:
                       'teacher')
 
 
+def add_choice_flags(parser: argparse.ArgumentParser, name: str) -> None:
+  """--out_dir and --name (default `name`): where write_choice writes."""
+  parser.add_argument('--out_dir', default=os.path.dirname(
+      os.path.abspath(__file__)))
+  parser.add_argument('--name', default=name,
+                      help='the stem of the .md and .json written')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   token_kd.add_study_flags(parser)
@@ -50,10 +58,7 @@ def main(argv=None):
   parser.add_argument('--teacher_learning_rates', default='',
                       help='also train the teacher at these rates and add '
                       'its row')
-  parser.add_argument('--out_dir', default=os.path.dirname(
-      os.path.abspath(__file__)))
-  parser.add_argument('--name', default='learning_rate',
-                      help='the stem of the .md and .json written')
+  add_choice_flags(parser, 'learning_rate')
   args = parser.parse_args(argv)
   names = token_kd.parse_runs(args.runs)
   rates = [float(r) for r in args.learning_rates.split(',') if r]
