@@ -1086,3 +1086,22 @@ def test_token_kd_alphas_are_chosen_per_run_on_validation(
                 f'--chosen_alphas={tmp_path / "alphas.json"}'])
   with pytest.raises(ValueError, match=r'--alphas=.*in \(0, 1\]'):
     module.main([f'--workdir={tmp_path}', '--tiny', '--alphas=0,0.5'])
+
+
+def test_the_token_kd_study_exports_and_reads_caches_in_cache_root(
+    tmp_path, monkeypatch):
+  module = _script('token_kd', 'run.py')
+  exported, trained = [], []
+  monkeypatch.setattr(module.lm_cache, 'export',
+                      lambda c, d, k, **kw: exported.append(d))
+  monkeypatch.setattr(module, 'run', lambda c, d: trained.append(c) or {
+      'eval': {'v': {'bits_per_token': 1.0}}})
+  monkeypatch.setattr(module, 'write_results', lambda *a: None)
+  module.main([f'--workdir={tmp_path}', '--tiny', '--seeds=0',
+               '--runs=top-16 kl tail',
+               f'--cache_root={tmp_path / "fresh"}'])
+  assert exported == [str(tmp_path / 'fresh' / 'cache_top16')]
+  assert trained[1].distill.cache_dir == str(tmp_path / 'fresh' /
+                                             'cache_top16')
+  # The teacher stays where it is.
+  assert trained[1].distill.teacher_workdir == str(tmp_path / 'teacher')

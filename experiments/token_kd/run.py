@@ -133,7 +133,10 @@ def add_study_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--teacher_workdir', default='',
                       help='the teacher\'s run (trained there if unfinished; '
                       'default <workdir>/teacher); its caches are written '
-                      'beside it')
+                      'beside it unless --cache_root says where')
+  parser.add_argument('--cache_root', default='',
+                      help='the folder the teacher\'s caches are exported '
+                      'to and read from (default: the teacher\'s parent)')
   parser.add_argument('--pair', default='small', choices=sorted(PAIRS),
                       help='small: teacher 4 x 128 (834k params), student '
                       '2 x 48 (72k); large: teacher 6 x 192 (2.7M), student '
@@ -208,10 +211,10 @@ def cache_k(name: str) -> tuple[int, str] | None:
 
 def export_caches(args, names) -> dict[tuple[int, str], str]:
   """{(k, form): cache dir} for the cached runs among `names`, each
-  exported beside the teacher unless it is there."""
+  exported beside the teacher (or in --cache_root) unless it is there."""
   caches = {}
   for k, form in sorted({cache_k(n) for n in names} - {None}):
-    out = os.path.join(os.path.dirname(teacher_dir(args)),
+    out = os.path.join(args.cache_root or os.path.dirname(teacher_dir(args)),
                        f'cache_top{k}' + (f'_{form}' if form else ''))
     layout = {}
     if form == 'positions':
