@@ -1086,6 +1086,21 @@ def test_token_kd_alphas_are_chosen_per_run_on_validation(
                 f'--chosen_alphas={tmp_path / "alphas.json"}'])
   with pytest.raises(ValueError, match=r'--alphas=.*in \(0, 1\]'):
     module.main([f'--workdir={tmp_path}', '--tiny', '--alphas=0,0.5'])
+  # Over several seeds the mean decides: seed 1 turns online kl to 0.5.
+  bits['online_kl', 0.9, 1] = 2.7
+  monkeypatch.setattr(study, 'run', lambda c, d: {'eval': {'validation': {
+      'bits_per_token': 2.0 if os.path.basename(d) == 'teacher' else bits.get(
+          (os.path.basename(d), c.distill.alpha, c.seed),
+          bits[os.path.basename(d), c.distill.alpha])}}})
+  module.main([f'--workdir={tmp_path}', '--tiny', '--runs=online kl',
+               '--alphas=0.5,0.9', '--seeds=0,1', f'--out_dir={tmp_path}',
+               '--name=seeds'])
+  with open(tmp_path / 'seeds.json') as f:
+    assert json.load(f)['chosen'] == {'online kl': 0.5}
+  with open(tmp_path / 'seeds.md') as f:
+    text = f.read()
+  assert 'at each alpha, the mean of seeds 0,1 (' in text
+  assert '| online kl | 2.5000 | 2.5500 | 0.5 |' in text
 
 
 def test_the_token_kd_study_exports_and_reads_caches_in_cache_root(

@@ -90,15 +90,17 @@ def main(argv=None):
 
 
 def write_choice(args, argv, script: str, what: str, label: str, split: str,
-                 table, names, columns) -> dict[str, float]:
+                 table, names, columns, seeds: str = 'seed 0'
+                 ) -> dict[str, float]:
   """<out_dir>/<name>.md and .json: validation bits of each run (`table`:
   {(run, value): bits}) at each of `columns` (values of `what`, headed
-  '<label> <value>'), and the value with the fewest bits per run, which
-  the JSON's 'chosen' gives as {run: value}."""
+  '<label> <value>'; bits of `seeds`, words for the table's first line),
+  and the value with the fewest bits per run, which the JSON's 'chosen'
+  gives as {run: value}."""
   flags = shlex.join(a for a in (sys.argv[1:] if argv is None else argv)
                      if not a.startswith('--out_dir'))
   lines = [f'Validation ({split}) bits per character at each {what}, '
-           f'seed 0 (`python experiments/token_kd/{script} {flags}`); '
+           f'{seeds} (`python experiments/token_kd/{script} {flags}`); '
            'the lowest per run is chosen.', '',
            '| run | ' + ' | '.join(f'{label} {r:g}' for r in columns)
            + ' | chosen |', '|---|' + '---|' * (len(columns) + 1)]
