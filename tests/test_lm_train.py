@@ -1120,3 +1120,26 @@ def test_the_token_kd_study_exports_and_reads_caches_in_cache_root(
                                              'cache_top16')
   # The teacher stays where it is.
   assert trained[1].distill.teacher_workdir == str(tmp_path / 'teacher')
+
+
+def test_compare_caches_counts_entries_that_differ_in_ulps(tmp_path):
+  module = _script('token_kd', 'compare_caches.py')
+  logits = np.array([[1.0, 0.5], [0.25, 2.0]], np.float16)
+  for name, bump in (('a', 0), ('b', 1)):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / 'manifest.json', 'w') as f:
+      json.dump({'k': 2, 'teacher_workdir': name}, f)
+    changed = logits.copy()
+    if bump:  # One float16 step up.
+      changed[1, 1] = np.nextafter(changed[1, 1], np.float16(9))
+    np.save(tmp_path / name / 'topk_logits.npy', changed)
+    np.save(tmp_path / name / 'topk_indices.npy', np.zeros((2, 2), np.uint8))
+    np.save(tmp_path / name / 'rest_mass.npy', np.zeros(2, np.float16))
+  got = module.compare(str(tmp_path / 'a'), str(tmp_path / 'b'))
+  assert got['topk_logits'] == dict(shape=[2, 2], entries=4, differ=1,
+                                    max_ulps=1.0)
+  assert got['topk_indices']['differ'] == got['rest_mass']['differ'] == 0
+  with open(tmp_path / 'b' / 'manifest.json', 'w') as f:
+    json.dump({'k': 4, 'teacher_workdir': 'b'}, f)
+  with pytest.raises(ValueError, match=r"manifests differ in \['k'\]"):
+    module.compare(str(tmp_path / 'a'), str(tmp_path / 'b'))

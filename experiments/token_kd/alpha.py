@@ -5,19 +5,18 @@ labels'), chosen on validation.
       --runs='online kl,top-16 kl tail' --alphas=0.3,0.5,0.7,0.9
 
 Seed 0 (or each of --seeds) of each distilled run named by --runs at
-every alpha of --alphas,
-each at its learning rate (--chosen_rates, a `learning_rate.py` JSON, else
-its role's rate flag), on the study's teacher, data and schedule
-(`run.py`, with the same flags). The run at alpha 0.5 is the study's own
-seed-s run; the others live in <workdir>/alpha<alpha>/seed<s> (under
-learning_rate/lr<rate> where the rate is not the role's). Finished runs are
-read, not retrained.
+every alpha of --alphas, each at its learning rate (--chosen_rates, a
+`learning_rate.py` JSON, else its role's rate flag), on the study's
+teacher, data and schedule (`run.py`, with the same flags). The run at
+alpha 0.5 is the study's own seed-s run; the others live in
+<workdir>/alpha<alpha>/seed<s> (under learning_rate/lr<rate> where the
+rate is not the role's). Finished runs are read, not retrained.
 
 Each run's validation bits per character, averaged over the seeds,
 decide, as for the rates (tiny-shakespeare has no third split): alphas
-whose bits differ by less than the seeds' spread need several seeds. Writes <name>.md and <name>.json
-(the table and {run: chosen alpha}, what run.py --chosen_alphas reads) to
---out_dir.
+whose bits differ by less than the seeds' spread need several seeds.
+Writes <name>.md and <name>.json (the table and {run: chosen alpha}, what
+run.py --chosen_alphas reads) to --out_dir.
 """
 
 import argparse

@@ -36,10 +36,11 @@ multiple of 16, each target from the student's own context); --runs
 picks some. A run at its role's rate and alpha 0.5 lives in
 <workdir>/seed<s>/<name>, at any other rate in
 <workdir>/learning_rate/lr<rate>/seed<s>/<name>, at any other alpha one
-folder alpha<alpha> deeper (<workdir>/alpha<alpha>/seed<s>/<name>). The measure is validation
-bits per character (the last 10% of the text, nanoGPT's split) and
-KL(teacher || student) there; the results table (--out) lists every run,
-its rate and the share of the teacher-scratch gap it recovers.
+folder alpha<alpha> deeper (<workdir>/alpha<alpha>/seed<s>/<name>). The
+measure is validation bits per character (the last 10% of the text,
+nanoGPT's split) and KL(teacher || student) there; the results table
+(--out) lists every run, its rate, its alpha and the share of the
+teacher-scratch gap it recovers.
 """
 
 import argparse
