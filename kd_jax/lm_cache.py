@@ -13,11 +13,15 @@ from the context the student sees. For window w, position j (target token
 w * L + j + 1) the cache holds
 
 - `topk_logits.npy` [W, L, k] (`dtype`, float16 by default): the teacher's
-  k largest logits, largest first;
+  k largest logits, largest first; with dtype uint8 each as its distance
+  below the largest in steps of `step` logits (1/16 by default), rounded
+  and capped at 255 steps: k bytes where float16 takes 2k, and `lookup`
+  gives them back as logits up to a shift (the largest 0), which is all
+  a sparse divergence reads;
 - `topk_indices.npy` [W, L, k] uint8 (int32 above 256 tokens): their ids;
-- `rest_mass.npy` [W, L] (`dtype`): the teacher's probability of every
-  other token at `temperature`, the tail bucket of
-  `losses.sparse_token_divergence`;
+- `rest_mass.npy` [W, L] (`dtype`; float16 when that is uint8): the
+  teacher's probability of every other token at `temperature`, the tail
+  bucket of `losses.sparse_token_divergence`;
 - `manifest.json`: the teacher (workdir, step, checksum of its params,
   model), vocabulary, k, temperature, window length, dataset, split, the
   SHA-256 of the split's tokens, the counts, dtypes and the storage per
@@ -77,12 +81,17 @@ from kd_jax import checkpointing
 from kd_jax.data import text
 from kd_jax.teachers import cache as logits_cache
 
-__all__ = ['Cache', 'Shard', 'export', 'load', 'lookup']
+__all__ = ['Cache', 'Shard', 'dequantize', 'export', 'load', 'lookup',
+           'quantize']
 
 MANIFEST = 'manifest.json'
 FORMAT = 1
 FILES = ('topk_logits', 'topk_indices', 'rest_mass')
 LAYOUTS = ('windows', 'positions')
+DTYPES = ('float16', 'float32', 'uint8')
+# uint8 caches: the top-k logits' distances below the largest, in steps of
+# STEP logits (16 steps per logit: at most 1/32 off, up to 15.9 below).
+STEP = 1 / 16
 
 
 def corpus_checksum(tokens: np.ndarray) -> str:
@@ -93,8 +102,27 @@ def _index_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint8 if vocab_size <= 256 else np.int32)
 
 
-def _top_k(teacher, temperature: float, k: int):
-  """Jitted (params, inputs) -> (top-k logits, ids, rest mass at T)."""
+def _rest_dtype(dtype: str) -> np.dtype:
+  """The tail mass's dtype in a cache of `dtype` values."""
+  return np.dtype('float16' if dtype == 'uint8' else dtype)
+
+
+def quantize(values: jax.Array, step: float) -> jax.Array:
+  """Top-k logits (largest first, [..., k]) as uint8 steps of `step`
+  below the largest, rounded and capped at 255."""
+  gaps = jnp.round((values[..., :1] - values) / step)
+  return jnp.clip(gaps, 0, 255).astype(jnp.uint8)
+
+
+def dequantize(steps: np.ndarray, step: float) -> np.ndarray:
+  """`quantize`'s steps as float32 logits up to a shift (the largest
+  0)."""
+  return (steps.astype(np.float32) * np.float32(-step)).astype(np.float32)
+
+
+def _top_k(teacher, temperature: float, k: int, step: float | None = None):
+  """Jitted (params, inputs) -> (top-k logits, ids, rest mass at T); the
+  logits `quantize`d when `step` is given."""
 
   @jax.jit
   def fn(params, inputs):
@@ -103,6 +131,8 @@ def _top_k(teacher, temperature: float, k: int):
     log_p = jax.nn.log_softmax(logits / temperature)
     top = jnp.take_along_axis(log_p, indices, -1)
     rest = jnp.clip(1.0 - jnp.sum(jnp.exp(top), -1), 0.0, 1.0)
+    if step is not None:
+      values = quantize(values, step)
     return values, indices, rest
   return fn
 
@@ -135,15 +165,18 @@ def _process_share(process_index: int | None, process_count: int | None
 
 def _check_export(config: ml_collections.ConfigDict, k: int,
                   temperature: float, dtype: str, layout: str,
-                  stride: int | None) -> int:
+                  stride: int | None, step: float) -> int:
   """Refuses bad export settings by name; the positions layout's stride."""
   if not 1 <= k <= config.vocab_size:
     raise ValueError(f'k={k} must be in [1, config.vocab_size '
                      f'{config.vocab_size}].')
   if not temperature > 0:
     raise ValueError(f'temperature={temperature} must be > 0.')
-  if dtype not in ('float16', 'float32'):
-    raise ValueError(f'dtype={dtype!r}; choose float16 or float32.')
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype={dtype!r}; choose one of {DTYPES}.')
+  if not (np.isfinite(step) and step > 0):
+    raise ValueError(f'step={step} must be a finite number > 0 (the uint8 '
+                     'logit step).')
   if layout not in LAYOUTS:
     raise ValueError(f'layout={layout!r}; choose one of {LAYOUTS}.')
   if stride is None:
@@ -160,7 +193,8 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
            dtype: str = 'float16', batch_size: int = 64,
            overwrite: bool = False, process_index: int | None = None,
            process_count: int | None = None, layout: str = 'windows',
-           stride: int | None = None) -> dict[str, Any]:
+           stride: int | None = None, step: float = STEP
+           ) -> dict[str, Any]:
   """Writes the cache of `config.distill.teacher_workdir`'s teacher over
   `split` (default `config.train_split`) to `out`; its manifest.
 
@@ -170,7 +204,8 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
   `config.length // 2`; module docstring).
 
   `temperature` (default `config.distill.temperature`) is the one the tail
-  mass is taken at: a run must train at it. `process_index` of
+  mass is taken at: a run must train at it. `dtype` 'uint8' stores the
+  logits as `step`s below each position's largest (module docstring). `process_index` of
   `process_count` (default: this JAX process of all) writes that share of
   the windows to `out/shard-i-of-n/` (`out` itself when n is 1).
   """
@@ -182,7 +217,8 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
   temperature = float(config.distill.temperature if temperature is None
                       else temperature)
   split = split or config.train_split
-  stride = _check_export(config, k, temperature, dtype, layout, stride)
+  stride = _check_export(config, k, temperature, dtype, layout, stride,
+                         step)
   index, count = _process_share(process_index, process_count)
   # Each process checks before any writes (on a shared disk all see the
   # same, and none waits at the barrier for one that refused); the other
@@ -219,13 +255,14 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
   value_dtype = np.dtype(dtype)
   write = functools.partial(_write_windows if layout == 'windows'
                             else _write_positions, stride=stride)
-  write(directory, fn=_top_k(teacher, temperature, k), params=params,
-        tokens=tokens, length=length, k=k, windows=(first, end),
-        batch_size=batch_size, value_dtype=value_dtype,
-        index_dtype=_index_dtype(config.vocab_size))
+  quantized = step if dtype == 'uint8' else None
+  write(directory, fn=_top_k(teacher, temperature, k, quantized),
+        params=params, tokens=tokens, length=length, k=k,
+        windows=(first, end), batch_size=batch_size,
+        value_dtype=value_dtype, index_dtype=_index_dtype(config.vocab_size))
   item_bytes = (k * value_dtype.itemsize
                 + k * _index_dtype(config.vocab_size).itemsize
-                + value_dtype.itemsize)
+                + _rest_dtype(dtype).itemsize)
   manifest = dict(
       format=FORMAT, teacher_workdir=os.path.abspath(
           config.distill.teacher_workdir),
@@ -238,6 +275,8 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
       num_windows=int(windows), dtype=dtype,
       bytes_per_token=item_bytes,
       dense_float16_bytes_per_token=2 * int(config.vocab_size))
+  if quantized is not None:
+    manifest.update(step=float(step), rest_dtype=str(_rest_dtype(dtype)))
   if layout == 'positions':
     manifest.update(layout=layout, stride=stride,
                     num_positions=max(0, len(tokens) - 1))
@@ -260,7 +299,7 @@ def _open_arrays(directory: str, rows: tuple[int, ...], k: int,
   `rows` (the leading shape) by k, and the tail mass by `rows`."""
   shapes = dict(topk_logits=((*rows, k), value_dtype),
                 topk_indices=((*rows, k), index_dtype),
-                rest_mass=(rows, value_dtype))
+                rest_mass=(rows, _rest_dtype(value_dtype.name)))
   return {name: np.lib.format.open_memmap(
       os.path.join(directory, f'{name}.npy'), mode='w+', dtype=d, shape=s)
           for name, (s, d) in shapes.items()}
@@ -450,6 +489,13 @@ def load(cache_dir: str, config: ml_collections.ConfigDict,
     raise ValueError(f'{field}={cache_dir!r} has layout '
                      f'{manifest["layout"]!r}, which this kd_jax does not '
                      f'read ({LAYOUTS}): export the cache again.')
+  if manifest.get('dtype') not in DTYPES or (
+      manifest['dtype'] == 'uint8' and not manifest.get('step', 0) > 0):
+    raise ValueError(f'{field}={cache_dir!r} has dtype '
+                     f'{manifest.get("dtype")!r} (step '
+                     f'{manifest.get("step")!r}), which this kd_jax does not '
+                     f'read ({DTYPES}, uint8 with a step > 0): export the '
+                     'cache again.')
   shares = [_check_shard(cache_dir, name, m, manifests[0], len(names))
             for name, m in zip(names, manifests)]
   if process_index is None:
@@ -459,27 +505,37 @@ def load(cache_dir: str, config: ml_collections.ConfigDict,
                         manifest['length'], manifest['stride'])
             for first, n in shares]
     return Cache(manifest=manifest, num_shares=1, shards=tuple(
-        _open_shard(cache_dir, name, first, (end - first,))
+        _open_shard(cache_dir, name, first, (end - first,),
+                    manifest['dtype'])
         for name, (first, end) in zip(names, rows)))
   local = logits_cache.local_shards(names, process_index, process_count)
   return Cache(manifest=manifest, num_shares=len(names), shards=tuple(
       _open_shard(cache_dir, name, shares[names.index(name)][0],
-                  (shares[names.index(name)][1], manifest['length']))
+                  (shares[names.index(name)][1], manifest['length']),
+                  manifest['dtype'])
       for name in local))
 
 
 def _open_shard(cache_dir: str, name: str, first: int,
-                shape: tuple[int, ...]) -> Shard:
-  """Shard `name` of `cache_dir`, its arrays' leading `shape` checked."""
+                shape: tuple[int, ...], dtype: str) -> Shard:
+  """Shard `name` of `cache_dir`, its arrays' leading `shape` and the
+  value and tail dtypes (the manifest's `dtype`) checked."""
   directory = os.path.join(cache_dir, name)
   arrays = {array: np.load(os.path.join(directory, f'{array}.npy'),
                            mmap_mode='r') for array in FILES}
+  dtypes = dict(topk_logits=np.dtype(dtype), rest_mass=_rest_dtype(dtype))
   for array, values in arrays.items():
     if values.shape[:len(shape)] != shape:
       raise ValueError(f'config.distill.cache_dir={cache_dir!r}: '
                        f'{os.path.join(name, array)}.npy has shape '
                        f'{values.shape}, not the manifest\'s {shape}; '
                        'export the cache again.')
+    if array in dtypes and values.dtype != dtypes[array]:
+      raise ValueError(f'config.distill.cache_dir={cache_dir!r}: '
+                       f'{os.path.join(name, array)}.npy holds '
+                       f'{values.dtype}, not the {dtypes[array]} of the '
+                       f'manifest\'s dtype {dtype!r}; export the cache '
+                       'again.')
   return Shard(name=name, first_row=first, **arrays)
 
 
@@ -507,8 +563,9 @@ def _gather(cache: Cache, array: str, windows: np.ndarray,
 def lookup(cache: Cache, batch: dict[str, np.ndarray]) -> dict[str, Any]:
   """`batch` (aligned windows for the windows layout, any for positions;
   `start` -1 for padding rows) with its sparse teacher targets added:
-  `topk_logits` float32 [B, L, k], `topk_indices` int32 [B, L, k],
-  `rest_mass` float32 [B, L]; zeros where `mask` is False."""
+  `topk_logits` float32 [B, L, k] (of a uint8 cache: `dequantize`d, the
+  largest 0), `topk_indices` int32 [B, L, k], `rest_mass` float32 [B, L];
+  zeros where `mask` is False."""
   length = cache.manifest['length']
   if cache.layout == 'positions':
     # Target t of row b is token start[b] + 1 + t: row start[b] + t.
@@ -524,6 +581,8 @@ def lookup(cache: Cache, batch: dict[str, np.ndarray]) -> dict[str, Any]:
                        ('topk_indices', np.int32),
                        ('rest_mass', np.float32)):
     values = _gather(cache, array, rows, valid)
+    if array == 'topk_logits' and cache.manifest['dtype'] == 'uint8':
+      values = dequantize(values, cache.manifest['step'])
     out[array] = values.reshape(*shape, *values.shape[1:]).astype(dtype)
   return out
 
@@ -539,7 +598,10 @@ def define_flags() -> None:
   flags.DEFINE_float('temperature', None, 'Temperature of the tail mass '
                      '(default: config.distill.temperature).')
   flags.DEFINE_string('split', None, 'Split (default: config.train_split).')
-  flags.DEFINE_string('dtype', 'float16', 'float16 or float32.')
+  flags.DEFINE_enum('dtype', 'float16', DTYPES, 'The top-k logits\' dtype; '
+                    'uint8: steps of --step below each position\'s '
+                    'largest (the tail mass in float16).')
+  flags.DEFINE_float('step', STEP, 'The logit step of a uint8 cache.')
   flags.DEFINE_bool('overwrite', False, 'Replace a cache in --out.')
   flags.DEFINE_enum('layout', 'windows', LAYOUTS, 'windows: keyed by tiling '
                     'window (a run draws those); positions: by position (a '
@@ -560,7 +622,7 @@ def main(argv) -> None:
   multihost.initialize(f)
   manifest = export(f.config, f.out, k=f.k, temperature=f.temperature,
                     split=f.split, dtype=f.dtype, overwrite=f.overwrite,
-                    layout=f.layout, stride=f.stride)
+                    layout=f.layout, stride=f.stride, step=f.step)
   where = f.out
   if 'shard' in manifest:
     share = manifest['shard']

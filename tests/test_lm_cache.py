@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kd_jax import lm_cache
+from kd_jax import losses
 from kd_jax import lm_train
 from kd_jax import models
 from kd_jax.config_lib import load_config
@@ -277,3 +278,97 @@ def test_a_windows_cache_with_a_stride_holds_overlapping_windows(tmp_path):
   np.testing.assert_array_equal(np.asarray(batch['inputs']), text.train_batch(
       TOKENS, seed=c.seed, step=4, batch_size=c.batch_size, length=LENGTH,
       aligned=True, stride=STRIDE)['inputs'])
+
+
+def test_quantized_logits_are_steps_below_the_largest_capped_at_255():
+  values = jnp.array([[5.0, 4.97, 4.0, 3.0 - 3 / 64, -20.0]])
+  steps = lm_cache.quantize(values, 1 / 16)
+  assert steps.dtype == jnp.uint8
+  np.testing.assert_array_equal(steps, [[0, 0, 16, 33, 255]])
+  got = lm_cache.dequantize(np.asarray(steps), 1 / 16)
+  assert got.dtype == np.float32
+  # Within half a step of the largest-relative logits, but the capped one.
+  np.testing.assert_allclose(got[0, :4], values[0, :4] - 5.0, atol=1 / 32)
+  assert got[0, 4] == -255 / 16
+
+
+def test_a_uint8_cache_is_the_float16_caches_logits_to_half_a_step(tmp_path):
+  out = {}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(lm_train, '_load_teacher', random_teacher)
+    patch.setattr(text, 'load_split', lambda *args: TOKENS)
+    for dtype in ('float16', 'uint8'):
+      out[dtype] = str(tmp_path / dtype)
+      manifest = lm_cache.export(config(), out[dtype], k=6, dtype=dtype,
+                                 step=1 / 64, layout='positions',
+                                 stride=STRIDE)
+  # k bytes of steps, k of ids and a float16 tail: 2k + 2.
+  assert manifest['bytes_per_token'] == 14
+  assert (manifest['dtype'], manifest['step'], manifest['rest_dtype']) == (
+      'uint8', 1 / 64, 'float16')
+  caches = {d: lm_cache.load(o, config(), TOKENS) for d, o in out.items()}
+  assert caches['uint8'].shards[0].topk_logits.dtype == np.uint8
+  batch = text.train_batch(TOKENS, seed=0, step=3, batch_size=8,
+                           length=LENGTH)
+  got = {d: lm_cache.lookup(c, batch) for d, c in caches.items()}
+  for key in ('topk_indices', 'rest_mass'):
+    np.testing.assert_array_equal(got['uint8'][key], got['float16'][key])
+  valid = batch['mask']
+  exact = got['float16']['topk_logits']
+  exact = exact - exact[..., :1]
+  quantized = got['uint8']['topk_logits']
+  assert np.all(quantized[..., 0] == 0)
+  # Half a step, and the float16 logits' own rounding (|logit| < 8).
+  np.testing.assert_allclose(quantized[valid], exact[valid],
+                             atol=1 / 128 + 2 * 2**-8)
+  assert np.abs(quantized[valid] - exact[valid]).max() > 0  # Not the same.
+  # The sparse KL from either is nearly the same.
+  student = jax.random.normal(jax.random.key(1), (*valid.shape, 256))
+  kl = {d: np.asarray(losses.sparse_token_divergence(
+      student, g['topk_logits'], g['topk_indices'], g['rest_mass'],
+      where=valid)) for d, g in got.items()}
+  # (A first-order change: each position within 2% of the mean KL,
+  # the mean within 1%.)
+  scale = kl['float16'][valid].mean()
+  np.testing.assert_allclose(kl['uint8'], kl['float16'], atol=scale / 50)
+  assert abs(kl['uint8'][valid].mean() / scale - 1) < 0.01
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(dtype='int8'), r"dtype='int8'; choose one of \('float16'"),
+    (dict(dtype='uint8', step=0.0), 'step=0.0 must be a finite number > 0'),
+])
+def test_bad_cache_dtypes_and_steps_are_refused_by_name(tmp_path, kwargs,
+                                                        match):
+  with pytest.raises(ValueError, match=match):
+    lm_cache.export(config(), str(tmp_path / 'c'), k=4, **kwargs)
+
+
+def test_a_cache_whose_arrays_are_not_its_manifests_dtype_is_refused(caches,
+                                                                     tmp_path):
+  def as_uint8(out):
+    for name in SHARDS:
+      path = os.path.join(out, name, lm_cache.MANIFEST)
+      with open(path) as f:
+        manifest = json.load(f)
+      with open(path, 'w') as f:
+        json.dump(dict(manifest, dtype='uint8', step=1 / 16), f)
+
+  with pytest.raises(ValueError, match=r'topk_logits.npy holds float16, not '
+                     r"the uint8 of the manifest's dtype 'uint8'"):
+    lm_cache.load(edited_copy(caches[1], tmp_path, as_uint8), config(),
+                  TOKENS)
+
+  def unknown(out):
+    as_uint8(out)
+    for name in SHARDS:
+      path = os.path.join(out, name, lm_cache.MANIFEST)
+      with open(path) as f:
+        manifest = json.load(f)
+      with open(path, 'w') as f:
+        json.dump(dict(manifest, dtype='bfloat16'), f)
+
+  with pytest.raises(ValueError, match=r"has dtype 'bfloat16' .*export the "
+                     'cache again'):
+    lm_cache.load(edited_copy(caches[1], tmp_path / 'b', unknown), config(),
+                  TOKENS)

@@ -374,7 +374,7 @@ def test_lm_studies_run_every_divergence_cache_and_generation_mode(tmp_path):
   # Scratch, each divergence, kl on aligned windows, each cache.
   assert len(rows) == (2 + len(module.DIVERGENCES) + 1 + len(module.CACHES)
                        + len(module.POSITION_CACHES)
-                       + len(module.STRIDE_CACHES))
+                       + len(module.STRIDE_CACHES) + len(module.UINT8_CACHES))
   for name, summaries in rows.items():
     r = next(iter(summaries[0]['eval'].values()))
     assert np.isfinite(r['bits_per_token']), name
@@ -1120,6 +1120,25 @@ def test_the_token_kd_study_exports_and_reads_caches_in_cache_root(
                                              'cache_top16')
   # The teacher stays where it is.
   assert trained[1].distill.teacher_workdir == str(tmp_path / 'teacher')
+
+
+def test_the_token_kd_studys_uint8_caches_are_exported_as_uint8(
+    tmp_path, monkeypatch):
+  module = _script('token_kd', 'run.py')
+  exported, trained = [], []
+  monkeypatch.setattr(module.lm_cache, 'export',
+                      lambda c, d, k, **kw: exported.append((d, k, kw)))
+  monkeypatch.setattr(module, 'run', lambda c, d: trained.append(c) or {
+      'eval': {'v': {'bits_per_token': 1.0}}})
+  monkeypatch.setattr(module, 'write_results', lambda *a: None)
+  module.main([f'--workdir={tmp_path}', '--tiny', '--seeds=0',
+               '--runs=top-24 kl tail uint8,top-16 kl tail'])
+  assert exported == [(str(tmp_path / 'cache_top16'), 16, {}),
+                      (str(tmp_path / 'cache_top24_uint8'), 24,
+                       {'dtype': 'uint8'})]
+  assert [c.distill.cache_dir for c in trained[1:]] == [
+      str(tmp_path / 'cache_top24_uint8'), str(tmp_path / 'cache_top16')]
+  assert trained[1].distill.convention == 'tail'
 
 
 def test_compare_caches_counts_entries_that_differ_in_ulps(tmp_path):

@@ -32,7 +32,10 @@ positions', top-64, top-256: every token; windows at any offset, each
 target predicted by the teacher from 33-64 tokens of context), and from a
 top-16 cache of windows every 16 tokens ('top-16 kl tail stride16': four
 overlapping tilings, 4x the bytes per character of text; windows at any
-multiple of 16, each target from the student's own context); --runs
+multiple of 16, each target from the student's own context), and from
+tiling caches whose logits are uint8 steps below each position's largest
+('top-16 kl tail uint8', 'top-24 kl tail uint8': 2k + 2 bytes per token,
+top-24 in the bytes of a float16 top-16; `lm_cache` dtype uint8); --runs
 picks some. A run at its role's rate and alpha 0.5 lives in
 <workdir>/seed<s>/<name>, at any other rate in
 <workdir>/learning_rate/lr<rate>/seed<s>/<name>, at any other alpha one
@@ -78,6 +81,8 @@ POSITION_CACHES = ((16, 'kl', 'tail'), (64, 'kl', 'tail'), (256, 'kl', 'tail'))
 # Caches of windows that overlap (every `stride` tokens): runs that draw
 # windows at any multiple of it.
 STRIDE_CACHES = ((16, 'kl', 'tail', 16),)
+# Tiling caches of uint8 logits (`lm_cache` dtype uint8).
+UINT8_CACHES = ((16, 'kl', 'tail'), (24, 'kl', 'tail'))
 
 # The flag that sets each role's learning rate (None: the config's 1e-3).
 CONFIG_RATE = 1e-3
@@ -186,7 +191,8 @@ def run_names() -> list[str]:
           + ['online kl aligned']
           + [f'top-{k} {d} {c}' for k, d, c in CACHES]
           + [f'top-{k} {d} {c} positions' for k, d, c in POSITION_CACHES]
-          + [f'top-{k} {d} {c} stride{n}' for k, d, c, n in STRIDE_CACHES])
+          + [f'top-{k} {d} {c} stride{n}' for k, d, c, n in STRIDE_CACHES]
+          + [f'top-{k} {d} {c} uint8' for k, d, c in UINT8_CACHES])
 
 
 def parse_runs(runs: str) -> list[str]:
@@ -203,7 +209,8 @@ def parse_runs(runs: str) -> list[str]:
 def cache_k(name: str) -> tuple[int, str] | None:
   """(k, form) of a cached run's name: 'top-16 kl tail' -> (16, ''),
   'top-16 kl tail positions' -> (16, 'positions'), 'top-16 kl tail
-  stride16' -> (16, 'stride16'); None for the others."""
+  stride16' -> (16, 'stride16'), 'top-24 kl tail uint8' -> (24, 'uint8');
+  None for the others."""
   if not name.startswith('top-'):
     return None
   words = name.split()
@@ -220,6 +227,8 @@ def export_caches(args, names) -> dict[tuple[int, str], str]:
     layout = {}
     if form == 'positions':
       layout = {'layout': 'positions'}
+    elif form == 'uint8':
+      layout = {'dtype': 'uint8'}
     elif form:
       layout = {'stride': int(form[len('stride'):])}
     if not os.path.exists(os.path.join(out, lm_cache.MANIFEST)):
