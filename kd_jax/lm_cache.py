@@ -260,9 +260,6 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
         params=params, tokens=tokens, length=length, k=k,
         windows=(first, end), batch_size=batch_size,
         value_dtype=value_dtype, index_dtype=_index_dtype(config.vocab_size))
-  item_bytes = (k * value_dtype.itemsize
-                + k * _index_dtype(config.vocab_size).itemsize
-                + _rest_dtype(dtype).itemsize)
   manifest = dict(
       format=FORMAT, teacher_workdir=os.path.abspath(
           config.distill.teacher_workdir),
@@ -272,11 +269,8 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
       temperature=temperature, length=int(length),
       dataset=config.dataset, split=split,
       corpus_sha256=corpus_checksum(tokens), num_tokens=int(len(tokens)),
-      num_windows=int(windows), dtype=dtype,
-      bytes_per_token=item_bytes,
-      dense_float16_bytes_per_token=2 * int(config.vocab_size))
-  if quantized is not None:
-    manifest.update(step=float(step), rest_dtype=str(_rest_dtype(dtype)))
+      num_windows=int(windows),
+      **_storage(int(config.vocab_size), k, dtype, step))
   if layout == 'positions':
     manifest.update(layout=layout, stride=stride,
                     num_positions=max(0, len(tokens) - 1))
@@ -290,6 +284,19 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
     json.dump(manifest, f, indent=2)
   os.replace(tmp, os.path.join(directory, MANIFEST))
   return manifest
+
+
+def _storage(vocab_size: int, k: int, dtype: str, step: float
+             ) -> dict[str, Any]:
+  """The manifest's dtype fields and bytes per token (against dense
+  float16 logits)."""
+  fields = dict(dtype=dtype, bytes_per_token=(
+      k * np.dtype(dtype).itemsize + k * _index_dtype(vocab_size).itemsize
+      + _rest_dtype(dtype).itemsize),
+                dense_float16_bytes_per_token=2 * vocab_size)
+  if dtype == 'uint8':
+    fields.update(step=float(step), rest_dtype=str(_rest_dtype(dtype)))
+  return fields
 
 
 def _open_arrays(directory: str, rows: tuple[int, ...], k: int,
