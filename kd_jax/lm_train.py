@@ -565,9 +565,11 @@ def _loop(config, state, step_fn, batches, mngr, pinned: set[int],
   `resumed`: the restored checkpoint's meta) on every log and checkpoint
   step: keeps the last healthy checkpoint in `pinned` (out of `mngr`'s
   rotation) while the run diverges, and raises `divergence.Diverged` before
-  a non-finite state is saved. (state, history, train seconds, divergence
-  warnings)."""
+  a non-finite state is saved. (state, history, train seconds (those of
+  the segments before a resume included, as the checkpoints record them),
+  divergence warnings)."""
   history, started = [], time.time()
+  seconds_before = float(resumed.get('train_seconds', 0.0))
   generation_config = config.distill.get('generation')
   if on_policy.needs_first_loss(state):
     state = on_policy.after_evaluation(
@@ -601,10 +603,13 @@ def _loop(config, state, step_fn, batches, mngr, pinned: set[int],
                                            generation_config)
     if save:
       divergence.pin(health, pinned, mngr, done)
-      checkpointing.save(mngr, state, dict(meta, **health.meta()))
+      checkpointing.save(mngr, state, dict(
+          meta, train_seconds=seconds_before + time.time() - started,
+          **health.meta()))
   mngr.wait_until_finished()
   divergence.release(health, pinned, mngr, config.keep_checkpoints, workdir)
-  return state, history, time.time() - started, health.warnings
+  return (state, history, seconds_before + time.time() - started,
+          health.warnings)
 
 
 def _health(state, resumed: dict[str, Any], pinned: set[int]

@@ -199,6 +199,11 @@ def test_resumed_lm_run_ends_like_the_uninterrupted_one(lm_teacher_dir,
   os.remove(os.path.join(cut, 'summary.json'))
   resumed = lm_train.train_and_evaluate(config, cut)
   assert resumed['start_step'] == 3
+  # Its seconds count the segment before the cut, as the step-3
+  # checkpoint recorded them.
+  with open(os.path.join(cut, 'checkpoints', '3', 'meta', 'metadata')) as f:
+    before = json.load(f)['train_seconds']
+  assert 0 < before < resumed['train_seconds']
   if arg:  # Some steps trained on generated text, some on the text.
     assert {h['generated'] for h in expected['train_history']} == {0.0, 1.0}
   assert resumed['eval'] == expected['eval']
