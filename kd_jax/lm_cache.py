@@ -205,9 +205,10 @@ def export(config: ml_collections.ConfigDict, out: str, *, k: int,
 
   `temperature` (default `config.distill.temperature`) is the one the tail
   mass is taken at: a run must train at it. `dtype` 'uint8' stores the
-  logits as `step`s below each position's largest (module docstring). `process_index` of
-  `process_count` (default: this JAX process of all) writes that share of
-  the windows to `out/shard-i-of-n/` (`out` itself when n is 1).
+  logits as `step`s below each position's largest (module docstring).
+  `process_index` of `process_count` (default: this JAX process of all)
+  writes that share of the windows to `out/shard-i-of-n/` (`out` itself
+  when n is 1).
   """
   from kd_jax import lm_train  # pylint: disable=g-import-not-at-top
   if config.get('task') != 'lm':
