@@ -117,7 +117,7 @@ def quantize(values: jax.Array, step: float) -> jax.Array:
 def dequantize(steps: np.ndarray, step: float) -> np.ndarray:
   """`quantize`'s steps as float32 logits up to a shift (the largest
   0)."""
-  return (steps.astype(np.float32) * np.float32(-step)).astype(np.float32)
+  return steps.astype(np.float32) * np.float32(-step)
 
 
 def _top_k(teacher, temperature: float, k: int, step: float | None = None):
@@ -291,9 +291,10 @@ def _storage(vocab_size: int, k: int, dtype: str, step: float
              ) -> dict[str, Any]:
   """The manifest's dtype fields and bytes per token (against dense
   float16 logits)."""
-  fields = dict(dtype=dtype, bytes_per_token=(
-      k * np.dtype(dtype).itemsize + k * _index_dtype(vocab_size).itemsize
-      + _rest_dtype(dtype).itemsize),
+  per_token = (k * np.dtype(dtype).itemsize
+               + k * _index_dtype(vocab_size).itemsize
+               + _rest_dtype(dtype).itemsize)
+  fields = dict(dtype=dtype, bytes_per_token=per_token,
                 dense_float16_bytes_per_token=2 * vocab_size)
   if dtype == 'uint8':
     fields.update(step=float(step), rest_dtype=str(_rest_dtype(dtype)))

@@ -224,16 +224,16 @@ def export_caches(args, names) -> dict[tuple[int, str], str]:
   for k, form in sorted({cache_k(n) for n in names} - {None}):
     out = os.path.join(args.cache_root or os.path.dirname(teacher_dir(args)),
                        f'cache_top{k}' + (f'_{form}' if form else ''))
-    layout = {}
+    options = {}
     if form == 'positions':
-      layout = {'layout': 'positions'}
+      options = {'layout': 'positions'}
     elif form == 'uint8':
-      layout = {'dtype': 'uint8'}
+      options = {'dtype': 'uint8'}
     elif form:
-      layout = {'stride': int(form[len('stride'):])}
+      options = {'stride': int(form[len('stride'):])}
     if not os.path.exists(os.path.join(out, lm_cache.MANIFEST)):
       lm_cache.export(config('distill', args, **{
-          'distill.teacher_workdir': teacher_dir(args)}), out, k=k, **layout)
+          'distill.teacher_workdir': teacher_dir(args)}), out, k=k, **options)
     caches[k, form] = out
   return caches
 
